@@ -1,0 +1,286 @@
+"""measure — the memory hierarchy memstrata plans against.
+
+A `Hierarchy` is an ordered list of `Tier`s, fastest first.  Tier 0 is where
+compute happens (GPU HBM on CUDA machines, host DRAM on a CPU-only box); every
+tier below it is reached through a copy lane whose bandwidth and latency are
+stored on the *lower* tier ("how fast can I move bytes between me and the tier
+above").  Recomputation is not a storage tier: its cost is compute time, which
+the trace carries per op, so the hierarchy only names the compute roofline
+(`peak_flops`, `fast_bandwidth`) used to estimate op times on `meta` traces.
+
+Named profiles describe machines we are not on; `probe()` (in `probe.py`)
+measures the machine we are on.  Every figure in a profile cites its source.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+GiB = 1024**3
+GB = 1000**3
+TB = 1000**4
+
+TIER_KINDS = ("hbm", "dram", "pinned_dram", "nvme")
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One level of the hierarchy.
+
+    `read_bandwidth` is bytes/s moving data from this tier *up* to the tier
+    above (a prefetch); `write_bandwidth` is bytes/s moving data *down* into
+    this tier (an eviction).  Both are 0 for tier 0, which has no tier above.
+    """
+
+    name: str
+    kind: str  # one of TIER_KINDS
+    capacity: int  # bytes usable by memstrata
+    read_bandwidth: float = 0.0  # bytes/s, this tier -> tier above
+    write_bandwidth: float = 0.0  # bytes/s, tier above -> this tier
+    latency: float = 0.0  # seconds per transfer, either direction
+    path: str | None = None  # directory for file-backed tiers
+
+    def __post_init__(self) -> None:
+        if self.kind not in TIER_KINDS:
+            raise ValueError(f"tier {self.name!r}: kind must be one of {TIER_KINDS}, got {self.kind!r}")
+        if self.capacity < 0:
+            raise ValueError(f"tier {self.name!r}: capacity must be >= 0, got {self.capacity}")
+        if self.read_bandwidth < 0 or self.write_bandwidth < 0 or self.latency < 0:
+            raise ValueError(f"tier {self.name!r}: bandwidths and latency must be >= 0")
+
+    def transfer_time(self, nbytes: int, direction: str) -> float:
+        """Seconds to move `nbytes` between this tier and the one above.
+
+        direction: "read" (up, prefetch) or "write" (down, eviction).
+        """
+        bw = self.read_bandwidth if direction == "read" else self.write_bandwidth
+        if bw <= 0:
+            return float("inf") if nbytes > 0 else 0.0
+        return self.latency + nbytes / bw
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """Ordered tiers, fastest first, plus the compute roofline of tier 0's device.
+
+    >>> h = profile("h200")
+    >>> [t.name for t in h.tiers]
+    ['hbm', 'dram', 'nvme']
+    """
+
+    name: str
+    device: str  # "cuda" or "cpu": where compute runs
+    tiers: tuple[Tier, ...]
+    peak_flops: float  # achievable dense FLOP/s for the training dtype
+    fast_bandwidth: float  # tier-0 memory bandwidth, bytes/s (roofline)
+    kernel_overhead: float = 0.0  # seconds per op launch (roofline floor)
+    source: str = ""  # where the figures come from
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            raise ValueError("a hierarchy needs at least one tier")
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        if self.peak_flops <= 0 or self.fast_bandwidth <= 0:
+            raise ValueError("peak_flops and fast_bandwidth must be > 0")
+
+    @property
+    def fast(self) -> Tier:
+        return self.tiers[0]
+
+    def tier(self, name: str) -> Tier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"no tier named {name!r} in hierarchy {self.name!r} (tiers: {[t.name for t in self.tiers]})")
+
+    def index(self, name: str) -> int:
+        return [t.name for t in self.tiers].index(self.tier(name).name)
+
+    def with_fast_capacity(self, capacity: int) -> "Hierarchy":
+        """The same hierarchy with tier 0 limited to `capacity` bytes (a budget)."""
+        return replace(self, tiers=(replace(self.tiers[0], capacity=int(capacity)),) + self.tiers[1:])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Hierarchy":
+        d = dict(d)
+        d["tiers"] = tuple(Tier(**t) for t in d["tiers"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, s: str) -> "Hierarchy":
+        return cls.from_dict(json.loads(s))
+
+
+# --------------------------------------------------------------------------------------
+# Named profiles.  [Note: profile figures]
+# Achievable figures, not datasheet peaks, where we have them: a planner that
+# believes the datasheet under-predicts stalls.  Compute rooflines are for the
+# dtype the profile is meant for (bf16 autocast on GPUs, fp32 on the CPU box);
+# `peak_flops` is discounted to what dense convolution/matmul kernels reach.
+# --------------------------------------------------------------------------------------
+
+
+def _h200() -> Hierarchy:
+    return Hierarchy(
+        name="h200",
+        device="cuda",
+        tiers=(
+            # 141 GB HBM3e (datasheet); ~139 GiB visible to CUDA on a lent card.
+            Tier("hbm", "hbm", capacity=int(139 * GiB)),
+            # PCIe Gen5 x16: 64 GB/s nominal per direction; ~50-55 GB/s achieved
+            # with pinned memory (shared/ANCHORS.md).  We plan with 50 GB/s.
+            Tier("dram", "pinned_dram", capacity=int(512 * GiB), read_bandwidth=50 * GB,
+                 write_bandwidth=50 * GB, latency=10e-6),
+            # One datacenter Gen4/Gen5 NVMe drive: 3-7 GB/s (ANCHORS.md); we take
+            # 6 GB/s read, 4 GB/s write.
+            Tier("nvme", "nvme", capacity=int(3.5 * 1000 * GB), read_bandwidth=6 * GB,
+                 write_bandwidth=4 * GB, latency=100e-6),
+        ),
+        # ~790 TFLOP/s bf16 dense measured on a lent card (ANCHORS.md); convolutions
+        # in eager PyTorch reach far less, we take 50% of it.  HBM3e copy rate
+        # measured 4.3 TB/s (ANCHORS.md; 4.8 TB/s datasheet).
+        peak_flops=0.5 * 790e12,
+        fast_bandwidth=4.3 * TB,
+        kernel_overhead=5e-6,
+        source="ANCHORS.md measured H200 figures; NVIDIA H200 datasheet",
+    )
+
+
+def _h100() -> Hierarchy:
+    return Hierarchy(
+        name="h100",
+        device="cuda",
+        tiers=(
+            # H100 SXM5 80 GB HBM3 (datasheet).
+            Tier("hbm", "hbm", capacity=int(79 * GiB)),
+            # PCIe Gen5 x16, same host link as the H200 (datasheet).
+            Tier("dram", "pinned_dram", capacity=int(512 * GiB), read_bandwidth=50 * GB,
+                 write_bandwidth=50 * GB, latency=10e-6),
+            Tier("nvme", "nvme", capacity=int(3.5 * 1000 * GB), read_bandwidth=6 * GB,
+                 write_bandwidth=4 * GB, latency=100e-6),
+        ),
+        # 989 TFLOP/s bf16 dense (H100 SXM datasheet), 50% reached by eager convs;
+        # 3.35 TB/s HBM3 (datasheet), ~90% achieved.
+        peak_flops=0.5 * 989e12 * 0.8,  # H100 SXM clocks sustain ~80% of boost peak
+        fast_bandwidth=3.0 * TB,
+        kernel_overhead=5e-6,
+        source="NVIDIA H100 SXM5 datasheet",
+    )
+
+
+def _a100_80gb() -> Hierarchy:
+    return Hierarchy(
+        name="a100-80gb",
+        device="cuda",
+        tiers=(
+            Tier("hbm", "hbm", capacity=int(79 * GiB)),  # 80 GB HBM2e (datasheet)
+            # PCIe Gen4 x16: 32 GB/s nominal, ~25 GB/s achieved pinned.
+            Tier("dram", "pinned_dram", capacity=int(512 * GiB), read_bandwidth=25 * GB,
+                 write_bandwidth=25 * GB, latency=10e-6),
+            Tier("nvme", "nvme", capacity=int(3.5 * 1000 * GB), read_bandwidth=5 * GB,
+                 write_bandwidth=3 * GB, latency=100e-6),
+        ),
+        # 312 TFLOP/s bf16 dense (datasheet), 50% for eager convs; 2.0 TB/s HBM2e
+        # (datasheet), ~1.8 TB/s achieved.
+        peak_flops=0.5 * 312e12,
+        fast_bandwidth=1.8 * TB,
+        kernel_overhead=5e-6,
+        source="NVIDIA A100 80GB datasheet",
+    )
+
+
+def _rtx4090() -> Hierarchy:
+    return Hierarchy(
+        name="rtx4090",
+        device="cuda",
+        tiers=(
+            Tier("hbm", "hbm", capacity=int(23.5 * GiB)),  # 24 GB GDDR6X (datasheet)
+            # PCIe Gen4 x16, ~25 GB/s achieved pinned.
+            Tier("dram", "pinned_dram", capacity=int(64 * GiB), read_bandwidth=25 * GB,
+                 write_bandwidth=25 * GB, latency=10e-6),
+            Tier("nvme", "nvme", capacity=int(2 * 1000 * GB), read_bandwidth=5 * GB,
+                 write_bandwidth=3 * GB, latency=100e-6),
+        ),
+        # 165 TFLOP/s bf16 dense with fp32 accumulate (Ada whitepaper), 50% for
+        # eager convs; 1.0 TB/s GDDR6X (datasheet), ~0.9 achieved.
+        peak_flops=0.5 * 165e12,
+        fast_bandwidth=0.9 * TB,
+        kernel_overhead=5e-6,
+        source="NVIDIA Ada Lovelace architecture whitepaper",
+    )
+
+
+def _cpu() -> Hierarchy:
+    return Hierarchy(
+        name="cpu",
+        device="cpu",
+        tiers=(
+            # This class of box: 24 GiB RAM, 2 cores (shared/ANCHORS.md).
+            Tier("dram", "dram", capacity=int(20 * GiB)),
+            # Disk with O_DIRECT measured here: ~2.3 GiB/s write, ~1.6 GiB/s read
+            # (shared/ANCHORS.md).
+            Tier("nvme", "nvme", capacity=int(50 * GiB), read_bandwidth=1.6 * GiB,
+                 write_bandwidth=2.3 * GiB, latency=100e-6),
+        ),
+        # 2 cores with AVX-512 fp32: 2 x 2 FMA units x 16 lanes x 2 flops x ~2.5 GHz
+        # = 320 GFLOP/s peak; oneDNN convs reach roughly 40% of it.
+        peak_flops=130e9,
+        fast_bandwidth=12 * GB,
+        kernel_overhead=20e-6,
+        source="shared/ANCHORS.md CPU box figures; AVX-512 arithmetic",
+    )
+
+
+PROFILES = {
+    "h200": _h200,
+    "h100": _h100,
+    "a100-80gb": _a100_80gb,
+    "rtx4090": _rtx4090,
+    "cpu": _cpu,
+}
+
+
+def profile(name: str) -> Hierarchy:
+    """A named hierarchy for a machine we may not be on."""
+    try:
+        return PROFILES[name.lower()]()
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; known profiles: {', '.join(sorted(PROFILES))}") from None
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+
+
+def parse_size(text: str) -> int:
+    """Parse '12GiB', '1.5 GB', '4096' into bytes.  ValueError on anything else."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"malformed size {text!r}: expected a number with an optional unit such as 512MiB, 12GiB or 1.5GB")
+    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    return int(value)
+
+
+def format_size(nbytes: float) -> str:
+    """Human-readable binary size: 1536 -> '1.50 KiB'."""
+    n = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover

@@ -1,0 +1,150 @@
+"""trace — the plain-data record of one training step.
+
+A `Trace` is what the planner and the simulator read.  It holds no torch
+objects, so it can be written to JSON, diffed, and built by hand in tests.
+
+Vocabulary
+----------
+* **op**: one aten call dispatched during the step, in execution order.  Its
+  index in `Trace.ops` is its *event* number: plans and timelines speak in
+  events ("evict after event 17", "prefetch starts at event 301").
+* **storage**: one allocation.  Views and in-place ops share a storage and are
+  counted once; `StorageRecord.nbytes` is the allocation size.  Everything the
+  planner manages is a storage.
+* **saved storage**: a storage that autograd keeps for backward (seen by
+  saved-tensor pack hooks).  `pack_indices` are the positions, in the forward's
+  sequence of pack-hook calls, at which it was packed: the runtime's key for
+  finding a storage again in a later step of the same shape.
+* **unit**: a module whose forward can be re-run on its own (a recompute
+  unit).  Recomputing a unit drops the storages saved inside it and re-runs its
+  forward ops during backward, just before its first backward op.
+
+[Note: what "live" means]
+A storage is live in tier 0 from the end of its producer op (or from the start
+of the step, for parameters, optimizer states and inputs that exist before it)
+until the end of its last use: its last consumer op, or its last backward read
+for saved storages.  Storages with `persistent=True` outlive the step
+(parameters, gradients after the step, optimizer states, BatchNorm buffers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+KINDS = ("activation", "parameter", "gradient", "optimizer_state", "buffer", "input", "temporary")
+PHASES = ("forward", "backward", "optimizer")
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    index: int  # event number = position in Trace.ops
+    name: str  # aten overload, e.g. "aten.convolution.default"
+    phase: str  # one of PHASES
+    module: str  # qualified name of the innermost module running it ("" = top level)
+    unit: int | None  # recompute unit this (forward) op belongs to, if any
+    flops: float  # floating point operations
+    bytes_accessed: float  # bytes read + written (roofline)
+    duration: float  # seconds: measured, or estimated by the roofline
+    inputs: tuple[int, ...] = ()  # storage ids read
+    outputs: tuple[int, ...] = ()  # storage ids written (new or in place)
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"op {self.index}: phase must be one of {PHASES}, got {self.phase!r}")
+
+
+@dataclass(frozen=True)
+class StorageRecord:
+    id: int  # dense, 0..n-1; position in Trace.storages
+    nbytes: int
+    dtype: str  # e.g. "float32"
+    shape: tuple[int, ...]  # shape of the first tensor seen on it
+    kind: str  # one of KINDS
+    producer: int | None  # op index that allocated it; None = exists before the step
+    last_use: int | None  # op index of the last op reading or writing it; None = never used
+    persistent: bool = False  # outlives the step (params, grads, optimizer states, buffers)
+    saved: bool = False  # kept by autograd for backward
+    pack_indices: tuple[int, ...] = ()  # positions in the forward pack-hook sequence
+    backward_reads: tuple[int, ...] = ()  # backward op indices that read it (saved storages)
+    module: str = ""  # module of the producer op
+    unit: int | None = None  # recompute unit of the producer op
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"storage {self.id}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.nbytes < 0:
+            raise ValueError(f"storage {self.id}: nbytes must be >= 0")
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """A recompute unit: a module whose forward the runtime can checkpoint."""
+
+    index: int
+    module: str  # qualified module name
+    first_op: int  # first forward op of the unit
+    last_op: int  # last forward op of the unit (inclusive)
+    pack_start: int  # first pack-hook position inside the unit
+    pack_end: int  # one past the last pack-hook position inside the unit
+    inputs: tuple[int, ...]  # storage ids of the unit's tensor inputs (held while recomputable)
+    first_backward_op: int | None  # op index where the unit's backward starts
+    recompute_time: float  # seconds to re-run the unit's forward ops
+
+
+@dataclass(frozen=True)
+class Trace:
+    model: str
+    mode: str  # "meta" (estimated) or "measured"
+    device: str  # device the step ran (or would run) on
+    profile: str | None  # hierarchy profile used for estimates (meta mode)
+    batch_size: int
+    input_shape: tuple[int, ...]
+    ops: tuple[OpRecord, ...]
+    storages: tuple[StorageRecord, ...]
+    units: tuple[UnitRecord, ...]
+    forward_end: int  # index of the last forward op
+    backward_end: int  # index of the last backward op
+    num_packs: int  # number of pack-hook calls in one forward
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def step_time(self) -> float:
+        """Unmanaged compute time of one step (sum of op durations)."""
+        return float(sum(op.duration for op in self.ops))
+
+    def saved_storages(self) -> list[StorageRecord]:
+        return [s for s in self.storages if s.saved and s.kind == "activation"]
+
+    # ------------------------------------------------------------------ json
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Trace":
+        d = dict(d)
+        d["input_shape"] = tuple(d["input_shape"])
+        d["ops"] = tuple(
+            OpRecord(**{**o, "inputs": tuple(o["inputs"]), "outputs": tuple(o["outputs"])}) for o in d["ops"]
+        )
+        d["storages"] = tuple(
+            StorageRecord(
+                **{
+                    **s,
+                    "shape": tuple(s["shape"]),
+                    "pack_indices": tuple(s["pack_indices"]),
+                    "backward_reads": tuple(s["backward_reads"]),
+                }
+            )
+            for s in d["storages"]
+        )
+        d["units"] = tuple(UnitRecord(**{**u, "inputs": tuple(u["inputs"])}) for u in d["units"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "Trace":
+        return cls.from_dict(json.loads(s))
