@@ -20,10 +20,14 @@ Vocabulary
   forward ops during backward, just before its first backward op.
 
 [Note: what "live" means]
-A storage is live in tier 0 from the end of its producer op (or from the start
-of the step, for parameters, optimizer states and inputs that exist before it)
-until the end of its last use: its last consumer op, or its last backward read
-for saved storages.  Storages with `persistent=True` outlive the step
+A storage is live in tier 0 from the start of its producer op (or from the
+start of the step, for parameters, optimizer states and inputs that exist
+before it) until the end of event `freed_after`, the op after which eager
+PyTorch really released it (observed while tracing with storage weak
+references), or to the end of the step if it survived.  `last_use` (the last
+op reading it: its last consumer, or last backward read for saved storages) is
+never later than `freed_after`; the gap between them is what a planner can win
+by freeing early.  Storages with `persistent=True` outlive the step
 (parameters, gradients after the step, optimizer states, BatchNorm buffers).
 """
 
@@ -70,6 +74,7 @@ class StorageRecord:
     backward_reads: tuple[int, ...] = ()  # backward op indices that read it (saved storages)
     module: str = ""  # module of the producer op
     unit: int | None = None  # recompute unit of the producer op
+    freed_after: int | None = None  # event after which eager PyTorch really freed it; None = alive at step end
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -107,6 +112,7 @@ class Trace:
     forward_end: int  # index of the last forward op
     backward_end: int  # index of the last backward op
     num_packs: int  # number of pack-hook calls in one forward
+    observed_peak: int = 0  # tier-0 bytes at the worst event, as observed (all storages, deduplicated)
 
     # ------------------------------------------------------------------ derived
     @property
