@@ -1,0 +1,308 @@
+"""Batched training augmentation on the device that holds the batch.
+
+`TrainAugment` is torchvision's RandomResizedCrop + RandomHorizontalFlip +
+ToTensor + Normalize (+ optional channels_last), applied to a whole batch of
+stored uint8 HWC images at once.  Its randomness is a pure function of
+``(seed, epoch, sample index)`` (a counter-based hash, no generator state), so
+the crop and flip of a sample do not depend on the batch it lands in, the rank
+that reads it, the number of workers, or what else the program draws.
+
+[Note: two resampling paths, one set of parameters]
+On CPU, each crop is resized with torch's uint8 channels-last bilinear kernel
+(the AVX path torchvision v2 uses; ~60 us for 224x224), then the whole batch is
+converted and normalised once.  On CUDA the batch is padded, normalised and
+resampled by one `grid_sample` over per-sample affine grids.  Both use the same
+crop boxes and flips; values agree to uint8 rounding when the crop is upsampled
+(always the case for stored short sides <= 160 and 224 outputs); the CPU path
+antialiases when a crop is downsampled, the grid path does not.  Values differ
+from torchvision's full-resolution pipeline because the crop is taken from the
+stored (resized) image; the crop *parameters* are RandomResizedCrop's algorithm
+evaluated on the stored size.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TrainAugment", "crop_params", "flip_params", "uniforms", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_DRAWS = 24  # 10 attempts x 2 + i, j + flip (+1 spare)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser, vectorised over uint64 (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seed: int, epoch: int, indices, draws: int = _DRAWS) -> np.ndarray:
+    """(len(indices), draws) float64 uniforms in [0, 1), a pure function of (seed, epoch, index, draw)."""
+    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        k = _mix(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x9E3779B97F4A7C15))
+        k = _mix(k ^ (np.uint64(epoch & 0xFFFFFFFFFFFFFFFF) * np.uint64(0xD1B54A32D192ED03)))
+        base = _mix(k ^ (idx * np.uint64(0x9E3779B97F4A7C15)))
+        ctr = np.arange(1, draws + 1, dtype=np.uint64) * np.uint64(0xA0761D6478BD642F)
+        bits = _mix(base[:, None] ^ ctr[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def crop_params(u: np.ndarray, heights, widths, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """RandomResizedCrop.get_params, vectorised: (B, 4) int64 boxes (top, left, height, width).
+
+    `u` are per-sample uniforms from `uniforms`: columns 2a, 2a+1 drive attempt a
+    (scale, log-ratio), column 20 and 21 the offsets.  Same algorithm as
+    torchvision (10 attempts, then a central crop clamped to `ratio`).
+    """
+    H = np.asarray(heights, dtype=np.float64)
+    W = np.asarray(widths, dtype=np.float64)
+    B = len(H)
+    area = H * W
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    out = np.zeros((B, 4), dtype=np.int64)
+    done = np.zeros(B, dtype=bool)
+    for a in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 2 * a])
+        aspect = np.exp(lr0 + (lr1 - lr0) * u[:, 2 * a + 1])
+        w = np.round(np.sqrt(target * aspect))
+        h = np.round(np.sqrt(target / aspect))
+        ok = (~done) & (w > 0) & (w <= W) & (h > 0) & (h <= H)
+        out[ok, 2] = h[ok]
+        out[ok, 3] = w[ok]
+        done |= ok
+    # offsets for successful attempts
+    hh, ww = out[:, 2].astype(np.float64), out[:, 3].astype(np.float64)
+    out[:, 0] = np.floor(u[:, 20] * (H - hh + 1)).astype(np.int64)
+    out[:, 1] = np.floor(u[:, 21] * (W - ww + 1)).astype(np.int64)
+    # fallback: central crop
+    nd = ~done
+    if nd.any():
+        Hn, Wn = H[nd], W[nd]
+        in_ratio = Wn / Hn
+        w = Wn.copy()
+        h = Hn.copy()
+        lo, hi = in_ratio < min(ratio), in_ratio > max(ratio)
+        h[lo] = np.round(Wn[lo] / min(ratio))
+        w[hi] = np.round(Hn[hi] * max(ratio))
+        out[nd, 2], out[nd, 3] = h, w
+        out[nd, 0] = (Hn.astype(np.int64) - h.astype(np.int64)) // 2
+        out[nd, 1] = (Wn.astype(np.int64) - w.astype(np.int64)) // 2
+    return out
+
+
+def flip_params(u: np.ndarray, p: float = 0.5) -> np.ndarray:
+    return u[:, 22] < p
+
+
+@dataclass(frozen=True)
+class TrainAugment:
+    """RandomResizedCrop(size, scale, ratio) + horizontal flip + normalise, batched.
+
+    Output: float tensor (B, 3, size, size) on the batch's device, normalised
+    with `mean`/`std` (or in [0, 1] if normalize=False); channels_last memory
+    format if `channels_last`.  `crop=False` resizes the whole image to `size`
+    (no randomness; for evaluation).
+    """
+
+    size: int | tuple = 224
+    scale: tuple = (0.08, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    flip: bool = True
+    normalize: bool = True
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    channels_last: bool = False
+    dtype: torch.dtype = torch.float32
+    crop: bool = True
+
+    def __post_init__(self):
+        s = self.out_size
+        if s[0] <= 0 or s[1] <= 0:
+            raise ValueError(f"size must be positive, got {self.size}")
+        if not (0 < self.scale[0] <= self.scale[1]):
+            raise ValueError(f"scale must satisfy 0 < min <= max, got {self.scale}")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need 3 entries, std > 0")
+
+    @property
+    def out_size(self) -> tuple:
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+
+    def params(self, seed: int, epoch: int, indices, heights, widths):
+        """(boxes (B,4) top,left,h,w; flips (B,) bool) for these samples at this epoch."""
+        B = len(indices)
+        if not self.crop:
+            boxes = np.stack([np.zeros(B, np.int64), np.zeros(B, np.int64),
+                              np.asarray(heights, np.int64), np.asarray(widths, np.int64)], 1)
+            return boxes, np.zeros(B, dtype=bool)
+        u = uniforms(seed, epoch, indices)
+        boxes = crop_params(u, heights, widths, self.scale, self.ratio)
+        flips = flip_params(u) if self.flip else np.zeros(B, dtype=bool)
+        return boxes, flips
+
+    # ---------------------------------------------------------------- apply
+    def __call__(self, images: Sequence[torch.Tensor], boxes: np.ndarray, flips: np.ndarray,
+                 impl: str = "auto", scratch: np.ndarray | None = None,
+                 pool: "OutputPool | None" = None) -> torch.Tensor:
+        """Apply to a list of uint8 HWC images (numpy arrays or tensors, all on one device).
+
+        `scratch`: an optional reusable (B, S, S, 3) uint8 numpy buffer for the CPU path;
+        `pool`: an optional `OutputPool` the CPU path takes its float output from.
+        """
+        if len(images) == 0:
+            return torch.empty((0, 3) + self.out_size, dtype=self.dtype)
+        dev = images[0].device if isinstance(images[0], torch.Tensor) else torch.device("cpu")
+        if impl == "auto":
+            impl = "loop" if dev.type == "cpu" else "grid"
+        if impl == "loop":
+            if dev.type != "cpu":
+                raise ValueError("impl='loop' runs on CPU; use impl='grid' for device batches")
+            u8 = resized_crop_loop(images, boxes, flips, self.out_size, out=scratch)
+            return self._finish_u8(u8, pool)
+        if impl == "grid":
+            Hm = max(int(x.shape[0]) for x in images)
+            Wm = max(int(x.shape[1]) for x in images)
+            padded = torch.zeros((len(images), Hm, Wm, 3), dtype=torch.uint8, device=dev)
+            for k, x in enumerate(images):
+                padded[k, : x.shape[0], : x.shape[1]] = torch.as_tensor(x, device=dev)
+            return self.apply_padded(padded, boxes, flips)
+        raise ValueError(f"impl must be 'auto', 'loop' or 'grid', got {impl!r}")
+
+    def apply_padded(self, padded: torch.Tensor, boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        """Grid path: `padded` (B, Hm, Wm, 3) uint8 on any device (images top-left aligned)."""
+        dev = padded.device
+        B, Hm, Wm, _ = padded.shape
+        x = padded.permute(0, 3, 1, 2).to(torch.float32)
+        x = self._normalize_(x, scale255=True)
+        oh, ow = self.out_size
+        bx = torch.as_tensor(boxes, dtype=torch.float32, device=dev)
+        top, left, h, w = bx[:, 0:1], bx[:, 1:2], bx[:, 2:3], bx[:, 3:4]
+        # Source pixel coordinates of output pixel centres (align_corners=False), clamped to the crop box
+        # so that borders replicate the crop's edge exactly like crop-then-resize does.
+        ox = torch.arange(ow, dtype=torch.float32, device=dev).unsqueeze(0) + 0.5
+        oy = torch.arange(oh, dtype=torch.float32, device=dev).unsqueeze(0) + 0.5
+        xs = torch.minimum(torch.clamp(left + ox * w / ow - 0.5, min=0) .maximum(left), left + w - 1)
+        ys = torch.minimum(torch.clamp(top + oy * h / oh - 0.5, min=0).maximum(top), top + h - 1)
+        fl = torch.as_tensor(np.asarray(flips, dtype=bool), device=dev).unsqueeze(1)
+        xs = torch.where(fl, xs.flip(1), xs)
+        gx = (2 * xs + 1) / Wm - 1  # pixel -> normalised coordinate of the padded image
+        gy = (2 * ys + 1) / Hm - 1
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out.to(self.dtype)
+
+    def _normalize_(self, x: torch.Tensor, scale255: bool) -> torch.Tensor:
+        shape = (1, 3, 1, 1)
+        if self.normalize:
+            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape) * 255.0
+            inv = 1.0 / (torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape) * 255.0)
+            return x.sub_(mean).mul_(inv)
+        return x.mul_(1.0 / 255.0)
+
+    def _finish_u8(self, u8_nhwc: torch.Tensor, pool: "OutputPool | None" = None) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) float, one pass over the output."""
+        x = u8_nhwc.permute(0, 3, 1, 2)  # NCHW view with channels-last strides
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = pool.get(tuple(x.shape), fmt) if pool is not None else \
+            torch.empty(x.shape, dtype=torch.float32, memory_format=fmt)
+        out.copy_(x)  # uint8 -> float (and NHWC -> NCHW) in one pass
+        if self.normalize:
+            shape = (1, 3, 1, 1)
+            inv = 1.0 / (torch.tensor(self.std, dtype=torch.float32).view(shape) * 255.0)
+            bias = -torch.tensor(self.mean, dtype=torch.float32).view(shape) * 255.0 * inv
+            torch.addcmul(bias, out, inv, out=out)  # (x - mean) / std in one more pass
+        else:
+            out.mul_(1.0 / 255.0)
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+
+def resized_crop_loop(images, boxes: np.ndarray, flips: np.ndarray, size, out: np.ndarray | None = None) -> torch.Tensor:
+    """Per-sample uint8 crop + flip + bilinear (antialiased) resize -> (B, oh, ow, 3) uint8 on CPU.
+
+    `images` are HWC uint8 numpy arrays or CPU tensors.  Crops and copies go
+    through numpy on purpose: torch parallelises any op over 32k elements, and
+    on a busy 2-core box one OpenMP barrier per small op costs milliseconds.
+    """
+    oh, ow = size
+    B = len(images)
+    if out is None or out.shape[0] < B or out.shape[1:] != (oh, ow, 3):
+        out = np.empty((B, oh, ow, 3), dtype=np.uint8)
+    out = out[:B]
+    bl = boxes.tolist()
+    fl = np.asarray(flips, dtype=bool).tolist()
+    up = getattr(torch._C._nn, "_upsample_bilinear2d_aa", None)  # skips F.interpolate's Python checks
+    if up is None:  # pragma: no cover - other torch versions
+        def up(x, size, align_corners, *_):
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners, antialias=True)
+    for k in range(B):
+        t, l, h, w = bl[k]
+        x = images[k]
+        if isinstance(x, torch.Tensor):
+            x = x.numpy()
+        c = x[t:t + h, l:l + w]
+        if fl[k]:
+            c = c[:, ::-1]
+        c = np.ascontiguousarray(c)
+        # A (1, 3, h, w) channels-last view with a *real* batch stride: with the stride unsqueeze() gives,
+        # torch does not recognise channels-last, takes the slow generic kernel and returns NCHW (~5x slower).
+        c = torch.from_numpy(c).as_strided((1, 3, h, w), (h * w * 3, 1, w * 3, 3))
+        if h == oh and w == ow:
+            r = c
+        else:
+            r = up(c, (oh, ow), False, None, None)
+        out[k] = r[0].permute(1, 2, 0).numpy()
+    return torch.from_numpy(out)
+
+
+class OutputPool:
+    """Recycles CPU output batches once nobody references them any more.
+
+    A fresh 150 MB float batch costs ~40k page faults plus zeroing every time
+    (glibc serves big blocks with mmap), about as much as the augmentation
+    itself.  The pool hands out a *view* of a buffer it owns; the buffer is
+    reused only when its storage's use count is back to the pool's own
+    references, i.e. the consumer dropped the batch and every view of it.
+    Without `torch._C._storage_Use_Count` (older torch) it allocates afresh.
+    """
+
+    def __init__(self, limit: int = 6):
+        self.limit = limit
+        self._bufs: list = []  # (key, tensor, baseline use count)
+        self._count = getattr(torch._C, "_storage_Use_Count", None)
+        self._mu = threading.Lock()  # several producer threads take buffers
+
+    def _uses(self, t: torch.Tensor) -> int:
+        return self._count(t.untyped_storage()._cdata)
+
+    def get(self, shape: tuple, memory_format=torch.contiguous_format, dtype=torch.float32) -> torch.Tensor:
+        if self._count is None:
+            return torch.empty(shape, dtype=dtype, memory_format=memory_format)
+        with self._mu:
+            return self._get(shape, memory_format, dtype)
+
+    def _get(self, shape, memory_format, dtype):
+        key = (shape, memory_format, dtype)
+        for k, t, base in self._bufs:
+            if k == key and self._uses(t) == base:
+                return t.view(t.shape) if memory_format == torch.contiguous_format else t.as_strided(t.shape, t.stride())
+        t = torch.empty(shape, dtype=dtype, memory_format=memory_format)
+        if len(self._bufs) >= self.limit:
+            self._bufs.pop(0)
+        self._bufs.append((key, t, self._uses(t)))
+        return t.view(t.shape) if memory_format == torch.contiguous_format else t.as_strided(t.shape, t.stride())

@@ -1,0 +1,524 @@
+"""`TieredLoader`: a drop-in for DataLoader(ImageFolder(root, transform), sampler=...) over the tiered store.
+
+Tiers, fastest first (see DESIGN.md "The data side"):
+
+* ``device`` -- a per-rank cache of stored uint8 samples in accelerator memory
+  (CUDA only; capacity `budget.device`, off by default so training keeps its HBM);
+* ``host``   -- the node's page cache over the store's chunk files: one copy per
+  node shared by all ranks, kept to `budget.host` bytes by posix_fadvise;
+* ``disk``   -- the store's chunk files (NVMe);
+* ``source`` -- the JPEGs / the wrapped dataset: decoded on a miss (the first,
+  building epoch) and written to the store.
+
+[Note: clairvoyant placement]
+The sampler's seed fixes every rank's accesses (order.py).  Per epoch the
+loader runs `BeladyCache` over the known sequence: for the host tier over the
+*node's* interleaved sequence (every rank computes the same plan and carries
+out the part that concerns its own accesses, so the page cache is managed as
+one node-wide tier), for the device tier over the rank's own sequence.  After
+a sample is read, the plan says whether it stays (its next use is among the
+soonest that fit) or is demoted (fadvise DONTNEED / dropped from HBM); a
+background thread reads `prefetch` batches ahead, hinting WILLNEED one batch
+further, so slower tiers are read before the consumer asks.
+
+[Note: streams]  (CUDA only)  One side stream, `_copy_stream`, carries the
+host->device upload and the augmentation of a batch produced by the background
+thread; an event recorded there is waited on by the consumer's current stream
+in `__next__`, and the outputs are `record_stream`ed to the consumer stream so
+the allocator does not recycle them while the consumer still reads them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..hardware import Hierarchy, parse_size
+from .augment import OutputPool, TrainAugment
+from .order import _resolve, epoch_length, epoch_order
+from .policy import NEVER, BeladyCache, next_use
+from .store import SampleStore
+
+__all__ = ["TieredLoader", "DataBudget", "StoreDataset", "cuda_available"]
+
+
+def cuda_available() -> bool:
+    try:
+        return torch.cuda.is_available() and torch.cuda.device_count() > 0
+    except Exception:  # a CUDA build without a driver
+        return False
+
+
+def _size(v) -> int | None:
+    if v is None:
+        return None
+    return parse_size(v) if isinstance(v, str) else int(v)
+
+
+@dataclass(frozen=True)
+class DataBudget:
+    """Bytes each tier may hold for the sample store.  Defaults are safe.
+
+    device: accelerator memory per rank for cached samples (0 = off).
+    host: host DRAM per *node* for the store's pages (None = half the RAM
+        available now, or the DRAM tier of `hierarchy` if given).
+    Sizes may be ints or strings such as "12GiB".
+    """
+
+    device: int | str = 0
+    host: int | str | None = None
+
+    def __post_init__(self):
+        for name in ("device", "host"):
+            v = _size(getattr(self, name))
+            if v is not None and v < 0:
+                raise ValueError(f"budget.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def resolve(self, hierarchy: Hierarchy | None = None) -> tuple[int, int]:
+        dev = _size(self.device) or 0
+        host = _size(self.host)
+        if host is None and hierarchy is not None:
+            for t in hierarchy.tiers:
+                if t.kind in ("dram", "pinned_dram"):
+                    host = t.capacity
+                    break
+        if host is None:
+            import psutil
+
+            host = psutil.virtual_memory().available // 2
+        return dev, host
+
+
+class StoreDataset(torch.utils.data.Dataset):
+    """Map-style view of a store: item i = (uint8 CHW tensor, label), decoded and stored on first access.
+
+    Picklable, so it works with torch DataLoader workers (each worker opens the
+    store files itself); pair it with `TrainAugment` on the batch.
+    """
+
+    def __init__(self, data, store_dir=None, *, max_side: int = 160, on_corrupt: str = "raise"):
+        self.store = data if isinstance(data, SampleStore) else SampleStore(store_dir, data, max_side=max_side,
+                                                                              on_corrupt=on_corrupt)
+
+    def __len__(self) -> int:
+        return self.store.n
+
+    def __getitem__(self, i: int):
+        a, y = self.store.fetch(int(i))
+        if a is None:
+            raise IndexError(f"sample {i} ({self.store.source.describe(i)}) is corrupt and skipped")
+        return torch.from_numpy(a).permute(2, 0, 1), y
+
+
+class TieredLoader:
+    """Batches of augmented images from the tiered store, in the sampler's exact order.
+
+    Drop-in for::
+
+        g = torch.Generator(); g.manual_seed(seed)
+        DataLoader(ImageFolder(root, train_transform), batch_size=B,
+                   sampler=RandomSampler(ds, generator=g))                # sampler="random"
+        # or sampler=DistributedSampler(ds, seed=seed) + set_epoch(e)    # under torchrun
+
+    Same samples, same order, same labels; each item is (images, labels) with
+    images a float (B, 3, S, S) tensor on `device` (normalised; channels_last
+    if the augment says so) and labels int64 on `device`.
+
+    >>> loader = TieredLoader("/data/train", 256, seed=0, epochs=90, store_dir="/nvme/store")  # doctest: +SKIP
+    >>> for epoch in range(90):                                                              # doctest: +SKIP
+    ...     loader.set_epoch(epoch)
+    ...     for images, labels in loader:   # both on the device; epoch 0 builds the store
+    ...         ...
+
+    seed, epochs, shuffle, sampler: the access order (see order.py; "auto" =
+        DistributedSampler when world_size > 1, else RandomSampler with a
+        persistent generator seeded with `seed`).  `epochs` is the planning
+        horizon; iterating more epochs is allowed.
+    rank, world_size: default from torch.distributed when initialised.
+    device: default cuda:LOCAL_RANK when CUDA is available, else cpu.
+    augment: a TrainAugment, or None to yield lists of uint8 CHW tensors.
+    store_dir: the store directory (shared by the node's ranks); default
+        ~/.cache/memstrata/data/<fingerprint>.
+    budget: DataBudget (or dict); hierarchy: a Hierarchy for default capacities.
+    num_workers: decode threads for samples not yet stored (0 = inline).
+    prefetch: batches prepared ahead by a background thread (0 = synchronous).
+    """
+
+    def __init__(self, data, batch_size: int, *, seed: int = 0, epochs: int = 1, shuffle: bool = True,
+                 sampler: str = "auto", rank: int | None = None, world_size: int | None = None,
+                 local_world_size: int | None = None, device=None, augment: TrainAugment | None = TrainAugment(),
+                 store_dir=None, budget: DataBudget | dict | None = None, hierarchy: Hierarchy | None = None,
+                 max_side: int = 160, num_workers: int | None = None, prefetch: int = 2, drop_last: bool = False,
+                 on_corrupt: str = "raise", verify: str = "first", progress: bool = True, impl: str = "auto"):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {epochs}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        dist = torch.distributed
+        inited = dist.is_available() and dist.is_initialized()
+        self.rank = rank if rank is not None else (dist.get_rank() if inited else 0)
+        self.world_size = world_size if world_size is not None else (dist.get_world_size() if inited else 1)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={self.rank}, world_size={self.world_size}")
+        lws = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or self.world_size
+        self.local_world_size = max(1, min(lws, self.world_size))
+        node = self.rank // self.local_world_size
+        self.node_ranks = list(range(node * self.local_world_size,
+                                     min(self.world_size, (node + 1) * self.local_world_size)))
+        self.sampler = _resolve(sampler, self.world_size)
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device() if cuda_available() else 0))}" \
+                if cuda_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not cuda_available():
+            raise RuntimeError(f"device {device} requested but CUDA is not available")
+        self.batch_size, self.seed, self.epochs, self.shuffle = int(batch_size), int(seed), int(epochs), shuffle
+        self.augment, self.drop_last, self.progress, self.impl = augment, drop_last, progress, impl
+        self.prefetch = int(prefetch)
+        self.num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
+        if isinstance(budget, dict):
+            budget = DataBudget(**budget)
+        self.budget = budget or DataBudget()
+        self.device_capacity, self.host_capacity = self.budget.resolve(hierarchy)
+        if self.device.type != "cuda":
+            self.device_capacity = 0  # on CPU the host tier is where compute reads from
+        self.store = SampleStore(store_dir, data, max_side=max_side, verify=verify, on_corrupt=on_corrupt)
+        self.n = self.store.n
+        self.epoch = 0
+        self._device_cache = BeladyCache(self.device_capacity)
+        self._device_data: dict = {}
+        # decode threads for samples not in the store yet (PIL releases the GIL while decoding)
+        self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="memstrata-decode") \
+            if self.num_workers > 0 else None
+        # CPU batch builders: one batch per thread, each thread with one intra-op thread (torch's setting is
+        # per thread), so small per-sample ops never wait on OpenMP barriers of a busy machine.
+        self._batch_pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="memstrata-batch",
+                                              initializer=torch.set_num_threads, initargs=(1,)) \
+            if self.num_workers > 1 and self.prefetch > 0 else None
+        self._out_pool = OutputPool(limit=self.prefetch + 4)
+        self._copy_stream = None  # created lazily on the CUDA device, see [Note: streams]
+        self._stats_mu = threading.Lock()
+        self.stats = {"device_hits": 0, "store_hits": 0, "source_reads": 0, "skipped": 0, "batches": 0}
+
+    # ------------------------------------------------------------------ sampler protocol
+    def set_epoch(self, epoch: int) -> None:
+        """Like DistributedSampler.set_epoch: the next iteration yields epoch `epoch`."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def _epoch_len(self) -> int:
+        return epoch_length(self.n, world_size=self.world_size, sampler=self.sampler)
+
+    def __len__(self) -> int:
+        L = self._epoch_len()
+        return L // self.batch_size if self.drop_last else math.ceil(L / self.batch_size)
+
+    def order(self, epoch: int, rank: int | None = None) -> np.ndarray:
+        """Sample indices this rank (or `rank`) reads in `epoch`, after drop_last."""
+        o = epoch_order(self.n, seed=self.seed, epoch=epoch, rank=self.rank if rank is None else rank,
+                        world_size=self.world_size, shuffle=self.shuffle, sampler=self.sampler)
+        if self.drop_last:
+            o = o[: len(o) // self.batch_size * self.batch_size]
+        return o
+
+    @property
+    def labels(self):
+        return self.store.source.labels()
+
+    def __iter__(self):
+        epoch = self.epoch
+        if self.sampler != "distributed":
+            self.epoch += 1  # a persistent generator advances by itself; set_epoch overrides
+        return _EpochIterator(self, epoch)
+
+    def close(self) -> None:
+        for p in (self._pool, self._batch_pool):
+            if p is not None:
+                p.shutdown(wait=False)
+        self.store.close()
+
+    # ------------------------------------------------------------------ placement plans
+    def _next_uses(self, epoch: int, ranks) -> tuple[np.ndarray, np.ndarray]:
+        """Node (or rank) sequence of epochs [epoch, epoch+1], interleaved per batch; next-use times.
+
+        Returns (owner_pos, nxt): for each access of epoch `epoch` in node order,
+        ((rank, position in that rank's epoch order), global next-use time or NEVER).
+        """
+        L = self._epoch_len()
+        B = self.batch_size
+        seqs, owners = [], []
+        for e in (epoch, epoch + 1):
+            orders = [self.order(e, r) for r in ranks]
+            for s in range(0, L, B):
+                for r, o in zip(ranks, orders):
+                    part = o[s:s + B]
+                    seqs.append(part)
+                    if e == epoch:
+                        owners.append(np.stack([np.full(len(part), r), np.arange(s, s + len(part))], 1))
+        seq = np.concatenate(seqs)
+        nxt = next_use(seq)
+        m = sum(len(o) for o in owners)
+        nxt = nxt[:m]
+        if epoch + 1 >= self.epochs:  # beyond the planning horizon nothing is needed again
+            nxt = np.where(nxt < m, nxt, NEVER)
+        base = epoch * 10 ** 12  # global time stamps: later epochs are later
+        nxt = np.where(nxt < NEVER, nxt + base, NEVER)
+        return np.concatenate(owners), seq[:m], nxt
+
+    def _host_plan(self, epoch: int):
+        """{position in this rank's order: [sample ids to demote from the page cache after reading it]}."""
+        total = sum(self.store.nbytes(i) for i in range(self.n))
+        if total <= self.host_capacity:
+            return {}  # everything fits: nothing is ever demoted
+        owners, seq, nxt = self._next_uses(epoch, self.node_ranks)
+        cache = BeladyCache(self.host_capacity)
+        plan: dict = {}
+        for (r, pos), key, nu in zip(owners.tolist(), seq.tolist(), nxt.tolist()):
+            hit, admitted, evicted = cache.access(key, nu, self.store.nbytes(key))
+            drop = evicted if admitted else evicted + [key]
+            if r == self.rank and drop:
+                plan[pos] = drop
+        return plan
+
+    def _device_next(self, epoch: int) -> np.ndarray:
+        if self.device_capacity <= 0:
+            return None
+        owners, seq, nxt = self._next_uses(epoch, [self.rank])
+        return nxt  # this rank only: owners[:, 1] == arange
+
+
+class _EpochIterator:
+    def __init__(self, loader: TieredLoader, epoch: int):
+        self.L, self.epoch = loader, epoch
+        self.order = loader.order(epoch)
+        B = loader.batch_size
+        self.batches = [self.order[s:s + B] for s in range(0, len(self.order), B)]
+        self._k = 0
+        self._tls = threading.local()  # per producer thread: reused uint8 crop buffer
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, loader.prefetch))
+        self._stop = threading.Event()
+        self._thread = None
+        self._host_plan = loader._host_plan(epoch)
+        self._dev_next = loader._device_next(epoch)
+        self._gen = self._sync() if loader.prefetch == 0 else None
+        if loader.prefetch > 0:
+            self._thread = threading.Thread(target=self._run, name=f"memstrata-prefetch-e{epoch}", daemon=True)
+            self._thread.start()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return self
+
+    # producer --------------------------------------------------------------
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self) -> None:
+        """Background thread: build batches (in parallel on CPU) and queue them in order."""
+        L = self.L
+        try:
+            with self._progress() as bar:
+                pool = L._batch_pool if L.device.type == "cpu" else None
+                if pool is None:
+                    for b in range(len(self.batches)):
+                        if self._stop.is_set() or not self._put(self._build(b)):
+                            return
+                        bar.advance()
+                else:
+                    from collections import deque
+
+                    inflight: deque = deque()
+                    depth = L.prefetch + L.num_workers
+                    for b in range(len(self.batches) + 1):
+                        if b < len(self.batches):
+                            inflight.append(pool.submit(self._build, b))
+                        while inflight and (len(inflight) >= depth or b == len(self.batches)):
+                            item = inflight.popleft().result()
+                            if self._stop.is_set() or not self._put(item):
+                                for f in inflight:
+                                    f.cancel()
+                                return
+                            bar.advance()
+            self._put(StopIteration)
+        except BaseException as e:  # handed to the consumer
+            self._put(e)
+
+    def _progress(self):
+        from .synth import _progress
+
+        L = self.L
+        building = L.progress and L.rank == 0 and L.store.count_complete() < L.n
+        return _progress(building, len(self.batches), f"epoch {self.epoch}: building store {L.store.dir}")
+
+    def _sync(self):
+        with self._progress() as bar:
+            for b in range(len(self.batches)):
+                yield self._build(b)
+                bar.advance()
+
+    def _build(self, b: int):
+        if b + 1 < len(self.batches):
+            self.L.store.advise(self.batches[b + 1], "willneed")  # promote the next batch into the page cache
+        return self._make_batch(self.batches[b], b * self.L.batch_size, self._host_plan, self._dev_next)
+
+    def _make_batch(self, idx: np.ndarray, pos0: int, host_plan: dict, dev_next):
+        L = self.L
+        st = L.store
+        dev = L.device
+        on_cuda = dev.type == "cuda"
+        imgs: list = [None] * len(idx)
+        if on_cuda and L._device_data:
+            for k, i in enumerate(idx.tolist()):
+                t = L._device_data.get(i)
+                if t is not None:
+                    imgs[k] = t
+                    with L._stats_mu:
+                        L.stats["device_hits"] += 1
+        need = [k for k in range(len(idx)) if imgs[k] is None]
+        labels = [0] * len(idx)
+        if need:
+            complete_before = [st.is_complete(int(idx[k])) for k in need]
+            got = st.fetch_many(idx[need], pool=L._pool)
+            for k, (a, y), was in zip(need, got, complete_before):
+                imgs[k] = a
+                labels[k] = y
+                with L._stats_mu:
+                    L.stats["store_hits" if was else "source_reads"] += 1
+        lab_src = st.source.labels()
+        for k, i in enumerate(idx.tolist()):
+            if imgs[k] is not None and lab_src is not None:
+                labels[k] = int(lab_src[i])
+            elif imgs[k] is not None and k not in need:
+                labels[k] = st.label(i)
+        # demote what the host plan says will not be needed soon (page cache is node-wide)
+        for k in range(len(idx)):
+            drop = host_plan.get(pos0 + k)
+            if drop:
+                st.advise(drop, "dontneed")
+        keep = [k for k in range(len(idx)) if imgs[k] is not None]
+        if len(keep) < len(idx):
+            with L._stats_mu:
+                L.stats["skipped"] += len(idx) - len(keep)
+            idx = idx[keep]
+            imgs = [imgs[k] for k in keep]
+            labels = [labels[k] for k in keep]
+            positions = [pos0 + k for k in keep]
+        else:
+            positions = list(range(pos0, pos0 + len(idx)))
+        with L._stats_mu:
+            L.stats["batches"] += 1
+        y = torch.tensor(labels, dtype=torch.int64)
+        if L.augment is None:
+            out = [torch.as_tensor(a).permute(2, 0, 1) if not isinstance(a, torch.Tensor) else a.permute(2, 0, 1)
+                   for a in imgs]
+            if on_cuda:
+                out = [t.to(dev) for t in out]
+                y = y.to(dev)
+            return out, y, None
+        hs = [int(a.shape[0]) for a in imgs]
+        ws = [int(a.shape[1]) for a in imgs]
+        boxes, flips = L.augment.params(L.seed, self.epoch, idx, hs, ws)
+        if not on_cuda:
+            scratch = getattr(self._tls, "scratch", None)
+            if scratch is None:
+                scratch = self._tls.scratch = np.empty((L.batch_size,) + tuple(L.augment.out_size) + (3,), np.uint8)
+            x = L.augment(imgs, boxes, flips, impl=L.impl, scratch=scratch, pool=L._out_pool)
+            return x, y, None
+        return self._make_cuda(idx, imgs, y, boxes, flips, positions, dev_next)
+
+    def _make_cuda(self, idx, imgs, y, boxes, flips, positions, dev_next):
+        L = self.L
+        dev = L.device
+        if L._copy_stream is None:
+            L._copy_stream = torch.cuda.Stream(dev)  # uploads + augmentation off the consumer's stream
+        stream = L._copy_stream
+        with torch.cuda.device(dev):  # the producer thread's current device may differ
+            return self._make_cuda_on(stream, idx, imgs, y, boxes, flips, positions, dev_next)
+
+    def _make_cuda_on(self, stream, idx, imgs, y, boxes, flips, positions, dev_next):
+        L = self.L
+        dev = L.device
+        Hm = max(int(a.shape[0]) for a in imgs)
+        Wm = max(int(a.shape[1]) for a in imgs)
+        host_k = [k for k, a in enumerate(imgs) if not isinstance(a, torch.Tensor)]
+        with torch.cuda.stream(stream):
+            padded = torch.zeros((len(imgs), Hm, Wm, 3), dtype=torch.uint8, device=dev)
+            if host_k:
+                staging = torch.zeros((len(host_k), Hm, Wm, 3), dtype=torch.uint8, pin_memory=True)
+                sn = staging.numpy()
+                for j, k in enumerate(host_k):
+                    a = imgs[k]
+                    sn[j, : a.shape[0], : a.shape[1]] = a
+                up = staging.to(dev, non_blocking=True)
+                # the pinned staging buffer must outlive the async copy: keep it referenced until the event
+                padded[torch.as_tensor(host_k, device=dev)] = up
+            else:
+                staging = None
+            for k, a in enumerate(imgs):
+                if isinstance(a, torch.Tensor):
+                    padded[k, : a.shape[0], : a.shape[1]] = a
+            x = L.augment.apply_padded(padded, boxes, flips)
+            yd = y.to(dev, non_blocking=True)
+            # device tier: admit by next use (Belady), evict the farthest
+            if dev_next is not None:
+                for k, i in enumerate(idx.tolist()):
+                    h, w = int(imgs[k].shape[0]), int(imgs[k].shape[1])
+                    _, admitted, evicted = L._device_cache.access(i, int(dev_next[positions[k]]), h * w * 3)
+                    for e in evicted:
+                        L._device_data.pop(e, None)
+                    if admitted and i not in L._device_data:
+                        L._device_data[i] = padded[k, :h, :w].clone()
+                    elif not admitted:
+                        L._device_data.pop(i, None)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        return x, yd, (ev, staging)
+
+    # consumer --------------------------------------------------------------
+    def __next__(self):
+        if self._thread is None:
+            try:
+                item = next(self._gen)
+            except StopIteration:
+                raise
+        else:
+            item = self._q.get()
+            if item is StopIteration:
+                self._thread.join()
+                raise StopIteration
+            if isinstance(item, BaseException):
+                self._stop.set()
+                raise item
+        x, y, sync = item
+        if sync is not None:
+            ev, _staging = sync
+            cur = torch.cuda.current_stream(self.L.device)
+            cur.wait_event(ev)  # invariant: x, y are complete on the copy stream before the consumer reads them
+            x.record_stream(cur)
+            y.record_stream(cur)
+        self._k += 1
+        return x, y
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __del__(self):
+        self._stop.set()
