@@ -1,0 +1,790 @@
+"""greedy — the fast planner: peel the peak, cheapest seconds per byte first.
+
+[Note: greedy planning]
+State = offload decisions (storage -> tier, evict, prefetch) and recompute
+decisions (unit -> save_ops).  Start all-keep and simulate.  While tier 0
+overflows somewhere, look at the *worst* event p (largest occupancy) and list
+what could free bytes there:
+
+* offload s (a saved activation live at p, not produced in a recomputed
+  unit): evict right after its last access before p, need = its first access
+  after p; worth it only if the down-copy, queued FIFO behind what the lane
+  already carries, lands before p starts.  Cost = the stall it is expected to
+  expose: its up-copy time plus the up-lane's existing load inside its window
+  [down done, need start], minus the window length (0 when it hides).
+* recompute unit u fully (save_ops=()) or selectively (save the outputs of
+  compute-bound ops: convolutions/matmuls or flop-bound by the roofline; re-run
+  the cheap normalisation/elementwise ops), freeing the dropped storages live
+  at p minus what it adds at p (inputs held until fb, transients at fb).
+  Cost = the added recompute time.
+
+Score = cost / bytes freed at p (+ a traffic tie-break).  Candidates are taken
+cheapest-first until the estimated freed bytes cover p's excess, with the
+lane load of already-taken offloads counted against later ones in the batch;
+then prefetch points are re-derived for *all* offloads by packing the up-lanes
+just in time, backwards from each need (latest start that still lands on
+time), and the plan is re-simulated.  The simulator, not the estimate, decides
+what happens next.  This converges in a few dozen simulations on a ResNet-50
+trace (milliseconds each).
+
+If a batch does not lower the peak (copies landing late, lower tiers full
+with staging copies), `_probe` lets the simulator judge the dozen most
+promising single moves instead.  Offloads chosen to free event p get a
+prefetch *floor* p+1 so that later just-in-time re-packing never brings them
+back before p; `schedule_and_run` additionally postpones early prefetches that
+make tier 0 overflow (trading a stall for room).
+
+When tier 0 fits, a clean-up pass drops decisions (most expensive first) whose
+removal keeps the plan feasible without making it slower, downgrades full
+recomputes to selective ones, swaps a recompute for offloads of what it
+dropped (then prunes those), and moves offloads up a tier, whenever that is
+cheaper and still fits.  On small problems an exhaustive 1-opt pass (every
+single-decision change, plus nudging each prefetch point by one event) follows.
+
+If peeling gets stuck, the planner falls back to the most frugal plan
+(`frugal_plan`, the one that defines `minimum_budget`) and cleans it up, so it
+succeeds at every budget >= minimum_budget.  Monotonicity in the budget is
+*not* guaranteed (a heuristic can land on a worse local optimum with more
+room); the API enforces the weaker property that a plan never predicts slower
+than the frugal fallback cleaned up at the same budget.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from ..hardware import Hierarchy
+from ..simulate import Offload, TraceIndex, _Result, run
+
+TRAFFIC_WEIGHT = 1e-15  # seconds per byte moved: breaks ties towards less traffic, never beats a real second
+
+
+@dataclass
+class State:
+    offloads: dict[int, Offload] = field(default_factory=dict)
+    units: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    floors: dict[int, int] = field(default_factory=dict)  # sid -> earliest prefetch event (it must be gone there)
+
+    def copy(self) -> "State":
+        return State(dict(self.offloads), dict(self.units), dict(self.floors))
+
+    def key(self) -> tuple:
+        return (tuple(sorted(self.offloads.items())), tuple(sorted(self.units.items())))
+
+
+def cost(res: _Result) -> float:
+    """The objective: predicted step time, ties to less traffic."""
+    return res.step_time + TRAFFIC_WEIGHT * res.traffic
+
+
+class Evaluator:
+    """Memoised simulation of states."""
+
+    def __init__(self, ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...]) -> None:
+        self.ix, self.h, self.budget, self.tiers = ix, hierarchy, int(budget), tiers
+        self.cache: dict[tuple, _Result] = {}
+        self.calls = 0
+
+    def __call__(self, st: State) -> _Result:
+        k = st.key()
+        r = self.cache.get(k)
+        if r is None:
+            self.calls += 1
+            r = run(self.ix, self.h, self.budget, st.offloads, st.units)
+            if len(self.cache) > 20000:
+                self.cache.clear()
+            self.cache[k] = r
+        return r
+
+
+# --------------------------------------------------------------------------------------
+# Shared helpers (also used by milp.py and api.py)
+# --------------------------------------------------------------------------------------
+
+
+def light_save_ops(ix: TraceIndex, u: int, heavy: tuple[int, ...]) -> tuple[int, ...]:
+    """save_ops that drop only the outputs of cheap (not compute-bound) ops and re-run only their writers.
+
+    Every op that does not write such a storage is saved (not re-run); an op that must be re-run reads only
+    storages that are kept anyway (saved, produced outside the unit) or re-run before it, otherwise its
+    producer is re-run too (fixpoint).
+    """
+    unit = ix.units[u]
+    trace = ix.trace
+    eff_full = ix.unit_effect(u, (), frozenset(unit.inputs))
+    heavy_set = set(heavy)
+    drop = {sid for sid in eff_full.dropped if trace.storages[sid].producer not in heavy_set}
+    if not drop:
+        return ()
+    ops = range(unit.first_op, unit.last_op + 1)
+    # re-run an op only if everything it writes is droppable or scratch (re-running a writer of a kept
+    # activation, e.g. a batch norm whose output leaves the unit, to drop its tiny stats does not pay)
+    rerun = {j for j in ops if any(o in drop for o in trace.ops[j].outputs)
+             and all(o in drop or not trace.storages[o].saved for o in trace.ops[j].outputs)}
+    if not rerun:
+        return ()
+    changed = True
+    while changed:
+        changed = False
+        for j in sorted(rerun):
+            for sid in trace.ops[j].inputs:
+                s = trace.storages[sid]
+                p = s.producer
+                if p is None or not unit.first_op <= p <= unit.last_op or s.saved or p in rerun:
+                    continue
+                rerun.add(p)
+                changed = True
+    return tuple(j for j in ops if j not in rerun)
+
+
+def unit_modes(ix: TraceIndex, hierarchy: Hierarchy) -> dict[int, list[tuple[int, ...]]]:
+    """Recompute options per unit: full (), selective with compute-bound ops saved, and 'light' selective
+    (only the outputs of cheap ops dropped); deduplicated, most bytes dropped first."""
+    out: dict[int, list[tuple[int, ...]]] = {}
+    for u in ix.units:
+        if u.first_backward_op is None:
+            continue
+        nops = u.last_op - u.first_op + 1
+        heavy = ix.heavy_ops(u.index, hierarchy.peak_flops, hierarchy.fast_bandwidth)
+        cands = [()]
+        if heavy and len(heavy) < nops:
+            cands.append(heavy)
+            light = light_save_ops(ix, u.index, heavy)
+            if light and len(light) < nops:
+                cands.append(light)
+        seen: dict[tuple[int, ...], tuple[tuple[int, ...], int, float]] = {}  # dropped set -> (mode, bytes, time)
+        for m in cands:
+            eff = ix.unit_effect(u.index, m, frozenset(u.inputs))
+            if not eff.dropped:
+                continue
+            key = tuple(sorted(eff.dropped))
+            if key not in seen or eff.time < seen[key][2]:
+                seen[key] = (m, int(sum(int(ix.nbytes[s]) for s in eff.dropped)), eff.time)
+        if seen:
+            out[u.index] = [m for m, _, _ in sorted(seen.values(), key=lambda v: -v[1])]
+    return out
+
+
+def in_unit(ix: TraceIndex, sid: int, units: Iterable[int]) -> bool:
+    p = ix.trace.storages[sid].producer
+    if p is None:
+        return False
+    return any(ix.units[u].first_op <= p <= ix.units[u].last_op for u in units)
+
+
+def accesses_with(ix: TraceIndex, sid: int, units: Iterable[int]) -> list[int]:
+    acc = ix.accesses[sid]
+    extra = [ix.units[u].first_backward_op for u in ix.input_of.get(sid, ()) if u in units]
+    return sorted(set(acc) | set(e for e in extra if e is not None)) if extra else acc
+
+
+def main_gap(ix: TraceIndex, sid: int, units: Iterable[int] = ()) -> tuple[int, int] | None:
+    """(evict_after, need) around the longest idle stretch of a storage (by unmanaged time), if any."""
+    acc = accesses_with(ix, sid, units)
+    start, end = int(ix.start[sid]), int(ix.end[sid])
+    best, bt = None, 0.0
+    prev = start
+    for a in acc:
+        if a > prev + 1:
+            t = ix.C[a] - ix.C[prev + 1]
+            if t > bt and prev < end:
+                best, bt = (prev, a), t
+        prev = max(prev, a)
+    return best
+
+
+def chain_time(hierarchy: Hierarchy, ti: int, nbytes: int, direction: str) -> float:
+    return sum(hierarchy.tiers[i].transfer_time(nbytes, direction) for i in range(1, ti + 1))
+
+
+def nostall_starts(res: _Result) -> np.ndarray:
+    """Event start times with the stalls taken out (recomputes kept)."""
+    if not res.stalls:
+        return res.event_start
+    ex = np.zeros(len(res.event_start))
+    for e, w in res.stalls:
+        ex[e] += w
+    return res.event_start - np.concatenate([[0.0], np.cumsum(ex)[:-1]])
+
+
+def schedule_prefetches(ix: TraceIndex, hierarchy: Hierarchy, st: State, res: _Result, slack: float = 0.0) -> None:
+    """Re-derive every offload's prefetch_at: pack the up-lanes just in time, backwards from each need."""
+    if not st.offloads:
+        return
+    T = nostall_starts(res)
+    n = ix.n
+    units = st.units
+    items = []
+    for sid, (ti, ev, _) in st.offloads.items():
+        acc = accesses_with(ix, sid, units)
+        k = bisect.bisect_right(acc, ev)
+        need = acc[k]
+        items.append((need, sid, ti, ev))
+    items.sort(reverse=True)
+    lane_next: dict[int, float] = {}  # tier index -> start of the next (later) transfer on that read lane
+    for need, sid, ti, ev in items:
+        b = int(ix.nbytes[sid])
+        deadline = T[need]
+        t = deadline
+        for i in range(1, ti + 1):  # hop out of tier 1 is last; walk backwards from it
+            t = min(t, lane_next.get(i, float("inf")))
+            t -= hierarchy.tiers[i].transfer_time(b, "read") * (1.0 + slack)
+            lane_next[i] = t
+        # never issue before the down chain has landed: a stream waiting on it would block the lane
+        t = max(t, res.down_end.get(sid, 0.0))
+        e = int(np.searchsorted(T, t, "right")) - 1
+        if T[max(e, 0)] < t and e + 1 <= need and res.down_end.get(sid, 0.0) > T[max(e, 0)]:
+            e += 1
+        e = min(max(e, ev + 1, st.floors.get(sid, 0)), need)
+        st.offloads[sid] = (ti, ev, e)
+
+
+def frugal_state(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], budget: int | None = None) -> State:
+    """The most memory-frugal plan memstrata knows (see api.minimum_budget)."""
+    modes = unit_modes(ix, hierarchy)
+    st = State()
+    for u, ms in modes.items():
+        st.units[u] = ms[0]
+    t1 = tiers[0]
+    for sid in np.nonzero(ix.offloadable)[0].tolist():
+        if in_unit(ix, sid, st.units):
+            continue
+        g = main_gap(ix, sid, st.units)
+        if g is None:
+            continue
+        ev, need = g
+        st.offloads[sid] = (t1, ev, need)
+    cap0 = budget if budget is not None else int(ix.base_occ.max())
+    res = run(ix, hierarchy, cap0, st.offloads, st.units)
+    # lower tiers overflowing: push the largest offending storages deeper, or keep them
+    for _ in range(200):
+        bad = [(t, e) for t, e in res.overflow() if t > 0]
+        if not bad:
+            break
+        t, e = bad[0]
+        ids, s, en, by = res.intervals[t]
+        live = sorted({int(i) for i, a, z in zip(ids, s, en) if a <= e <= z and int(i) in st.offloads},
+                      key=lambda i: -int(ix.nbytes[i]))
+        deeper = [d for d in tiers if d > t]
+        moved = False
+        for sid in live[:max(1, len(live) // 4)]:
+            ti, ev, pf = st.offloads[sid]
+            if deeper and ti < deeper[0]:
+                st.offloads[sid] = (deeper[0], ev, pf)
+            else:
+                del st.offloads[sid]
+            moved = True
+        if not moved:
+            break
+        res = run(ix, hierarchy, cap0, st.offloads, st.units)
+    # units whose recompute raises the peak (transients, held inputs): drop them
+    for u in sorted(st.units):
+        trial = State(st.offloads, {k: v for k, v in st.units.items() if k != u})
+        try:
+            r2 = run(ix, hierarchy, cap0, trial.offloads, trial.units)
+        except ValueError:
+            continue
+        if r2.peak(0) < res.peak(0) and not [t for t, _ in r2.overflow() if t > 0]:
+            st, res = trial, r2
+    return st
+
+
+# --------------------------------------------------------------------------------------
+# Greedy
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Cand:
+    score: float
+    freed: int
+    kind: str  # "off" | "unit"
+    key: int
+    value: tuple
+    cost: float
+    lane_load: float = 0.0
+    touches: tuple[int, ...] = ()
+    ranges: tuple[tuple[int, int, int], ...] = ()  # (lower tier, first event, last event) it occupies
+
+
+class GreedyStuck(RuntimeError):
+    pass
+
+
+def _lane_free_lookup(res: _Result) -> dict[str, tuple[list[float], list[float]]]:
+    out = {}
+    for lane, log in res.lane_log.items():
+        enq = [e for e, *_ in log]
+        ends = list(np.maximum.accumulate(np.array([z for _, _, z, _ in log])))
+        out[lane] = (enq, ends)
+    return out
+
+
+def _busy_in(log: list, a: float, b: float) -> float:
+    tot = 0.0
+    for _, s, z, _ in log:
+        lo, hi = max(s, a), min(z, b)
+        if hi > lo:
+            tot += hi - lo
+    return tot
+
+
+def _candidates(ix: TraceIndex, h: Hierarchy, st: State, res: _Result, p: int, modes, tiers,
+                excess: int = 1 << 62, deep_first: bool = True, relaxed: bool = False) -> list[_Cand]:
+    n = ix.n
+    ids, s0, e0, b0 = res.intervals[0]
+    mask = (s0 <= p) & (e0 >= p)
+    live: dict[int, int] = {}
+    for sid, by in zip(ids[mask].tolist(), b0[mask].tolist()):
+        if sid >= 0:
+            live[sid] = live.get(sid, 0) + by
+    T = res.event_start
+    Tend = np.concatenate([T[1:], [res.step_time]])
+    Tp = T[p]
+    cands: list[_Cand] = []
+    rec = st.units
+    # units
+    rec_inputs_now = frozenset(sid for u in rec for sid in ix.units[u].inputs)
+    for u, ms in modes.items():
+        cur = rec.get(u)
+        unit = ix.units[u]
+        fb = unit.first_backward_op
+        if p >= fb or p <= unit.last_op:
+            continue
+        ri = rec_inputs_now | frozenset(unit.inputs)
+        cur_eff = ix.unit_effect(u, cur, ri) if cur is not None else None
+        cur_time = cur_eff.time if cur_eff else 0.0
+        cur_dropped = set(cur_eff.dropped) if cur_eff else set()
+        for m in ms:
+            if m == cur:
+                continue
+            eff = ix.unit_effect(u, m, ri)
+            if any(sid in st.offloads for sid in ix.unit_storages[u]):
+                continue
+            new_dropped = set(eff.dropped)
+            freed = 0
+            for sid in new_dropped - cur_dropped:
+                if min(int(ix.end[sid]), unit.last_op) < p:
+                    freed += live.get(sid, 0)
+            for sid in cur_dropped - new_dropped:
+                if min(int(ix.end[sid]), unit.last_op) < p <= int(ix.end[sid]):
+                    freed -= int(ix.nbytes[sid])
+            if cur is None:
+                for sid in unit.inputs:
+                    if sid not in live and int(ix.end[sid]) < p and sid not in st.offloads:
+                        freed -= int(ix.nbytes[sid])
+            if freed <= 0:
+                continue
+            c = max(eff.time - cur_time, 0.0)
+            cands.append(_Cand(c / freed, freed, "unit", u, m, c, touches=tuple(ix.unit_storages[u]) + (-1 - u,)))
+    # offloads
+    lanes = _lane_free_lookup(res)
+    t1 = h.tiers[1]
+    # below this size an offload is mostly latency: not worth a decision
+    min_bytes = min(int(8 * t1.latency * max(t1.write_bandwidth, 1.0)), max(1, excess // 16))
+    for sid, by in live.items():
+        if not ix.offloadable[sid] or sid in st.offloads or sid in res.dropped or in_unit(ix, sid, rec):
+            continue
+        acc = accesses_with(ix, sid, rec)
+        k = bisect.bisect_left(acc, p)
+        if k >= len(acc) or acc[k] == p or k == 0:
+            continue
+        ev, need = acc[k - 1], acc[k]
+        if ev >= p:
+            continue
+        b = int(ix.nbytes[sid])
+        if b < min_bytes:
+            continue
+        t_enq = float(Tend[ev])
+        lane = h.tiers[1].name + ":write"
+        free = t_enq
+        if lane in lanes:
+            enq, ends = lanes[lane]
+            j = bisect.bisect_right(enq, t_enq)
+            if j:
+                free = max(free, ends[j - 1])
+        for ti in tiers:
+            down1 = h.tiers[1].transfer_time(b, "write")
+            done1 = free + down1
+            if done1 > Tp and not relaxed:
+                continue
+            down_all = done1 + chain_time(h, ti, b, "write") - down1
+            up = chain_time(h, ti, b, "read")
+            # room in the destination tier over the whole gap, and in the tiers in between while staging
+            e_down = min(int(np.searchsorted(T, down_all, "right")), n - 1)
+            e_up = max(int(np.searchsorted(T, float(T[need]) - up, "right")) - 1, ev + 1)
+            ranges = [(ti, ev + 1, need)]
+            for i in range(1, ti):
+                ranges += [(i, ev + 1, e_down), (i, e_up, need)]
+            if not relaxed and any(int(res.occ[i][a:z + 1].max(initial=0)) + b > res.capacity[i] for i, a, z in ranges):
+                continue
+            # to be gone at p the up-copy starts after p: its window is [end of p, need]
+            w0, w1 = max(down_all, float(Tend[p])), float(T[need])
+            busy = _busy_in(res.lane_log.get(h.tiers[1].name + ":read", []), w0, w1)
+            stall = max(0.0, up + busy - (w1 - w0))
+            # equal stalls: prefer the deeper tier (keeps the faster tier free for what needs it); the
+            # clean-up pass moves offloads back up where that fits, for less traffic
+            c = stall + TRAFFIC_WEIGHT * 2 * b * ((len(h.tiers) - ti) if deep_first else ti)
+            cands.append(_Cand(c / by, by, "off", sid, (ti, ev, need, Tp, w0, w1, up, busy, t_enq), c,
+                               lane_load=down1, touches=(sid,), ranges=tuple(ranges)))
+    cands.sort(key=lambda c: (c.score, -c.freed))
+    return cands
+
+
+class _DownLane:
+    """The first-hop down lane as a FIFO of (enqueue time, seconds, must-land-by), for batch admission."""
+
+    def __init__(self, res: _Result, lane: str, Tp: float) -> None:
+        self.ntier = len(res.occ)
+        self.items = [(e, z - s, (z if z > Tp else Tp)) for e, s, z, _ in res.lane_log.get(lane, [])]
+        self.items.sort()
+
+    def admits(self, t_enq: float, dur: float, Tp: float) -> bool:
+        items = self.items[:]
+        bisect.insort(items, (t_enq, dur, Tp))
+        free = 0.0
+        for e, d, by in items:
+            free = max(free, e) + d
+            if free > by + 1e-12:
+                return False
+        self.pending = items
+        return True
+
+    def commit(self) -> None:
+        self.items = self.pending
+
+
+def _apply_batch(st: State, cands: list[_Cand], excess: int, lane: "_DownLane | None" = None, floor: int = 0,
+                 res: _Result | None = None, deep_first: bool = True) -> int:
+    """Take candidates cheapest-first (lazily re-priced) until `excess` bytes are freed at the peak."""
+    low = [o.copy() for o in res.occ] if res is not None else None
+    caps = res.capacity if res is not None else None
+    import heapq
+
+    got = 0
+    ntier = 3 if lane is None else lane.ntier
+    taken: set[int] = set()
+    ups: list[tuple[float, float]] = []  # (need time, up seconds) of offloads taken in this batch
+    heap = [(c.score, -c.freed, i) for i, c in enumerate(cands)]
+    heapq.heapify(heap)
+
+    def price(c: _Cand) -> float:
+        ti, ev, need, Tp, w0, w1, up, busy, t_enq = c.value
+        extra = sum(u for t, u in ups if w0 <= t <= w1)
+        stall = max(0.0, up + busy + extra - (w1 - w0))
+        return (stall + TRAFFIC_WEIGHT * 2 * c.freed * ((ntier - ti) if deep_first else ti)) / c.freed
+
+    while heap and got < excess:
+        sc, _, i = heapq.heappop(heap)
+        c = cands[i]
+        if any(t in taken for t in c.touches):
+            continue
+        if c.kind == "off":
+            new = price(c)
+            if new > sc + 1e-18 and heap and new > heap[0][0]:
+                heapq.heappush(heap, (new, -c.freed, i))
+                continue
+            ti, ev, need, Tp, w0, w1, up, busy, t_enq = c.value
+            b = int(c.freed)
+            if low is not None and any(int(low[i][a:z + 1].max(initial=0)) + b > caps[i] for i, a, z in c.ranges):
+                continue  # the lower tiers (destination, staging) are full there with this batch
+            if lane is not None:
+                if not lane.admits(t_enq, c.lane_load, Tp):  # would land after the peak (or push others past it)
+                    continue
+                lane.commit()
+            if low is not None:
+                for i, a, z in c.ranges:
+                    low[i][a:z + 1] += b
+            ups.append((w1, up))
+            st.offloads[c.key] = (ti, ev, need)
+            st.floors[c.key] = max(st.floors.get(c.key, 0), floor)
+        else:
+            if any(t in st.offloads for t in c.touches):
+                continue
+            st.units[c.key] = c.value
+        taken.update(c.touches)
+        got += c.freed
+    return got
+
+
+def _worst_event(res: _Result) -> int:
+    over = res.occ[0] - res.capacity[0]
+    return int(np.argmax(over))
+
+
+def peel(ev_: Evaluator, st: State, modes, max_iter: int = 400, deadline: float | None = None,
+         deep_first: bool = True) -> tuple[State, _Result]:
+    ix, h = ev_.ix, ev_.h
+    res = ev_(st)
+    for _ in range(max_iter):
+        if res.feasible:
+            return st, res
+        low = [(t, e) for t, e in res.overflow() if t > 0]
+        if low:  # a lower tier overflows: undo the offloads live there, largest first
+            t, e = low[0]
+            ids, s, en, by = res.intervals[t]
+            live = sorted({int(i) for i, a, z in zip(ids, s, en) if a <= e <= z}, key=lambda i: -int(ix.nbytes[i]))
+            over = int(res.occ[t][e]) - res.capacity[t]
+            for sid in live:
+                if over <= 0:
+                    break
+                st.offloads.pop(sid, None)
+                over -= int(ix.nbytes[sid])
+            res = ev_(st)
+            continue
+        p = _worst_event(res)
+        excess = int(res.occ[0][p]) - res.capacity[0]
+        cands = _candidates(ix, h, st, res, p, modes, ev_.tiers, excess, deep_first)
+        nst, nres = st, res
+        if cands:
+            nst = st.copy()
+            lane = _DownLane(res, h.tiers[1].name + ":write", float(res.event_start[p]))
+            if _apply_batch(nst, cands, excess, lane, p + 1, res, deep_first):
+                schedule_prefetches(ix, h, nst, res)
+                nres = ev_(nst)
+        if nst is st or (int(nres.occ[0][p]) >= int(res.occ[0][p]) and nres.peak(0) >= res.peak(0)):
+            # the estimate-driven batch did not help (copies landing late, lower tiers full, ...): let the
+            # simulator judge the most promising single moves, lower-tier checks relaxed
+            nst, nres = _probe(ev_, st, res, p, modes, deep_first)
+        st, res = nst, nres
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+    if not res.feasible:
+        raise GreedyStuck("iteration limit")
+    return st, res
+
+
+def _over(res: _Result) -> tuple[int, int]:
+    """(bytes over capacity in lower tiers, bytes over the budget in tier 0) at their worst events."""
+    low = sum(max(0, int(o.max(initial=0)) - c) for o, c in zip(res.occ[1:], res.capacity[1:]))
+    return low, max(0, res.peak(0) - res.capacity[0])
+
+
+def _probe(ev_: Evaluator, st: State, res: _Result, p: int, modes, deep_first: bool, k: int = 12) -> tuple[State, _Result]:
+    """One simulator-judged step: try the k best single candidates at p (relaxed), keep the best progress."""
+    ix, h = ev_.ix, ev_.h
+    cands = _candidates(ix, h, st, res, p, modes, ev_.tiers, deep_first=deep_first, relaxed=True)
+    base_over = _over(res)
+    best = None
+    for c in cands[:k]:
+        t = st.copy()
+        if c.kind == "off":
+            ti, ev, need = c.value[:3]
+            t.offloads[c.key] = (ti, ev, need)
+            t.floors[c.key] = p + 1
+        else:
+            t.units[c.key] = c.value
+        r = schedule_and_run(ev_, t, res)
+        if r is None:
+            continue
+        ov = _over(r)
+        if ov >= base_over or ov[0] > base_over[0]:
+            continue
+        gain = (base_over[0] - ov[0]) * 4 + (base_over[1] - ov[1])
+        score = (max(cost(r) - cost(res), 0.0) + 1e-18) / max(gain, 1)
+        if best is None or score < best[0]:
+            best = (score, t, r)
+    if best is None:
+        raise GreedyStuck(f"nothing left to free at event {p}")
+    return best[1], best[2]
+
+
+def _valid(ev_: Evaluator, st: State) -> _Result | None:
+    try:
+        return ev_(st)
+    except ValueError:
+        return None
+
+
+def schedule_and_run(ev_: Evaluator, st: State, ref: _Result) -> _Result | None:
+    """Just-in-time prefetch points (from `ref`'s timeline), simulated; then, while tier 0 overflows at an
+    event where some prefetched copy is already back early, postpone the one needed last to after that event
+    (trading a possible stall for room).  Mutates st; None if the state is malformed."""
+    schedule_prefetches(ev_.ix, ev_.h, st, ref)
+    r = _valid(ev_, st)
+    for _ in range(4 * len(st.offloads)):
+        if r is None or r.feasible:
+            break
+        over0 = [e for t, e in r.overflow() if t == 0]
+        if not over0:
+            break
+        e = over0[0]
+        early = [(r.need[sid], sid) for sid, (ti, ev, pf) in st.offloads.items() if pf <= e < r.need[sid]]
+        if not early:
+            break
+        _, sid = max(early)
+        ti, ev, pf = st.offloads[sid]
+        st.offloads[sid] = (ti, ev, e + 1)
+        st.floors[sid] = e + 1
+        r = _valid(ev_, st)
+    return r
+
+
+def _prune(ev_: Evaluator, st: State, res: _Result, sids: list[int]) -> tuple[State, _Result]:
+    """Drop the given offloads one by one (largest first) while the plan stays feasible and not slower."""
+    ix = ev_.ix
+    for sid in sorted(sids, key=lambda i: -int(ix.nbytes[i])):
+        t = st.copy()
+        del t.offloads[sid]
+        r = schedule_and_run(ev_, t, res)
+        if r is not None and r.feasible and cost(r) <= cost(res) + 1e-12:
+            st, res = t, r
+    return st, res
+
+
+def cleanup(ev_: Evaluator, st: State, res: _Result, modes, deadline: float | None = None) -> tuple[State, _Result]:
+    """Drop decisions that are not needed; downgrade full recomputes to selective where it pays."""
+    ix, h = ev_.ix, ev_.h
+    best = cost(res)
+    # most expensive first: units by recompute time, offloads by bytes
+    order = [("unit", u) for u in sorted(st.units, key=lambda u: -ix.unit_effect(u, st.units[u], frozenset()).time)]
+    order += [("off", s) for s in sorted(st.offloads, key=lambda s: -int(ix.nbytes[s]))]
+    for kind, k in order:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        trials = []
+        if kind == "unit" and k in st.units:
+            t = st.copy(); del t.units[k]; trials.append(t)
+            cur = st.units[k]
+            for m in modes.get(k, []):
+                if m != cur and len(m) > len(cur):
+                    t = st.copy(); t.units[k] = m; trials.append(t)
+            for ti in ev_.tiers:  # swap: offload what the unit's recompute dropped instead
+                t = st.copy(); del t.units[k]
+                for sid in ix.unit_storages[k]:
+                    if ix.offloadable[sid] and sid not in t.offloads:
+                        g = main_gap(ix, sid, t.units)
+                        if g is not None:
+                            t.offloads[sid] = (ti, g[0], g[1])
+                trials.append(t)
+        elif kind == "off" and k in st.offloads:
+            t = st.copy(); del t.offloads[k]; trials.append(t)
+            ti, e, pf = st.offloads[k]
+            for up in ev_.tiers:
+                if up < ti:
+                    t = st.copy(); t.offloads[k] = (up, e, pf); trials.append(t)
+        for t in trials:
+            r = schedule_and_run(ev_, t, res)
+            if r is not None and r.feasible and len(t.offloads) > len(st.offloads):
+                t, r = _prune(ev_, t, r, [s_ for s_ in t.offloads if s_ not in st.offloads])
+            if r is not None and r.feasible and cost(r) <= best + 1e-12:
+                st, res, best = t, r, cost(r)
+                break
+    return st, res
+
+
+def one_opt(ev_: Evaluator, st: State, res: _Result, modes, options: dict[int, list[Offload]],
+            deadline: float | None = None, rounds: int = 3) -> tuple[State, _Result]:
+    """Exhaustive single-decision changes (small problems): best improvement, repeated."""
+    best = cost(res)
+    for _ in range(rounds):
+        improved = None
+        moves: list[State] = []
+        for u, ms in modes.items():
+            for m in [None] + ms:
+                if st.units.get(u) == m:
+                    continue
+                t = st.copy()
+                if m is None:
+                    t.units.pop(u, None)
+                else:
+                    t.units[u] = m
+                    for sid in ev_.ix.unit_storages[u]:  # repair: a recomputed unit's storages are not offloaded
+                        t.offloads.pop(sid, None)
+                moves.append(t)
+        for sid, o in st.offloads.items():  # nudge prefetch points (lane order matters on slow links)
+            ti, ev, pf = o
+            for d in (-1, 1):
+                if ev < pf + d and (sid not in options or pf + d <= max(x[2] for x in options[sid])):
+                    t = st.copy()
+                    t.offloads[sid] = (ti, ev, pf + d)
+                    moves.append(t)
+        for sid, opts in options.items():
+            for o in [None] + opts:
+                if st.offloads.get(sid) == o:
+                    continue
+                t = st.copy()
+                if o is None:
+                    t.offloads.pop(sid, None)
+                else:
+                    t.offloads[sid] = o
+                    for u in list(t.units):  # repair: offloading a storage un-recomputes its unit
+                        if in_unit(ev_.ix, sid, (u,)):
+                            del t.units[u]
+                moves.append(t)
+        for t in moves:
+            if deadline is not None and time.perf_counter() > deadline:
+                return st, res
+            r = _valid(ev_, t)
+            if r is not None and r.feasible and cost(r) < best - 1e-12:
+                best, improved = cost(r), (t, r)
+        if improved is None:
+            break
+        st, res = improved
+    return st, res
+
+
+def offload_options(ix: TraceIndex, h: Hierarchy, tiers: tuple[int, ...], units: Iterable[int] = (),
+                    n_prefetch: int = 3) -> dict[int, list[Offload]]:
+    """A small menu of offload decisions per storage (main gap; prefetch late, just in time, early)."""
+    units = list(units)
+    out: dict[int, list[Offload]] = {}
+    C = ix.C
+    for sid in np.nonzero(ix.offloadable)[0].tolist():
+        if in_unit(ix, sid, units):
+            continue
+        g = main_gap(ix, sid, units)
+        if g is None:
+            continue
+        ev, need = g
+        b = int(ix.nbytes[sid])
+        opts = []
+        for ti in tiers:
+            up = chain_time(h, ti, b, "read")
+            pfs = [need]
+            for mult in (1.0, 2.0)[: max(0, n_prefetch - 1)]:
+                t = C[need] - mult * up
+                e = int(np.searchsorted(C[:-1], t, "right")) - 1
+                pfs.append(min(max(e, ev + 1), need))
+            for pf in dict.fromkeys(pfs):
+                opts.append((ti, ev, pf))
+        out[sid] = opts
+    return out
+
+
+def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...], *,
+                 time_limit: float = 4.0, small: int = 60) -> tuple[State, _Result]:
+    t0 = time.perf_counter()
+    deadline = t0 + time_limit
+    ev_ = Evaluator(ix, hierarchy, budget, tiers)
+    modes = unit_modes(ix, hierarchy)
+    results: list[tuple[State, _Result]] = []
+    n_cand = int(ix.offloadable.sum()) + len(modes)
+    # tie-break variants: offload deep first (keeps fast tiers free), or shallow first; both on small graphs
+    variants = (True, False) if (n_cand <= small and len(hierarchy.tiers) > 2) else (True,)
+    for deep_first in variants:
+        try:
+            st, res = peel(ev_, State(), modes, deadline=deadline, deep_first=deep_first)
+            st, res = cleanup(ev_, st, res, modes, deadline=deadline)
+            results.append((st, res))
+        except GreedyStuck:
+            pass
+    fr = frugal_state(ix, hierarchy, tiers, budget)
+    r = schedule_and_run(ev_, fr, ev_(fr))
+    if r is None or not r.feasible:
+        fr = frugal_state(ix, hierarchy, tiers, budget)
+        r = ev_(fr)
+    if r.feasible and (not results or time.perf_counter() < deadline):
+        results.append(cleanup(ev_, fr, r, modes, deadline=deadline + 0.5 * time_limit))
+    if not results:
+        raise GreedyStuck("no feasible plan found")
+    st, res = min(results, key=lambda sr: cost(sr[1]))
+    if n_cand <= small:
+        opts = offload_options(ix, hierarchy, tiers)
+        st, res = one_opt(ev_, st, res, modes, opts, deadline=deadline)
+    return st, res
