@@ -1,0 +1,474 @@
+"""The user API: wrap a training step, memstrata does the rest.
+
+Example (runs on a CPU box; on CUDA the same code uses the GPU, pinned host
+memory and CUDA copy streams)::
+
+    >>> import tempfile, torch, torchvision
+    >>> from memstrata.manager import Manager      # also memstrata.Manager
+    >>> model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> mgr = Manager(model, budget="80%", nvme_dir=tempfile.mkdtemp())
+    >>> for _ in range(4):
+    ...     x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+    ...     with mgr.step(x):          # step 0: warm-up, 1: trace + plan, 2..: under the plan
+    ...         loss = torch.nn.functional.cross_entropy(model(x), y)
+    ...         loss.backward()
+    ...     opt.step(); opt.zero_grad()
+    >>> [s["mode"] for s in mgr.report()["steps"]]
+    ['warmup', 'trace', 'managed', 'managed']
+    >>> print(mgr.report())            # doctest: +SKIP
+    >>> mgr.close()                    # removes the NVMe files and directory
+
+Where tensors live: parameters, gradients, optimizer states and the batch stay
+where you put them.  Tensors autograd saves for backward follow the plan: kept
+in tier 0 (GPU memory, or host RAM on a CPU box), copied to pinned host memory
+or to files under `nvme_dir` during the forward and back during the backward,
+or dropped and recomputed (whole recompute units, or all but their expensive
+ops).  Values are bit-identical to training without memstrata.
+
+Lifecycle per input shape (the shapes/dtypes of the tensors passed to `step`):
+`warmup_steps` plain steps, one measured trace step (a normal training step
+observed op by op: slower), a plan for the budget, then every further step
+under that plan.  A new shape gets its own trace and plan (cached).  A step
+whose pack sequence does not match its trace falls back to keeping (exact) and
+triggers a re-trace.  `MEMSTRATA_DISABLE=1` in the environment (or
+`enabled=False`) makes `step()` a no-op for side-by-side comparisons.
+
+Errors surface before any managed step runs: a malformed budget or a missing /
+unwritable `nvme_dir` in the constructor; a budget below the minimum
+(`InfeasibleBudgetError`, with the smallest feasible budget) or an `nvme_dir`
+without room for the plan (`NVMeDirectoryError`) at the end of the trace step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .hardware import Hierarchy, format_size, parse_size, profile
+from .plan.schema import Plan
+from .runtime.activations import ActivationRuntime, StepStats
+from .runtime.nvme import check_directory
+from .runtime.pool import HostBufferPool
+from .runtime.streams import CopyContext
+from .trace.schema import Trace
+
+__all__ = ["Manager", "Report", "default_hierarchy", "parse_budget", "disabled_by_env"]
+
+PlannerFn = Callable[[Trace, Hierarchy, int], Plan]
+
+
+def disabled_by_env() -> bool:
+    """True when MEMSTRATA_DISABLE is set to anything but '', '0', 'false', 'no'."""
+    return os.environ.get("MEMSTRATA_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def parse_budget(budget: int | float | str) -> tuple[str, float]:
+    """('bytes', n) or ('fraction', f) from 12884901888, '12GiB', '50%'."""
+    if isinstance(budget, bool):
+        raise ValueError(f"malformed budget {budget!r}")
+    if isinstance(budget, int):
+        if budget <= 0:
+            raise ValueError(f"budget must be > 0 bytes, got {budget}")
+        return "bytes", float(budget)
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        try:
+            pct = float(budget.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"malformed budget {budget!r}: expected e.g. '50%'") from None
+        if not 0 < pct <= 100:
+            raise ValueError(f"budget percentage must be in (0, 100], got {budget!r}")
+        return "fraction", pct / 100.0
+    if isinstance(budget, str):
+        n = parse_size(budget)
+        if n <= 0:
+            raise ValueError(f"budget must be > 0 bytes, got {budget!r}")
+        return "bytes", float(n)
+    raise ValueError(f"budget must be bytes (int), a size ('12GiB') or a percentage ('50%'), got {budget!r}")
+
+
+def default_hierarchy(device: torch.device, nvme_dir: str | None = None) -> Hierarchy:
+    """A hierarchy for `device` without probing.
+
+    CUDA: the named profile matching the device name (H200, H100, A100, RTX 4090;
+    H200 otherwise) with tier 0 set to the device's total memory.  CPU: the
+    "cpu" profile.  The NVMe tier gets `nvme_dir` as its path, or is dropped
+    when there is no directory (the planner then cannot use it).
+    """
+    if device.type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(device).lower()
+        key = next((k for k, pat in (("h200", "h200"), ("h100", "h100"), ("a100-80gb", "a100"), ("rtx4090", "4090"))
+                    if pat in name), "h200")
+        h = profile(key)
+        _, total = torch.cuda.mem_get_info(device)
+        h = h.with_fast_capacity(int(total))
+    else:
+        h = profile("cpu")
+    return with_nvme_dir(h, nvme_dir)
+
+
+def with_nvme_dir(h: Hierarchy, nvme_dir: str | None) -> Hierarchy:
+    tiers = []
+    for i, t in enumerate(h.tiers):
+        if i > 0 and t.kind == "nvme":
+            if nvme_dir is None and t.path is None:
+                continue
+            t = replace(t, path=os.path.abspath(nvme_dir) if nvme_dir is not None else t.path)
+        tiers.append(t)
+    return replace(h, tiers=tuple(tiers))
+
+
+def _shape_key(inputs: tuple, kwargs: dict) -> tuple:
+    key: list[Any] = []
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            key.append((tuple(x.shape), str(x.dtype).replace("torch.", ""), x.device.type))
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                visit(y)
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                visit(x[k])
+
+    visit(inputs)
+    visit(kwargs)
+    return tuple(key)
+
+
+def _key_str(key: tuple) -> str:
+    if not key:
+        return "-"
+    return ", ".join("x".join(map(str, s)) + f" {dt}" for s, dt, _ in key)
+
+
+@dataclass
+class StepRecord:
+    """One row of the report."""
+
+    index: int
+    shape: str
+    mode: str  # disabled / warmup / trace / managed
+    seconds: float
+    predicted_seconds: float | None = None
+    peak_bytes: int | None = None
+    peak_source: str = ""  # what peak_bytes measures (see runtime/memory.py)
+    predicted_peak_bytes: int | None = None
+    budget_bytes: int | None = None
+    stats: dict | None = None
+
+
+@dataclass
+class _ShapeState:
+    key: tuple
+    steps: int = 0
+    traces: int = 0
+    trace: Trace | None = None
+    plan: Plan | None = None
+    runtime: ActivationRuntime | None = None
+    budget: int | None = None
+    predicted_seconds: float | None = None
+    predicted_peak: int | None = None
+    plan_seconds: float = 0.0
+
+
+class Report(dict):
+    """`Manager.report()`: a JSON-able dict; `str()` / `table()` render it with rich."""
+
+    def table(self) -> str:
+        from rich.console import Console
+        from rich.table import Table
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=150, force_terminal=False, color_system=None)
+        state = "on" if self["enabled"] else "OFF (MEMSTRATA_DISABLE or enabled=False)"
+        console.print(f"memstrata {state} — device {self['device']}, hierarchy {self['hierarchy']}, budget {self['budget']}")
+        t = Table(title="steps: predicted vs measured")
+        for col in ("step", "shape", "mode", "time ms", "pred ms", "peak", "pred peak", "budget", "offloaded", "recomp", "notes"):
+            t.add_column(col, justify="right" if col not in ("shape", "mode", "notes") else "left")
+        for s in self["steps"]:
+            st = s.get("stats") or {}
+            off = st.get("offloaded") or {}
+            offs = " ".join(f"{k}:{v}" for k, v in off.items() if v) or "-"
+            notes = []
+            if st.get("misaligned"):
+                notes.append("misaligned -> keep, re-trace")
+            if st.get("demand_fetches"):
+                notes.append(f"{st['demand_fetches']} demand fetches")
+            fmt = lambda b: format_size(b) if b is not None else "-"  # noqa: E731
+            t.add_row(
+                str(s["index"]), s["shape"], s["mode"], f"{s['seconds'] * 1e3:.1f}",
+                f"{s['predicted_seconds'] * 1e3:.1f}" if s.get("predicted_seconds") is not None else "-",
+                fmt(s.get("peak_bytes")), fmt(s.get("predicted_peak_bytes")), fmt(s.get("budget_bytes")),
+                offs if s["mode"] == "managed" else "-", str(st.get("recomputed_units", "-")) if st else "-",
+                "; ".join(notes),
+            )
+        console.print(t)
+        console.print(f"peak = {self['peak_source']}")
+        for key, sh in self["shapes"].items():
+            p = sh.get("plan")
+            if not p:
+                continue
+            d = Table(title=f"plan for {key}: {p['planner']}, budget {format_size(sh['budget_bytes'])} "
+                            f"(unmanaged peak {format_size(sh['observed_peak'])})")
+            d.add_column("decision")
+            d.add_column("count", justify="right")
+            for k, v in p["counts"].items():
+                d.add_row(k, str(v))
+            console.print(d)
+            for n in list(p.get("notes", ())) + list((sh.get("runtime") or {}).get("notes", ()))[:8]:
+                console.print(f"  {n}")
+        return buf.getvalue()
+
+    def __str__(self) -> str:  # noqa: D105
+        return self.table()
+
+
+class Manager:
+    """Manages the memory of one model's training steps under a budget.
+
+    Args:
+        model: the module being trained (already on its device).
+        budget: tier-0 bytes allowed: an int, a size ("12GiB") or a percentage
+            of the unmanaged peak measured by the trace ("50%").
+        nvme_dir: directory for NVMe-tier files (None: no NVMe tier).
+        hierarchy: the memory hierarchy to plan against (default: a profile
+            for the model's device, see `default_hierarchy`; no probing).
+        planner: "auto" / "greedy" / "milp", or a callable
+            `(trace, hierarchy, budget) -> Plan` (e.g. a forced plan).
+        warmup_steps: plain steps per input shape before the trace step.
+        enabled: False turns memstrata off; None reads MEMSTRATA_DISABLE.
+        sync_timing: on CUDA, synchronize at the end of each step so the
+            reported step time is real (default True).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        budget: int | str = "50%",
+        *,
+        nvme_dir: str | os.PathLike | None = None,
+        hierarchy: Hierarchy | None = None,
+        planner: str | PlannerFn = "auto",
+        warmup_steps: int = 1,
+        enabled: bool | None = None,
+        io_workers: int | None = None,
+        sync_timing: bool = True,
+        max_retraces: int = 2,
+        model_name: str = "",
+    ) -> None:
+        self.model = model
+        self.enabled = (not disabled_by_env()) if enabled is None else bool(enabled)
+        self.budget_spec = budget
+        self._budget = parse_budget(budget)
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+        if not (callable(planner) or planner in ("auto", "greedy", "milp")):
+            raise ValueError(f"planner must be 'auto', 'greedy', 'milp' or a callable, got {planner!r}")
+        self.planner = planner
+        p = next(iter(model.parameters()), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        self.nvme_dir = None
+        if nvme_dir is not None and self.enabled:
+            self.nvme_dir = check_directory(nvme_dir)  # missing / not writable: error now
+        elif nvme_dir is not None:
+            self.nvme_dir = os.path.abspath(os.fspath(nvme_dir))
+        if hierarchy is None:
+            hierarchy = default_hierarchy(self.device, self.nvme_dir)
+        elif self.nvme_dir is not None:
+            hierarchy = with_nvme_dir(hierarchy, self.nvme_dir)
+        self.hierarchy = hierarchy
+        self.io_workers = io_workers
+        self.sync_timing = bool(sync_timing)
+        self.max_retraces = int(max_retraces)
+        self.model_name = model_name or type(model).__name__
+        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self._copy: CopyContext | None = None
+        self._pool: HostBufferPool | None = None
+        self._states: dict[tuple, _ShapeState] = {}
+        self._steps: list[StepRecord] = []
+        self._current: _ShapeState | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ public
+    @property
+    def trace(self) -> Trace | None:
+        """The trace of the shape used by the latest step."""
+        return self._current.trace if self._current else None
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan of the shape used by the latest step."""
+        return self._current.plan if self._current else None
+
+    @property
+    def runtime(self) -> ActivationRuntime | None:
+        return self._current.runtime if self._current else None
+
+    @contextlib.contextmanager
+    def step(self, *inputs: Any, **kw_inputs: Any) -> Iterator[None]:
+        """Wrap forward + loss + backward of one step.  Pass the batch (for its shape)."""
+        if self._closed:
+            raise RuntimeError("this Manager is closed")
+        index = len(self._steps)
+        if not self.enabled:
+            t0 = time.perf_counter()
+            yield
+            self._steps.append(StepRecord(index, _key_str(_shape_key(inputs, kw_inputs)), "disabled",
+                                          time.perf_counter() - t0))
+            return
+        key = _shape_key(inputs, kw_inputs)
+        st = self._states.get(key)
+        if st is None:
+            st = self._states[key] = _ShapeState(key)
+        self._current = st
+        n = st.steps
+        st.steps += 1
+        if st.runtime is None and n < self.warmup_steps:
+            with self._measure(index, st, "warmup"):
+                yield
+        elif st.runtime is None:
+            from .trace.record import record_step
+
+            batch = key[0][0][0] if key and key[0][0] else None
+            with self._measure(index, st, "trace") as rec:
+                with record_step(self.model, mode="measured", model_name=self.model_name, batch_size=batch) as r:
+                    yield
+                rec.peak_bytes = None
+            st.traces += 1
+            self._plan(st, r.trace())
+            self._steps[-1].peak_bytes = st.trace.observed_peak
+            self._steps[-1].peak_source = "tracer (all storages, observed)"
+            self._steps[-1].budget_bytes = st.budget
+        else:
+            rt = st.runtime
+            with self._measure(index, st, "managed") as rec:
+                with rt.step() as stats:
+                    yield
+            s = rt.last_stats or stats
+            rec.stats = asdict(s)
+            if not self._cuda:
+                rec.peak_bytes = s.heap_peak_bytes
+                rec.peak_source = "CPU heap in use above step start (glibc mallinfo2, sampled)"
+            if s.misaligned and st.traces <= self.max_retraces:
+                # The step did not follow its trace (it kept everything: exact).  Trace again next time.
+                st.runtime.close()
+                st.runtime = None
+                st.steps = self.warmup_steps
+
+    def report(self) -> Report:
+        """Per-step predicted vs measured time and peak, and each plan's decisions."""
+        shapes = {}
+        for key, st in self._states.items():
+            d: dict[str, Any] = {"steps": st.steps, "traces": st.traces}
+            if st.trace is not None:
+                d["observed_peak"] = st.trace.observed_peak
+                d["trace_step_time"] = st.trace.step_time
+            if st.plan is not None:
+                d["budget_bytes"] = st.budget
+                d["plan"] = {
+                    "planner": st.plan.planner,
+                    "counts": st.plan.counts(),
+                    "predicted_step_time": st.predicted_seconds,
+                    "predicted_peaks": dict(st.plan.predicted_peaks),
+                    "notes": list(st.plan.notes),
+                    "plan_seconds": st.plan_seconds,
+                }
+            if st.runtime is not None:
+                d["runtime"] = st.runtime.describe()
+            shapes[_key_str(key)] = d
+        return Report(
+            enabled=self.enabled,
+            device=str(self.device),
+            hierarchy=self.hierarchy.name,
+            budget=str(self.budget_spec),
+            peak_source=("torch.cuda.max_memory_allocated (whole step, reset at step start)" if self._cuda else
+                         "CPU: glibc heap in use above the step start, sampled at pack/unpack/unit boundaries; "
+                         "trace steps: the tracer's observed peak"),
+            steps=[asdict(s) for s in self._steps],
+            shapes=shapes,
+        )
+
+    def close(self) -> None:
+        """Remove NVMe files and directories, free host buffers."""
+        for st in self._states.values():
+            if st.runtime is not None:
+                st.runtime.close()
+                st.runtime = None
+        if self._pool is not None:
+            self._pool.clear()
+        self._closed = True
+
+    def __enter__(self) -> "Manager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    @contextlib.contextmanager
+    def _measure(self, index: int, st: _ShapeState, mode: str) -> Iterator[StepRecord]:
+        rec = StepRecord(index, _key_str(st.key), mode, 0.0, budget_bytes=st.budget)
+        if mode == "managed":
+            rec.predicted_seconds = st.predicted_seconds
+            rec.predicted_peak_bytes = st.predicted_peak
+        if self._cuda:
+            if self.sync_timing:
+                torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        yield rec
+        if self._cuda:
+            if self.sync_timing:
+                torch.cuda.synchronize(self.device)
+            rec.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            rec.peak_source = "torch.cuda.max_memory_allocated"
+        rec.seconds = time.perf_counter() - t0
+        self._steps.append(rec)
+
+    def _budget_bytes(self, trace: Trace) -> int:
+        kind, v = self._budget
+        if kind == "fraction":
+            return max(1, int(trace.observed_peak * v))
+        return int(v)
+
+    def _plan(self, st: _ShapeState, trace: Trace) -> None:
+        """Plan for `trace` and build the runtime; raises before any managed step runs."""
+        st.trace = trace
+        budget = self._budget_bytes(trace)
+        st.budget = budget
+        t0 = time.perf_counter()
+        if callable(self.planner):
+            plan = self.planner(trace, self.hierarchy, budget)
+        else:
+            from .plan.api import plan as make_plan
+
+            plan = make_plan(trace, self.hierarchy, budget, planner=self.planner)
+        st.plan_seconds = time.perf_counter() - t0
+        st.plan = plan
+        st.predicted_seconds = plan.predicted_step_time
+        st.predicted_peak = dict(plan.predicted_peaks).get(self.hierarchy.fast.name)
+        if st.predicted_seconds is None or st.predicted_peak is None:
+            try:
+                from .simulate import simulate
+
+                tl = simulate(trace, plan, self.hierarchy, check=False)
+                st.predicted_seconds = tl.step_time
+                st.predicted_peak = int(tl.peaks[self.hierarchy.fast.name])
+            except Exception:  # forced plans may not be simulable (e.g. "host" on a CPU-only hierarchy)
+                pass
+        if self._copy is None:
+            self._copy = CopyContext(self.device)
+            self._pool = HostBufferPool(pin=self._copy.cuda)
+        st.runtime = ActivationRuntime(
+            self.model, trace, plan, self.hierarchy, device=self.device, copy=self._copy, pool=self._pool,
+            nvme_dir=self.nvme_dir, io_workers=self.io_workers,
+        )

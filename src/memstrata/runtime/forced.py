@@ -1,0 +1,145 @@
+"""Plans that force one decision kind everywhere (tests, benchmarks, debugging).
+
+`forced_plan(trace, kind, hierarchy)`:
+
+* ``keep``       — no decisions: every saved activation stays in tier 0;
+* ``host``       — every saved activation offloaded to the host tier (the first
+                   DRAM tier below tier 0; on a CPU-only hierarchy, where host
+                   RAM *is* tier 0, the offload goes to tier 0's name and the
+                   runtime still copies into its separate host buffer pool);
+* ``nvme``       — every saved activation offloaded to the NVMe tier;
+* ``recompute``  — every recomputable unit fully recomputed;
+* ``selective``  — every recomputable unit recomputed except the outputs of its
+                   convolutions and matrix products (the classic SAC policy);
+* ``mixed``      — every decision kind at once, deterministically: units
+                   alternate full recompute / selective / none; saved
+                   activations packed outside recomputed units alternate
+                   keep / host / NVMe (NVMe only when the hierarchy has it).
+
+Events: eviction after the storage's last forward use; prefetch one unit ahead
+of need (at the backward start of the unit whose backward runs just before the
+first reader's), never before eviction.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+
+from ..hardware import Hierarchy
+from ..plan.schema import Plan, StorageDecision, UnitDecision
+from ..trace.schema import Trace
+
+KINDS = ("keep", "host", "nvme", "recompute", "selective", "mixed")
+
+# ops whose outputs a selective plan keeps (expensive to recompute, cheap to store relative to it)
+SAVE_OP_NAMES = (
+    "aten.convolution.default",
+    "aten._convolution.default",
+    "aten.mkldnn_convolution.default",
+    "aten.cudnn_convolution.default",
+    "aten.mm.default",
+    "aten.addmm.default",
+    "aten.bmm.default",
+    "aten.baddbmm.default",
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+)
+
+
+def host_tier(hierarchy: Hierarchy) -> str:
+    for t in hierarchy.tiers[1:]:
+        if t.kind in ("dram", "pinned_dram"):
+            return t.name
+    if hierarchy.fast.kind in ("dram", "pinned_dram"):
+        return hierarchy.fast.name
+    raise ValueError(f"hierarchy {hierarchy.name!r} has no host DRAM tier")
+
+
+def nvme_tier(hierarchy: Hierarchy) -> str:
+    for t in hierarchy.tiers[1:]:
+        if t.kind == "nvme":
+            return t.name
+    raise ValueError(f"hierarchy {hierarchy.name!r} has no NVMe tier")
+
+
+def _offload_decisions(trace: Trace, tier: str | list[str | None], skip=frozenset()) -> tuple[StorageDecision, ...]:
+    last_fwd: dict[int, int] = {}
+    for op in trace.ops:
+        if op.phase != "forward":
+            continue
+        for s in op.inputs:
+            last_fwd[s] = op.index
+        for s in op.outputs:
+            last_fwd[s] = max(last_fwd.get(s, -1), op.index)
+    starts = sorted(u.first_backward_op for u in trace.units if u.first_backward_op is not None)
+    out = []
+    tiers = tier if isinstance(tier, list) else [tier]
+    n = 0
+    for s in trace.saved_storages():
+        if not s.backward_reads or not s.pack_indices or s.id in skip:
+            continue
+        first_read = min(s.backward_reads)
+        evict = last_fwd.get(s.id, s.producer if s.producer is not None else 0)
+        evict = max(evict, s.producer or 0)
+        if evict >= first_read - 1:
+            continue  # nothing to win: it is read right after its last forward use
+        j = bisect_right(starts, first_read) - 1  # unit whose backward contains the first read
+        prefetch = starts[j - 1] - 1 if j >= 1 else first_read - 1
+        prefetch = max(prefetch, evict + 1)
+        prefetch = min(prefetch, first_read - 1)
+        t = tiers[n % len(tiers)]
+        n += 1
+        if t is not None:
+            out.append(StorageDecision(s.id, "offload", tier=t, evict_after=evict, prefetch_at=prefetch))
+    return tuple(out)
+
+
+def forced_plan(trace: Trace, kind: str, hierarchy: Hierarchy) -> Plan:
+    """A plan with every decision of one `kind` (see module docstring)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    storages: tuple[StorageDecision, ...] = ()
+    units: tuple[UnitDecision, ...] = ()
+    if kind == "host":
+        storages = _offload_decisions(trace, host_tier(hierarchy))
+    elif kind == "nvme":
+        storages = _offload_decisions(trace, nvme_tier(hierarchy))
+    elif kind == "mixed":
+        ud = []
+        inside: set[int] = set()  # pack positions inside recomputed units
+        for j, u in enumerate(u for u in trace.units if u.pack_end > u.pack_start):
+            if j % 3 == 2:
+                continue
+            save = ()
+            if j % 3 == 1:
+                save = tuple(op.index for op in trace.ops[u.first_op : u.last_op + 1] if op.name in SAVE_OP_NAMES)
+            ud.append(UnitDecision(u.index, save))
+            inside.update(range(u.pack_start, u.pack_end))
+        units = tuple(ud)
+        skip = frozenset(s.id for s in trace.storages if any(p in inside for p in s.pack_indices)
+                         or (s.unit is not None and any(d.unit == s.unit for d in ud)))
+        tiers: list[str | None] = [None, host_tier(hierarchy)]
+        if any(t.kind == "nvme" for t in hierarchy.tiers[1:]):
+            tiers.append(nvme_tier(hierarchy))
+        storages = _offload_decisions(trace, tiers, skip)
+    elif kind in ("recompute", "selective"):
+        ud = []
+        for u in trace.units:
+            if u.pack_end <= u.pack_start:
+                continue
+            save = ()
+            if kind == "selective":
+                save = tuple(
+                    op.index for op in trace.ops[u.first_op : u.last_op + 1] if op.name in SAVE_OP_NAMES
+                )
+            ud.append(UnitDecision(u.index, save))
+        units = tuple(ud)
+    return Plan(
+        planner=f"forced:{kind}",
+        hierarchy=hierarchy.name,
+        budget=int(trace.observed_peak),
+        storages=storages,
+        units=units,
+        notes=(f"every decision forced to {kind!r}",),
+    )
