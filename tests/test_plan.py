@@ -134,9 +134,9 @@ def test_tiers_restriction_and_bad_arguments():
 
 def test_resnet50_half_peak_scales():
     """Acceptance shape: ResNet-50-like (b256, 224px, h200 roofline; ~3k ops, ~2k storages) at half the
-    unmanaged peak plans in < 5 s.  On this synthetic trace the best reachable slowdown is ~1.19x (see the
-    report: activations are ~98% of the peak and the PCIe lane can only carry ~0.8 GB before the peak), so
-    the bound here is looser than the 1.15x target for the real trace."""
+    unmanaged peak plans in < 5 s (a generous bound; planning time is reported by `memstrata plan`).
+    The synthetic blocks have no cheap-to-recompute expansion convs, so the slowdown bound here is looser
+    than the 1.15x target, which `test_real_resnet50_half_peak_within_115` pins on the real trace."""
     h = profile("h200")
     tr = resnet_like(256, hierarchy=h)
     t0 = time.perf_counter()
@@ -146,3 +146,18 @@ def test_resnet50_half_peak_scales():
     check_plan(tr, h, p)
     assert dt < 5.0, dt
     assert p.predicted_step_time <= 1.25 * tr.step_time
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_real_resnet50_half_peak_within_115(dtype):
+    """Acceptance (issue 2): the real meta trace of ResNet-50 (batch 256, 224x224, h200) planned at half
+    its unmanaged peak predicts at most 1.15x the unmanaged step, and the plan passes the simulator."""
+    import torch
+
+    from memstrata.trace import trace_model
+
+    h = profile("h200")
+    tr = trace_model("resnet50", 256, 224, "h200", dtype=getattr(torch, dtype))
+    p = plan(tr, h, tr.observed_peak // 2)
+    check_plan(tr, h, p)
+    assert p.predicted_step_time <= 1.15 * tr.step_time, p.predicted_step_time / tr.step_time

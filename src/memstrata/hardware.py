@@ -77,6 +77,16 @@ class Hierarchy:
     fast_bandwidth: float  # tier-0 memory bandwidth, bytes/s (roofline)
     kernel_overhead: float = 0.0  # seconds per op launch (roofline floor)
     source: str = ""  # where the figures come from
+    # float32 matmul/conv rate as a fraction of `peak_flops` (which is the bf16
+    # rate on GPUs): PyTorch runs fp32 convolutions as TF32 on Ampere and Hopper,
+    # at half the bf16 tensor-core rate.  1.0 on CPUs, where fp32 is the native rate.
+    fp32_flops_fraction: float = 1.0
+
+    def compute_rate(self, dtype: str | None) -> float:
+        """Achievable FLOP/s for matmul/conv work in `dtype` ("float32", "bfloat16", ...)."""
+        if dtype in ("float32", "torch.float32", "float64", "torch.float64"):
+            return self.peak_flops * self.fp32_flops_fraction
+        return self.peak_flops
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -130,6 +140,19 @@ class Hierarchy:
 # --------------------------------------------------------------------------------------
 
 
+# [Note: compute efficiency calibration]
+# Dense-peak tensor-core figures overstate what eager convolutions reach.  We
+# calibrate one efficiency factor against a measured anchor: ResNet-50 training
+# with AMP on one A100 runs at 2,470 img/s (NVIDIA DALI's published figure,
+# shared/ANCHORS.md).  Tracing ResNet-50 (batch 256, 224x224, bf16) on `meta`
+# with the a100-80gb profile predicts that figure when matmul/conv work runs at
+# 35% of the dense bf16 peak (memory-bound ops at the achieved HBM rate).  The
+# same factor is applied to every GPU profile; a measured trace on the real
+# device replaces these estimates wherever memstrata actually runs.
+GPU_CONV_EFFICIENCY = 0.35
+TF32_FRACTION = 0.5  # TF32 dense rate / bf16 dense rate on A100, H100, H200 (datasheets)
+
+
 def _h200() -> Hierarchy:
     return Hierarchy(
         name="h200",
@@ -146,10 +169,11 @@ def _h200() -> Hierarchy:
             Tier("nvme", "nvme", capacity=int(3.5 * 1000 * GB), read_bandwidth=6 * GB,
                  write_bandwidth=4 * GB, latency=100e-6),
         ),
-        # ~790 TFLOP/s bf16 dense measured on a lent card (ANCHORS.md); convolutions
-        # in eager PyTorch reach far less, we take 50% of it.  HBM3e copy rate
-        # measured 4.3 TB/s (ANCHORS.md; 4.8 TB/s datasheet).
-        peak_flops=0.5 * 790e12,
+        # ~790 TFLOP/s bf16 dense measured on a lent card (ANCHORS.md), times the
+        # calibrated conv efficiency.  HBM3e copy rate measured 4.3 TB/s
+        # (ANCHORS.md; 4.8 TB/s datasheet).
+        peak_flops=GPU_CONV_EFFICIENCY * 790e12,
+        fp32_flops_fraction=TF32_FRACTION,
         fast_bandwidth=4.3 * TB,
         kernel_overhead=5e-6,
         source="ANCHORS.md measured H200 figures; NVIDIA H200 datasheet",
@@ -169,9 +193,11 @@ def _h100() -> Hierarchy:
             Tier("nvme", "nvme", capacity=int(3.5 * 1000 * GB), read_bandwidth=6 * GB,
                  write_bandwidth=4 * GB, latency=100e-6),
         ),
-        # 989 TFLOP/s bf16 dense (H100 SXM datasheet), 50% reached by eager convs;
-        # 3.35 TB/s HBM3 (datasheet), ~90% achieved.
-        peak_flops=0.5 * 989e12 * 0.8,  # H100 SXM clocks sustain ~80% of boost peak
+        # 989 TFLOP/s bf16 dense (H100 SXM datasheet) at boost clock; sustained
+        # clocks give ~80% of it (the H200, same die, measured 790), times the
+        # calibrated conv efficiency.  3.35 TB/s HBM3 (datasheet), ~90% achieved.
+        peak_flops=GPU_CONV_EFFICIENCY * 989e12 * 0.8,
+        fp32_flops_fraction=TF32_FRACTION,
         fast_bandwidth=3.0 * TB,
         kernel_overhead=5e-6,
         source="NVIDIA H100 SXM5 datasheet",
@@ -190,9 +216,10 @@ def _a100_80gb() -> Hierarchy:
             Tier("nvme", "nvme", capacity=int(3.5 * 1000 * GB), read_bandwidth=5 * GB,
                  write_bandwidth=3 * GB, latency=100e-6),
         ),
-        # 312 TFLOP/s bf16 dense (datasheet), 50% for eager convs; 2.0 TB/s HBM2e
-        # (datasheet), ~1.8 TB/s achieved.
-        peak_flops=0.5 * 312e12,
+        # 312 TFLOP/s bf16 dense (datasheet) times the calibrated conv efficiency;
+        # 2.0 TB/s HBM2e (datasheet), ~1.8 TB/s achieved.
+        peak_flops=GPU_CONV_EFFICIENCY * 312e12,
+        fp32_flops_fraction=TF32_FRACTION,
         fast_bandwidth=1.8 * TB,
         kernel_overhead=5e-6,
         source="NVIDIA A100 80GB datasheet",
@@ -211,9 +238,11 @@ def _rtx4090() -> Hierarchy:
             Tier("nvme", "nvme", capacity=int(2 * 1000 * GB), read_bandwidth=5 * GB,
                  write_bandwidth=3 * GB, latency=100e-6),
         ),
-        # 165 TFLOP/s bf16 dense with fp32 accumulate (Ada whitepaper), 50% for
-        # eager convs; 1.0 TB/s GDDR6X (datasheet), ~0.9 achieved.
-        peak_flops=0.5 * 165e12,
+        # 165 TFLOP/s bf16 dense with fp32 accumulate (Ada whitepaper) times the
+        # calibrated conv efficiency; TF32 runs at half that (whitepaper).
+        # 1.0 TB/s GDDR6X (datasheet), ~0.9 achieved.
+        peak_flops=GPU_CONV_EFFICIENCY * 165e12,
+        fp32_flops_fraction=TF32_FRACTION,
         fast_bandwidth=0.9 * TB,
         kernel_overhead=5e-6,
         source="NVIDIA Ada Lovelace architecture whitepaper",

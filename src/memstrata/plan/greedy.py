@@ -59,6 +59,7 @@ from typing import Iterable
 import numpy as np
 
 from ..hardware import Hierarchy
+from ..trace.schema import UnitRecord
 from ..simulate import Offload, TraceIndex, _Result, run
 
 TRAFFIC_WEIGHT = 1e-15  # seconds per byte moved: breaks ties towards less traffic, never beats a real second
@@ -142,6 +143,24 @@ def light_save_ops(ix: TraceIndex, u: int, heavy: tuple[int, ...]) -> tuple[int,
     return tuple(j for j in ops if j not in rerun)
 
 
+# seconds of re-run time per byte of output above which an op's output is kept
+_COST_PER_BYTE_LADDER = (0.25e-9, 0.5e-9, 1e-9, 2e-9, 4e-9)
+
+
+def _expensive_ops(ix: TraceIndex, u: UnitRecord, theta: float) -> tuple[int, ...]:
+    """Ops of unit u whose duration per byte of newly produced output exceeds theta."""
+    trace = ix.trace
+    out = []
+    for j in range(u.first_op, u.last_op + 1):
+        op = trace.ops[j]
+        if op.duration <= 0:
+            continue
+        produced = sum(int(ix.nbytes[s]) for s in op.outputs if trace.storages[s].producer == j)
+        if produced == 0 or op.duration / produced > theta:
+            out.append(j)
+    return tuple(out)
+
+
 def unit_modes(ix: TraceIndex, hierarchy: Hierarchy) -> dict[int, list[tuple[int, ...]]]:
     """Recompute options per unit: full (), selective with compute-bound ops saved, and 'light' selective
     (only the outputs of cheap ops dropped); deduplicated, most bytes dropped first."""
@@ -157,6 +176,15 @@ def unit_modes(ix: TraceIndex, hierarchy: Hierarchy) -> dict[int, list[tuple[int
             light = light_save_ops(ix, u.index, heavy)
             if light and len(light) < nops:
                 cands.append(light)
+        # Cost-per-byte ladders: keep only the outputs of ops that are expensive to
+        # re-run for the bytes they hold (a 3x3 conv), re-run the rest (1x1 convs,
+        # norms, activations are often cheaper to recompute per byte than to keep).
+        for theta in _COST_PER_BYTE_LADDER:
+            keep = _expensive_ops(ix, u, theta)
+            if keep and len(keep) < nops:
+                m = light_save_ops(ix, u.index, keep)
+                if m and len(m) < nops:
+                    cands.append(m)
         seen: dict[tuple[int, ...], tuple[tuple[int, ...], int, float]] = {}  # dropped set -> (mode, bytes, time)
         for m in cands:
             eff = ix.unit_effect(u.index, m, frozenset(u.inputs))
@@ -757,6 +785,32 @@ def offload_options(ix: TraceIndex, h: Hierarchy, tiers: tuple[int, ...], units:
     return out
 
 
+def ratio_seed(ev_: Evaluator, modes) -> State:
+    """Units in their best bytes-per-second recompute mode, best first, until tier 0 fits."""
+    ix = ev_.ix
+    best: list[tuple[float, int, tuple[int, ...]]] = []
+    for u, ms in modes.items():
+        inputs = frozenset(ix.units[u].inputs)
+        scored = []
+        for m in ms:
+            eff = ix.unit_effect(u, m, inputs)
+            freed = sum(int(ix.nbytes[sid]) for sid in eff.dropped)
+            if freed > 0:
+                scored.append((freed / max(eff.time, 1e-12), m))
+        if scored:
+            ratio, m = max(scored, key=lambda x: x[0])
+            best.append((ratio, u, m))
+    st = State()
+    for _, u, m in sorted(best, key=lambda x: -x[0]):
+        if ev_(st).peak(0) <= ev_.budget:
+            break
+        trial = st.copy()
+        trial.units[u] = m
+        if ev_(trial).peak(0) < ev_(st).peak(0):
+            st = trial
+    return st
+
+
 def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...], *,
                  time_limit: float = 4.0, small: int = 60) -> tuple[State, _Result]:
     t0 = time.perf_counter()
@@ -774,6 +828,15 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
             results.append((st, res))
         except GreedyStuck:
             pass
+    # Ratio seed: recompute units in their cheapest-per-byte mode, best ratio first, until
+    # the peak fits; then peel finishes with offloads.  The peel above picks by the worst
+    # event only and can lock in expensive full recomputes early; this variant cannot.
+    try:
+        seed = ratio_seed(ev_, modes)
+        st, res = peel(ev_, seed, modes, deadline=deadline + 0.25 * time_limit, deep_first=True)
+        results.append(cleanup(ev_, st, res, modes, deadline=deadline + 0.5 * time_limit))
+    except GreedyStuck:
+        pass
     fr = frugal_state(ix, hierarchy, tiers, budget)
     r = schedule_and_run(ev_, fr, ev_(fr))
     if r is None or not r.feasible:

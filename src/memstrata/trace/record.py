@@ -76,7 +76,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..hardware import Hierarchy
-from .roofline import is_metadata_op, op_cost, resolve_hierarchy, roofline_time
+from .roofline import is_metadata_op, op_cost, op_dtype, resolve_hierarchy, roofline_time
 from .schema import OpRecord, StorageRecord, Trace, UnitRecord
 from .units import find_units
 
@@ -478,7 +478,7 @@ class StepRecorder:
 
         cost = op_cost(func, args, kwargs, out)
         if self.mode == "meta":
-            dur = roofline_time(cost.flops, cost.bytes_accessed, self.hierarchy, cost.is_compute)
+            dur = roofline_time(cost.flops, cost.bytes_accessed, self.hierarchy, cost.is_compute, op_dtype(args))
         module = self._module_stack[-1] if self._module_stack else ""
         unit = self._unit_stack[-1].index if (self._unit_stack and phase == "forward") else None
         self._ops.append((str(func), phase, module, unit, cost.flops, cost.bytes_accessed, dur,

@@ -345,11 +345,26 @@ def _first_list(args: tuple) -> list[torch.Tensor]:
     return []
 
 
-def roofline_time(flops: float, bytes_accessed: float, hierarchy: Hierarchy, is_compute: bool = True) -> float:
-    """Seconds for one op under `hierarchy`'s roofline (0 for non-compute ops)."""
+def roofline_time(flops: float, bytes_accessed: float, hierarchy: Hierarchy, is_compute: bool = True,
+                  dtype: str | None = None) -> float:
+    """Seconds for one op under `hierarchy`'s roofline (0 for non-compute ops).
+
+    `dtype` (of the op's first tensor input) selects the compute rate: fp32
+    convolutions run as TF32 on GPU profiles (`Hierarchy.compute_rate`).
+    """
     if not is_compute:
         return 0.0
-    return max(flops / hierarchy.peak_flops, bytes_accessed / hierarchy.fast_bandwidth) + hierarchy.kernel_overhead
+    rate = hierarchy.compute_rate(dtype)
+    return max(flops / rate, bytes_accessed / hierarchy.fast_bandwidth) + hierarchy.kernel_overhead
+
+
+def op_dtype(args: tuple) -> str | None:
+    """Dtype name of the first tensor argument (the op's compute dtype), if any."""
+    for a in args:
+        t = _first(a)
+        if isinstance(t, torch.Tensor):
+            return str(t.dtype).replace("torch.", "")
+    return None
 
 
 def estimate(func: Any, args: tuple, kwargs: dict | None, out: Any, hierarchy: Hierarchy | str) -> tuple[float, float, float]:
@@ -357,7 +372,7 @@ def estimate(func: Any, args: tuple, kwargs: dict | None, out: Any, hierarchy: H
     h = resolve_hierarchy(hierarchy)
     assert h is not None
     c = op_cost(func, args, kwargs, out)
-    return c.flops, c.bytes_accessed, roofline_time(c.flops, c.bytes_accessed, h, c.is_compute)
+    return c.flops, c.bytes_accessed, roofline_time(c.flops, c.bytes_accessed, h, c.is_compute, op_dtype(args))
 
 
 CostFn = Callable[[Any, tuple, dict, Any], OpCost]
