@@ -1,13 +1,23 @@
-"""memstrata: hierarchical memory management for PyTorch training."""
+"""memstrata: hierarchical memory management for PyTorch training.
 
-from .hardware import Hierarchy, Tier, parse_size, profile
-from .plan.schema import Plan, StorageDecision, UnitDecision, InfeasibleBudgetError
+measure (`Hierarchy`, `probe`) -> trace (`trace_model`, `trace_step`, `record_step`)
+-> plan (`plan`) -> simulate (`simulate`) -> execute (`Manager`).
+"""
+
+from .hardware import Hierarchy, Tier, format_size, parse_size, profile
+from .manager import Manager
+from .plan import minimum_budget, plan
+from .plan.schema import InfeasibleBudgetError, Plan, StorageDecision, UnitDecision
+from .simulate import InfeasiblePlanError, Timeline, simulate
+from .trace import record_step, trace_model, trace_step
 from .trace.schema import OpRecord, StorageRecord, Trace, UnitRecord
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Hierarchy", "Tier", "profile", "parse_size",
-    "Trace", "OpRecord", "StorageRecord", "UnitRecord",
-    "Plan", "StorageDecision", "UnitDecision", "InfeasibleBudgetError",
+    "Hierarchy", "Tier", "profile", "parse_size", "format_size",
+    "Trace", "OpRecord", "StorageRecord", "UnitRecord", "record_step", "trace_step", "trace_model",
+    "Plan", "StorageDecision", "UnitDecision", "InfeasibleBudgetError", "plan", "minimum_budget",
+    "Timeline", "InfeasiblePlanError", "simulate",
+    "Manager",
 ]
