@@ -315,10 +315,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 #   "bench": run benchmark scenarios side by side  (memstrata.bench)
 #   "data":  tiered training-data store            (memstrata.data)
 
+def _setup_data(p: argparse.ArgumentParser) -> Handler:
+    from .data.cli import setup_data  # memstrata data synth | build
+
+    return setup_data(p)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {
     "probe": ("measure this machine's memory hierarchy", _setup_probe),
     "plan": ("trace a torchvision model on meta, plan it at a budget and simulate the plan", _setup_plan),
     "demo": ("run the embedded default job", _setup_demo),
+    "data": ("tiered training-data store: synth a dataset, build a sample store", _setup_data),
 }
 
 

@@ -9,8 +9,9 @@ that reads it, the number of workers, or what else the program draws.
 
 [Note: two resampling paths, one set of parameters]
 On CPU, each crop is resized with torch's uint8 channels-last bilinear kernel
-(the AVX path torchvision v2 uses; ~60 us for 224x224), then the whole batch is
-converted and normalised once.  On CUDA the batch is padded, normalised and
+(the AVX path torchvision v2 uses; ~60 us for 224x224), then converted,
+flipped and normalised straight into the (pooled) float output, sample by
+sample while the uint8 result is still in cache (see [Note: fused CPU path]).  On CUDA the batch is padded, normalised and
 resampled by one `grid_sample` over per-sample affine grids.  Both use the same
 crop boxes and flips; values agree to uint8 rounding when the crop is upsampled
 (always the case for stored short sides <= 160 and 224 outputs); the CPU path
@@ -160,19 +161,24 @@ class TrainAugment:
                  pool: "OutputPool | None" = None) -> torch.Tensor:
         """Apply to a list of uint8 HWC images (numpy arrays or tensors, all on one device).
 
-        `scratch`: an optional reusable (B, S, S, 3) uint8 numpy buffer for the CPU path;
-        `pool`: an optional `OutputPool` the CPU path takes its float output from.
+        impl: "auto" (CPU: "loop", else "grid"), "loop" (the fused per-sample CPU path),
+        "loop-u8" (the two-stage CPU reference: a uint8 batch, then one conversion; same
+        bits, ~2x slower), "grid" (one grid_sample over the padded batch, any device).
+        `scratch`: an optional reusable (B, S, S, 3) uint8 numpy buffer for "loop-u8";
+        `pool`: an optional `OutputPool` the CPU paths take their float output from.
         """
         if len(images) == 0:
             return torch.empty((0, 3) + self.out_size, dtype=self.dtype)
         dev = images[0].device if isinstance(images[0], torch.Tensor) else torch.device("cpu")
         if impl == "auto":
             impl = "loop" if dev.type == "cpu" else "grid"
-        if impl == "loop":
+        if impl in ("loop", "loop-u8"):
             if dev.type != "cpu":
-                raise ValueError("impl='loop' runs on CPU; use impl='grid' for device batches")
-            u8 = resized_crop_loop(images, boxes, flips, self.out_size, out=scratch)
-            return self._finish_u8(u8, pool)
+                raise ValueError(f"impl={impl!r} runs on CPU; use impl='grid' for device batches")
+            if impl == "loop-u8":  # the previous two-stage path (uint8 batch, then one conversion pass); reference
+                u8 = resized_crop_loop(images, boxes, flips, self.out_size, out=scratch)
+                return self._finish_u8(u8, pool)
+            return self._fused(images, boxes, flips, pool)
         if impl == "grid":
             Hm = max(int(x.shape[0]) for x in images)
             Wm = max(int(x.shape[1]) for x in images)
@@ -180,7 +186,7 @@ class TrainAugment:
             for k, x in enumerate(images):
                 padded[k, : x.shape[0], : x.shape[1]] = torch.as_tensor(x, device=dev)
             return self.apply_padded(padded, boxes, flips)
-        raise ValueError(f"impl must be 'auto', 'loop' or 'grid', got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'loop', 'loop-u8' or 'grid', got {impl!r}")
 
     def apply_padded(self, padded: torch.Tensor, boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:
         """Grid path: `padded` (B, Hm, Wm, 3) uint8 on any device (images top-left aligned)."""
@@ -214,6 +220,24 @@ class TrainAugment:
             inv = 1.0 / (torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape) * 255.0)
             return x.sub_(mean).mul_(inv)
         return x.mul_(1.0 / 255.0)
+
+    def _affine(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """float32 (scale, bias) per channel with out = x * scale + bias == the reference path's rounding."""
+        if not self.normalize:
+            return None
+        inv = 1.0 / (torch.tensor(self.std, dtype=torch.float32) * 255.0)
+        bias = -torch.tensor(self.mean, dtype=torch.float32) * 255.0 * inv
+        return inv.numpy(), bias.numpy()
+
+    def _fused(self, images, boxes: np.ndarray, flips: np.ndarray, pool: "OutputPool | None") -> torch.Tensor:
+        """CPU path, see [Note: fused CPU path]."""
+        oh, ow = self.out_size
+        B = len(images)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        shape = (B, 3, oh, ow)
+        out = pool.get(shape, fmt) if pool is not None else torch.empty(shape, dtype=torch.float32, memory_format=fmt)
+        resized_crop_fused(images, boxes, flips, (oh, ow), out, self._affine())
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
 
     def _finish_u8(self, u8_nhwc: torch.Tensor, pool: "OutputPool | None" = None) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) float, one pass over the output."""
@@ -268,6 +292,87 @@ def resized_crop_loop(images, boxes: np.ndarray, flips: np.ndarray, size, out: n
             r = up(c, (oh, ow), False, None, None)
         out[k] = r[0].permute(1, 2, 0).numpy()
     return torch.from_numpy(out)
+
+
+# [Note: fused CPU path]
+# Per sample: copy the crop rows (a plain memcpy; the flip is *not* applied
+# here, a reversed 3-byte inner loop costs ~4x the resample), resample it with
+# the uint8 channels-last AVX kernel, then one strided uint8 -> float cast
+# that de-interleaves HWC into the CHW output *and* applies the flip (negative
+# stride), followed by the affine normalisation while those 600 KB are still
+# in L2.  Flipping after the resize equals flipping before it bit for bit: the
+# bilinear (antialiased) weights are mirror-symmetric (tests check it against
+# the reference path).  The affine is x * (1 / (255 std)) + (-mean / std) in
+# float32 by torch's fused multiply-add (`add` with alpha, one plane at a time),
+# bit for bit what the reference `_finish_u8`'s addcmul computes.  numpy does
+# the strided cast: torch's copy_ between those layouts, and its addcmul with
+# (3, 1, 1) operands, are each ~2x slower here.
+
+
+def resized_crop_fused(images, boxes: np.ndarray, flips: np.ndarray, size, out: torch.Tensor,
+                       affine: tuple | None) -> torch.Tensor:
+    """Crop + resize + flip + convert + normalise each sample straight into `out` (float32, CPU).
+
+    `out`: (B, 3, oh, ow) float32, contiguous or channels_last.  `affine`:
+    (scale, bias) float32 arrays of 3 (out = x * scale + bias), or None for x / 255.
+    """
+    oh, ow = size
+    B = len(images)
+    bl = boxes.tolist()
+    fl = np.asarray(flips, dtype=bool).tolist()
+    up = getattr(torch._C._nn, "_upsample_bilinear2d_aa", None)
+    if up is None:  # pragma: no cover - other torch versions
+        def up(x, size, align_corners, *_):
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners, antialias=True)
+    cl = out.dim() == 4 and not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
+    if not cl and not out.is_contiguous():
+        raise ValueError("out must be contiguous or channels_last")
+    if cl:
+        on = out.permute(0, 2, 3, 1).numpy()  # (B, oh, ow, 3) contiguous view
+        if affine is not None:  # per element of an (ow * 3) row
+            sc_t = torch.from_numpy(np.tile(affine[0], ow).astype(np.float32))
+            bi_t = torch.from_numpy(np.tile(affine[1], ow).astype(np.float32))
+    else:
+        on = out.numpy()  # (B, 3, oh, ow)
+        if affine is not None:
+            sc = [float(v) for v in np.asarray(affine[0], np.float32)]
+            bi = [torch.tensor(float(v), dtype=torch.float32) for v in np.asarray(affine[1], np.float32)]
+    inv255 = np.float32(1.0 / 255.0)
+    for k in range(B):
+        t, l, h, w = bl[k]
+        x = images[k]
+        if isinstance(x, torch.Tensor):
+            x = x.numpy()
+        c = x[t:t + h, l:l + w]
+        if not c.flags.c_contiguous:
+            c = np.ascontiguousarray(c)  # row copies only (memcpy)
+        if h == oh and w == ow:
+            r = c
+        else:
+            # (1, 3, h, w) channels-last view with a real batch stride (see resized_crop_loop)
+            ct = torch.from_numpy(c).as_strided((1, 3, h, w), (h * w * 3, 1, w * 3, 3))
+            r = up(ct, (oh, ow), False, None, None)[0].permute(1, 2, 0).numpy()  # (oh, ow, 3) uint8
+        o = on[k]
+        if cl:
+            if fl[k]:
+                r = torch.from_numpy(r).flip(1).numpy()
+            o2 = o.reshape(oh, ow * 3)
+            np.copyto(o2, r.reshape(oh, ow * 3), casting="unsafe")
+            if affine is None:
+                np.multiply(o2, inv255, out=o2)
+            else:
+                t2 = torch.from_numpy(o2)
+                torch.addcmul(bi_t, t2, sc_t, out=t2)
+        else:
+            src = r[:, ::-1] if fl[k] else r
+            np.copyto(o, src.transpose(2, 0, 1), casting="unsafe")  # uint8 HWC -> float CHW (+ flip), one pass
+            if affine is None:
+                np.multiply(o, inv255, out=o)
+            else:
+                ot = torch.from_numpy(o)
+                for ch in range(3):  # fused multiply-add per plane (torch's kernel: same rounding as addcmul)
+                    torch.add(bi[ch], ot[ch], alpha=sc[ch], out=ot[ch])
+    return out
 
 
 class OutputPool:

@@ -192,6 +192,10 @@ class TieredLoader:
         if self.device.type != "cuda":
             self.device_capacity = 0  # on CPU the host tier is where compute reads from
         self.store = SampleStore(store_dir, data, max_side=max_side, verify=verify, on_corrupt=on_corrupt)
+        # Open the store's files here, before the decode and batch threads share the store: SampleStore._fds
+        # marks the process as initialised before its descriptors exist, so two threads making the first call
+        # at once could read a missing `_index_fd` (seen as AttributeError in a fresh data-train run).
+        self.store._fds()
         self.n = self.store.n
         self.epoch = 0
         self._device_cache = BeladyCache(self.device_capacity)
@@ -438,7 +442,7 @@ class _EpochIterator:
         boxes, flips = L.augment.params(L.seed, self.epoch, idx, hs, ws)
         if not on_cuda:
             scratch = getattr(self._tls, "scratch", None)
-            if scratch is None:
+            if scratch is None and L.impl == "loop-u8":  # only the two-stage reference path stages uint8 batches
                 scratch = self._tls.scratch = np.empty((L.batch_size,) + tuple(L.augment.out_size) + (3,), np.uint8)
             x = L.augment(imgs, boxes, flips, impl=L.impl, scratch=scratch, pool=L._out_pool)
             return x, y, None

@@ -1,0 +1,142 @@
+"""Data benchmarks (`--scenario loader|data-train|cache-policy`) and the `memstrata data` command line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from memstrata.bench.data_scenarios import DATA_SCENARIOS, main as bench_main
+from memstrata.cli import main
+
+ROW_KEYS = {"name", "status", "reason", "samples_per_s", "samples_per_s_values", "repeats", "per_repeat",
+            "ratio_to_torchvision", "samples_per_s_per_core", "scenario"}
+
+
+def _one_line_error(capsys, rc):
+    out, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_cache_policy_belady_beats_lru(tmp_path, capsys):
+    out = tmp_path / "cp.json"
+    rc = bench_main(["--scenario", "cache-policy", "--images", "1500", "--epochs", "3", "--json", str(out),
+                     "--plot", str(tmp_path / "cp.png"), "--quiet"])
+    assert rc == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"belady", "lru"}
+    for r in rows.values():
+        assert set(r["hit_rate"]) == {"25%", "50%", "100%"}
+        for cap, hr in r["hit_rate"].items():
+            assert set(hr) == {"device", "host"}
+            assert sum(r["capacities"][cap].values()) == round(float(cap[:-1]) / 100 * 1500)
+    for cap in ("25%", "50%"):
+        assert rows["belady"]["total_hit_rate"][cap] > rows["lru"]["total_hit_rate"][cap]
+    # with everything in the fast tiers, both hit on every non-compulsory access
+    assert rows["belady"]["total_hit_rate"]["100%"] == pytest.approx(rows["lru"]["total_hit_rate"]["100%"])
+    assert (tmp_path / "cp.png").stat().st_size > 0
+
+
+def test_loader_scenario_json(tmp_path, capsys):
+    out = tmp_path / "loader.json"
+    rc = bench_main(["--scenario", "loader", "--data", str(tmp_path / "d"), "--images", "12", "--classes", "3",
+                     "--batch", "4", "--res", "32", "--epochs", "2", "--repeats", "1", "--workers", "1",
+                     "--store", str(tmp_path / "store"), "--json", str(out), "--quiet"])
+    rows = json.loads(out.read_text())
+    assert rc == 0, rows
+    assert isinstance(rows, list) and [r["name"] for r in rows] == ["memstrata", "torchvision"]
+    for r in rows:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["status"] == "ok" and r["repeats"] == 1 and r["samples_per_s"] > 0
+        assert len(r["samples_per_s_values"]) == 1
+        ep = r["per_repeat"][0]["epochs"]
+        assert [e["images"] for e in ep] == [12, 12]  # every sample once per epoch, both loaders
+    tv = rows[1]
+    assert tv["ratio_to_torchvision"] == pytest.approx(1.0)
+    assert rows[0]["ratio_to_torchvision"] == pytest.approx(rows[0]["samples_per_s"] / tv["samples_per_s"])
+
+
+def test_bench_bad_input_one_line(capsys):
+    assert "loader" in DATA_SCENARIOS
+    line = _one_line_error(capsys, bench_main(["--scenario", "nope"]))
+    assert "--scenario" in line
+    line = _one_line_error(capsys, bench_main(["--scenario", "loader", "--contenders", "dali"]))
+    assert "dali" in line
+    line = _one_line_error(capsys, bench_main(["--scenario", "loader", "--images", "x"]))
+    assert "--images" in line
+
+
+def test_data_cli_synth_and_build(tmp_path, capsys):
+    d, s = tmp_path / "d", tmp_path / "s"
+    assert main(["data", "synth", str(d), "--images", "6", "--classes", "2", "--seed", "3", "--size", "96x72"]) == 0
+    out, _ = capsys.readouterr()
+    assert "6 written" in out
+    assert len(list(d.glob("*/img_*.jpg"))) == 6 and sorted(p.name for p in d.iterdir()) == ["c0000", "c0001"]
+    assert main(["data", "build", str(d), "--out", str(s), "--max-side", "48"]) == 0
+    out, _ = capsys.readouterr()
+    assert "6/6 samples complete" in out
+    from memstrata.data import SampleStore
+
+    st = SampleStore(s, d, max_side=48)
+    assert st.count_complete() == 6 and min(st.get(0).shape[:2]) <= 48
+    # rerun: nothing left to build
+    assert main(["data", "build", str(d), "--out", str(s), "--max-side", "48"]) == 0
+    assert "built 0" in capsys.readouterr()[0]
+    # a corrupt JPEG: named, one line, exit 2 (raise); skipped with --on-corrupt skip
+    (d / "c0000" / "img_99999999.jpg").write_bytes(b"not a jpeg")
+    line = _one_line_error(capsys, main(["data", "build", str(d), "--out", str(tmp_path / "s2")]))
+    assert "img_99999999.jpg" in line and "--on-corrupt skip" in line
+    assert main(["data", "build", str(d), "--out", str(tmp_path / "s2"), "--on-corrupt", "skip"]) == 0
+    assert "skipped 1" in capsys.readouterr()[0]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["data", "build", "/nonexistent/root"], "not a directory"),
+    (["data", "synth", "X", "--images", "2", "--classes", "3"], "exceeds"),
+    (["data", "synth", "X", "--images", "0", "--classes", "1"], "--images"),
+    (["data", "build", ".", "--on-corrupt", "maybe"], "--on-corrupt"),
+    (["data"], "choose an action"),
+])
+def test_data_cli_bad_input(capsys, argv, needle):
+    line = _one_line_error(capsys, main(argv))
+    assert needle in line
+
+
+def test_data_cli_store_mismatch_and_empty_root(tmp_path, capsys):
+    d = tmp_path / "d"
+    assert main(["data", "synth", str(d), "--images", "3", "--classes", "1", "--size", "64x48"]) == 0
+    assert main(["data", "build", str(d), "--out", str(tmp_path / "s"), "--max-side", "40"]) == 0
+    capsys.readouterr()
+    line = _one_line_error(capsys, main(["data", "build", str(d), "--out", str(tmp_path / "s"), "--max-side", "32"]))
+    assert "max_side" in line
+    (tmp_path / "empty").mkdir()
+    line = _one_line_error(capsys, main(["data", "build", str(tmp_path / "empty"), "--out", str(tmp_path / "s3")]))
+    assert "class folder" in line
+
+
+def test_fused_cpu_path_is_bitwise_the_reference():
+    """The fused per-sample CPU path equals the two-stage reference (uint8 batch, then convert) bit for bit."""
+    from memstrata.data import TrainAugment
+
+    rng = np.random.default_rng(5)
+    imgs = [rng.integers(0, 256, size=(int(rng.integers(20, 170)), int(rng.integers(20, 230)), 3), dtype=np.uint8)
+            for _ in range(40)]
+    hs, ws = [x.shape[0] for x in imgs], [x.shape[1] for x in imgs]
+    for kw in (dict(), dict(size=48), dict(size=(40, 90)), dict(normalize=False), dict(channels_last=True),
+               dict(channels_last=True, normalize=False, size=64), dict(dtype=torch.bfloat16)):
+        a = TrainAugment(**kw)
+        b, f = a.params(1, 2, np.arange(len(imgs)), hs, ws)
+        assert f.any() and not f.all()
+        ref = a(imgs, b, f, impl="loop-u8")
+        got = a(imgs, b, f, impl="loop")
+        assert got.dtype == ref.dtype and got.stride() == ref.stride(), kw
+        assert torch.equal(got, ref), kw
+    # a crop of exactly the output size (no resample), flipped and not
+    a = TrainAugment(size=(20, 30))
+    im = [rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)] * 2
+    box = np.array([[0, 0, 20, 30]] * 2)
+    fl = np.array([False, True])
+    assert torch.equal(a(im, box, fl, impl="loop"), a(im, box, fl, impl="loop-u8"))
