@@ -178,11 +178,15 @@ class SampleStore:
 
     # ------------------------------------------------------------------ files
     def _fds(self):
+        # Double-checked: several loader threads can make the first call at once; `_pid`
+        # is set last so no thread sees "ready" before the descriptors exist.
         if self._pid != os.getpid():  # first use in this process (or after fork / unpickling)
-            self._pid = os.getpid()
-            self._chunk_fds: dict = {}
-            self._index_fd = os.open(self.dir / "index.bin", os.O_RDWR)
-            self._lock_fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            with self._mu:
+                if self._pid != os.getpid():
+                    self._chunk_fds: dict = {}
+                    self._index_fd = os.open(self.dir / "index.bin", os.O_RDWR)
+                    self._lock_fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+                    self._pid = os.getpid()
         return self
 
     def __getstate__(self):

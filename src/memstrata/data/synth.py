@@ -100,10 +100,11 @@ def _write_one(args) -> int:
     root, seed, index, classes, quality, size = args
     from PIL import Image
 
-    arr, c = synth_image(seed, index, classes, size)
-    path = Path(root) / class_name(c, classes) / f"img_{index:08d}.jpg"
+    # the class (and so the path) is index % classes: check for the file before rendering
+    path = Path(root) / class_name(index % classes, classes) / f"img_{index:08d}.jpg"
     if path.exists():
         return 0
+    arr, c = synth_image(seed, index, classes, size)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
