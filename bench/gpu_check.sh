@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# GPU check: the GPU test tier, then `memstrata bench` for ResNet-50 and
+# EfficientNet-B0 at half the unmanaged peak (bf16 autocast, 224x224, batch 256).
+# Whole script < 8 minutes: every part has its own `timeout`; a part that fails
+# or times out is recorded in env.json and the script goes on.
+#
+# Usage (from anywhere; runs against the checkout it lives in, no install needed):
+#   OUT=/some/dir bench/gpu_check.sh
+# Without OUT, results go to bench/results/<date>-<gpu>/.
+#
+# Files written (at most 8, the device runner brings back only 8):
+#   env.json                date, GPU, torch, git commit, and each part's exit status and seconds
+#   gpu_tests.log           pytest -m gpu output
+#   resnet50.json/.log      bench result list and its console output (table)
+#   efficientnet_b0.json/.log
+#   resnet50.png, efficientnet_b0.png   bar charts
+#
+# Knobs (environment): PYTHON (default: the first of python3, python, .venv/bin/python with torch), REPEATS (2), STEPS (5), WARMUP (1),
+# BATCH (256), RES (224), BUDGET (50%), T_TESTS (120 s), T_BENCH (170 s per model),
+# MAX_RUN_S (5: cap on one run's timed steps), RUN_TIMEOUT (60 s per run), DEVICE (cuda; cpu for a smoke test).
+set -u
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+cd "$ROOT" || exit 1
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then   # the first interpreter that has torch
+    for c in python3 python "$ROOT/.venv/bin/python"; do
+        if "$c" -c 'import torch' >/dev/null 2>&1; then PY="$c"; break; fi
+    done
+    PY="${PY:-python3}"
+fi
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+REPEATS="${REPEATS:-2}"; STEPS="${STEPS:-5}"; WARMUP="${WARMUP:-1}"
+BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
+T_TESTS="${T_TESTS:-120}"; T_BENCH="${T_BENCH:-170}"
+MAX_RUN_S="${MAX_RUN_S:-5}"; RUN_TIMEOUT="${RUN_TIMEOUT:-60}"
+
+GPU_NAME="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu")' 2>/dev/null || echo unknown)"
+if [ -z "${OUT:-}" ]; then
+    slug="$(echo "$GPU_NAME" | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9-' | sed 's/^nvidia-//')"
+    OUT="$ROOT/bench/results/$(date +%Y-%m-%d)-${slug:-gpu}"
+fi
+mkdir -p "$OUT"
+NVME="$(mktemp -d "${TMPDIR:-/tmp}/memstrata-gpu-check-nvme.XXXXXX")"
+trap 'rm -rf "$NVME"' EXIT
+
+PARTS=""   # "name rc seconds;" entries for env.json
+
+part() {   # part NAME TIMEOUT_S LOGFILE CMD...
+    local name="$1" limit="$2" log="$3"; shift 3
+    local t0 rc
+    t0=$(date +%s)
+    echo "== $name (timeout ${limit}s): $*" | tee -a "$log"
+    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    [ "$rc" -eq 124 ] && echo "== $name: TIMED OUT after ${limit}s" | tee -a "$log"
+    echo "== $name: exit $rc after $(( $(date +%s) - t0 ))s" | tee -a "$log"
+    PARTS="${PARTS}${name} ${rc} $(( $(date +%s) - t0 ));"
+}
+
+write_env() {
+    PARTS="$PARTS" OUT="$OUT" "$PY" - <<'EOF' || echo '{"error": "could not write env.json"}' >"$OUT/env.json"
+import datetime, json, os, platform, subprocess
+def sh(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as e:
+        return f"unavailable ({type(e).__name__})"
+env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "host": platform.node(),
+       "python": platform.python_version()}
+try:
+    import torch
+    env["torch"] = torch.__version__
+    env["cuda"] = torch.version.cuda
+    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+        env["cudnn"] = torch.backends.cudnn.version()
+except Exception as e:
+    env["torch_error"] = repr(e)
+try:
+    import torchvision
+    env["torchvision"] = torchvision.__version__
+except Exception as e:
+    env["torchvision_error"] = repr(e)
+env["git_commit"] = sh("git", "rev-parse", "HEAD") or "unknown"
+env["git_dirty"] = bool(sh("git", "status", "--porcelain", "--untracked-files=no"))
+env["driver"] = sh("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+env["parts"] = [{"name": n, "exit": int(rc), "seconds": int(sec), "ok": rc == "0"}
+                for n, rc, sec in (p.split() for p in os.environ["PARTS"].split(";") if p.strip())]
+with open(os.path.join(os.environ["OUT"], "env.json"), "w") as f:
+    json.dump(env, f, indent=1)
+EOF
+}
+
+write_env
+echo "memstrata gpu_check: $GPU_NAME -> $OUT"
+
+# 1. GPU test tier.  --continue-on-collection-errors: a CPU-only test module that
+#    cannot import here (a missing dev package) must not hide the GPU tests.
+part gpu_tests "$T_TESTS" "$OUT/gpu_tests.log" \
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors -o addopts="" tests
+
+# 2-3. The benchmark.  `memstrata bench` through the CLI when it is registered there.
+if "$PY" -m memstrata.cli bench --help >/dev/null 2>&1; then
+    BENCH=("$PY" -m memstrata.cli bench)
+else
+    BENCH=("$PY" -m memstrata.bench)
+fi
+for model in resnet50 efficientnet_b0; do
+    part "bench_$model" "$T_BENCH" "$OUT/$model.log" \
+        "${BENCH[@]}" --model "$model" --batch "$BATCH" --res "$RES" --amp bf16 --device "${DEVICE:-cuda}" \
+        --budget "$BUDGET" --repeats "$REPEATS" --steps "$STEPS" --warmup "$WARMUP" \
+        --max-seconds "$MAX_RUN_S" --run-timeout "$RUN_TIMEOUT" --nvme "$NVME" --quiet \
+        --json "$OUT/$model.json" --plot "$OUT/$model.png"
+done
+
+write_env
+echo "memstrata gpu_check: done; parts: $PARTS"
+ls -l "$OUT"

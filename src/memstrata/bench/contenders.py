@@ -1,0 +1,418 @@
+"""The contenders of `memstrata bench`: one training step each, same math.
+
+Every contender runs in its own worker process (`memstrata.bench.worker`) on a
+freshly built model; this module only says how one step is taken.
+
+What each peer does with the budget (the knob, where it has one):
+
+- ``unmanaged``: plain eager step.  No knob: the ceiling for speed.
+- ``memstrata``: ``memstrata.manager.Manager(model, budget=...)``.
+- ``checkpoint``: full activation checkpointing, the standard peer:
+  `torch.utils.checkpoint` (non-reentrant) around *every* block that
+  `memstrata.trace.units.find_units` returns (units that are not single
+  layers; the stem and head layers stay plain).  No knob is used: it is not
+  given fewer blocks when the budget is generous.
+- ``selective_checkpoint``: the same blocks under torch's SAC API
+  (`create_selective_checkpoint_contexts`), policy: save the outputs of
+  convolutions and matrix multiplies, recompute everything else.  No knob.
+- ``save_on_cpu``: `torch.autograd.graph.save_on_cpu(pin_memory=True)`
+  around the forward; every saved activation goes to pinned host memory.
+  CUDA only (on CPU the tensors already live in host memory).  No knob.
+- ``disk_offload_hooks``: the naive disk peer: a `saved_tensors_hooks` pair
+  that `torch.save`s every saved non-parameter tensor to a file and
+  `torch.load`s it when backward asks.  No knob, no overlap.
+- ``microbatch``: gradient accumulation over k equal micro-batches, k the
+  smallest divisor of the batch whose estimated peak fits the budget (chosen
+  by the harness from the unmanaged run).  Reported apart: BatchNorm sees
+  batches of batch/k samples, so the math is not the same.
+
+[Note: BatchNorm under recomputation] Re-running a block's forward in
+training mode would update BatchNorm running statistics a second time, so a
+checkpointed run would end with different buffers than the unmanaged one.
+The recompute context of both checkpoint peers sets every BatchNorm momentum
+in the block to 0.0 (an exact no-op update) and restores
+``num_batches_tracked`` afterwards, so parameters *and* buffers match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+CONTENDERS = (
+    "unmanaged",
+    "memstrata",
+    "checkpoint",
+    "selective_checkpoint",
+    "save_on_cpu",
+    "disk_offload_hooks",
+    "microbatch",
+)
+REPORTED_APART = ("microbatch",)
+
+
+@dataclass
+class StepContext:
+    """Everything a contender's step needs, built once by the worker."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    scaler: Any = None  # torch.amp.GradScaler for fp16, else None
+    budget_bytes: int | None = None
+    microbatches: int = 1
+    nvme_dir: str | None = None
+    loss_fn: Callable = field(default_factory=nn.CrossEntropyLoss)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            out = self.model(x)
+        return self.loss_fn(out.float(), y)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class SkipContender(Exception):
+    """Raised by `prepare` when a contender does not apply here (with the reason)."""
+
+
+class Contender:
+    name = ""
+    setup_steps = 0  # untimed steps before warm-up (memstrata's tracing step)
+
+    def prepare(self, ctx: StepContext) -> None:
+        pass
+
+    def step(self, ctx: StepContext) -> float:
+        loss = ctx.forward_loss(ctx.x, ctx.y)
+        ctx.backward(loss)
+        ctx.optimizer_step()
+        return loss.detach()
+
+    def notes(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class Unmanaged(Contender):
+    name = "unmanaged"
+
+
+# --------------------------------------------------------------- checkpointing
+@contextlib.contextmanager
+def _batchnorm_frozen(module: nn.Module):
+    """See [Note: BatchNorm under recomputation]."""
+    bns = [
+        m for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+class _Checkpointed(nn.Module):
+    """Runs `inner` under non-reentrant `torch.utils.checkpoint`."""
+
+    def __init__(self, inner: nn.Module, selective_policy: Callable | None) -> None:
+        super().__init__()
+        self.inner = inner
+        self._policy = selective_policy
+
+    def _contexts(self):
+        if self._policy is None:
+            fwd, rec = contextlib.nullcontext(), contextlib.nullcontext()
+        else:
+            from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+            fwd, rec = create_selective_checkpoint_contexts(self._policy)
+        @contextlib.contextmanager
+        def recompute():
+            with _batchnorm_frozen(self.inner), rec:
+                yield
+
+        return fwd, recompute()
+
+    def forward(self, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, *args, use_reentrant=False, context_fn=self._contexts, **kwargs)
+
+
+def _sac_policy():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    save = {
+        aten.convolution.default,
+        aten.mm.default,
+        aten.addmm.default,
+        aten.bmm.default,
+        aten.baddbmm.default,
+        aten.linear.default,
+    }
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def checkpoint_blocks(model: nn.Module, selective: bool) -> list[str]:
+    """Wrap every multi-layer recompute unit of `model` in `_Checkpointed`.
+
+    Returns the qualified names of the wrapped blocks.  If the model has no
+    multi-layer units (a flat model), every unit is wrapped.  With
+    `selective`, in-place activations inside the blocks are made out-of-place:
+    SAC refuses a saved conv output that an in-place op then mutates (the
+    SiLU after EfficientNet's squeeze-excitation conv); values are unchanged.
+    """
+    from memstrata.trace.units import find_units
+
+    units = find_units(model)
+    blocks = [(n, m) for n, m in units if len(m._modules) > 0] or units
+    policy = _sac_policy() if selective else None
+    for name, module in blocks:
+        if selective:
+            for m in module.modules():
+                if isinstance(getattr(m, "inplace", None), bool):
+                    m.inplace = False
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _Checkpointed(module, policy))
+    return [n for n, _ in blocks]
+
+
+class Checkpoint(Contender):
+    name = "checkpoint"
+    selective = False
+
+    def prepare(self, ctx: StepContext) -> None:
+        self._blocks = checkpoint_blocks(ctx.model, self.selective)
+
+    def notes(self) -> dict[str, Any]:
+        return {"checkpointed_blocks": len(self._blocks)}
+
+
+class SelectiveCheckpoint(Checkpoint):
+    name = "selective_checkpoint"
+    selective = True
+
+    def notes(self) -> dict[str, Any]:
+        return {"checkpointed_blocks": len(self._blocks), "policy": "save conv/mm outputs, recompute the rest",
+                "inplace_activations": "made out-of-place inside the blocks"}
+
+
+# --------------------------------------------------------------- offload peers
+_SAVE_ON_CPU_SKIP = "save_on_cpu moves activations to host memory; on CPU they already live there"
+
+
+class SaveOnCpu(Contender):
+    name = "save_on_cpu"
+
+    def prepare(self, ctx: StepContext) -> None:
+        if ctx.device.type != "cuda":
+            raise SkipContender(_SAVE_ON_CPU_SKIP)
+
+    def step(self, ctx: StepContext):
+        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+            loss = ctx.forward_loss(ctx.x, ctx.y)
+        ctx.backward(loss)
+        ctx.optimizer_step()
+        return loss.detach()
+
+
+class DiskOffloadHooks(Contender):
+    """The naive disk peer: torch.save every saved activation, torch.load on unpack."""
+
+    name = "disk_offload_hooks"
+
+    def prepare(self, ctx: StepContext) -> None:
+        self._root = tempfile.mkdtemp(prefix="memstrata-bench-disk-", dir=ctx.nvme_dir)
+        self._param_storages = {p.untyped_storage().data_ptr() for p in ctx.model.parameters()}
+        self._count = 0
+        self._bytes = 0
+        self._dir = self._root
+
+    def _pack(self, t: torch.Tensor):
+        if t.untyped_storage().data_ptr() in self._param_storages:
+            return ("keep", t)
+        self._count += 1
+        path = os.path.join(self._dir, f"{self._count}.pt")
+        torch.save(t, path)
+        self._bytes += t.untyped_storage().nbytes()
+        return ("file", path)
+
+    def _unpack(self, packed):
+        kind, payload = packed
+        if kind == "keep":
+            return payload
+        t = torch.load(payload, weights_only=True)
+        os.remove(payload)
+        return t
+
+    def step(self, ctx: StepContext):
+        self._dir = tempfile.mkdtemp(dir=self._root)
+        self._bytes = 0
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                loss = ctx.forward_loss(ctx.x, ctx.y)
+            ctx.backward(loss)
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        ctx.optimizer_step()
+        return loss.detach()
+
+    def notes(self) -> dict[str, Any]:
+        return {"bytes_written_per_step": self._bytes, "dir": self._root}
+
+    def close(self) -> None:
+        shutil.rmtree(getattr(self, "_root", ""), ignore_errors=True)
+
+
+# --------------------------------------------------------------- micro-batching
+class Microbatch(Contender):
+    name = "microbatch"
+
+    def prepare(self, ctx: StepContext) -> None:
+        k = ctx.microbatches
+        if k < 1 or ctx.x.shape[0] % k:
+            raise ValueError(f"micro-batch count {k} does not divide the batch {ctx.x.shape[0]}")
+        self._k = k
+        self._xs = ctx.x.chunk(k)
+        self._ys = ctx.y.chunk(k)
+
+    def step(self, ctx: StepContext):
+        total = 0.0
+        for xb, yb in zip(self._xs, self._ys):
+            loss = ctx.forward_loss(xb, yb) / self._k
+            ctx.backward(loss)
+            total = total + loss.detach()
+        ctx.optimizer_step()
+        return total
+
+    def notes(self) -> dict[str, Any]:
+        return {"microbatches": self._k, "microbatch_size": self._xs[0].shape[0]}
+
+
+# --------------------------------------------------------------- memstrata
+class Memstrata(Contender):
+    """`memstrata.manager.Manager` at the bench budget.
+
+    The bench budget counts bytes above the baseline (what a step adds on top
+    of parameters, buffers, optimizer states and the batch); the Manager's
+    budget counts every tier-0 byte, as its tracer does.  So the Manager gets
+    ``budget_bytes + persistent_bytes``, where persistent_bytes is the exact
+    tensor size of parameters, buffers, SGD momentum buffers and the batch.
+    Its own warm-up and trace steps (``setup_steps``) come before the bench's
+    warm-up, so warm-up and timed steps run under the plan.
+    """
+
+    name = "memstrata"
+
+    def prepare(self, ctx: StepContext) -> None:
+        try:
+            from memstrata.manager import Manager
+        except ImportError as e:
+            raise SkipContender(f"memstrata.manager is not available yet ({e})") from None
+        if ctx.budget_bytes is None:
+            raise ValueError("memstrata needs a budget in bytes")
+        m = ctx.model
+        nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+        self._persistent = (
+            sum(nbytes(p) for p in m.parameters())
+            + sum(nbytes(b) for b in m.buffers())
+            + sum(nbytes(p) for p in m.parameters() if p.requires_grad)  # SGD momentum buffers
+            + nbytes(ctx.x) + nbytes(ctx.y)
+        )
+        self._budget = int(ctx.budget_bytes) + self._persistent
+        self._mgr = Manager(m, budget=self._budget, nvme_dir=ctx.nvme_dir, warmup_steps=1,
+                            model_name=type(m).__name__)
+        self.setup_steps = self._mgr.warmup_steps + 1  # warm-up, then the trace-and-plan step
+
+    def step(self, ctx: StepContext):
+        with self._mgr.step(ctx.x):
+            loss = ctx.forward_loss(ctx.x, ctx.y)
+            ctx.backward(loss)
+        ctx.optimizer_step()
+        return loss.detach()
+
+    def notes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"manager_budget_bytes": self._budget, "persistent_bytes": self._persistent}
+        try:
+            report = dict(self._mgr.report())
+        except Exception as e:  # noqa: BLE001 -- the report is informative only
+            out["report_error"] = f"{type(e).__name__}: {e}"
+            return out
+        steps = report.get("steps") or []
+        out["step_modes"] = [s.get("mode") for s in steps]
+        if steps:
+            last = steps[-1]
+            out["last_step"] = {k: last.get(k) for k in ("mode", "seconds", "predicted_seconds", "peak_bytes",
+                                                         "predicted_peak_bytes", "budget_bytes", "peak_source")}
+        shapes = report.get("shapes") or {}
+        for sh in shapes.values():
+            plan = sh.get("plan") or {}
+            out["plan"] = {"planner": plan.get("planner"), "counts": plan.get("counts"),
+                           "predicted_step_time": plan.get("predicted_step_time"),
+                           "plan_seconds": plan.get("plan_seconds"), "notes": (plan.get("notes") or [])[:5]}
+            out["observed_peak"] = sh.get("observed_peak")
+            out["traces"] = sh.get("traces")
+        return out
+
+    def close(self) -> None:
+        mgr = getattr(self, "_mgr", None)
+        if mgr is not None:
+            mgr.close()
+
+
+_BY_NAME: dict[str, type[Contender]] = {
+    c.name: c for c in (Unmanaged, Memstrata, Checkpoint, SelectiveCheckpoint, SaveOnCpu, DiskOffloadHooks, Microbatch)
+}
+
+
+def skip_reason(name: str, device: str) -> str | None:
+    """Why `name` does not apply on `device` (known without starting a worker), or None."""
+    if name == "save_on_cpu" and device != "cuda":
+        return _SAVE_ON_CPU_SKIP
+    return None
+
+
+def make(name: str) -> Contender:
+    return _BY_NAME[name]()

@@ -1,0 +1,135 @@
+"""Table (rich) and chart (matplotlib) of a `memstrata bench` run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def make_console():
+    """A rich console; at least 132 columns when writing to a file or pipe (logs)."""
+    import sys
+
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=132)
+
+
+def print_header(console, cfg) -> None:
+    budget = cfg.budget_text if cfg.budget_bytes is None else fmt_bytes(cfg.budget_bytes)
+    console.print(
+        f"[bold]memstrata bench[/]  {cfg.model}  batch {cfg.batch}  {cfg.res}x{cfg.res}  {cfg.device}"
+        f"  amp {cfg.amp}{'  channels_last' if cfg.channels_last else ''}  budget {budget}"
+        f"  {cfg.repeats} repeats x ({cfg.warmup} warm-up + {cfg.steps} timed steps)"
+        f"  contenders: {', '.join(cfg.contenders)}",
+        highlight=False,
+    )
+
+
+def print_table(console, rows: list[dict[str, Any]], cfg, meta: dict[str, Any], elapsed: float) -> None:
+    from rich.table import Table
+
+    budget = meta.get("budget_bytes")
+    title = (f"{cfg.model} · batch {cfg.batch} · {cfg.res}x{cfg.res} · {cfg.device} · amp {cfg.amp} · "
+             f"budget {fmt_bytes(budget)}" + (f" ({cfg.budget_text} of unmanaged)" if cfg.budget_fraction else ""))
+    method = next((r["peak_method"] for r in rows if r.get("peak_method")), "n/a")
+    t = Table(title=title, caption=(
+        f"samples/s: median of {cfg.repeats} alternating repeats; peak: max over repeats, above the "
+        f"baseline ({method}); vs = samples/s ratio; wall {elapsed:.0f} s"
+        + ("; CPU s/step: process CPU time per step, steadier than wall time on a shared box" if cfg.device == "cpu" else "")))
+    t.add_column("contender", no_wrap=True)
+    t.add_column("samples/s", justify="right", no_wrap=True)
+    t.add_column("peak", justify="right", no_wrap=True)
+    t.add_column("fits", justify="center")
+    t.add_column("vs unmanaged", justify="right", no_wrap=True)
+    t.add_column("vs checkpoint", justify="right", no_wrap=True)
+    t.add_column("peak/unm.", justify="right")
+    cpu = cfg.device == "cpu"
+    if cpu:
+        t.add_column("CPU s/step", justify="right", no_wrap=True)
+    t.add_column("status", no_wrap=True)
+    main_rows = [r for r in rows if not r["reported_apart"]]
+    apart = [r for r in rows if r["reported_apart"]]
+    notes: list[str] = []
+    for r in main_rows + apart:
+        if apart and r is apart[0]:
+            t.add_section()
+        status = r["status"]
+        style = {"ok": "green", "oom": "red", "error": "red", "skipped": "yellow"}.get(status, "")
+        text = f"[{style}]{status}[/]" if style else status
+        if r.get("reason"):
+            notes.append(f"{r['name']}: {status}: {r['reason']}")
+            text += f" [{len(notes)}]"
+        name = r["name"]
+        if r["reported_apart"]:
+            k = r.get("notes", {}).get("microbatches")
+            name += f" k={k}" if k else ""
+        fits = {True: "yes", False: "[red]no[/]", None: "-"}[r.get("within_budget")]
+        cells = [
+            name,
+            "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.2f}",
+            fmt_bytes(r["peak_bytes"]),
+            fits,
+            _ratio(r["ratio_to_unmanaged"]),
+            _ratio(r["ratio_to_checkpoint"]),
+            _ratio(r["peak_ratio_to_unmanaged"]),
+        ]
+        if cpu:
+            c = r.get("cpu_s_per_step")
+            cells.append("-" if c is None else f"{c:.2f}")
+        t.add_row(*cells, text)
+    console.print(t)
+    if apart:
+        console.print("below the line: reported apart (BatchNorm sees micro-batches, so the math differs)", highlight=False)
+    for i, n in enumerate(notes, 1):
+        console.print(f"[{i}] {n}", highlight=False, markup=False)
+
+
+def write_plot(path: str, rows: list[dict[str, Any]], cfg, meta: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] + ("\n(apart)" if r["reported_apart"] else "") for r in rows]
+    colors = ["#1f77b4" if r["name"] == "memstrata" else ("#999999" if r["reported_apart"] else "#ff7f0e")
+              for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(rows) * 2), 4.5))
+    sps = [r["samples_per_s"] or 0.0 for r in rows]
+    peaks = [(r["peak_bytes"] or 0) / 2**20 for r in rows]
+    ax1.bar(range(len(rows)), sps, color=colors)
+    ax1.set_ylabel("samples/s (median)")
+    ax1.set_title("throughput")
+    ax2.bar(range(len(rows)), peaks, color=colors)
+    ax2.set_ylabel("peak above baseline (MiB, max over repeats)")
+    ax2.set_title("peak memory")
+    budget = meta.get("budget_bytes")
+    if budget:
+        ax2.axhline(budget / 2**20, color="red", linestyle="--", label=f"budget {fmt_bytes(budget)}")
+        ax2.legend(loc="upper right")
+    for ax, vals in ((ax1, sps), (ax2, peaks)):
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        for i, (r, v) in enumerate(zip(rows, vals)):
+            if r["status"] != "ok":
+                ax.text(i, 0, r["status"], ha="center", va="bottom", fontsize=8, color="red")
+    fig.suptitle(f"{cfg.model}, batch {cfg.batch}, {cfg.res}x{cfg.res}, {cfg.device}, amp {cfg.amp}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

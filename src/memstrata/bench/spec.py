@@ -1,0 +1,33 @@
+"""What one worker run is asked to do (plain data, JSON between processes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class RunSpec:
+    contender: str
+    model: str
+    batch: int
+    res: int
+    device: str  # "cpu" or "cuda"
+    steps: int
+    warmup: int
+    num_classes: int = 1000
+    amp: str = "off"  # off | bf16 | fp16
+    channels_last: bool = False
+    seed: int = 0
+    budget_bytes: int | None = None
+    microbatches: int = 1
+    nvme_dir: str | None = None
+    max_seconds: float | None = None  # stop the timed steps once this much time has passed (>= 1 step)
+    threads: int | None = None
+    lr: float = 0.01
+    cpu_peak: str = "exact"  # see [Note: allocator-held memory] in peak.py; "rss": the timed steps' RSS
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
