@@ -257,3 +257,37 @@ def test_forced_plans_are_valid_for_the_simulator(kind):
         assert plan.storages and tl.traffic > 0
     if kind in ("recompute", "selective"):
         assert plan.units and tl.recompute_time > 0
+
+
+def test_callable_budget_is_resolved_from_the_trace():
+    """A callable budget sees the shape's trace and its result is the plan's budget."""
+    import torch
+    from torch import nn
+
+    from memstrata.manager import Manager
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    seen = []
+
+    def budget(trace):
+        seen.append(trace.observed_peak)
+        return trace.observed_peak  # everything fits: an all-keep plan
+
+    mgr = Manager(model, budget=budget, warmup_steps=0)
+    for _ in range(3):
+        x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,))
+        with mgr.step(x):
+            nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    steps = mgr.report()["steps"]
+    mgr.close()
+    assert len(seen) == 1 and seen[0] > 0
+    assert steps[-1]["budget_bytes"] == seen[0]
+    with pytest.raises(ValueError, match="must be > 0"):
+        bad = Manager(model, budget=lambda trace: 0, warmup_steps=0)
+        x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,))
+        with bad.step(x):
+            nn.functional.cross_entropy(model(x), y).backward()

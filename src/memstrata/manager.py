@@ -70,10 +70,12 @@ def disabled_by_env() -> bool:
     return os.environ.get("MEMSTRATA_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def parse_budget(budget: int | float | str) -> tuple[str, float]:
-    """('bytes', n) or ('fraction', f) from 12884901888, '12GiB', '50%'."""
+def parse_budget(budget: int | float | str | Callable[[Trace], int]) -> tuple[str, Any]:
+    """('bytes', n), ('fraction', f) or ('callable', fn) from 12884901888, '12GiB', '50%', fn(trace)."""
     if isinstance(budget, bool):
         raise ValueError(f"malformed budget {budget!r}")
+    if callable(budget):  # budget(trace) -> bytes, resolved once the shape's trace exists
+        return "callable", budget
     if isinstance(budget, int):
         if budget <= 0:
             raise ValueError(f"budget must be > 0 bytes, got {budget}")
@@ -237,7 +239,8 @@ class Manager:
     Args:
         model: the module being trained (already on its device).
         budget: tier-0 bytes allowed: an int, a size ("12GiB") or a percentage
-            of the unmanaged peak measured by the trace ("50%").
+            of the unmanaged peak measured by the trace ("50%"), or a callable
+            `budget(trace) -> bytes` evaluated once per input shape after tracing.
         nvme_dir: directory for NVMe-tier files (None: no NVMe tier).
         hierarchy: the memory hierarchy to plan against (default: a profile
             for the model's device, see `default_hierarchy`; no probing).
@@ -438,6 +441,12 @@ class Manager:
         kind, v = self._budget
         if kind == "fraction":
             return max(1, int(trace.observed_peak * v))
+        if kind == "callable":
+            n = int(v(trace))
+            if n <= 0:
+                raise ValueError(f"budget callable returned {n} bytes for a step whose unmanaged peak is "
+                                 f"{format_size(trace.observed_peak)}; it must be > 0")
+            return n
         return int(v)
 
     def _plan(self, st: _ShapeState, trace: Trace) -> None:

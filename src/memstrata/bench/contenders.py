@@ -72,6 +72,7 @@ class StepContext:
     budget_bytes: int | None = None
     microbatches: int = 1
     nvme_dir: str | None = None
+    unmanaged_peak_bytes: int | None = None  # measured peak above baseline of the unmanaged run
     loss_fn: Callable = field(default_factory=nn.CrossEntropyLoss)
 
     def autocast(self):
@@ -337,9 +338,17 @@ class Memstrata(Contender):
 
     The bench budget counts bytes above the baseline (what a step adds on top
     of parameters, buffers, optimizer states and the batch); the Manager's
-    budget counts every tier-0 byte, as its tracer does.  So the Manager gets
-    ``budget_bytes + persistent_bytes``, where persistent_bytes is the exact
-    tensor size of parameters, buffers, SGD momentum buffers and the batch.
+    budget counts every tier-0 byte, as its tracer does.
+
+    [Note: bench budget -> Manager budget]
+    When the unmanaged run's measured peak P is known (it runs first), the bench
+    asks for a measured reduction R = P - budget.  The measured peak also holds
+    memory no traced tensor accounts for (op-internal scratch such as oneDNN
+    reorders, allocator slack), which no plan can free, so the Manager is asked
+    to cut R bytes off its own traced peak: budget = trace.observed_peak - R.
+    Without P, it gets ``budget_bytes + persistent_bytes``, where
+    persistent_bytes is the exact tensor size of parameters, buffers, SGD
+    momentum buffers and the batch.
     Its own warm-up and trace steps (``setup_steps``) come before the bench's
     warm-up, so warm-up and timed steps run under the plan.
     """
@@ -362,7 +371,12 @@ class Memstrata(Contender):
             + nbytes(ctx.x) + nbytes(ctx.y)
         )
         self._budget = int(ctx.budget_bytes) + self._persistent
-        self._mgr = Manager(m, budget=self._budget, nvme_dir=ctx.nvme_dir, warmup_steps=1,
+        budget: Any = self._budget
+        self._reduction = None
+        if ctx.unmanaged_peak_bytes:
+            self._reduction = max(0, int(ctx.unmanaged_peak_bytes) - int(ctx.budget_bytes))
+            budget = lambda trace, r=self._reduction: max(1, int(trace.observed_peak) - r)  # noqa: E731
+        self._mgr = Manager(m, budget=budget, nvme_dir=ctx.nvme_dir, warmup_steps=1,
                             model_name=type(m).__name__)
         self.setup_steps = self._mgr.warmup_steps + 1  # warm-up, then the trace-and-plan step
 
@@ -374,7 +388,10 @@ class Memstrata(Contender):
         return loss.detach()
 
     def notes(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"manager_budget_bytes": self._budget, "persistent_bytes": self._persistent}
+        out: dict[str, Any] = {"manager_budget_bytes": self._budget, "persistent_bytes": self._persistent,
+                               "budget_rule": ("trace.observed_peak - measured reduction" if self._reduction is not None
+                                               else "budget + persistent bytes"),
+                               "measured_reduction_bytes": self._reduction}
         try:
             report = dict(self._mgr.report())
         except Exception as e:  # noqa: BLE001 -- the report is informative only

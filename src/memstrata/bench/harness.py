@@ -400,6 +400,7 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             steps=steps or cfg.steps, warmup=cfg.warmup if warmup is None else warmup,
             num_classes=cfg.num_classes, amp=cfg.amp, channels_last=cfg.channels_last, seed=cfg.seed,
             budget_bytes=budget, microbatches=microbatches or 1, nvme_dir=nvme_dir,
+            unmanaged_peak_bytes=unmanaged_peak,
             max_seconds=cfg.max_seconds, threads=cfg.threads, cpu_peak=cfg.cpu_peak,
         )
 

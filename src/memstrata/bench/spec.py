@@ -20,6 +20,7 @@ class RunSpec:
     channels_last: bool = False
     seed: int = 0
     budget_bytes: int | None = None
+    unmanaged_peak_bytes: int | None = None  # measured by the unmanaged contender, when it ran first
     microbatches: int = 1
     nvme_dir: str | None = None
     max_seconds: float | None = None  # stop the timed steps once this much time has passed (>= 1 step)

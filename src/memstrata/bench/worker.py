@@ -82,6 +82,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     ctx = contenders.StepContext(
         model=model, optimizer=opt, x=x, y=y, device=device, amp_dtype=amp_dtype, scaler=scaler,
         budget_bytes=spec.budget_bytes, microbatches=spec.microbatches, nvme_dir=spec.nvme_dir,
+        unmanaged_peak_bytes=spec.unmanaged_peak_bytes,
     )
     result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
 
