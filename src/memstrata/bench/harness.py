@@ -66,6 +66,7 @@ class BenchConfig:
     threads: int | None = None
     seed: int = 0
     quiet: bool = False
+    budget_of_activations: bool = False  # "50%act": the fraction is of the activation peak, see [Note: budgets]
 
 
 # ------------------------------------------------------------------ arguments
@@ -79,7 +80,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     a("--model", default=None, help="torchvision classification model (default: resnet18 on CPU, resnet50 on CUDA)")
     a("--batch", default=None, help="batch size (default: 32 on CPU, 256 on CUDA)")
     a("--res", default=None, help="input resolution in pixels (default: 112 on CPU, 224 on CUDA)")
-    a("--budget", default="50%", help="memory budget: a size (512MiB, 12GiB) or a percentage of the unmanaged peak (default 50%%)")
+    a("--budget", default=DEFAULT_BUDGET, help="memory budget above the baseline: a size (512MiB, 12GiB), a percentage of "
+      "the unmanaged peak (50%%), or P%%act: the unmanaged peak less (100-P)%% of its activation peak (default 50%%act)")
     a("--repeats", default="3", help="alternating repeats per contender (default 3)")
     a("--steps", default=None, help="timed steps per run (default: 3 on CPU, 10 on CUDA)")
     a("--warmup", default=None, help="untimed warm-up steps per run (default: 1 on CPU, 3 on CUDA)")
@@ -122,6 +124,34 @@ def _float(name: str, text: Any, lo: float = 0.0) -> float:
     if not v > lo:
         raise BenchInputError(f"--{name} must be > {lo:g}, got {text}")
     return v
+
+
+# [Note: budgets]
+# A bench budget is a measured peak above the baseline (parameters, buffers,
+# optimizer states and the batch are the baseline).  Three spellings:
+# * a size ("512MiB"): that many bytes;
+# * "P%": P% of the unmanaged run's measured peak;
+# * "P%act" (the default): the unmanaged measured peak minus (100-P)% of the
+#   unmanaged *activation* peak, i.e. "keep only P% of the saved activations".
+#   The activation peak is the largest total of saved-for-backward activation
+#   bytes live at one event in a meta trace of the same model and shape.  On a
+#   CPU box the measured peak also holds gradients, temporaries and op-internal
+#   scratch (oneDNN reorders) that no activation manager can remove, so "P%" of
+#   the whole peak can ask for more than every activation.
+DEFAULT_BUDGET = "50%act"
+
+
+def activation_peak_bytes(cfg: "BenchConfig") -> int:
+    """Peak bytes of saved activations live at one event (meta trace of the same step)."""
+    import torch
+
+    from memstrata.trace import live_bytes_per_event, trace_model
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
+    trace = trace_model(cfg.model, cfg.batch, cfg.res, profile="cpu" if cfg.device == "cpu" else "h200",
+                        dtype=dtype, num_classes=cfg.num_classes)
+    acts = [s for s in trace.storages if s.saved and s.kind == "activation"]
+    return int(max(live_bytes_per_event(acts, len(trace.ops)), default=0))
 
 
 def parse_budget(text: str) -> tuple[float | None, int | None]:
@@ -197,7 +227,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     else:
         names = list(CONTENDERS)
 
-    fraction, size = parse_budget(g("budget", "50%") or "50%")
+    budget_text = str(g("budget", DEFAULT_BUDGET) or DEFAULT_BUDGET).strip()
+    of_activations = budget_text.lower().endswith("%act")
+    fraction, size = parse_budget(budget_text[:-3] if of_activations else budget_text)
     nvme = g("nvme")
     if nvme is not None:
         if not os.path.isdir(nvme):
@@ -231,7 +263,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         warmup=_int("warmup", g("warmup") if g("warmup") is not None else d["warmup"], lo=0),
         repeats=_int("repeats", g("repeats") or 3),
         amp=amp,
-        budget_text=str(g("budget", "50%") or "50%"),
+        budget_text=budget_text,
+        budget_of_activations=of_activations,
         budget_fraction=fraction,
         budget_bytes=size,
         contenders=names,
@@ -427,7 +460,12 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                     if budget is None and name != "unmanaged":
                         if unmanaged_peak is None:
                             raise _BudgetUnresolved(cfg.budget_text)
-                        budget = int(cfg.budget_fraction * unmanaged_peak)
+                        if cfg.budget_of_activations:
+                            act = activation_peak_bytes(cfg)
+                            meta["activation_peak_bytes"] = act
+                            budget = max(1, unmanaged_peak - int((1.0 - cfg.budget_fraction) * act))
+                        else:
+                            budget = int(cfg.budget_fraction * unmanaged_peak)
                     if name == "microbatch" and microbatches is None:
                         if unmanaged_peak is None or param_bytes is None:
                             r = {"name": name, "status": "skipped",

@@ -47,7 +47,9 @@ def print_table(console, rows: list[dict[str, Any]], cfg, meta: dict[str, Any], 
 
     budget = meta.get("budget_bytes")
     title = (f"{cfg.model} · batch {cfg.batch} · {cfg.res}x{cfg.res} · {cfg.device} · amp {cfg.amp} · "
-             f"budget {fmt_bytes(budget)}" + (f" ({cfg.budget_text} of unmanaged)" if cfg.budget_fraction else ""))
+             f"budget {fmt_bytes(budget)}" + (f" ({cfg.budget_text} of unmanaged)" if cfg.budget_fraction and not cfg.budget_of_activations
+                else f" (unmanaged peak less {100 - 100 * cfg.budget_fraction:g}% of its activation peak)"
+                if cfg.budget_fraction else ""))
     method = next((r["peak_method"] for r in rows if r.get("peak_method")), "n/a")
     t = Table(title=title, caption=(
         f"samples/s: median of {cfg.repeats} alternating repeats; peak: max over repeats, above the "

@@ -278,6 +278,8 @@ def frugal_state(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], b
     st = State()
     for u, ms in modes.items():
         st.units[u] = ms[0]
+    if not tiers:  # recompute only: no tier to offload to
+        return st
     t1 = tiers[0]
     for sid in np.nonzero(ix.offloadable)[0].tolist():
         if in_unit(ix, sid, st.units):
