@@ -41,13 +41,17 @@ class Tier:
     write_bandwidth: float = 0.0  # bytes/s, tier above -> this tier
     latency: float = 0.0  # seconds per transfer, either direction
     path: str | None = None  # directory for file-backed tiers
+    # Seconds of *compute* time each byte moved through this tier's lanes costs.
+    # 0 where a DMA engine moves the bytes (GPU copy engines); > 0 where the same
+    # CPU cores that compute also copy (staging memcpy, kernel I/O path on a CPU box).
+    host_cost_per_byte: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in TIER_KINDS:
             raise ValueError(f"tier {self.name!r}: kind must be one of {TIER_KINDS}, got {self.kind!r}")
         if self.capacity < 0:
             raise ValueError(f"tier {self.name!r}: capacity must be >= 0, got {self.capacity}")
-        if self.read_bandwidth < 0 or self.write_bandwidth < 0 or self.latency < 0:
+        if self.read_bandwidth < 0 or self.write_bandwidth < 0 or self.latency < 0 or self.host_cost_per_byte < 0:
             raise ValueError(f"tier {self.name!r}: bandwidths and latency must be >= 0")
 
     def transfer_time(self, nbytes: int, direction: str) -> float:
@@ -258,8 +262,11 @@ def _cpu() -> Hierarchy:
             Tier("dram", "dram", capacity=int(20 * GiB)),
             # Disk with O_DIRECT measured here: ~2.3 GiB/s write, ~1.6 GiB/s read
             # (shared/ANCHORS.md).
+            # On 2 cores the disk path competes with compute: in ResNet-18 training
+            # (batch 64, 112 px) 128 MB written and read back cost 0.17 s of step time
+            # (measured here, 2026-11-28), ~0.5 ns per byte moved beyond what overlaps.
             Tier("nvme", "nvme", capacity=int(50 * GiB), read_bandwidth=1.6 * GiB,
-                 write_bandwidth=2.3 * GiB, latency=100e-6),
+                 write_bandwidth=2.3 * GiB, latency=100e-6, host_cost_per_byte=0.5e-9),
         ),
         # 2 cores with AVX-512 fp32: 2 x 2 FMA units x 16 lanes x 2 flops x ~2.5 GHz
         # = 320 GFLOP/s peak; oneDNN convs reach roughly 40% of it.

@@ -16,8 +16,10 @@ True
 [Note: simulation semantics]
 Events.  Op i of `trace.ops` is event i; events run serially on the *compute
 lane*, op i taking `ops[i].duration` seconds.  Each event may be preceded by
-extra compute-lane time: a *stall* (waiting for a prefetch to land) and/or a
-*recompute* (re-running a unit's forward).  Order inside event e:
+extra compute-lane time: a *stall* (waiting for a prefetch to land, or CPU
+time a copy takes from the compute cores: bytes x `Tier.host_cost_per_byte`
+of every tier it passes, charged when the copy is enqueued; 0 for DMA copies)
+and/or a *recompute* (re-running a unit's forward).  Order inside event e:
   1. up-copies whose `prefetch_at == e` are enqueued (at the event's start);
   2. compute waits for prefetches needed by recomputes inserted at e;
   3. recomputes of units whose `first_backward_op == e` run;
@@ -476,6 +478,12 @@ def run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int
                 traffic += b
             up_hops[sid] = hops  # order: deepest tier first
             arrival[sid] = t
+            cpu = sum(tiers[i].host_cost_per_byte for i in range(ti, 0, -1)) * b
+            if cpu > 0:  # the copy runs on the compute cores: it delays compute (counted as stall)
+                cursor += cpu
+                X += cpu
+                stall_time += cpu
+                extra_at[ev] = extra_at.get(ev, 0.0) + cpu
         elif phase in (1, 3):  # wait for a prefetch
             a = arrival[key]
             if a > cursor:
@@ -513,6 +521,12 @@ def run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int
                 traffic += b
             down_hops[sid] = hops  # order: tier 1 first
             down_end[sid] = t
+            cpu = sum(tiers[i].host_cost_per_byte for i in range(1, ti + 1)) * b
+            if cpu > 0:  # see the prefetch case above
+                cursor += cpu
+                X += cpu
+                stall_time += cpu
+                extra_at[ev] = extra_at.get(ev, 0.0) + cpu
 
     if extra_at:
         ex = np.zeros(n, dtype=float)
