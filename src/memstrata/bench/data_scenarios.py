@@ -43,6 +43,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .harness import BenchProgress
+
 __all__ = ["DATA_SCENARIOS", "add_data_bench_arguments", "run_data_scenario", "gpu_check", "main",
            "DataBenchInputError"]
 
@@ -488,35 +490,6 @@ def _run_process(spec: dict[str, Any], workdir: str, tag: str, timeout: float) -
              "log": log_path}, wall)
 
 
-class _Progress:
-    def __init__(self, total: int, quiet: bool, label: str):
-        self._p = None
-        if not quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._p = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(),
-                               TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
-            self._task = self._p.add_task("", total=total)
-
-    def __enter__(self):
-        if self._p is not None:
-            self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._p is not None:
-            self._p.__exit__(*exc)
-
-    def describe(self, text: str) -> None:
-        if self._p is not None:
-            self._p.update(self._task, description=text)
-
-    def advance(self, line: str) -> None:
-        if self._p is not None:
-            self._p.console.print(line, highlight=False)
-            self._p.advance(self._task)
-
-
 def _spec(cfg: dict[str, Any], name: str, rep: int, root: Path, store: str | None) -> dict[str, Any]:
     s = {k: cfg[k] for k in ("scenario", "device", "batch", "res", "epochs", "seed", "workers", "threads",
                              "max_side", "classes", "model")}
@@ -530,7 +503,7 @@ def run_processes(cfg: dict[str, Any], root: Path, store_for) -> dict[str, list[
     workdir = cfg["log_dir"] or tempfile.mkdtemp(prefix="memstrata-databench-")
     os.makedirs(workdir, exist_ok=True)
     total = cfg["repeats"] * len(cfg["contenders"])
-    with _Progress(total, cfg["quiet"], cfg["scenario"]) as bar:
+    with BenchProgress(total, cfg["quiet"], cfg["scenario"]) as bar:
         for rep in range(1, cfg["repeats"] + 1):
             for name in cfg["contenders"]:
                 bar.describe(f"rep {rep} {name}")
@@ -627,7 +600,7 @@ def cache_policy_rows(cfg: dict[str, Any], progress: bool = False) -> list[dict[
     n, epochs, seed = cfg["images"], cfg["epochs"], cfg["seed"]
     seq = access_sequence(n, seed=seed, epochs=epochs)
     rows = []
-    with _Progress(len(cfg["contenders"]) * len(CAPACITY_FRACTIONS), not progress, "cache-policy") as bar:
+    with BenchProgress(len(cfg["contenders"]) * len(CAPACITY_FRACTIONS), not progress, "cache-policy") as bar:
         for policy in cfg["contenders"]:
             hit_rate, warm, hits, caps, total, seconds = {}, {}, {}, {}, {}, {}
             for frac in CAPACITY_FRACTIONS:

@@ -373,16 +373,16 @@ def choose_microbatches(batch: int, unmanaged_peak: int, param_bytes: int, budge
     return ks[-1], False
 
 
-class _Progress:
-    """rich progress bar (or nothing with --quiet / no terminal support)."""
+class BenchProgress:
+    """rich progress bar (or nothing with --quiet / no terminal support); shared by the data scenarios."""
 
-    def __init__(self, total: int, quiet: bool) -> None:
+    def __init__(self, total: int, quiet: bool, label: str = "bench") -> None:
         self.quiet = quiet
         self._p = None
         if not quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._p = Progress(TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(),
+            self._p = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(),
                                TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
             self._task = self._p.add_task("", total=total)
 
@@ -441,7 +441,7 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         budget is None or ("microbatch" in cfg.contenders and microbatches is None))
     total = cfg.repeats * len(cfg.contenders) + (1 if need_calibration else 0)
     try:
-        with _Progress(total, cfg.quiet) as progress:
+        with BenchProgress(total, cfg.quiet) as progress:
             if need_calibration:
                 progress.describe("calibrating: unmanaged peak")
                 r, wall = run_worker(spec_for("unmanaged", steps=1, warmup=1), workdir, "calibrate-unmanaged", cfg.run_timeout)

@@ -21,17 +21,9 @@ from typing import Callable
 
 Handler = Callable[[argparse.Namespace], int]
 
+from ..cli import _positive_int  # noqa: E402  (one definition of the argparse type)
+
 __all__ = ["setup_data", "cmd_data"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
 
 
 def _nonneg_int(text: str) -> int:
