@@ -13,10 +13,11 @@
 #   gpu_tests.log           pytest -m gpu output
 #   resnet50.json/.log      bench result list and its console output (table)
 #   efficientnet_b0.json/.log
-#   resnet50.png, efficientnet_b0.png   bar charts
+#   resnet50.png            bar chart
+#   data_train.json         loader vs torchvision vs synthetic-on-GPU, ResNet-50 epoch-2 images/s
 #
 # Knobs (environment): PYTHON (default: the first of python3, python, .venv/bin/python with torch), REPEATS (2), STEPS (5), WARMUP (1),
-# BATCH (256), RES (224), BUDGET (50%), T_TESTS (120 s), T_BENCH (170 s per model),
+# BATCH (256), RES (224), BUDGET (50%), T_TESTS (100 s), T_BENCH (130 s per model), T_DATA (100 s),
 # MAX_RUN_S (5: cap on one run's timed steps), RUN_TIMEOUT (60 s per run), DEVICE (cuda; cpu for a smoke test).
 set -u
 
@@ -35,7 +36,7 @@ export PYTHONUNBUFFERED=1
 
 REPEATS="${REPEATS:-2}"; STEPS="${STEPS:-5}"; WARMUP="${WARMUP:-1}"
 BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
-T_TESTS="${T_TESTS:-120}"; T_BENCH="${T_BENCH:-170}"
+T_TESTS="${T_TESTS:-100}"; T_BENCH="${T_BENCH:-130}"; T_DATA="${T_DATA:-100}"
 MAX_RUN_S="${MAX_RUN_S:-5}"; RUN_TIMEOUT="${RUN_TIMEOUT:-60}"
 
 GPU_NAME="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu")' 2>/dev/null || echo unknown)"
@@ -115,8 +116,15 @@ for model in resnet50 efficientnet_b0; do
         "${BENCH[@]}" --model "$model" --batch "$BATCH" --res "$RES" --amp bf16 --device "${DEVICE:-cuda}" \
         --budget "$BUDGET" --repeats "$REPEATS" --steps "$STEPS" --warmup "$WARMUP" \
         --max-seconds "$MAX_RUN_S" --run-timeout "$RUN_TIMEOUT" --nvme "$NVME" --quiet \
-        --json "$OUT/$model.json" --plot "$OUT/$model.png"
+        --json "$OUT/$model.json" $( [ "$model" = resnet50 ] && echo --plot "$OUT/$model.png" )
 done
+
+# 4. The data side (issue: tiered sample store): ResNet-50 epoch-2 images/s with the
+#    memstrata loader vs torchvision's, and vs synthetic tensors already on the GPU
+#    (the ceiling).  Its console output goes to gpu_tests.log (8 files come back at most).
+part data_train "$T_DATA" "$OUT/gpu_tests.log" \
+    "${BENCH[@]}" --scenario data-train --device "${DEVICE:-cuda}" --epochs 2 --images 4096 --quiet \
+    --json "$OUT/data_train.json"
 
 write_env
 echo "memstrata gpu_check: done; parts: $PARTS"

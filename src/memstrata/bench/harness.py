@@ -31,7 +31,7 @@ from .peak import EXACT_ENV
 from .spec import RunSpec
 
 # Defaults that depend on the device (see bench/README.md).
-CPU_DEFAULTS = dict(model="resnet18", batch=32, res=112, steps=3, warmup=1, amp="off")
+CPU_DEFAULTS = dict(model="resnet18", batch=64, res=112, steps=3, warmup=1, amp="off")
 CUDA_DEFAULTS = dict(model="resnet50", batch=256, res=224, steps=10, warmup=3, amp="bf16")
 
 
@@ -78,7 +78,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """
     a = parser.add_argument
     a("--model", default=None, help="torchvision classification model (default: resnet18 on CPU, resnet50 on CUDA)")
-    a("--batch", default=None, help="batch size (default: 32 on CPU, 256 on CUDA)")
+    a("--batch", default=None, help="batch size (default: 64 on CPU, 256 on CUDA)")
     a("--res", default=None, help="input resolution in pixels (default: 112 on CPU, 224 on CUDA)")
     a("--budget", default=DEFAULT_BUDGET, help="memory budget above the baseline: a size (512MiB, 12GiB), a percentage of "
       "the unmanaged peak (50%%), or P%%act: the unmanaged peak less (100-P)%% of its activation peak (default 50%%act)")
