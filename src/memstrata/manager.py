@@ -59,6 +59,7 @@ from .runtime.nvme import check_directory
 from .runtime.pool import HostBufferPool
 from .runtime.streams import CopyContext
 from .trace.schema import Trace
+from .trace.units import out_of_place_activations, restore_inplace
 
 __all__ = ["Manager", "Report", "default_hierarchy", "parse_budget", "disabled_by_env"]
 
@@ -298,6 +299,10 @@ class Manager:
         self.enabled = (not disabled_by_env()) if enabled is None else bool(enabled)
         self.budget_spec = budget
         self._budget = parse_budget(budget)
+        # Activation modules run out of place while managed (same values; lets
+        # selective recompute keep normalisation outputs), restored by close().
+        # See [Note: why memstrata runs activations out of place] in trace/units.py.
+        self._out_of_place = out_of_place_activations(model) if self.enabled else []
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.warmup_steps = int(warmup_steps)
@@ -437,6 +442,8 @@ class Manager:
                 st.runtime = None
         if self._pool is not None:
             self._pool.clear()
+        restore_inplace(self._out_of_place)
+        self._out_of_place = []
         self._closed = True
 
     def __enter__(self) -> "Manager":

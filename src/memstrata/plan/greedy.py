@@ -59,6 +59,7 @@ from typing import Iterable
 import numpy as np
 
 from ..hardware import Hierarchy
+from ..trace.sac import sac_cacheable_ops
 from ..trace.schema import UnitRecord
 from ..simulate import Offload, TraceIndex, _Result, run
 
@@ -185,6 +186,10 @@ def unit_modes(ix: TraceIndex, hierarchy: Hierarchy) -> dict[int, list[tuple[int
                 m = light_save_ops(ix, u.index, keep)
                 if m and len(m) < nops:
                     cands.append(m)
+        # Only ops whose outputs SAC can really cache may be saved (trace/sac.py): the
+        # runtime re-runs the others, so the plan must charge their time too.
+        cacheable = sac_cacheable_ops(ix.trace, u)
+        cands = list(dict.fromkeys(tuple(j for j in m if j in cacheable) for m in cands))
         seen: dict[tuple[int, ...], tuple[tuple[int, ...], int, float]] = {}  # dropped set -> (mode, bytes, time)
         for m in cands:
             eff = ix.unit_effect(u.index, m, frozenset(u.inputs))

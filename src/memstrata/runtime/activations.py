@@ -119,6 +119,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..hardware import Hierarchy
 from ..plan.schema import Plan, UnitDecision
 from ..trace.schema import Trace, UnitRecord
+from ..trace.sac import is_inplace_op, sac_cacheable_ops
 from ..trace.units import find_units
 from .errors import NVMeIOError, UnrecomputableUnitError
 from .memory import heap_in_use
@@ -134,13 +135,6 @@ _CKPT_KW: dict[str, Any] = {}
 if "respect_saved_tensors_hooks" in inspect.signature(_ckpt.checkpoint).parameters:
     # Tensors SAC keeps stay in tier 0 (legacy behaviour), as the plan assumes.
     _CKPT_KW["respect_saved_tensors_hooks"] = False
-
-
-def is_inplace_op(name: str) -> bool:
-    """'aten.relu_.default' -> True; 'aten.relu.default' -> False."""
-    parts = name.split(".")
-    base = parts[1] if len(parts) > 1 else parts[0]
-    return base.endswith("_") and not base.endswith("__")
 
 
 def tier_action(hierarchy: Hierarchy, tier: str | None) -> int:
@@ -485,27 +479,16 @@ class ActivationRuntime:
         `add_`, a parameter view: updated by the next step), or when a later
         forward op writes an output in place.
         """
-        ops, storages = self.trace.ops, self.trace.storages
-        written_later: dict[int, int] = {}
-        for op in ops[u.first_op : self.trace.forward_end + 1]:
-            if is_inplace_op(op.name):
-                for s in op.outputs:
-                    written_later[s] = max(written_later.get(s, -1), op.index)
+        cacheable = sac_cacheable_ops(self.trace, u)
         want = set(save_ops)
         names: list[str] = []
         pos: set[int] = set()
         dropped = 0
-        for op in ops[u.first_op : u.last_op + 1]:
+        for op in self.trace.ops[u.first_op : u.last_op + 1]:
             if op.name in _SAC_IGNORED:
                 continue
             if op.index in want:
-                ok = (
-                    not is_inplace_op(op.name)
-                    and bool(op.outputs)
-                    and not any(storages[s].persistent or storages[s].kind in ("parameter", "buffer") for s in op.outputs)
-                    and not any(written_later.get(s, -1) > op.index for s in op.outputs)
-                )
-                if ok:
+                if op.index in cacheable:
                     pos.add(len(names))
                 else:
                     dropped += 1

@@ -746,11 +746,15 @@ def trace_model(
     profile: Hierarchy | str = "h200",
     dtype: torch.dtype = torch.float32,
     num_classes: int = 1000,
+    inplace_activations: bool = False,
 ) -> Trace:
     """Trace one SGD-momentum training step of a torchvision classifier on `meta`.
 
     Nothing is allocated: the model, the batch (batch x 3 x res x res) and the
     optimizer states are meta tensors, op times come from `profile`'s roofline.
+    Activations run out of place, as under `memstrata.Manager` (see [Note: why
+    memstrata runs activations out of place] in units.py), unless
+    `inplace_activations=True` (the model exactly as torchvision builds it).
 
     >>> t = trace_model("resnet18", 8, 64, "h200")
     >>> t.mode, t.device, t.batch_size
@@ -768,6 +772,10 @@ def trace_model(
     assert hierarchy is not None
     model = _build_on_meta(lambda: torchvision.models.get_model(name, weights=None, num_classes=num_classes))
     model = model.to(dtype=dtype).train()
+    if not inplace_activations:
+        from .units import out_of_place_activations
+
+        out_of_place_activations(model)
     x = torch.empty(batch, 3, res, res, device="meta", dtype=dtype)
     y = torch.empty(batch, device="meta", dtype=torch.long)
     # On CUDA, SGD defaults to the multi-tensor (foreach) kernels; mirror the

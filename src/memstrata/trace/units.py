@@ -45,3 +45,37 @@ def find_units(model: nn.Module, max_depth: int = 8) -> list[tuple[str, nn.Modul
 
     walk("", model, 0, True)
     return units
+
+
+# Activation modules whose `inplace` flag only chooses between writing into the
+# input or into a new tensor: the values are identical either way.
+_INPLACE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU,
+                        nn.Mish, nn.Hardtanh, nn.CELU, nn.SELU, nn.Threshold)
+
+
+def out_of_place_activations(model: nn.Module) -> list[nn.Module]:
+    """Turn in-place activation modules into out-of-place ones; return those changed.
+
+    [Note: why memstrata runs activations out of place]
+    Selective recomputation keeps the outputs of chosen ops by reference, and
+    refuses (rightly) an output that a later op overwrote in place.  With
+    `ReLU(inplace=True)` after every BatchNorm, no BatchNorm output could be
+    kept, so keeping it would force re-running the BatchNorm, and the cheap
+    "keep the convolution, re-run the normalisation" plans would not exist.
+    Out of place, the activation writes a new tensor and the BatchNorm output
+    dies right after it (nothing else saves it), so memory stays the same and
+    values are bit-identical.  The tracer and the runtime apply the same change,
+    so the trace describes the model exactly as it runs; `restore_inplace`
+    undoes it.
+    """
+    changed = []
+    for m in model.modules():
+        if isinstance(m, _INPLACE_ACTIVATIONS) and getattr(m, "inplace", False):
+            m.inplace = False
+            changed.append(m)
+    return changed
+
+
+def restore_inplace(modules: list[nn.Module]) -> None:
+    for m in modules:
+        m.inplace = True
