@@ -99,3 +99,15 @@ def test_transfer_time_and_budget_view():
     assert h.index("nvme") == 2
     with pytest.raises(KeyError):
         h.tier("tape")
+
+
+def test_parse_budget_text_is_the_one_budget_parser():
+    from memstrata.hardware import parse_budget_text
+
+    assert parse_budget_text("50%") == (0.5, None)
+    assert parse_budget_text(" 12GiB ") == (None, 12 * 1024**3)
+    assert parse_budget_text("250%", max_percent=1000) == (2.5, None)
+    for bad, msg in [("lots", "malformed budget"), ("150%", r"\(0, 100\]"), ("0%", r"\(0, 100\]"),
+                     ("x%", "malformed budget"), ("0", "> 0 bytes")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_budget_text(bad)

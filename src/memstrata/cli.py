@@ -66,20 +66,11 @@ def parse_budget(text: str, unmanaged_peak: int | None = None) -> tuple[int | No
 
     ValueError on a malformed size or a non-positive budget.
     """
-    from .hardware import parse_size
+    from .hardware import parse_budget_text
 
-    t = str(text).strip()
-    if t.endswith("%"):
-        try:
-            frac = float(t[:-1]) / 100.0
-        except ValueError:
-            raise ValueError(f"malformed budget {text!r}: expected a size such as 12GiB or a percentage such as 50%") from None
-        if not frac > 0:
-            raise ValueError(f"budget must be > 0%, got {text!r}")
+    frac, n = parse_budget_text(text, max_percent=float("inf"))
+    if frac is not None:
         return (None if unmanaged_peak is None else int(frac * unmanaged_peak)), frac
-    n = parse_size(t)
-    if n <= 0:
-        raise ValueError(f"budget must be > 0 bytes, got {text!r}")
     return n, None
 
 

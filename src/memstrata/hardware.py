@@ -315,6 +315,30 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def parse_budget_text(text: str, max_percent: float = 100.0) -> tuple[float | None, int | None]:
+    """A budget as written by a user: '50%' -> (0.5, None); '12GiB' -> (None, bytes).
+
+    One parser for the CLI, the Manager and the benchmark.  ValueError on a
+    malformed size, a percentage outside (0, max_percent], or 0 bytes.
+    """
+    t = str(text).strip()
+    if t.endswith("%"):
+        try:
+            pct = float(t[:-1])
+        except ValueError:
+            raise ValueError(f"malformed budget {text!r}: expected a size such as 12GiB or a percentage such as 50%") from None
+        if not 0 < pct <= max_percent:
+            raise ValueError(f"budget percentage must be in (0, {max_percent:g}], got {text!r}")
+        return pct / 100.0, None
+    try:
+        n = parse_size(t)
+    except ValueError as e:
+        raise ValueError(f"malformed budget {text!r}: {e}") from None
+    if n <= 0:
+        raise ValueError(f"budget must be > 0 bytes, got {text!r}")
+    return None, n
+
+
 def format_size(nbytes: float) -> str:
     """Human-readable binary size: 1536 -> '1.50 KiB'."""
     n = float(nbytes)

@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .hardware import Hierarchy, format_size, parse_size, profile
+from .hardware import Hierarchy, format_size, parse_budget_text, profile
 from .plan.schema import Plan
 from .runtime.activations import ActivationRuntime, StepStats
 from .runtime.nvme import check_directory
@@ -81,19 +81,9 @@ def parse_budget(budget: int | float | str | Callable[[Trace], int]) -> tuple[st
         if budget <= 0:
             raise ValueError(f"budget must be > 0 bytes, got {budget}")
         return "bytes", float(budget)
-    if isinstance(budget, str) and budget.strip().endswith("%"):
-        try:
-            pct = float(budget.strip()[:-1])
-        except ValueError:
-            raise ValueError(f"malformed budget {budget!r}: expected e.g. '50%'") from None
-        if not 0 < pct <= 100:
-            raise ValueError(f"budget percentage must be in (0, 100], got {budget!r}")
-        return "fraction", pct / 100.0
     if isinstance(budget, str):
-        n = parse_size(budget)
-        if n <= 0:
-            raise ValueError(f"budget must be > 0 bytes, got {budget!r}")
-        return "bytes", float(n)
+        frac, n = parse_budget_text(budget)
+        return ("fraction", frac) if frac is not None else ("bytes", float(n))
     raise ValueError(f"budget must be bytes (int), a size ('12GiB') or a percentage ('50%'), got {budget!r}")
 
 

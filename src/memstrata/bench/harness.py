@@ -156,24 +156,12 @@ def activation_peak_bytes(cfg: "BenchConfig") -> int:
 
 def parse_budget(text: str) -> tuple[float | None, int | None]:
     """'50%' -> (0.5, None); '12GiB' -> (None, bytes)."""
-    from memstrata.hardware import parse_size
+    from memstrata.hardware import parse_budget_text
 
-    t = str(text).strip()
-    if t.endswith("%"):
-        try:
-            pct = float(t[:-1])
-        except ValueError:
-            raise BenchInputError(f"malformed budget {text!r}: expected a size such as 512MiB or a percentage such as 50%") from None
-        if not 0 < pct <= 1000:
-            raise BenchInputError(f"budget percentage must be in (0, 1000], got {text!r}")
-        return pct / 100.0, None
     try:
-        size = parse_size(t)
+        return parse_budget_text(text, max_percent=1000.0)
     except ValueError as e:
-        raise BenchInputError(f"malformed budget {text!r}: {e}") from None
-    if size <= 0:
-        raise BenchInputError(f"budget must be positive, got {text!r}")
-    return None, size
+        raise BenchInputError(str(e)) from None
 
 
 def _classification_models() -> list[str]:
