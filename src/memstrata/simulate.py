@@ -458,6 +458,8 @@ def run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int
     cur_ev = -1
     cursor = 0.0
     traffic = 0
+    # compute seconds per byte for a copy between tier 0 and tier ti (every hop in between)
+    host_cost = [sum(tiers[i].host_cost_per_byte for i in range(1, ti + 1)) for ti in range(len(tiers))]
     for ev, phase, key, _ in items:
         if ev != cur_ev:
             cur_ev = ev
@@ -478,7 +480,7 @@ def run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int
                 traffic += b
             up_hops[sid] = hops  # order: deepest tier first
             arrival[sid] = t
-            cpu = sum(tiers[i].host_cost_per_byte for i in range(ti, 0, -1)) * b
+            cpu = host_cost[ti] * b
             if cpu > 0:  # the copy runs on the compute cores: it delays compute (counted as stall)
                 cursor += cpu
                 X += cpu
@@ -521,8 +523,8 @@ def run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int
                 traffic += b
             down_hops[sid] = hops  # order: tier 1 first
             down_end[sid] = t
-            cpu = sum(tiers[i].host_cost_per_byte for i in range(1, ti + 1)) * b
-            if cpu > 0:  # see the prefetch case above
+            cpu = host_cost[ti] * b
+            if cpu > 0:  # the copy runs on the compute cores (see the prefetch case): later work moves
                 cursor += cpu
                 X += cpu
                 stall_time += cpu

@@ -43,7 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .harness import BenchProgress
+from .harness import BenchInputError, BenchProgress, _int
 
 __all__ = ["DATA_SCENARIOS", "add_data_bench_arguments", "run_data_scenario", "gpu_check", "main",
            "DataBenchInputError"]
@@ -67,7 +67,7 @@ CONTENDERS = {"loader": ("memstrata", "torchvision"), "data-train": ("memstrata"
               "cache-policy": ("belady", "lru")}
 
 
-class DataBenchInputError(ValueError):
+class DataBenchInputError(BenchInputError):
     """Bad command-line input: one line on stderr, exit status 2."""
 
 
@@ -112,16 +112,6 @@ def add_data_bench_arguments(parser: argparse.ArgumentParser) -> None:
     a("--log-dir", default=None, metavar="DIR", help="keep every run's spec, result and log here")
     a("--run-timeout", default="900", help="kill a run after this many seconds (default 900)")
     a("--quiet", action="store_true", help="no progress display")
-
-
-def _int(name: str, text: Any, lo: int = 1) -> int:
-    try:
-        v = int(str(text))
-    except ValueError:
-        raise DataBenchInputError(f"--{name} must be an integer, got {text!r}") from None
-    if v < lo:
-        raise DataBenchInputError(f"--{name} must be >= {lo}, got {v}")
-    return v
 
 
 def usable_cores() -> int:
@@ -786,7 +776,7 @@ def run_data_scenario(args: argparse.Namespace) -> int:
     """
     try:
         cfg = config_from_args(args)
-    except DataBenchInputError as e:
+    except BenchInputError as e:
         return _error(str(e))
     console = _console()
     t0 = time.perf_counter()
@@ -866,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     add_data_bench_arguments(p)
     try:
         args = p.parse_args(argv)
-    except DataBenchInputError as e:
+    except BenchInputError as e:
         return _error(str(e))
     return run_data_scenario(args)
 
