@@ -132,11 +132,11 @@ def test_forced_kind_bit_exact(model_name, kind, tmp_path):
 
 @pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v3_small", "densenet"])
 def test_planner_plan_bit_exact(model_name, tmp_path):
-    """A plan from the planner, at a budget between its minimum and the unmanaged peak."""
+    """A plan from the planner, at a budget halfway between its minimum and the unmanaged peak."""
     base, x, y, ref, trace = setup_model(model_name)
     h = cpu_hierarchy(tmp_path)
     lo, hi = minimum_budget(trace, h), trace.observed_peak
-    budget = lo + (hi - lo) // 3
+    budget = (lo + hi) // 2  # margin: the Manager re-traces, and the minimum moves with measured op times
     model = copy.deepcopy(base)
     mgr = Manager(model, budget=budget, nvme_dir=tmp_path, warmup_steps=0)
     try:

@@ -205,7 +205,7 @@ def test_budget_honoured_on_cpu(tmp_path, monkeypatch):
     train_steps(keep_rt.model, x, y, steps=2, step_ctx=keep_rt.step)
     keep_peak = keep_rt.last_stats.heap_peak_bytes
     lo, hi = minimum_budget(tr, h), tr.observed_peak
-    budget = lo + (hi - lo) // 3
+    budget = (lo + hi) // 2  # margin: the Manager re-traces, and the minimum moves with measured op times
     model = copy.deepcopy(base)
     mgr = Manager(model, budget=budget, nvme_dir=tmp_path, warmup_steps=1)
     train_steps(model, x, y, steps=4, step_ctx=lambda: mgr.step(x))
