@@ -27,13 +27,7 @@ from memstrata.trace.record import trace_step
 STEPS = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CPU box is shared: OpenMP with 2 threads on 2 busy cores runs 10-50x slower than 1 thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KINDS = ("keep", "host", "nvme", "recompute", "selective", "mixed")
 

@@ -19,12 +19,7 @@ from memstrata.simulate import simulate
 from memstrata.trace.record import trace_model, trace_step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny() -> nn.Module:

@@ -43,7 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .harness import BenchInputError, BenchProgress, _int
+from .harness import BenchInputError, BenchProgress, _int, resolve_device
 
 __all__ = ["DATA_SCENARIOS", "add_data_bench_arguments", "run_data_scenario", "gpu_check", "main",
            "DataBenchInputError"]
@@ -132,15 +132,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     scenario = g("scenario")
     if scenario not in DATA_SCENARIOS:
         raise DataBenchInputError(f"--scenario must be one of {', '.join(DATA_SCENARIOS)}, got {scenario!r}")
-    device = str(g("device") or "auto").lower()
-    if device not in ("auto", "cpu", "cuda"):
-        raise DataBenchInputError(f"--device must be auto, cpu or cuda, got {device!r}")
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise DataBenchInputError("--device cuda, but CUDA is not available on this machine")
+    device = resolve_device(g("device"), DataBenchInputError)
     d = DEFAULTS[(scenario, device)]
     cfg: dict[str, Any] = {"scenario": scenario, "device": device}
     cfg["images"] = _int("images", g("images") or d["images"])

@@ -170,17 +170,24 @@ def _classification_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    g = lambda k, d=None: getattr(args, k, d)  # noqa: E731
-    device = str(g("device", "auto") or "auto").lower()
+def resolve_device(text: str | None, error: type[Exception] | None = None) -> str:
+    """--device auto|cpu|cuda -> "cpu" or "cuda"; `error` (BenchInputError) on bad input."""
+    error = error or BenchInputError
+    device = str(text or "auto").lower()
     if device not in ("auto", "cpu", "cuda"):
-        raise BenchInputError(f"--device must be auto, cpu or cuda, got {device!r}")
+        raise error(f"--device must be auto, cpu or cuda, got {device!r}")
     import torch
 
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise BenchInputError("--device cuda, but CUDA is not available on this machine")
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise error("--device cuda, but CUDA is not available on this machine")
+    return device
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    g = lambda k, d=None: getattr(args, k, d)  # noqa: E731
+    device = resolve_device(g("device", "auto"))
     d = CUDA_DEFAULTS if device == "cuda" else CPU_DEFAULTS
 
     model = g("model") or d["model"]
