@@ -9,16 +9,19 @@
 # Without OUT, results go to bench/results/<date>-<gpu>/.
 #
 # Files written (at most 8, the device runner brings back only 8):
-#   env.json                date, GPU, torch, git commit, and each part's exit status and seconds
-#   gpu_tests.log           pytest -m gpu output
-#   resnet50.json/.log      bench result list and its console output (table)
-#   efficientnet_b0.json/.log
+#   env.json                date, GPU, torch, git commit, each part's exit status and seconds,
+#                           and `memstrata probe --json` of this machine (measured tiers)
+#   gpu_tests.log           pytest -m gpu output (and the data part's console output)
+#   bench.log               both models' bench console output (tables)
+#   resnet50.json, efficientnet_b0.json   bench result lists
 #   resnet50.png            bar chart
 #   data_train.json         loader vs torchvision vs synthetic-on-GPU, ResNet-50 epoch-2 images/s
+#   worker_logs.tar.gz      every bench run's spec, result and log (tracebacks of failed runs)
 #
-# Knobs (environment): PYTHON (default: the first of python3, python, .venv/bin/python with torch), REPEATS (2), STEPS (5), WARMUP (1),
-# BATCH (256), RES (224), BUDGET (50%), T_TESTS (100 s), T_BENCH (130 s per model), T_DATA (100 s),
-# MAX_RUN_S (5: cap on one run's timed steps), RUN_TIMEOUT (60 s per run), DEVICE (cuda; cpu for a smoke test).
+# Knobs (environment): PYTHON (default: the first of python3, python, .venv/bin/python with torch), REPEATS (2), STEPS (8), WARMUP (2),
+# BATCH (256), RES (224), BUDGET (50%), T_TESTS (90 s), T_PROBE (25 s), T_BENCH (150 s, ResNet-50), T_BENCH2 (110 s,
+# EfficientNet-B0), T_DATA (60 s), MAX_RUN_S (3: cap on one run's timed steps), RUN_TIMEOUT (50 s per run),
+# CONTENDERS (all but disk_offload_hooks: on a GPU save_on_cpu is the offload peer), DEVICE (cuda; cpu for a smoke test).
 set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,10 +37,11 @@ fi
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-REPEATS="${REPEATS:-2}"; STEPS="${STEPS:-5}"; WARMUP="${WARMUP:-1}"
+REPEATS="${REPEATS:-2}"; STEPS="${STEPS:-8}"; WARMUP="${WARMUP:-2}"
 BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
-T_TESTS="${T_TESTS:-100}"; T_BENCH="${T_BENCH:-130}"; T_DATA="${T_DATA:-100}"
-MAX_RUN_S="${MAX_RUN_S:-5}"; RUN_TIMEOUT="${RUN_TIMEOUT:-60}"
+T_TESTS="${T_TESTS:-90}"; T_PROBE="${T_PROBE:-25}"; T_BENCH="${T_BENCH:-150}"; T_BENCH2="${T_BENCH2:-110}"; T_DATA="${T_DATA:-60}"
+MAX_RUN_S="${MAX_RUN_S:-3}"; RUN_TIMEOUT="${RUN_TIMEOUT:-50}"
+CONTENDERS="${CONTENDERS:-unmanaged,memstrata,checkpoint,selective_checkpoint,save_on_cpu,microbatch}"
 
 GPU_NAME="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu")' 2>/dev/null || echo unknown)"
 if [ -z "${OUT:-}" ]; then
@@ -46,7 +50,8 @@ if [ -z "${OUT:-}" ]; then
 fi
 mkdir -p "$OUT"
 NVME="$(mktemp -d "${TMPDIR:-/tmp}/memstrata-gpu-check-nvme.XXXXXX")"
-trap 'rm -rf "$NVME"' EXIT
+LOGS="$(mktemp -d "${TMPDIR:-/tmp}/memstrata-gpu-check-logs.XXXXXX")"
+trap 'rm -rf "$NVME" "$LOGS"' EXIT
 
 PARTS=""   # "name rc seconds;" entries for env.json
 
@@ -63,7 +68,7 @@ part() {   # part NAME TIMEOUT_S LOGFILE CMD...
 }
 
 write_env() {
-    PARTS="$PARTS" OUT="$OUT" "$PY" - <<'EOF' || echo '{"error": "could not write env.json"}' >"$OUT/env.json"
+    PARTS="$PARTS" OUT="$OUT" PROBE="$LOGS/probe.json" "$PY" - <<'EOF' || echo '{"error": "could not write env.json"}' >"$OUT/env.json"
 import datetime, json, os, platform, subprocess
 def sh(*cmd):
     try:
@@ -90,6 +95,11 @@ except Exception as e:
 env["git_commit"] = sh("git", "rev-parse", "HEAD") or "unknown"
 env["git_dirty"] = bool(sh("git", "status", "--porcelain", "--untracked-files=no"))
 env["driver"] = sh("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+try:
+    with open(os.environ["PROBE"]) as f:
+        env["probe"] = json.load(f)
+except (OSError, ValueError) as e:
+    env["probe"] = f"unavailable ({type(e).__name__})"
 env["parts"] = [{"name": n, "exit": int(rc), "seconds": int(sec), "ok": rc == "0"}
                 for n, rc, sec in (p.split() for p in os.environ["PARTS"].split(";") if p.strip())]
 with open(os.path.join(os.environ["OUT"], "env.json"), "w") as f:
@@ -103,7 +113,13 @@ echo "memstrata gpu_check: $GPU_NAME -> $OUT"
 # 1. GPU test tier.  --continue-on-collection-errors: a CPU-only test module that
 #    cannot import here (a missing dev package) must not hide the GPU tests.
 part gpu_tests "$T_TESTS" "$OUT/gpu_tests.log" \
-    "$PY" -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors -o addopts="" tests
+    "$PY" -m pytest -q -rfEs -p no:cacheprovider -m gpu --continue-on-collection-errors -o addopts="" \
+    --timeout 60 tests
+
+# 1b. This machine's tiers, measured (PCIe both ways, HBM, NVMe at $NVME): what the
+#     profiles assume vs what is here.  Folded into env.json.
+part probe "$T_PROBE" "$OUT/gpu_tests.log" \
+    bash -c '"$0" -m memstrata.cli probe --nvme "$1" --json >"$2"' "$PY" "$NVME" "$LOGS/probe.json"
 
 # 2-3. The benchmark.  `memstrata bench` through the CLI when it is registered there.
 if "$PY" -m memstrata.cli bench --help >/dev/null 2>&1; then
@@ -112,20 +128,22 @@ else
     BENCH=("$PY" -m memstrata.bench)
 fi
 for model in resnet50 efficientnet_b0; do
-    part "bench_$model" "$T_BENCH" "$OUT/$model.log" \
+    limit="$T_BENCH"; [ "$model" = efficientnet_b0 ] && limit="$T_BENCH2"
+    part "bench_$model" "$limit" "$OUT/bench.log" \
         "${BENCH[@]}" --model "$model" --batch "$BATCH" --res "$RES" --amp bf16 --device "${DEVICE:-cuda}" \
-        --budget "$BUDGET" --repeats "$REPEATS" --steps "$STEPS" --warmup "$WARMUP" \
+        --budget "$BUDGET" --repeats "$REPEATS" --steps "$STEPS" --warmup "$WARMUP" --contenders "$CONTENDERS" \
         --max-seconds "$MAX_RUN_S" --run-timeout "$RUN_TIMEOUT" --nvme "$NVME" --quiet \
-        --json "$OUT/$model.json" $( [ "$model" = resnet50 ] && echo --plot "$OUT/$model.png" )
+        --log-dir "$LOGS/$model" --json "$OUT/$model.json" $( [ "$model" = resnet50 ] && echo --plot "$OUT/$model.png" )
 done
 
 # 4. The data side (issue: tiered sample store): ResNet-50 epoch-2 images/s with the
 #    memstrata loader vs torchvision's, and vs synthetic tensors already on the GPU
 #    (the ceiling).  Its console output goes to gpu_tests.log (8 files come back at most).
 part data_train "$T_DATA" "$OUT/gpu_tests.log" \
-    "${BENCH[@]}" --scenario data-train --device "${DEVICE:-cuda}" --epochs 2 --images 4096 --quiet \
+    "${BENCH[@]}" --scenario data-train --device "${DEVICE:-cuda}" --epochs 2 --images 2048 --quiet \
     --json "$OUT/data_train.json"
 
+tar -czf "$OUT/worker_logs.tar.gz" -C "$LOGS" . 2>/dev/null || true
 write_env
 echo "memstrata gpu_check: done; parts: $PARTS"
 ls -l "$OUT"

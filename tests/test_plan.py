@@ -172,3 +172,24 @@ def test_real_resnet50_half_peak_quality(dtype):
                                        "plans; BatchNorm outputs mutated by `out += identity` cannot be kept by SAC")
 def test_real_resnet50_half_peak_within_115():
     assert _real_resnet50_ratio("float32") <= 1.15
+
+
+def test_prefetch_scheduling_drops_offloads_nothing_reads_later():
+    """A move can take away an offload's only later reader (the recompute of a unit it stopped
+    recomputing); rescheduling must drop that offload (keeping is exact), not fail."""
+    from memstrata.plan.greedy import State, schedule_prefetches
+    from memstrata.simulate import TraceIndex, run
+
+    tr, h, _, budget = case(3, 0.5, roomy=True)
+    ix = TraceIndex(tr)
+    sids = [s for s in range(len(tr.storages)) if ix.offloadable[s] and len(ix.accesses[s]) >= 2]
+    assert len(sids) >= 2
+    dead, live = sids[0], sids[1]
+    st_ = State()
+    st_.offloads[dead] = (1, int(ix.accesses[dead][-1]), int(ix.accesses[dead][-1]))  # no reader after eviction
+    st_.offloads[live] = (1, int(ix.accesses[live][0]), int(ix.accesses[live][1]))
+    res = run(ix, h, budget, {live: st_.offloads[live]}, {})
+    schedule_prefetches(ix, h, st_, res)
+    assert dead not in st_.offloads
+    ti, ev, pf = st_.offloads[live]
+    assert ev < pf <= int(ix.accesses[live][1])

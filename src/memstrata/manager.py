@@ -170,7 +170,7 @@ class _ShapeState:
     predicted_seconds: float | None = None
     predicted_peak: int | None = None
     plan_seconds: float = 0.0
-    warmup_seconds: float | None = None  # wall time of the last plain (untraced) step of this shape
+    warmup_seconds: float | None = None  # wall time of the fastest plain (untraced) step of this shape
     time_scale: float = 1.0  # untraced / traced step time, applied to the trace's op durations
 
 
@@ -360,7 +360,9 @@ class Manager:
         if st.runtime is None and n < self.warmup_steps:
             with self._measure(index, st, "warmup"):
                 yield
-            st.warmup_seconds = self._steps[-1].seconds
+            # the fastest plain step: the first one of a process also pays one-off set-up costs
+            t = self._steps[-1].seconds
+            st.warmup_seconds = t if st.warmup_seconds is None else min(st.warmup_seconds, t)
         elif st.runtime is None:
             from .trace.record import record_step
 

@@ -376,7 +376,11 @@ class Memstrata(Contender):
         if ctx.unmanaged_peak_bytes:
             self._reduction = max(0, int(ctx.unmanaged_peak_bytes) - int(ctx.budget_bytes))
             budget = lambda trace, r=self._reduction: max(1, int(trace.observed_peak) - r)  # noqa: E731
-        self._mgr = Manager(m, budget=budget, nvme_dir=ctx.nvme_dir, warmup_steps=1,
+        # On CUDA the first step of a process pays one-off costs (cuDNN/cuBLAS set-up, lazy
+        # module loading); the Manager calibrates op times to its last warm-up step, so it
+        # gets a second one there.
+        warmup = 2 if ctx.device.type == "cuda" else 1
+        self._mgr = Manager(m, budget=budget, nvme_dir=ctx.nvme_dir, warmup_steps=warmup,
                             model_name=type(m).__name__)
         self.setup_steps = self._mgr.warmup_steps + 1  # warm-up, then the trace-and-plan step
 

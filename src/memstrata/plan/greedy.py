@@ -253,9 +253,15 @@ def schedule_prefetches(ix: TraceIndex, hierarchy: Hierarchy, st: State, res: _R
     n = ix.n
     units = st.units
     items = []
-    for sid, (ti, ev, _) in st.offloads.items():
+    for sid, (ti, ev, _) in list(st.offloads.items()):
         acc = accesses_with(ix, sid, units)
         k = bisect.bisect_right(acc, ev)
+        if k >= len(acc):
+            # Nothing reads it after the eviction any more: its only later reader was the
+            # recompute of a unit that a move just stopped recomputing.  Keeping is exact and
+            # costs nothing (the storage dies at its last access).
+            del st.offloads[sid]
+            continue
         need = acc[k]
         items.append((need, sid, ti, ev))
     items.sort(reverse=True)
