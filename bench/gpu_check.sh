@@ -92,7 +92,8 @@ try:
     env["torchvision"] = torchvision.__version__
 except Exception as e:
     env["torchvision_error"] = repr(e)
-env["git_commit"] = sh("git", "rev-parse", "HEAD") or "unknown"
+# GIT_COMMIT: for copies of the tree without .git (the device runner sends no history)
+env["git_commit"] = os.environ.get("GIT_COMMIT") or sh("git", "rev-parse", "HEAD") or "unknown"
 env["git_dirty"] = bool(sh("git", "status", "--porcelain", "--untracked-files=no"))
 env["driver"] = sh("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
 try:
