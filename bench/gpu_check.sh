@@ -21,7 +21,8 @@
 # Knobs (environment): PYTHON (default: the first of python3, python, .venv/bin/python with torch), REPEATS (2), STEPS (8), WARMUP (2),
 # BATCH (256), RES (224), BUDGET (50%), T_TESTS (90 s), T_PROBE (25 s), T_BENCH (150 s, ResNet-50), T_BENCH2 (110 s,
 # EfficientNet-B0), T_DATA (60 s), MAX_RUN_S (3: cap on one run's timed steps), RUN_TIMEOUT (50 s per run),
-# CONTENDERS (all but disk_offload_hooks: on a GPU save_on_cpu is the offload peer), DEVICE (cuda; cpu for a smoke test).
+# CONTENDERS (all but disk_offload_hooks: on a GPU save_on_cpu is the offload peer), CONTENDERS2 (EfficientNet-B0's;
+# default CONTENDERS), DEVICE (cuda; cpu for a smoke test).  A part whose T_* is 0 is skipped.
 set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -42,6 +43,7 @@ BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
 T_TESTS="${T_TESTS:-90}"; T_PROBE="${T_PROBE:-25}"; T_BENCH="${T_BENCH:-150}"; T_BENCH2="${T_BENCH2:-110}"; T_DATA="${T_DATA:-60}"
 MAX_RUN_S="${MAX_RUN_S:-3}"; RUN_TIMEOUT="${RUN_TIMEOUT:-50}"
 CONTENDERS="${CONTENDERS:-unmanaged,memstrata,checkpoint,selective_checkpoint,save_on_cpu,microbatch}"
+CONTENDERS2="${CONTENDERS2:-$CONTENDERS}"
 
 GPU_NAME="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu")' 2>/dev/null || echo unknown)"
 if [ -z "${OUT:-}" ]; then
@@ -58,6 +60,7 @@ PARTS=""   # "name rc seconds;" entries for env.json
 part() {   # part NAME TIMEOUT_S LOGFILE CMD...
     local name="$1" limit="$2" log="$3"; shift 3
     local t0 rc
+    if [ "$limit" = 0 ]; then echo "== $name: skipped (timeout 0)" | tee -a "$log"; return; fi
     t0=$(date +%s)
     echo "== $name (timeout ${limit}s): $*" | tee -a "$log"
     timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
@@ -129,10 +132,11 @@ else
     BENCH=("$PY" -m memstrata.bench)
 fi
 for model in resnet50 efficientnet_b0; do
-    limit="$T_BENCH"; [ "$model" = efficientnet_b0 ] && limit="$T_BENCH2"
+    limit="$T_BENCH"; cont="$CONTENDERS"
+    [ "$model" = efficientnet_b0 ] && { limit="$T_BENCH2"; cont="$CONTENDERS2"; }
     part "bench_$model" "$limit" "$OUT/bench.log" \
         "${BENCH[@]}" --model "$model" --batch "$BATCH" --res "$RES" --amp bf16 --device "${DEVICE:-cuda}" \
-        --budget "$BUDGET" --repeats "$REPEATS" --steps "$STEPS" --warmup "$WARMUP" --contenders "$CONTENDERS" \
+        --budget "$BUDGET" --repeats "$REPEATS" --steps "$STEPS" --warmup "$WARMUP" --contenders "$cont" \
         --max-seconds "$MAX_RUN_S" --run-timeout "$RUN_TIMEOUT" --nvme "$NVME" --quiet \
         --log-dir "$LOGS/$model" --json "$OUT/$model.json" $( [ "$model" = resnet50 ] && echo --plot "$OUT/$model.png" )
 done

@@ -143,7 +143,8 @@ def test_gpu_race_hunt(kind, tmp_path):
     trace = trace_step(copy.deepcopy(base), x, y)
     h = default_hierarchy(torch.device("cuda"), str(tmp_path))
     plan = forced_plan(trace, kind, h)
-    assert len(plan.storages) > 100
+    # "mixed" recomputes some layers instead of offloading them: count both kinds of decision
+    assert len(plan.storages) + (len(plan.units) if kind == "mixed" else 0) > 100, plan.counts()
     for _ in range(3):
         model = copy.deepcopy(base)
         rt = ActivationRuntime(model, trace, plan, h)
@@ -183,9 +184,11 @@ def test_gpu_offload_frees_device_memory_and_budget_holds(tmp_path):
     budget = (minimum_budget(trace, h) + trace.observed_peak) // 2
     model = copy.deepcopy(base)
     mgr = Manager(model, budget=budget, nvme_dir=tmp_path, warmup_steps=1)
-    train_steps(model, x, y, steps=5, step_ctx=lambda: mgr.step(x))
+    # warm-up, trace, up to 12 tuning steps (their peaks may overshoot: that is what tuning corrects),
+    # then steps under the plan it kept
+    train_steps(model, x, y, steps=18, step_ctx=lambda: mgr.step(x))
     managed = [s for s in mgr.report()["steps"] if s["mode"] == "managed"]
-    assert managed
+    assert managed, [s["mode"] for s in mgr.report()["steps"]]
     for s in managed:
         assert s["peak_bytes"] <= budget + slack, (s["peak_bytes"], budget, slack)
     mgr.close()

@@ -294,3 +294,65 @@ def test_callable_budget_is_resolved_from_the_trace():
         x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,))
         with bad.step(x):
             nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _resnet18_case(tmp_path, frac=0.5, **kw):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x, y = data(n=8, res=64)
+    ref = train_steps(copy.deepcopy(model), x, y, steps=6)
+    h = default_hierarchy(torch.device("cpu"), str(tmp_path))
+
+    def budget(trace):  # a fraction of the way from the Manager's own trace's minimum to its peak
+        lo = minimum_budget(trace, h)
+        return int(lo + frac * (trace.observed_peak - lo))
+
+    mgr = Manager(model, budget=budget, nvme_dir=tmp_path, **kw)
+    return model, x, y, ref, mgr
+
+
+def test_tuning_measures_candidates_and_stays_exact(tmp_path):
+    """tune=True: the plan and (when it offloads) the recompute-only plan run for real; the
+    fastest that fits is kept; every step is exact."""
+    model, x, y, ref, mgr = _resnet18_case(tmp_path, tune=True, tune_steps=1)
+    train_steps(model, x, y, steps=6, step_ctx=lambda: mgr.step(x))
+    assert state_mismatches(ref, model) == []
+    rep = mgr.report()
+    (shape,) = rep["shapes"].values()
+    tun = shape["tuning"]
+    names = [t["name"] for t in tun["trials"]]
+    assert names[0] == "planned" and not tun["active"] and tun["chosen"] in names
+    if any(k.startswith("offload") for k in tun["trials"][0]["counts"]):
+        assert "recompute-only" in names
+        ro = tun["trials"][names.index("recompute-only")]
+        assert not any(k.startswith("offload") for k in ro["counts"])
+    best = min(tun["trials"], key=lambda t: t["measured_seconds"])  # CPU: speed alone decides
+    assert tun["chosen"] == best["name"]
+    modes = [s["mode"] for s in rep["steps"]]
+    assert modes[:2] == ["warmup", "trace"] and modes[2] == "managed (tuning)" and modes[-1] == "managed"
+    assert "tuning:" in str(rep)
+    mgr.close()
+
+
+def test_tuning_corrects_a_plan_whose_measured_peak_exceeds_the_budget(tmp_path):
+    """A measured peak over the budget re-plans at the budget less the overshoot (exact peaks: CUDA)."""
+    from memstrata.manager import StepRecord
+
+    model, x, y, _, mgr = _resnet18_case(tmp_path, frac=0.85, tune=True, tune_steps=1)
+    ref = train_steps(train_steps(copy.deepcopy(model), x, y, steps=2), x, y, steps=4)  # same split, same optimizers
+    train_steps(model, x, y, steps=2, step_ctx=lambda: mgr.step(x))  # warm-up, trace + plan
+    st = mgr._current
+    assert st.tuning and len(st.trials) == 1
+    budget = st.budget
+    mgr._cuda = True  # pretend the reading is an exact tier-0 peak
+    try:
+        over = int(0.05 * budget)
+        mgr._tune(st, StepRecord(0, "-", "managed", 0.1, peak_bytes=budget + over))
+    finally:
+        mgr._cuda = False
+    assert len(st.trials) == 2 and st.trials[1].name == "planned, corrected"
+    assert st.trials[1].budget == budget - over - int(0.02 * budget)
+    assert st.plan.budget == st.trials[1].budget and st.predicted_peak <= st.trials[1].budget
+    train_steps(model, x, y, steps=4, step_ctx=lambda: mgr.step(x))  # the corrected plan runs, exactly
+    assert state_mismatches(ref, model) == []
+    mgr.close()

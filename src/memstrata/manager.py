@@ -172,6 +172,33 @@ class _ShapeState:
     plan_seconds: float = 0.0
     warmup_seconds: float | None = None  # wall time of the fastest plain (untraced) step of this shape
     time_scale: float = 1.0  # untraced / traced step time, applied to the trace's op durations
+    # [Note: measured plan tuning] in Manager._tune
+    trials: list["_Trial"] = field(default_factory=list)  # plans run under measurement, in order
+    pending: list[tuple[str, Any]] = field(default_factory=list)  # (name, tiers) still to try
+    tuning: bool = False
+    chosen: str | None = None
+
+
+@dataclass
+class _Trial:
+    """One plan run for real while tuning: what it was predicted to do and what it did."""
+
+    name: str
+    plan: Plan
+    budget: int  # the budget this plan was made for (the shape's budget, less any correction)
+    tiers: Any  # None: every lower tier; (): recompute only
+    predicted_seconds: float | None
+    predicted_peak: int | None
+    seconds: list[float] = field(default_factory=list)
+    peaks: list[int] = field(default_factory=list)
+    corrections: int = 0
+
+    def summary(self, budget: int) -> dict[str, Any]:
+        peak = max(self.peaks) if self.peaks else None
+        return {"name": self.name, "plan_budget_bytes": self.budget, "counts": self.plan.counts(),
+                "predicted_seconds": self.predicted_seconds, "predicted_peak_bytes": self.predicted_peak,
+                "measured_seconds": min(self.seconds) if self.seconds else None, "measured_peak_bytes": peak,
+                "fits": None if peak is None else peak <= budget, "steps": len(self.seconds)}
 
 
 def calibrate_durations(trace: Trace, st: _ShapeState) -> Trace:
@@ -227,7 +254,7 @@ class Report(dict):
                 str(s["index"]), s["shape"], s["mode"], f"{s['seconds'] * 1e3:.1f}",
                 f"{s['predicted_seconds'] * 1e3:.1f}" if s.get("predicted_seconds") is not None else "-",
                 fmt(s.get("peak_bytes")), fmt(s.get("predicted_peak_bytes")), fmt(s.get("budget_bytes")),
-                offs if s["mode"] == "managed" else "-", str(st.get("recomputed_units", "-")) if st else "-",
+                offs if s["mode"].startswith("managed") else "-", str(st.get("recomputed_units", "-")) if st else "-",
                 "; ".join(notes),
             )
         console.print(t)
@@ -245,6 +272,15 @@ class Report(dict):
             console.print(d)
             for n in list(p.get("notes", ())) + list((sh.get("runtime") or {}).get("notes", ()))[:8]:
                 console.print(f"  {n}")
+            tun = sh.get("tuning")
+            if tun:
+                ms = lambda v: f"{v * 1e3:.1f} ms" if v is not None else "-"  # noqa: E731
+                for tr in tun["trials"]:
+                    fmt = lambda b: format_size(b) if b is not None else "-"  # noqa: E731
+                    console.print(f"  tuning: {tr['name']}: predicted {ms(tr['predicted_seconds'])}, "
+                                  f"{fmt(tr['predicted_peak_bytes'])}; measured {ms(tr['measured_seconds'])}, "
+                                  f"{fmt(tr['measured_peak_bytes'])} over {tr['steps']} step(s)")
+                console.print(f"  tuning: {'in progress' if tun['active'] else 'kept ' + str(tun['chosen'])}")
         return buf.getvalue()
 
     def __str__(self) -> str:  # noqa: D105
@@ -268,6 +304,10 @@ class Manager:
         enabled: False turns memstrata off; None reads MEMSTRATA_DISABLE.
         sync_timing: on CUDA, synchronize at the end of each step so the
             reported step time is real (default True).
+        tune: measure the plan for `tune_steps` managed steps, correct it when
+            its measured peak exceeds the budget, and try the recompute-only
+            plan too; keep the fastest that fits (default: on with CUDA, where
+            peaks are exact; see [Note: measured plan tuning] in `_tune`).
     """
 
     def __init__(
@@ -284,6 +324,8 @@ class Manager:
         sync_timing: bool = True,
         max_retraces: int = 2,
         model_name: str = "",
+        tune: bool | None = None,
+        tune_steps: int = 2,
     ) -> None:
         self.model = model
         self.enabled = (not disabled_by_env()) if enabled is None else bool(enabled)
@@ -314,8 +356,12 @@ class Manager:
         self.io_workers = io_workers
         self.sync_timing = bool(sync_timing)
         self.max_retraces = int(max_retraces)
+        if tune_steps < 1:
+            raise ValueError(f"tune_steps must be >= 1, got {tune_steps}")
+        self.tune_steps = int(tune_steps)
         self.model_name = model_name or type(model).__name__
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self.tune = self._cuda if tune is None else bool(tune)
         self._copy: CopyContext | None = None
         self._pool: HostBufferPool | None = None
         self._states: dict[tuple, _ShapeState] = {}
@@ -386,6 +432,9 @@ class Manager:
             if not self._cuda:
                 rec.peak_bytes = s.heap_peak_bytes
                 rec.peak_source = "CPU heap in use above step start (glibc mallinfo2, sampled)"
+            if st.tuning and not s.misaligned:
+                rec.mode = "managed (tuning)"
+                self._tune(st, rec)
             if s.misaligned and st.traces <= self.max_retraces:
                 # The step did not follow its trace (it kept everything: exact).  Trace again next time.
                 st.runtime.close()
@@ -411,6 +460,9 @@ class Manager:
                     "plan_seconds": st.plan_seconds,
                     "trace_time_scale": st.time_scale,
                 }
+            if st.trials:
+                d["tuning"] = {"active": st.tuning, "chosen": st.chosen,
+                               "trials": [t.summary(int(st.budget or 0)) for t in st.trials]}
             if st.runtime is not None:
                 d["runtime"] = st.runtime.describe()
             shapes[_key_str(key)] = d
@@ -483,13 +535,26 @@ class Manager:
         budget = self._budget_bytes(trace)
         st.budget = budget
         t0 = time.perf_counter()
-        if callable(self.planner):
-            plan = self.planner(trace, self.hierarchy, budget)
-        else:
-            from .plan.api import plan as make_plan
-
-            plan = make_plan(trace, self.hierarchy, budget, planner=self.planner)
+        plan = self._make_plan(trace, budget, None)
         st.plan_seconds = time.perf_counter() - t0
+        st.trials, st.pending, st.chosen = [], [], None
+        self._install(st, "planned", plan, budget, None)
+        st.tuning = self.tune and not callable(self.planner) and bool(plan.storages or plan.units)
+        if st.tuning and any(d.action == "offload" for d in plan.storages):
+            st.pending.append(("recompute-only", ()))  # also measure the plan that copies nothing
+
+    def _make_plan(self, trace: Trace, budget: int, tiers: Any) -> Plan:
+        if callable(self.planner):
+            return self.planner(trace, self.hierarchy, budget)
+        from .plan.api import plan as make_plan
+
+        return make_plan(trace, self.hierarchy, budget, planner=self.planner, tiers=tiers)
+
+    def _install(self, st: _ShapeState, name: str, plan: Plan, budget: int, tiers: Any, corrections: int = 0,
+                 *, record: bool = True) -> None:
+        """Make `plan` the shape's current plan: its predictions, a runtime, and (record) a trial."""
+        trace = st.trace
+        assert trace is not None
         st.plan = plan
         st.predicted_seconds = plan.predicted_step_time
         st.predicted_peak = dict(plan.predicted_peaks).get(self.hierarchy.fast.name)
@@ -505,7 +570,73 @@ class Manager:
         if self._copy is None:
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
-        st.runtime = ActivationRuntime(
+        runtime = ActivationRuntime(
             self.model, trace, plan, self.hierarchy, device=self.device, copy=self._copy, pool=self._pool,
             nvme_dir=self.nvme_dir, io_workers=self.io_workers,
         )
+        if st.runtime is not None:
+            st.runtime.close()
+        st.runtime = runtime
+        if record:
+            st.trials.append(_Trial(name, plan, budget, tiers, st.predicted_seconds, st.predicted_peak,
+                                    corrections=corrections))
+
+    def _tune(self, st: _ShapeState, rec: StepRecord) -> None:
+        """Measure the plan, correct it, try the alternative, keep the best.
+
+        [Note: measured plan tuning]
+        The planner's model of the machine is never exact: copy and recompute
+        costs on a real GPU, allocator slack and stream-ordered frees that the
+        simulator does not see.  So the first managed steps of a shape measure
+        each plan for `tune_steps` steps (the fastest counts: a runtime's first
+        step also fills the pinned buffer pool):
+
+        1. a peak over the budget (CUDA: `max_memory_allocated`, exact) ->
+           re-plan at the plan's budget less the overshoot and 2% of the budget,
+           at most twice per candidate;
+        2. then the next candidate: the recompute-only plan, when the plan
+           offloads (copies compete with compute for memory bandwidth and PCIe
+           may deliver less than the profile says);
+        3. keep the fastest trial whose measured peak fits; when none fits, the
+           one with the smallest peak.
+        Every trial step is an ordinary managed step (exact, same values).  On
+        CPU the measured peak is a heap reading, not a tier-0 total, so only
+        speed is compared there.
+        """
+        from .plan.api import InfeasibleBudgetError
+
+        tr = st.trials[-1]
+        tr.seconds.append(rec.seconds)
+        if rec.peak_bytes is not None:
+            tr.peaks.append(int(rec.peak_bytes))
+        if len(tr.seconds) < self.tune_steps:
+            return
+        budget = int(st.budget or 0)
+        peak = max(tr.peaks) if (tr.peaks and self._cuda) else None
+        if peak is not None and peak > budget and tr.corrections < 2:
+            target = tr.budget - (peak - budget) - int(0.02 * budget)
+            try:
+                plan = self._make_plan(st.trace, target, tr.tiers)
+            except InfeasibleBudgetError:
+                plan = None
+            if plan is not None:
+                self._install(st, f"{tr.name}, corrected", plan, target, tr.tiers, tr.corrections + 1)
+                return
+        while st.pending:
+            name, tiers = st.pending.pop(0)
+            try:
+                plan = self._make_plan(st.trace, budget, tiers)
+            except InfeasibleBudgetError:
+                continue
+            self._install(st, name, plan, budget, tiers)
+            return
+        done = [t for t in st.trials if t.seconds]
+        fitting = [t for t in done if not (self._cuda and t.peaks) or max(t.peaks) <= budget]
+        if fitting:
+            best = min(fitting, key=lambda t: min(t.seconds))
+        else:
+            best = min(done, key=lambda t: max(t.peaks) if t.peaks else 0)
+        st.tuning = False
+        st.chosen = best.name
+        if best is not st.trials[-1]:
+            self._install(st, best.name, best.plan, best.budget, best.tiers, best.corrections, record=False)

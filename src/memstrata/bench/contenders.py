@@ -382,7 +382,10 @@ class Memstrata(Contender):
         warmup = 2 if ctx.device.type == "cuda" else 1
         self._mgr = Manager(m, budget=budget, nvme_dir=ctx.nvme_dir, warmup_steps=warmup,
                             model_name=type(m).__name__)
-        self.setup_steps = self._mgr.warmup_steps + 1  # warm-up, then the trace-and-plan step
+        # warm-up, the trace-and-plan step, then (CUDA) the tuning steps: at most tune_steps per
+        # trial, two candidates with up to two budget corrections each ([Note: measured plan tuning])
+        tuning = self._mgr.tune_steps * 2 * 3 if self._mgr.tune else 0
+        self.setup_steps = self._mgr.warmup_steps + 1 + tuning
 
     def step(self, ctx: StepContext):
         with self._mgr.step(ctx.x):
@@ -414,6 +417,8 @@ class Memstrata(Contender):
                            "predicted_step_time": plan.get("predicted_step_time"),
                            "plan_seconds": plan.get("plan_seconds"), "notes": (plan.get("notes") or [])[:5]}
             out["observed_peak"] = sh.get("observed_peak")
+            if sh.get("tuning"):
+                out["tuning"] = sh["tuning"]
             out["traces"] = sh.get("traces")
         return out
 
