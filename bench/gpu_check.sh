@@ -10,7 +10,8 @@
 #
 # Files written (at most 8, the device runner brings back only 8):
 #   env.json                date, GPU, torch, git commit, each part's exit status and seconds,
-#                           and `memstrata probe --json` of this machine (measured tiers)
+#                           `memstrata probe --json` of this machine (measured tiers), and
+#                           plan_check: predicted vs measured step time and peak, plan by plan
 #   gpu_tests.log           pytest -m gpu output (and the data part's console output)
 #   bench.log               both models' bench console output (tables)
 #   resnet50.json, efficientnet_b0.json   bench result lists
@@ -20,7 +21,7 @@
 #
 # Knobs (environment): PYTHON (default: the first of python3, python, .venv/bin/python with torch), REPEATS (2), STEPS (8), WARMUP (2),
 # BATCH (256), RES (224), BUDGET (50%), T_TESTS (90 s), T_PROBE (25 s), T_BENCH (150 s, ResNet-50), T_BENCH2 (110 s,
-# EfficientNet-B0), T_DATA (60 s), MAX_RUN_S (3: cap on one run's timed steps), RUN_TIMEOUT (50 s per run),
+# EfficientNet-B0), T_CHECK (50 s, plan_check), T_DATA (60 s), MAX_RUN_S (3: cap on one run's timed steps), RUN_TIMEOUT (50 s per run),
 # CONTENDERS (all but disk_offload_hooks: on a GPU save_on_cpu is the offload peer), CONTENDERS2 (EfficientNet-B0's;
 # default CONTENDERS), DEVICE (cuda; cpu for a smoke test).  A part whose T_* is 0 is skipped.
 set -u
@@ -40,7 +41,7 @@ export PYTHONUNBUFFERED=1
 
 REPEATS="${REPEATS:-2}"; STEPS="${STEPS:-8}"; WARMUP="${WARMUP:-2}"
 BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
-T_TESTS="${T_TESTS:-90}"; T_PROBE="${T_PROBE:-25}"; T_BENCH="${T_BENCH:-150}"; T_BENCH2="${T_BENCH2:-110}"; T_DATA="${T_DATA:-60}"
+T_TESTS="${T_TESTS:-90}"; T_PROBE="${T_PROBE:-25}"; T_BENCH="${T_BENCH:-150}"; T_BENCH2="${T_BENCH2:-110}"; T_DATA="${T_DATA:-60}"; T_CHECK="${T_CHECK:-50}"
 MAX_RUN_S="${MAX_RUN_S:-3}"; RUN_TIMEOUT="${RUN_TIMEOUT:-50}"
 CONTENDERS="${CONTENDERS:-unmanaged,memstrata,checkpoint,selective_checkpoint,save_on_cpu,microbatch}"
 CONTENDERS2="${CONTENDERS2:-$CONTENDERS}"
@@ -71,7 +72,7 @@ part() {   # part NAME TIMEOUT_S LOGFILE CMD...
 }
 
 write_env() {
-    PARTS="$PARTS" OUT="$OUT" PROBE="$LOGS/probe.json" "$PY" - <<'EOF' || echo '{"error": "could not write env.json"}' >"$OUT/env.json"
+    PARTS="$PARTS" OUT="$OUT" PROBE="$LOGS/probe.json" PLAN_CHECK="$LOGS/plan_check.json" "$PY" - <<'EOF' || echo '{"error": "could not write env.json"}' >"$OUT/env.json"
 import datetime, json, os, platform, subprocess
 def sh(*cmd):
     try:
@@ -104,6 +105,11 @@ try:
         env["probe"] = json.load(f)
 except (OSError, ValueError) as e:
     env["probe"] = f"unavailable ({type(e).__name__})"
+try:
+    with open(os.environ["PLAN_CHECK"]) as f:
+        env["plan_check"] = json.load(f)
+except (OSError, ValueError) as e:
+    env["plan_check"] = f"unavailable ({type(e).__name__})"
 env["parts"] = [{"name": n, "exit": int(rc), "seconds": int(sec), "ok": rc == "0"}
                 for n, rc, sec in (p.split() for p in os.environ["PARTS"].split(";") if p.strip())]
 with open(os.path.join(os.environ["OUT"], "env.json"), "w") as f:
@@ -131,15 +137,23 @@ if "$PY" -m memstrata.cli bench --help >/dev/null 2>&1; then
 else
     BENCH=("$PY" -m memstrata.bench)
 fi
-for model in resnet50 efficientnet_b0; do
-    limit="$T_BENCH"; cont="$CONTENDERS"
-    [ "$model" = efficientnet_b0 ] && { limit="$T_BENCH2"; cont="$CONTENDERS2"; }
+bench_model() {   # bench_model MODEL TIMEOUT CONTENDERS
+    local model="$1" limit="$2" cont="$3"
     part "bench_$model" "$limit" "$OUT/bench.log" \
         "${BENCH[@]}" --model "$model" --batch "$BATCH" --res "$RES" --amp bf16 --device "${DEVICE:-cuda}" \
         --budget "$BUDGET" --repeats "$REPEATS" --steps "$STEPS" --warmup "$WARMUP" --contenders "$cont" \
         --max-seconds "$MAX_RUN_S" --run-timeout "$RUN_TIMEOUT" --nvme "$NVME" --quiet \
         --log-dir "$LOGS/$model" --json "$OUT/$model.json" $( [ "$model" = resnet50 ] && echo --plot "$OUT/$model.png" )
-done
+}
+bench_model resnet50 "$T_BENCH" "$CONTENDERS"
+
+# 3b. Predicted vs measured, plan by plan (keep / planned / recompute-only / all-recompute /
+#     all-host), ResNet-50 at the bench's shape: where the planner's machine model is off.
+part plan_check "$T_CHECK" "$OUT/bench.log" \
+    "$PY" -m memstrata.bench.plan_check --model resnet50 --batch "$BATCH" --res "$RES" --amp bf16 \
+    --device "${DEVICE:-cuda}" --steps 3 --nvme "$NVME" --json "$LOGS/plan_check.json"
+
+bench_model efficientnet_b0 "$T_BENCH2" "$CONTENDERS2"
 
 # 4. The data side (issue: tiered sample store): ResNet-50 epoch-2 images/s with the
 #    memstrata loader vs torchvision's, and vs synthetic tensors already on the GPU

@@ -138,3 +138,21 @@ def test_worker_reports_skip_for_save_on_cpu_on_cpu(tmp_path):
                    num_classes=10)
     r, _ = harness.run_worker(spec, str(tmp_path), "t", timeout=120)
     assert r["status"] == "skipped" and "CPU" in r["reason"]
+
+
+def test_plan_check_reports_predicted_and_measured_per_plan(tmp_path):
+    """bench/gpu_check.sh's predicted-vs-measured table runs end to end (CPU, tiny model)."""
+    from memstrata.bench import plan_check
+
+    out = tmp_path / "pc.json"
+    rc = plan_check.main(["--model", "resnet18", "--batch", "4", "--res", "32", "--amp", "off", "--device", "cpu",
+                          "--steps", "1", "--candidates", "keep,all-recompute", "--nvme", str(tmp_path),
+                          "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["keep", "all-recompute"]
+    for r in rows:
+        assert r["status"] == "ok" and r["measured_step_s"] > 0 and r["unmanaged_step_s"] > 0 and not r["misaligned"]
+    assert rows[0]["recomputed_units"] == 0 and rows[1]["recomputed_units"] > 0
+    with pytest.raises(SystemExit):
+        plan_check.main(["--candidates", "nonsense"])
