@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU check: the GPU test tier, then `memstrata bench` for ResNet-50 and
 # EfficientNet-B0 at half the unmanaged peak (bf16 autocast, 224x224, batch 256).
-# Whole script < 8 minutes: every part has its own `timeout`; a part that fails
-# or times out is recorded in env.json and the script goes on.
+# Whole script < 8 minutes (timeouts sum to 450 s; on an H200 on 2026-11-28 the parts
+# took 36 s tests, 9 s probe, ~190 s ResNet-50, 21 s plan_check, ~24 s per
+# EfficientNet-B0 run): every part has its own `timeout`; a part that fails or
+# times out is recorded in env.json, its partial JSON kept, and the script goes on.
 #
 # Usage (from anywhere; runs against the checkout it lives in, no install needed):
 #   OUT=/some/dir bench/gpu_check.sh
@@ -12,18 +14,20 @@
 #   env.json                date, GPU, torch, git commit, each part's exit status and seconds,
 #                           `memstrata probe --json` of this machine (measured tiers), and
 #                           plan_check: predicted vs measured step time and peak, plan by plan
-#   gpu_tests.log           pytest -m gpu output (and the data part's console output)
+#   gpu_tests.log           pytest -m gpu output (and the probe's and data part's console output)
 #   bench.log               both models' bench console output (tables)
 #   resnet50.json, efficientnet_b0.json   bench result lists
 #   resnet50.png            bar chart
-#   data_train.json         loader vs torchvision vs synthetic-on-GPU, ResNet-50 epoch-2 images/s
+#   data_train.json         (T_DATA > 0) loader vs torchvision vs synthetic-on-GPU, ResNet-50 epoch-2 images/s
 #   worker_logs.tar.gz      every bench run's spec, result and log (tracebacks of failed runs)
 #
-# Knobs (environment): PYTHON (default: the first of python3, python, .venv/bin/python with torch), REPEATS (2), STEPS (8), WARMUP (2),
-# BATCH (256), RES (224), BUDGET (50%), T_TESTS (90 s), T_PROBE (25 s), T_BENCH (150 s, ResNet-50), T_BENCH2 (110 s,
-# EfficientNet-B0), T_CHECK (50 s, plan_check), T_DATA (60 s), MAX_RUN_S (3: cap on one run's timed steps), RUN_TIMEOUT (50 s per run),
-# CONTENDERS (all but disk_offload_hooks: on a GPU save_on_cpu is the offload peer), CONTENDERS2 (EfficientNet-B0's;
-# default CONTENDERS), DEVICE (cuda; cpu for a smoke test).  A part whose T_* is 0 is skipped.
+# Knobs (environment): PYTHON (default: the first of python3, python, .venv/bin/python with torch),
+# REPEATS (2, ResNet-50), REPEATS2 (1, EfficientNet-B0), STEPS (8), WARMUP (2), BATCH (256), RES (224), BUDGET (50%),
+# T_TESTS (60 s), T_PROBE (20 s), T_BENCH (210 s, ResNet-50), T_CHECK (40 s, plan_check), T_BENCH2 (120 s,
+# EfficientNet-B0), T_DATA (0 s: off; 60 s runs the data part), MAX_RUN_S (3: cap on one run's timed steps),
+# RUN_TIMEOUT (50 s per run), CONTENDERS (ResNet-50's: all but disk_offload_hooks, since on a GPU save_on_cpu is
+# the offload peer), CONTENDERS2 (EfficientNet-B0's: unmanaged, memstrata and the two checkpointing peers),
+# DEVICE (cuda; cpu for a smoke test).  A part whose T_* is 0 is skipped.
 set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -39,12 +43,12 @@ fi
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-REPEATS="${REPEATS:-2}"; STEPS="${STEPS:-8}"; WARMUP="${WARMUP:-2}"
+REPEATS="${REPEATS:-2}"; REPEATS2="${REPEATS2:-1}"; STEPS="${STEPS:-8}"; WARMUP="${WARMUP:-2}"
 BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
-T_TESTS="${T_TESTS:-90}"; T_PROBE="${T_PROBE:-25}"; T_BENCH="${T_BENCH:-150}"; T_BENCH2="${T_BENCH2:-110}"; T_DATA="${T_DATA:-60}"; T_CHECK="${T_CHECK:-50}"
+T_TESTS="${T_TESTS:-60}"; T_PROBE="${T_PROBE:-20}"; T_BENCH="${T_BENCH:-210}"; T_BENCH2="${T_BENCH2:-120}"; T_DATA="${T_DATA:-0}"; T_CHECK="${T_CHECK:-40}"
 MAX_RUN_S="${MAX_RUN_S:-3}"; RUN_TIMEOUT="${RUN_TIMEOUT:-50}"
 CONTENDERS="${CONTENDERS:-unmanaged,memstrata,checkpoint,selective_checkpoint,save_on_cpu,microbatch}"
-CONTENDERS2="${CONTENDERS2:-$CONTENDERS}"
+CONTENDERS2="${CONTENDERS2:-unmanaged,memstrata,checkpoint,selective_checkpoint}"
 
 GPU_NAME="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu")' 2>/dev/null || echo unknown)"
 if [ -z "${OUT:-}" ]; then
@@ -137,15 +141,15 @@ if "$PY" -m memstrata.cli bench --help >/dev/null 2>&1; then
 else
     BENCH=("$PY" -m memstrata.bench)
 fi
-bench_model() {   # bench_model MODEL TIMEOUT CONTENDERS
-    local model="$1" limit="$2" cont="$3"
+bench_model() {   # bench_model MODEL TIMEOUT CONTENDERS REPEATS
+    local model="$1" limit="$2" cont="$3" reps="$4"
     part "bench_$model" "$limit" "$OUT/bench.log" \
         "${BENCH[@]}" --model "$model" --batch "$BATCH" --res "$RES" --amp bf16 --device "${DEVICE:-cuda}" \
-        --budget "$BUDGET" --repeats "$REPEATS" --steps "$STEPS" --warmup "$WARMUP" --contenders "$cont" \
+        --budget "$BUDGET" --repeats "$reps" --steps "$STEPS" --warmup "$WARMUP" --contenders "$cont" \
         --max-seconds "$MAX_RUN_S" --run-timeout "$RUN_TIMEOUT" --nvme "$NVME" --quiet \
         --log-dir "$LOGS/$model" --json "$OUT/$model.json" $( [ "$model" = resnet50 ] && echo --plot "$OUT/$model.png" )
 }
-bench_model resnet50 "$T_BENCH" "$CONTENDERS"
+bench_model resnet50 "$T_BENCH" "$CONTENDERS" "$REPEATS"
 
 # 3b. Predicted vs measured, plan by plan (keep / planned / recompute-only / all-recompute /
 #     all-host), ResNet-50 at the bench's shape: where the planner's machine model is off.
@@ -153,7 +157,7 @@ part plan_check "$T_CHECK" "$OUT/bench.log" \
     "$PY" -m memstrata.bench.plan_check --model resnet50 --batch "$BATCH" --res "$RES" --amp bf16 \
     --device "${DEVICE:-cuda}" --steps 3 --nvme "$NVME" --json "$LOGS/plan_check.json"
 
-bench_model efficientnet_b0 "$T_BENCH2" "$CONTENDERS2"
+bench_model efficientnet_b0 "$T_BENCH2" "$CONTENDERS2" "$REPEATS2"
 
 # 4. The data side (issue: tiered sample store): ResNet-50 epoch-2 images/s with the
 #    memstrata loader vs torchvision's, and vs synthetic tensors already on the GPU
