@@ -237,6 +237,8 @@ class Report(dict):
         console = Console(file=buf, width=150, force_terminal=False, color_system=None)
         state = "on" if self["enabled"] else "OFF (MEMSTRATA_DISABLE or enabled=False)"
         console.print(f"memstrata {state} — device {self['device']}, hierarchy {self['hierarchy']}, budget {self['budget']}")
+        fmt = lambda b: format_size(b) if b is not None else "-"  # noqa: E731
+        ms = lambda v: f"{v * 1e3:.1f} ms" if v is not None else "-"  # noqa: E731
         t = Table(title="steps: predicted vs measured")
         for col in ("step", "shape", "mode", "time ms", "pred ms", "peak", "pred peak", "budget", "offloaded", "recomp", "notes"):
             t.add_column(col, justify="right" if col not in ("shape", "mode", "notes") else "left")
@@ -249,7 +251,6 @@ class Report(dict):
                 notes.append("misaligned -> keep, re-trace")
             if st.get("demand_fetches"):
                 notes.append(f"{st['demand_fetches']} demand fetches")
-            fmt = lambda b: format_size(b) if b is not None else "-"  # noqa: E731
             t.add_row(
                 str(s["index"]), s["shape"], s["mode"], f"{s['seconds'] * 1e3:.1f}",
                 f"{s['predicted_seconds'] * 1e3:.1f}" if s.get("predicted_seconds") is not None else "-",
@@ -274,9 +275,7 @@ class Report(dict):
                 console.print(f"  {n}")
             tun = sh.get("tuning")
             if tun:
-                ms = lambda v: f"{v * 1e3:.1f} ms" if v is not None else "-"  # noqa: E731
                 for tr in tun["trials"]:
-                    fmt = lambda b: format_size(b) if b is not None else "-"  # noqa: E731
                     console.print(f"  tuning: {tr['name']}: predicted {ms(tr['predicted_seconds'])}, "
                                   f"{fmt(tr['predicted_peak_bytes'])}; measured {ms(tr['measured_seconds'])}, "
                                   f"{fmt(tr['measured_peak_bytes'])} over {tr['steps']} step(s)")
