@@ -156,3 +156,15 @@ def test_plan_check_reports_predicted_and_measured_per_plan(tmp_path):
     assert rows[0]["recomputed_units"] == 0 and rows[1]["recomputed_units"] > 0
     with pytest.raises(SystemExit):
         plan_check.main(["--candidates", "nonsense"])
+
+
+def test_memstrata_line_says_plan_prediction_and_tuning():
+    from memstrata.bench.report import memstrata_line
+
+    notes = {"plan": {"counts": {"offload:dram": 0, "recompute_units": 9}},
+             "last_step": {"seconds": 0.0712, "predicted_seconds": 0.0688},
+             "tuning": {"chosen": "recompute-only", "trials": [{"name": "planned"}, {"name": "recompute-only"}]}}
+    line = memstrata_line([{"name": "unmanaged", "notes": {}}, {"name": "memstrata", "notes": notes}])
+    assert line == ("memstrata: plan recompute_units 9; last step predicted 68.8 ms, measured 71.2 ms; "
+                    "tuning tried planned, recompute-only; kept recompute-only")
+    assert memstrata_line([{"name": "unmanaged", "notes": {}}]) == ""

@@ -57,6 +57,7 @@ def test_lifecycle_report_and_exactness(tmp_path):
     json.dumps(rep)  # plain data
     (shape,) = rep["shapes"].values()
     assert shape["plan"]["planner"] == "forced:mixed" and shape["budget_bytes"] == int(0.7 * shape["observed_peak"])
+    assert "tuning" not in shape  # tuning is off on CPU unless asked for
     managed = rep["steps"][-1]
     assert managed["stats"]["offloaded"]["nvme"] > 0 and managed["peak_bytes"] is not None
     table = str(rep)
@@ -350,7 +351,7 @@ def test_tuning_corrects_a_plan_whose_measured_peak_exceeds_the_budget(tmp_path)
         mgr._tune(st, StepRecord(0, "-", "managed", 0.1, peak_bytes=budget + over))
     finally:
         mgr._cuda = False
-    assert len(st.trials) == 2 and st.trials[1].name == "planned, corrected"
+    assert len(st.trials) == 2 and st.trials[1].name == "planned (corrected)"
     assert st.trials[1].budget == budget - over - int(0.02 * budget)
     assert st.plan.budget == st.trials[1].budget and st.predicted_peak <= st.trials[1].budget
     train_steps(model, x, y, steps=4, step_ctx=lambda: mgr.step(x))  # the corrected plan runs, exactly

@@ -459,7 +459,7 @@ class Manager:
                     "plan_seconds": st.plan_seconds,
                     "trace_time_scale": st.time_scale,
                 }
-            if st.trials:
+            if self.tune and st.trials:
                 d["tuning"] = {"active": st.tuning, "chosen": st.chosen,
                                "trials": [t.summary(int(st.budget or 0)) for t in st.trials]}
             if st.runtime is not None:
@@ -619,7 +619,9 @@ class Manager:
             except InfeasibleBudgetError:
                 plan = None
             if plan is not None:
-                self._install(st, f"{tr.name}, corrected", plan, target, tr.tiers, tr.corrections + 1)
+                base = tr.name.split(" (")[0]
+                k = tr.corrections + 1
+                self._install(st, f"{base} (corrected{'' if k == 1 else f' x{k}'})", plan, target, tr.tiers, k)
                 return
         while st.pending:
             name, tiers = st.pending.pop(0)

@@ -101,6 +101,30 @@ def print_table(console, rows: list[dict[str, Any]], cfg, meta: dict[str, Any], 
         console.print("below the line: reported apart (BatchNorm sees micro-batches, so the math differs)", highlight=False)
     for i, n in enumerate(notes, 1):
         console.print(f"[{i}] {n}", highlight=False, markup=False)
+    line = memstrata_line(rows)
+    if line:
+        console.print(line, highlight=False, markup=False)
+
+
+def memstrata_line(rows: list[dict[str, Any]]) -> str:
+    """One line on what memstrata did: its plan, predicted vs measured step, what tuning kept."""
+    r = next((r for r in rows if r["name"] == "memstrata" and r.get("notes")), None)
+    if r is None:
+        return ""
+    n = r["notes"]
+    parts = []
+    counts = " ".join(f"{k} {v}" for k, v in ((n.get("plan") or {}).get("counts") or {}).items() if v)
+    if counts:
+        parts.append(f"plan {counts}")
+    last = n.get("last_step") or {}
+    if last.get("predicted_seconds") and last.get("seconds"):
+        parts.append(f"last step predicted {last['predicted_seconds'] * 1e3:.1f} ms, "
+                     f"measured {last['seconds'] * 1e3:.1f} ms")
+    tun = n.get("tuning")
+    if tun and tun.get("trials"):
+        tried = ", ".join(t["name"] for t in tun["trials"])
+        parts.append(f"tuning tried {tried}; kept {tun.get('chosen')}")
+    return ("memstrata: " + "; ".join(parts)) if parts else ""
 
 
 def write_plot(path: str, rows: list[dict[str, Any]], cfg, meta: dict[str, Any]) -> None:
