@@ -184,9 +184,9 @@ def test_gpu_offload_frees_device_memory_and_budget_holds(tmp_path):
     budget = (minimum_budget(trace, h) + trace.observed_peak) // 2
     model = copy.deepcopy(base)
     mgr = Manager(model, budget=budget, nvme_dir=tmp_path, warmup_steps=1)
-    # warm-up, trace, up to 12 tuning steps (their peaks may overshoot: that is what tuning corrects),
+    # warm-up, trace, the tuning steps (their peaks may overshoot: that is what tuning corrects),
     # then steps under the plan it kept
-    train_steps(model, x, y, steps=18, step_ctx=lambda: mgr.step(x))
+    train_steps(model, x, y, steps=2 + mgr.max_tuning_steps + 4, step_ctx=lambda: mgr.step(x))
     managed = [s for s in mgr.report()["steps"] if s["mode"] == "managed"]
     assert managed, [s["mode"] for s in mgr.report()["steps"]]
     for s in managed:

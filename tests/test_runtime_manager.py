@@ -332,6 +332,8 @@ def test_tuning_measures_candidates_and_stays_exact(tmp_path):
     modes = [s["mode"] for s in rep["steps"]]
     assert modes[:2] == ["warmup", "trace"] and modes[2] == "managed (tuning)" and modes[-1] == "managed"
     assert "tuning:" in str(rep)
+    assert len(rep["steps"]) - 2 >= sum(t["steps"] for t in tun["trials"])
+    assert mgr.max_tuning_steps == 1 * Manager.TUNING_CANDIDATES * (1 + Manager.MAX_CORRECTIONS)
     mgr.close()
 
 

@@ -369,6 +369,16 @@ class Manager:
         self._closed = False
 
     # ------------------------------------------------------------------ public
+    MAX_CORRECTIONS = 2  # budget corrections per tuning candidate ([Note: measured plan tuning])
+    TUNING_CANDIDATES = 2  # the plan, and the recompute-only plan when the plan copies
+
+    @property
+    def max_tuning_steps(self) -> int:
+        """Managed steps per input shape that tuning can take at most (0 when tuning is off)."""
+        if not self.tune:
+            return 0
+        return self.tune_steps * self.TUNING_CANDIDATES * (1 + self.MAX_CORRECTIONS)
+
     @property
     def trace(self) -> Trace | None:
         """The trace of the shape used by the latest step."""
@@ -612,7 +622,7 @@ class Manager:
             return
         budget = int(st.budget or 0)
         peak = max(tr.peaks) if (tr.peaks and self._cuda) else None
-        if peak is not None and peak > budget and tr.corrections < 2:
+        if peak is not None and peak > budget and tr.corrections < self.MAX_CORRECTIONS:
             target = tr.budget - (peak - budget) - int(0.02 * budget)
             try:
                 plan = self._make_plan(st.trace, target, tr.tiers)

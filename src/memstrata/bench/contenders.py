@@ -377,15 +377,13 @@ class Memstrata(Contender):
             self._reduction = max(0, int(ctx.unmanaged_peak_bytes) - int(ctx.budget_bytes))
             budget = lambda trace, r=self._reduction: max(1, int(trace.observed_peak) - r)  # noqa: E731
         # On CUDA the first step of a process pays one-off costs (cuDNN/cuBLAS set-up, lazy
-        # module loading); the Manager calibrates op times to its last warm-up step, so it
+        # module loading); the Manager calibrates op times to its fastest warm-up step, so it
         # gets a second one there.
         warmup = 2 if ctx.device.type == "cuda" else 1
         self._mgr = Manager(m, budget=budget, nvme_dir=ctx.nvme_dir, warmup_steps=warmup,
                             model_name=type(m).__name__)
-        # warm-up, the trace-and-plan step, then (CUDA) the tuning steps: at most tune_steps per
-        # trial, two candidates with up to two budget corrections each ([Note: measured plan tuning])
-        tuning = self._mgr.tune_steps * 2 * 3 if self._mgr.tune else 0
-        self.setup_steps = self._mgr.warmup_steps + 1 + tuning
+        # warm-up, the trace-and-plan step, then (CUDA) the tuning steps ([Note: measured plan tuning])
+        self.setup_steps = self._mgr.warmup_steps + 1 + self._mgr.max_tuning_steps
 
     def step(self, ctx: StepContext):
         with self._mgr.step(ctx.x):
