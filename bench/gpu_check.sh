@@ -24,7 +24,7 @@
 # Knobs (environment): PYTHON (default: the first of python3, python, .venv/bin/python with torch),
 # REPEATS (2, ResNet-50), REPEATS2 (1, EfficientNet-B0), STEPS (8), WARMUP (2), BATCH (256), RES (224), BUDGET (50%),
 # T_TESTS (60 s), T_PROBE (20 s), T_BENCH (210 s, ResNet-50), T_CHECK (40 s, plan_check), T_BENCH2 (120 s,
-# EfficientNet-B0), T_DATA (0 s: off; 60 s runs the data part), MAX_RUN_S (3: cap on one run's timed steps),
+# EfficientNet-B0), T_DATA (0 s: off; give it ~150 s: 60 s was too short on the H200), MAX_RUN_S (3: cap on one run's timed steps),
 # RUN_TIMEOUT (50 s per run), CONTENDERS (ResNet-50's: all but disk_offload_hooks, since on a GPU save_on_cpu is
 # the offload peer), CONTENDERS2 (EfficientNet-B0's: unmanaged, memstrata and the two checkpointing peers),
 # DEVICE (cuda; cpu for a smoke test).  A part whose T_* is 0 is skipped.
