@@ -412,6 +412,12 @@ def test_record_step_context_manager_and_errors():
         record_step(m, mode="fast")
     with pytest.raises(ValueError, match="resnet50"):
         trace_model("resnet5O", 2, 32)
+    with pytest.raises(ValueError, match="dtype"):
+        trace_model("resnet18", 2, 32, dtype="int8")
+    with pytest.raises(ValueError, match="batch"):
+        trace_model("resnet18", 0, 32)
+    with pytest.raises(ValueError, match="res"):
+        trace_model("resnet18", 2, "32")
     with pytest.raises(RuntimeError):
         rec.trace.__self__.__enter__()  # one recorder, one step
 
@@ -421,6 +427,7 @@ def test_trace_model_meta_small():
     assert t.mode == "meta" and t.batch_size == 4 and t.input_shape == (4, 3, 32, 32)
     assert [u.module for u in t.units][:5] == ["conv1", "bn1", "relu", "maxpool", "layer1.0"]
     assert sum(s.kind == "optimizer_state" for s in t.storages) == 62
+    assert trace_model("resnet18", 4, 32, "h200", dtype="bf16").storages[0].dtype == "bfloat16"
     conv = t.ops[0]
     assert conv.name == "aten.convolution.default"
     assert conv.flops == 2 * 4 * 64 * 16 * 16 * 3 * 7 * 7  # 2 * out.numel * C_in * k * k

@@ -739,12 +739,29 @@ def _build_on_meta(builder: Callable[[], nn.Module]) -> nn.Module:
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
 
 
+_MODEL_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def model_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """float32 / bfloat16 / float16 from a torch dtype or its name ("bf16", "float16", ...).
+
+    >>> model_dtype("bf16")
+    torch.bfloat16
+    """
+    if isinstance(dtype, torch.dtype) and dtype in _MODEL_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _MODEL_DTYPES:
+        return _MODEL_DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"dtype must be float32, bfloat16 or float16 (a torch dtype or its name), got {dtype!r}")
+
+
 def trace_model(
     name: str,
     batch: int,
     res: int,
     profile: Hierarchy | str = "h200",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     num_classes: int = 1000,
     inplace_activations: bool = False,
 ) -> Trace:
@@ -768,6 +785,10 @@ def trace_model(
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown torchvision classification model {name!r}{hint} "
                          f"(see memstrata.trace.classification_models())")
+    for what, v in (("batch", batch), ("res", res), ("num_classes", num_classes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{what} must be a positive integer, got {v!r}")
+    dtype = model_dtype(dtype)
     hierarchy = resolve_hierarchy(profile)
     assert hierarchy is not None
     model = _build_on_meta(lambda: torchvision.models.get_model(name, weights=None, num_classes=num_classes))
