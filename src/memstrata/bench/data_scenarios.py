@@ -43,7 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .harness import BenchInputError, BenchProgress, _int, resolve_device
+from .harness import BenchInputError, BenchProgress, _int, check_output_paths, resolve_device
 
 __all__ = ["DATA_SCENARIOS", "add_data_bench_arguments", "run_data_scenario", "gpu_check", "main",
            "DataBenchInputError"]
@@ -170,13 +170,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     else:
         names = list(default_names)
     cfg["contenders"] = names
-    for flag, path in (("json", g("json_path")), ("plot", g("plot_path"))):
-        if path:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise DataBenchInputError(f"--{flag} {path!r}: directory {parent!r} does not exist")
-    if g("plot_path") and not str(g("plot_path")).lower().endswith(".png"):
-        raise DataBenchInputError(f"--plot must name a .png file, got {g('plot_path')!r}")
+    check_output_paths(g("json_path"), g("plot_path"), DataBenchInputError)
     cfg["json_path"], cfg["plot_path"] = g("json_path"), g("plot_path")
     data = g("data")
     if data is not None and Path(data).exists() and not Path(data).is_dir():

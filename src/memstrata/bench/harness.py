@@ -185,6 +185,17 @@ def resolve_device(text: str | None, error: type[Exception] | None = None) -> st
     return device
 
 
+def check_output_paths(json_path: str | None, plot_path: str | None, error: type[Exception]) -> None:
+    """--json / --plot: their directories must exist and the plot must be a .png (`error` otherwise)."""
+    for flag, path in (("json", json_path), ("plot", plot_path)):
+        if path:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise error(f"--{flag} {path!r}: directory {parent!r} does not exist")
+    if plot_path and not str(plot_path).lower().endswith(".png"):
+        raise error(f"--plot must name a .png file, got {plot_path!r}")
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     g = lambda k, d=None: getattr(args, k, d)  # noqa: E731
     device = resolve_device(g("device", "auto"))
@@ -231,13 +242,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             raise BenchInputError(f"--nvme {nvme!r} is not an existing directory")
         if not os.access(nvme, os.W_OK | os.X_OK):
             raise BenchInputError(f"--nvme {nvme!r} is not writable")
-    for flag, path in (("json", g("json_path")), ("plot", g("plot_path"))):
-        if path:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise BenchInputError(f"--{flag} {path!r}: directory {parent!r} does not exist")
-    if g("plot_path") and not str(g("plot_path")).lower().endswith(".png"):
-        raise BenchInputError(f"--plot must name a .png file, got {g('plot_path')!r}")
+    check_output_paths(g("json_path"), g("plot_path"), BenchInputError)
 
     cpu_peak = str(g("cpu_peak", "exact") or "exact").lower()
     if cpu_peak not in ("exact", "rss"):
