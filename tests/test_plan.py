@@ -95,7 +95,7 @@ def test_budget_monotonicity(seed):
     budgets = sorted({int(m + f * (tr.observed_peak - m)) for f in (0.0, 0.1, 0.3, 0.6, 1.0)})
     exact = [plan(tr, h, b, planner="milp").predicted_step_time for b in budgets]
     from memstrata.plan import milp
-    from memstrata.simulate import trace_index
+    from memstrata.trace.index import trace_index
 
     modes, opts = milp._menu(trace_index(tr), h, (1, 2))
     if milp._menu_size(modes, opts) <= milp.ENUMERATE_MAX:  # enumerated: exact over the menu
@@ -178,11 +178,14 @@ def test_prefetch_scheduling_drops_offloads_nothing_reads_later():
     """A move can take away an offload's only later reader (the recompute of a unit it stopped
     recomputing); rescheduling must drop that offload (keeping is exact), not fail."""
     from memstrata.plan.greedy import State, schedule_prefetches
-    from memstrata.simulate import TraceIndex, run
+    from memstrata.simulate import run
+    from memstrata.trace.index import TraceIndex
+    from memstrata.trace.space import decision_space
 
     tr, h, _, budget = case(3, 0.5, roomy=True)
     ix = TraceIndex(tr)
-    sids = [s for s in range(len(tr.storages)) if ix.offloadable[s] and len(ix.accesses[s]) >= 2]
+    space = decision_space(tr)
+    sids = [s for s in range(len(tr.storages)) if space.offloadable[s] and len(ix.accesses[s]) >= 2]
     assert len(sids) >= 2
     dead, live = sids[0], sids[1]
     st_ = State()

@@ -12,7 +12,7 @@ from torch import nn
 
 from memstrata.manager import Manager, default_hierarchy, parse_budget
 from memstrata.plan.api import minimum_budget
-from memstrata.plan.schema import InfeasibleBudgetError
+from memstrata.decisions import InfeasibleBudgetError
 from memstrata.runtime import ActivationRuntime, forced_plan
 from memstrata.runtime.check import state_mismatches, train_steps
 from memstrata.simulate import simulate

@@ -13,7 +13,7 @@ from torch import nn
 
 from memstrata.hardware import profile
 from memstrata.manager import Manager, default_hierarchy
-from memstrata.plan.schema import Plan, StorageDecision
+from memstrata.decisions import Plan, StorageDecision
 from memstrata.runtime import (
     ActivationRuntime,
     HostBufferPool,

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memstrata.hardware import GB, Hierarchy, Tier, profile
-from memstrata.plan.schema import Plan, StorageDecision, UnitDecision
+from memstrata.decisions import Plan, StorageDecision, UnitDecision
 from memstrata.simulate import InfeasiblePlanError, Timeline, simulate
 from memstrata.trace.schema import Trace
 

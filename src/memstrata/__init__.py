@@ -7,7 +7,7 @@ measure (`Hierarchy`, `probe`) -> trace (`trace_model`, `trace_step`, `record_st
 from .hardware import Hierarchy, Tier, format_size, parse_size, profile
 from .manager import Manager
 from .plan import minimum_budget, plan
-from .plan.schema import InfeasibleBudgetError, Plan, StorageDecision, UnitDecision
+from .decisions import InfeasibleBudgetError, Plan, StorageDecision, UnitDecision
 from .simulate import InfeasiblePlanError, Timeline, simulate
 from .trace import record_step, trace_model, trace_step
 from .trace.schema import OpRecord, StorageRecord, Trace, UnitRecord

@@ -234,7 +234,7 @@ def run_plan(
     with progress("Finding the minimum feasible budget..."):
         min_budget = int(minimum_budget(trace, hierarchy))
     if budget_bytes < min_budget:
-        from .plan.schema import InfeasibleBudgetError
+        from .decisions import InfeasibleBudgetError
 
         raise InfeasibleBudgetError(budget_bytes, min_budget, f"{model} batch {batch} at {res}x{res} on {hierarchy.name}")
 
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .plan.schema import InfeasibleBudgetError
+    from .decisions import InfeasibleBudgetError
     from .probe import ProbeInputError
 
     parser = build_parser()

@@ -23,6 +23,7 @@ GB = 1000**3
 TB = 1000**4
 
 TIER_KINDS = ("hbm", "dram", "pinned_dram", "nvme")
+HOST_KINDS = frozenset({"dram", "pinned_dram"})  # tiers in host RAM (pinned or not)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,24 @@ class Hierarchy:
 
     def index(self, name: str) -> int:
         return [t.name for t in self.tiers].index(self.tier(name).name)
+
+    @property
+    def lower_tiers(self) -> tuple[Tier, ...]:
+        """Every tier below tier 0 (the offload destinations)."""
+        return self.tiers[1:]
+
+    def host_tier(self) -> Tier | None:
+        """The first host-DRAM tier below tier 0, or None (a CPU box: host RAM *is* tier 0)."""
+        return next((t for t in self.lower_tiers if t.kind in HOST_KINDS), None)
+
+    def nvme_tier(self) -> Tier | None:
+        """The first NVMe (file-backed) tier below tier 0, or None."""
+        return next((t for t in self.lower_tiers if t.kind == "nvme"), None)
+
+    @property
+    def host_is_tier0(self) -> bool:
+        """True on a CPU-only hierarchy, where compute runs in host RAM."""
+        return self.fast.kind in HOST_KINDS
 
     def with_fast_capacity(self, capacity: int) -> "Hierarchy":
         """The same hierarchy with tier 0 limited to `capacity` bytes (a budget)."""
@@ -318,25 +337,132 @@ def parse_size(text: str) -> int:
 def parse_budget_text(text: str, max_percent: float = 100.0) -> tuple[float | None, int | None]:
     """A budget as written by a user: '50%' -> (0.5, None); '12GiB' -> (None, bytes).
 
-    One parser for the CLI, the Manager and the benchmark.  ValueError on a
-    malformed size, a percentage outside (0, max_percent], or 0 bytes.
+    Kept for callers of the 0.1 API; new code uses `Budget.parse`.
     """
-    t = str(text).strip()
-    if t.endswith("%"):
+    b = Budget.parse(str(text), max_percent=max_percent)
+    if b.kind == "activations":
+        raise BudgetError(f"malformed budget {text!r}: '%act' budgets are not accepted here")
+    return (b.value, None) if b.kind == "peak" else (None, int(b.value))
+
+
+class BudgetError(ValueError):
+    """A budget the user wrote that memstrata cannot read (one line, no traceback)."""
+
+
+BUDGET_KINDS = ("bytes", "peak", "activations", "callable")
+MAX_BUDGET_PERCENT = 1000.0  # a fraction above 100% plans nothing but is not an error
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much tier-0 memory a step may use: the one budget type of the CLI, the Manager and the bench.
+
+    Spellings (`Budget.parse`):
+
+    * ``12884901888`` or ``"12GiB"`` — an absolute size (``kind="bytes"``);
+    * ``"50%"`` — a fraction of the unmanaged step's peak (``kind="peak"``);
+    * ``"50%act"`` — the unmanaged peak less half of its *activation* peak, i.e.
+      "keep half of the saved activations" (``kind="activations"``): the part of
+      the peak memstrata can move;
+    * a callable ``fn(trace) -> bytes`` (``kind="callable"``), evaluated per trace.
+
+    `resolve(trace)` turns it into bytes against one trace (anything with
+    ``observed_peak`` and ``activation_peak``), in this one place.
+
+    >>> Budget.parse("50%").resolve_peaks(1000, 400)
+    500
+    >>> Budget.parse("50%act").resolve_peaks(1000, 400)
+    800
+    >>> str(Budget.parse("12GiB"))
+    '12.00 GiB'
+    """
+
+    kind: str
+    value: float = 0.0  # bytes ("bytes") or a fraction ("peak", "activations")
+    fn: Any = field(default=None, compare=False, repr=False)
+    text: str = ""  # as the user wrote it
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise BudgetError(f"budget kind must be one of {BUDGET_KINDS}, got {self.kind!r}")
+        if self.kind == "callable":
+            if not callable(self.fn):
+                raise BudgetError("a callable budget needs fn(trace) -> bytes")
+        elif not (self.value > 0 and self.value != float("inf")):
+            raise BudgetError(f"budget must be a finite number > 0, got {self.text or self.value!r}")
+
+    @classmethod
+    def parse(cls, spec: "Budget | int | str | Any", *, max_percent: float = MAX_BUDGET_PERCENT) -> "Budget":
+        """A `Budget` from what a user passes; `BudgetError` (a ValueError) with one message otherwise."""
+        import math
+
+        if isinstance(spec, Budget):
+            return spec
+        if isinstance(spec, bool) or isinstance(spec, float):
+            raise BudgetError(f"malformed budget {spec!r}: {_BUDGET_HELP}")
+        if isinstance(spec, int):
+            if spec <= 0:
+                raise BudgetError(f"budget must be > 0 bytes, got {spec}")
+            return cls("bytes", float(spec), text=str(spec))
+        if callable(spec):
+            return cls("callable", fn=spec, text=getattr(spec, "__name__", "callable"))
+        if not isinstance(spec, str):
+            raise BudgetError(f"malformed budget {spec!r}: {_BUDGET_HELP}")
+        t = spec.strip()
+        low = t.lower()
+        for suffix, kind in (("%act", "activations"), ("%", "peak")):
+            if low.endswith(suffix):
+                try:
+                    pct = float(t[: -len(suffix)])
+                except ValueError:
+                    raise BudgetError(f"malformed budget {spec!r}: {_BUDGET_HELP}") from None
+                limit = 100.0 if kind == "activations" else max_percent
+                if not (math.isfinite(pct) and 0 < pct <= limit):
+                    raise BudgetError(f"budget percentage must be a number in (0, {limit:g}], got {spec!r}")
+                return cls(kind, pct / 100.0, text=t)
         try:
-            pct = float(t[:-1])
-        except ValueError:
-            raise ValueError(f"malformed budget {text!r}: expected a size such as 12GiB or a percentage such as 50%") from None
-        if not 0 < pct <= max_percent:
-            raise ValueError(f"budget percentage must be in (0, {max_percent:g}], got {text!r}")
-        return pct / 100.0, None
-    try:
-        n = parse_size(t)
-    except ValueError as e:
-        raise ValueError(f"malformed budget {text!r}: {e}") from None
-    if n <= 0:
-        raise ValueError(f"budget must be > 0 bytes, got {text!r}")
-    return None, n
+            n = parse_size(t)
+        except ValueError as e:
+            raise BudgetError(f"malformed budget {spec!r}: {_BUDGET_HELP}") from e
+        if n <= 0:
+            raise BudgetError(f"budget must be > 0 bytes, got {spec!r}")
+        return cls("bytes", float(n), text=t)
+
+    @property
+    def relative(self) -> bool:
+        """True when the bytes depend on the trace (a fraction or a callable)."""
+        return self.kind != "bytes"
+
+    def resolve_peaks(self, unmanaged_peak: int, activation_peak: int = 0) -> int:
+        """Bytes for a step with these peaks (not for callable budgets: use `resolve`)."""
+        if self.kind == "bytes":
+            return int(self.value)
+        if self.kind == "peak":
+            return max(1, int(unmanaged_peak * self.value))
+        if self.kind == "activations":
+            return max(1, int(unmanaged_peak - (1.0 - self.value) * activation_peak))
+        raise BudgetError("a callable budget needs a trace: use Budget.resolve(trace)")
+
+    def resolve(self, trace: Any) -> int:
+        """Bytes for one trace (`trace.observed_peak`, `trace.activation_peak`)."""
+        if self.kind == "callable":
+            n = self.fn(trace)
+            if isinstance(n, bool) or not isinstance(n, (int, float)) or not n > 0 or n == float("inf"):
+                raise BudgetError(f"budget callable returned {n!r} for a step whose unmanaged peak is "
+                                  f"{format_size(trace.observed_peak)}; it must return bytes > 0")
+            return int(n)
+        act = trace.activation_peak if self.kind == "activations" else 0
+        return self.resolve_peaks(int(trace.observed_peak), int(act))
+
+    def __str__(self) -> str:
+        if self.kind == "bytes":
+            return format_size(self.value)
+        if self.kind == "callable":
+            return f"callable {self.text}"
+        return self.text or f"{self.value * 100:g}%{'act' if self.kind == 'activations' else ''}"
+
+
+_BUDGET_HELP = "expected a size such as 12GiB, a percentage of the unmanaged peak such as 50%, or 50%act"
 
 
 def format_size(nbytes: float) -> str:

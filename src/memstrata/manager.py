@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from .hardware import Hierarchy, format_size, parse_budget_text, profile
-from .plan.schema import Plan
+from .decisions import Plan
 from .runtime.activations import ActivationRuntime, StepStats
 from .runtime.nvme import check_directory
 from .runtime.pool import HostBufferPool

@@ -8,7 +8,7 @@ decisions, so a ResNet-50 trace (thousands of ops, ~2k storages) replays in a
 few milliseconds.
 
 >>> from memstrata.hardware import profile
->>> from memstrata.plan.schema import Plan
+>>> from memstrata.decisions import Plan
 >>> tl = simulate(trace, Plan("none", "h200", budget=trace.observed_peak), profile("h200"))  # doctest: +SKIP
 >>> tl.peaks["hbm"] == trace.observed_peak and tl.step_time == trace.step_time           # doctest: +SKIP
 True
@@ -89,18 +89,20 @@ live there.
 
 from __future__ import annotations
 
-import bisect
-import weakref
+import enum
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
+from .decisions import Offload, Plan, PlanError
 from .hardware import Hierarchy, format_size
-from .plan.schema import Plan
+from .trace.index import TraceIndex, UnitEffect, occupancy, trace_index
 from .trace.schema import Trace
+from .trace.space import decision_space
 
-__all__ = ["simulate", "Timeline", "InfeasiblePlanError", "TraceIndex", "trace_index"]
+__all__ = ["simulate", "Timeline", "InfeasiblePlanError", "SimResult", "Phase", "run", "try_run", "plan_to_dicts",
+           "TraceIndex", "trace_index"]
 
 
 class InfeasiblePlanError(RuntimeError):
@@ -157,169 +159,13 @@ class Timeline:
 
 
 # --------------------------------------------------------------------------------------
-# Per-trace index (built once, cached by identity)
-# --------------------------------------------------------------------------------------
-
-_HEAVY_NAMES = ("convolution", "conv2d", "conv1d", "conv3d", "mm", "addmm", "bmm", "matmul", "linear",
-                "scaled_dot_product", "baddbmm", "einsum")
-
-
-class TraceIndex:
-    """Arrays derived from a Trace that every simulation of it reuses."""
-
-    def __init__(self, trace: Trace) -> None:
-        ops, sts = trace.ops, trace.storages
-        n = len(ops)
-        if n == 0:
-            raise ValueError("trace has no ops")
-        for i, op in enumerate(ops):
-            if op.index != i:
-                raise ValueError(f"op at position {i} has index {op.index}")
-        for i, s in enumerate(sts):
-            if s.id != i:
-                raise ValueError(f"storage at position {i} has id {s.id}")
-        self.trace = trace
-        self.n = n
-        self.dur = np.array([op.duration for op in ops], dtype=float)
-        self.C = np.concatenate([[0.0], np.cumsum(self.dur)])
-        self.step_time = float(self.C[-1])
-        self.nbytes = np.array([s.nbytes for s in sts], dtype=np.int64)
-        self.start = np.array([0 if s.producer is None else s.producer for s in sts], dtype=np.int64)
-        self.end = np.array([n - 1 if s.freed_after is None else s.freed_after for s in sts], dtype=np.int64)
-        # freed before its producer ran (the tracer's convention for storages that never became live): such a
-        # storage never occupies anything, as in trace.record.live_bytes_per_event
-        self.never_live = self.end < self.start
-        if self.never_live.any():
-            self.end[self.never_live] = self.start[self.never_live]
-            self.nbytes[self.never_live] = 0
-        acc: list[set[int]] = [set() for _ in sts]
-        for i, op in enumerate(ops):
-            for sid in op.inputs:
-                acc[sid].add(i)
-            for sid in op.outputs:
-                acc[sid].add(i)
-        for s in sts:
-            acc[s.id].update(s.backward_reads)
-            if s.producer is not None:
-                acc[s.id].add(s.producer)
-        self.accesses: list[list[int]] = [sorted(a) for a in acc]
-        self.offloadable = np.array([s.saved and s.kind == "activation" and bool(s.backward_reads) for s in sts])
-        self.offloadable &= ~self.never_live
-        # all-keep occupancy
-        self.base_occ = _occupancy(n, self.start, self.end, self.nbytes)
-        # units
-        self.units = trace.units
-        self.unit_storages: list[list[int]] = []
-        order = np.argsort(self.start, kind="stable")
-        starts_sorted = self.start[order]
-        produced = np.array([s.producer is not None for s in sts])
-        for u in trace.units:
-            lo = np.searchsorted(starts_sorted, u.first_op, "left")
-            hi = np.searchsorted(starts_sorted, u.last_op, "right")
-            ids = [int(i) for i in order[lo:hi] if produced[i]]
-            self.unit_storages.append(sorted(ids))
-        self.input_of: dict[int, list[int]] = {}
-        for u in trace.units:
-            for sid in u.inputs:
-                self.input_of.setdefault(sid, []).append(u.index)
-        self._unit_cache: dict[tuple[int, tuple[int, ...], frozenset[int]], _UnitEffect] = {}
-
-    def heavy_ops(self, u: int, peak_flops: float | None = None, fast_bandwidth: float | None = None) -> tuple[int, ...]:
-        """Compute-bound ops of unit u (convolutions, matmuls, or flop-bound by the roofline)."""
-        unit = self.units[u]
-        out = []
-        for j in range(unit.first_op, unit.last_op + 1):
-            op = self.trace.ops[j]
-            name = op.name.split(".")[1] if op.name.startswith("aten.") else op.name
-            heavy = any(name == h or name.startswith(h) for h in _HEAVY_NAMES)
-            if not heavy and peak_flops and fast_bandwidth and op.flops > 0:
-                heavy = op.flops / peak_flops > op.bytes_accessed / fast_bandwidth
-            if heavy:
-                out.append(j)
-        return tuple(out)
-
-    def unit_effect(self, u: int, save_ops: tuple[int, ...], rec_inputs: frozenset[int]) -> "_UnitEffect":
-        key = (u, save_ops, rec_inputs)
-        eff = self._unit_cache.get(key)
-        if eff is None:
-            eff = _UnitEffect(self, u, save_ops, rec_inputs)
-            if len(self._unit_cache) > 4096:
-                self._unit_cache.clear()
-            self._unit_cache[key] = eff
-        return eff
-
-
-class _UnitEffect:
-    """What recomputing unit u with save_ops S does (given which storages are unit inputs)."""
-
-    def __init__(self, ix: TraceIndex, u: int, save_ops: tuple[int, ...], rec_inputs: frozenset[int]) -> None:
-        unit = ix.units[u]
-        trace = ix.trace
-        if unit.first_backward_op is None:
-            raise ValueError(f"unit {u} ({unit.module}) has no backward: nothing to recompute for")
-        S = set(save_ops)
-        for j in S:
-            if not unit.first_op <= j <= unit.last_op:
-                raise ValueError(f"unit {u}: save_op {j} is outside the unit's ops [{unit.first_op}, {unit.last_op}]")
-        kept: set[int] = set()
-        for j in S:
-            kept.update(trace.ops[j].outputs)
-        dropped, transient_ids = [], []
-        for sid in ix.unit_storages[u]:
-            s = trace.storages[sid]
-            if s.producer in S or sid in kept:
-                continue
-            inside = all(unit.pack_start <= p < unit.pack_end for p in s.pack_indices)
-            if s.saved and inside and sid not in rec_inputs:
-                dropped.append(sid)
-            else:
-                transient_ids.append(sid)
-        self.dropped = tuple(dropped)
-        self.fb = int(unit.first_backward_op)
-        self.last_op = unit.last_op
-        self.time = float(sum(ix.dur[j] for j in range(unit.first_op, unit.last_op + 1) if j not in S))
-        # transient: peak of non-dropped re-run outputs during the original forward of the unit
-        L = unit.last_op - unit.first_op + 1
-        diff = np.zeros(L + 1, dtype=np.int64)
-        for sid in transient_ids:
-            a = int(ix.start[sid]) - unit.first_op
-            b = min(int(ix.end[sid]), unit.last_op) - unit.first_op
-            diff[a] += ix.nbytes[sid]
-            diff[b + 1] -= ix.nbytes[sid]
-        self.transient = int(np.cumsum(diff)[:L].max()) if transient_ids else 0
-
-
-_INDEX_CACHE: dict[int, tuple[weakref.ref, TraceIndex]] = {}
-
-
-def trace_index(trace: Trace) -> TraceIndex:
-    """The (cached) TraceIndex of a trace."""
-    hit = _INDEX_CACHE.get(id(trace))
-    if hit is not None and hit[0]() is trace:
-        return hit[1]
-    ix = TraceIndex(trace)
-    if len(_INDEX_CACHE) > 32:
-        for k in [k for k, (r, _) in _INDEX_CACHE.items() if r() is None] or list(_INDEX_CACHE)[:16]:
-            _INDEX_CACHE.pop(k, None)
-    _INDEX_CACHE[id(trace)] = (weakref.ref(trace), ix)
-    return ix
-
-
-def _occupancy(n: int, start: np.ndarray, end: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-    diff = np.zeros(n + 1, dtype=np.int64)
-    np.add.at(diff, start, nbytes)
-    np.add.at(diff, end + 1, -nbytes)
-    return np.cumsum(diff[:n])
-
-
-# --------------------------------------------------------------------------------------
 # Core
 # --------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Result:
-    """Raw simulation output (internal; the planners read it directly)."""
+class SimResult:
+    """Raw simulation output of `run`: what planners read (the `Timeline` is its public, read-only view)."""
 
     step_time: float
     recompute_time: float
@@ -355,223 +201,213 @@ class _Result:
         return all(int(o.max(initial=0)) <= c for o, c in zip(self.occ, self.capacity))
 
 
-Offload = tuple[int, int, int]  # (tier index >= 1, evict_after, prefetch_at)
+class Phase(enum.IntEnum):
+    """What happens inside one event, in this order ([Note: simulation semantics], steps 1-6)."""
+
+    PREFETCH = 0  # up-copies whose prefetch_at is this event are enqueued
+    WAIT_FOR_RECOMPUTE = 1  # compute waits for prefetches a recompute at this event reads
+    RECOMPUTE = 2  # units whose first backward op is this event are re-run
+    WAIT_FOR_OP = 3  # compute waits for prefetches the op itself reads
+    EVICT = 5  # down-copies whose evict_after is this event are enqueued (at the op's end)
 
 
-def run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int, Offload],
-        units: Mapping[int, tuple[int, ...]]) -> _Result:
-    """Simulate decisions given as plain dicts (sid -> offload, unit -> save_ops).  No capacity check."""
-    n = ix.n
-    trace = ix.trace
-    tiers = hierarchy.tiers
-    ntier = len(tiers)
+class _Step(NamedTuple):
+    event: int
+    phase: Phase
+    key: int  # storage id (copies, waits) or unit index (recompute)
 
-    # ---- recompute resolution
-    rec_inputs = frozenset(sid for u in units for sid in ix.units[u].inputs)
-    effects = {u: ix.unit_effect(u, tuple(sorted(S)), rec_inputs) for u, S in units.items()}
-    dropped: dict[int, int] = {}
-    for u, eff in effects.items():
-        for sid in eff.dropped:
-            dropped[sid] = u
+
+@dataclass
+class _Recompute:
+    """Tier-0 life of every storage once recomputes are applied (before offloads)."""
+
+    effects: dict[int, UnitEffect]
+    dropped: dict[int, int]  # dropped sid -> unit
+    fb_units: dict[int, list[int]]  # first backward event -> units recomputed there
+    start: np.ndarray
+    end: np.ndarray
+    extra: list[tuple[int, int, int, int]] = field(default_factory=list)  # (id, start ev, end ev, bytes) second lives
+
+
+def _apply_recomputes(ix: TraceIndex, effects: dict[int, UnitEffect]) -> _Recompute:
+    dropped = {sid: u for u, eff in effects.items() for sid in eff.dropped}
     fb_units: dict[int, list[int]] = {}
     for u, eff in effects.items():
         fb_units.setdefault(eff.fb, []).append(u)
-
-    st = ix.start.copy()
-    en = ix.end.copy()
-    extra_ids: list[int] = []
-    extra_s: list[int] = []
-    extra_e: list[int] = []
-    extra_b: list[int] = []
-    # inputs of recomputed units live until fb
-    for u, eff in effects.items():
+    r = _Recompute(effects, dropped, fb_units, ix.start.copy(), ix.end.copy())
+    for u, eff in effects.items():  # inputs of recomputed units live until fb
         for sid in ix.units[u].inputs:
-            if en[sid] < eff.fb:
-                en[sid] = eff.fb
-    for sid, u in dropped.items():
+            if r.end[sid] < eff.fb:
+                r.end[sid] = eff.fb
+    for sid, u in dropped.items():  # a dropped storage: forward life, then again from fb
         eff = effects[u]
-        orig_end = int(en[sid])
-        en[sid] = min(orig_end, eff.last_op)
+        orig_end = int(r.end[sid])
+        r.end[sid] = min(orig_end, eff.last_op)
         if orig_end >= eff.fb:
-            extra_ids.append(sid)
-            extra_s.append(eff.fb)
-            extra_e.append(orig_end)
-            extra_b.append(int(ix.nbytes[sid]))
-    for u, eff in effects.items():
+            r.extra.append((sid, eff.fb, orig_end, int(ix.nbytes[sid])))
+    for u, eff in effects.items():  # the re-run's transient, at fb
         if eff.transient:
-            extra_ids.append(-1 - u)
-            extra_s.append(eff.fb)
-            extra_e.append(eff.fb)
-            extra_b.append(eff.transient)
+            r.extra.append((-1 - u, eff.fb, eff.fb, eff.transient))
+    return r
 
-    # ---- validate offloads, find need events
-    need: dict[int, int] = {}
-    items: list[tuple[int, int, int, int]] = []  # (event, phase, key, payload)
-    for sid, (ti, ev, pf) in offloads.items():
-        s = trace.storages[sid]
-        if not (s.saved and s.kind == "activation"):
-            raise ValueError(f"storage {sid}: only saved activations can be offloaded (kind {s.kind}, saved {s.saved})")
-        if sid in dropped or (s.producer is not None and any(
-                ix.units[u].first_op <= s.producer <= ix.units[u].last_op for u in units)):
-            raise ValueError(f"storage {sid}: produced inside a recomputed unit and offloaded; pick one")
-        if not 1 <= ti < ntier:
-            raise ValueError(f"storage {sid}: offload tier index {ti} is not a lower tier")
-        if ev < st[sid] or ev >= n:
-            raise ValueError(f"storage {sid}: evict_after {ev} is before its producer ({int(st[sid])}) or past the step")
-        acc = ix.accesses[sid]
-        k = bisect.bisect_right(acc, ev)
-        nd = acc[k] if k < len(acc) else None
-        for u in ix.input_of.get(sid, ()):
-            if u in effects and effects[u].fb > ev and (nd is None or effects[u].fb < nd):
-                nd = effects[u].fb
-        if nd is None:
-            raise ValueError(f"storage {sid}: never accessed after evict_after {ev}; nothing to prefetch for")
-        if not ev < pf <= nd:
-            raise ValueError(f"storage {sid}: prefetch_at {pf} must be in ({ev}, {nd}] (first access after eviction)")
-        if en[sid] <= ev:
-            raise ValueError(f"storage {sid}: evict_after {ev} is not before its end of life {int(en[sid])}")
-        need[sid] = nd
-        items.append((ev, 5, sid, 0))
-        items.append((pf, 0, sid, 0))
-        wait_phase = 1 if (nd in fb_units and any(sid in ix.units[u].inputs for u in fb_units[nd])) else 3
-        items.append((nd, wait_phase, sid, 0))
-    for u, eff in effects.items():
-        items.append((eff.fb, 2, u, 0))
-    items.sort()
 
-    # ---- timing
-    C = ix.C
-    dur = ix.dur
-    X = 0.0
-    extra_at: dict[int, float] = {}
-    lane_free: dict[str, float] = {}
-    lane_log: dict[str, list[tuple[float, float, float, int]]] = {}
-    down_hops: dict[int, list[tuple[float, float]]] = {}
-    up_hops: dict[int, list[tuple[float, float]]] = {}
-    down_end: dict[int, float] = {}
-    arrival: dict[int, float] = {}
-    stalls: list[tuple[int, float]] = []
-    recs: list[tuple[int, int, float]] = []
-    rec_starts: list[tuple[float, float]] = []
-    rec_time = 0.0
-    stall_time = 0.0
+def _steps(ix: TraceIndex, offloads: Mapping[int, Offload], needs: Mapping[int, int], rc: _Recompute) -> list[_Step]:
+    """Every copy enqueue, wait and recompute as (event, phase, key), in execution order."""
+    out: list[_Step] = []
+    for sid, off in offloads.items():
+        nd = needs[sid]
+        out.append(_Step(off.evict_after, Phase.EVICT, sid))
+        out.append(_Step(off.prefetch_at, Phase.PREFETCH, sid))
+        read_by_recompute = nd in rc.fb_units and any(sid in ix.units[u].inputs for u in rc.fb_units[nd])
+        out.append(_Step(nd, Phase.WAIT_FOR_RECOMPUTE if read_by_recompute else Phase.WAIT_FOR_OP, sid))
+    for u, eff in rc.effects.items():
+        out.append(_Step(eff.fb, Phase.RECOMPUTE, u))
+    out.sort()
+    return out
+
+
+class _Clock:
+    """The compute lane and the copy lanes while the steps replay ([Note: simulation semantics], copy lanes)."""
+
+    def __init__(self, ix: TraceIndex, hierarchy: Hierarchy) -> None:
+        self.ix = ix
+        self.tiers = hierarchy.tiers
+        self.X = 0.0  # compute-lane time added so far (stalls, recomputes, CPU copy cost)
+        self.cursor = 0.0
+        self.extra_at: dict[int, float] = {}
+        self.lane_free: dict[str, float] = {}
+        self.lane_log: dict[str, list[tuple[float, float, float, int]]] = {}
+        self.down_hops: dict[int, list[tuple[float, float]]] = {}
+        self.up_hops: dict[int, list[tuple[float, float]]] = {}
+        self.down_end: dict[int, float] = {}
+        self.arrival: dict[int, float] = {}
+        self.stalls: list[tuple[int, float]] = []
+        self.recs: list[tuple[int, int, float]] = []
+        self.rec_starts: list[tuple[float, float]] = []
+        self.rec_time = 0.0
+        self.stall_time = 0.0
+        self.traffic = 0
+        # compute seconds per byte for a copy between tier 0 and tier ti (every hop in between)
+        self.host_cost = [sum(self.tiers[i].host_cost_per_byte for i in range(1, ti + 1))
+                          for ti in range(len(self.tiers))]
+
+    def _compute(self, ev: int, seconds: float) -> None:
+        self.cursor += seconds
+        self.X += seconds
+        self.extra_at[ev] = self.extra_at.get(ev, 0.0) + seconds
+
+    def _hops(self, sid: int, t: float, t_enq: float, tier_range, direction: str) -> tuple[float, list]:
+        b = int(self.ix.nbytes[sid])
+        hops = []
+        for i in tier_range:
+            lane = f"{self.tiers[i].name}:{direction}"
+            s0 = max(t, self.lane_free.get(lane, 0.0))
+            t = s0 + self.tiers[i].transfer_time(b, direction)
+            self.lane_free[lane] = t
+            self.lane_log.setdefault(lane, []).append((t_enq, s0, t, b))
+            hops.append((s0, t))
+            self.traffic += b
+        return t, hops
+
+    def _copy_cpu_cost(self, ev: int, ti: int, sid: int) -> None:
+        cpu = self.host_cost[ti] * int(self.ix.nbytes[sid])
+        if cpu > 0:  # the copy runs on the compute cores: it delays compute (counted as stall)
+            self._compute(ev, cpu)
+            self.stall_time += cpu
+
+    def prefetch(self, ev: int, sid: int, ti: int) -> None:
+        t, hops = self._hops(sid, max(self.cursor, self.down_end[sid]), self.cursor, range(ti, 0, -1), "read")
+        self.up_hops[sid] = hops  # order: deepest tier first
+        self.arrival[sid] = t
+        self._copy_cpu_cost(ev, ti, sid)
+
+    def wait(self, ev: int, sid: int) -> None:
+        a = self.arrival[sid]
+        if a > self.cursor:
+            w = a - self.cursor
+            self._compute(ev, w)
+            self.stall_time += w
+            if self.stalls and self.stalls[-1][0] == ev:
+                self.stalls[-1] = (ev, self.stalls[-1][1] + w)
+            else:
+                self.stalls.append((ev, w))
+
+    def recompute(self, ev: int, u: int, seconds: float) -> None:
+        self._compute(ev, seconds)
+        self.rec_time += seconds
+        self.recs.append((u, ev, seconds))
+        self.rec_starts.append((self.cursor - seconds, seconds))
+
+    def evict(self, ev: int, sid: int, ti: int) -> None:
+        t_enq = self.cursor + self.ix.dur[ev]
+        t, hops = self._hops(sid, t_enq, t_enq, range(1, ti + 1), "write")
+        self.down_hops[sid] = hops  # order: tier 1 first
+        self.down_end[sid] = t
+        self._copy_cpu_cost(ev, ti, sid)
+
+    def event_start(self) -> np.ndarray:
+        n, C = self.ix.n, self.ix.C
+        if not self.extra_at:
+            return C[:n].copy()
+        ex = np.zeros(n, dtype=float)
+        for e, v in self.extra_at.items():
+            ex[e] = v
+        return C[:n] + np.concatenate([[0.0], np.cumsum(ex)[:-1]])
+
+
+def _replay(ix: TraceIndex, hierarchy: Hierarchy, offloads: Mapping[int, Offload], rc: _Recompute,
+            steps: list[_Step]) -> _Clock:
+    clock = _Clock(ix, hierarchy)
     cur_ev = -1
-    cursor = 0.0
-    traffic = 0
-    # compute seconds per byte for a copy between tier 0 and tier ti (every hop in between)
-    host_cost = [sum(tiers[i].host_cost_per_byte for i in range(1, ti + 1)) for ti in range(len(tiers))]
-    for ev, phase, key, _ in items:
+    for ev, phase, key in steps:
         if ev != cur_ev:
             cur_ev = ev
-            cursor = C[ev] + X
-        if phase == 0:  # prefetch enqueue
-            sid = key
-            ti = offloads[sid][0]
-            b = int(ix.nbytes[sid])
-            t = max(cursor, down_end[sid])
-            hops = []
-            for i in range(ti, 0, -1):
-                lane = tiers[i].name + ":read"
-                s0 = max(t, lane_free.get(lane, 0.0))
-                t = s0 + tiers[i].transfer_time(b, "read")
-                lane_free[lane] = t
-                lane_log.setdefault(lane, []).append((cursor, s0, t, b))
-                hops.append((s0, t))
-                traffic += b
-            up_hops[sid] = hops  # order: deepest tier first
-            arrival[sid] = t
-            cpu = host_cost[ti] * b
-            if cpu > 0:  # the copy runs on the compute cores: it delays compute (counted as stall)
-                cursor += cpu
-                X += cpu
-                stall_time += cpu
-                extra_at[ev] = extra_at.get(ev, 0.0) + cpu
-        elif phase in (1, 3):  # wait for a prefetch
-            a = arrival[key]
-            if a > cursor:
-                w = a - cursor
-                cursor = a
-                X += w
-                stall_time += w
-                extra_at[ev] = extra_at.get(ev, 0.0) + w
-                if stalls and stalls[-1][0] == ev:
-                    stalls[-1] = (ev, stalls[-1][1] + w)
-                else:
-                    stalls.append((ev, w))
-        elif phase == 2:  # recompute
-            r = effects[key].time
-            cursor += r
-            X += r
-            rec_time += r
-            extra_at[ev] = extra_at.get(ev, 0.0) + r
-            recs.append((key, ev, r))
-            rec_starts.append((cursor - r, r))
-        else:  # phase 5: down enqueue at end of op ev
-            sid = key
-            ti = offloads[sid][0]
-            b = int(ix.nbytes[sid])
-            t_enq = cursor + dur[ev]
-            t = t_enq
-            hops = []
-            for i in range(1, ti + 1):
-                lane = tiers[i].name + ":write"
-                s0 = max(t, lane_free.get(lane, 0.0))
-                t = s0 + tiers[i].transfer_time(b, "write")
-                lane_free[lane] = t
-                lane_log.setdefault(lane, []).append((t_enq, s0, t, b))
-                hops.append((s0, t))
-                traffic += b
-            down_hops[sid] = hops  # order: tier 1 first
-            down_end[sid] = t
-            cpu = host_cost[ti] * b
-            if cpu > 0:  # the copy runs on the compute cores (see the prefetch case): later work moves
-                cursor += cpu
-                X += cpu
-                stall_time += cpu
-                extra_at[ev] = extra_at.get(ev, 0.0) + cpu
+            clock.cursor = ix.C[ev] + clock.X
+        if phase is Phase.PREFETCH:
+            clock.prefetch(ev, key, offloads[key].tier)
+        elif phase in (Phase.WAIT_FOR_RECOMPUTE, Phase.WAIT_FOR_OP):
+            clock.wait(ev, key)
+        elif phase is Phase.RECOMPUTE:
+            clock.recompute(ev, key, rc.effects[key].time)
+        else:
+            clock.evict(ev, key, offloads[key].tier)
+    return clock
 
-    if extra_at:
-        ex = np.zeros(n, dtype=float)
-        for e, v in extra_at.items():
-            ex[e] = v
-        event_start = C[:n] + np.concatenate([[0.0], np.cumsum(ex)[:-1]])
-    else:
-        event_start = C[:n].copy()
-    step_time = float(C[n] + X)
 
-    # ---- tier 0 intervals for offloaded storages
+def _tier0_intervals(ix: TraceIndex, offloads: Mapping[int, Offload], rc: _Recompute, clock: _Clock,
+                     event_start: np.ndarray) -> tuple[tuple[np.ndarray, ...], dict[int, int]]:
+    """Tier-0 (id, start, end, bytes) intervals with offloads applied; and each offload's down-done event."""
+    n = ix.n
+    st, en = rc.start, rc.end
+    extra = list(rc.extra)
     down_done_event: dict[int, int] = {}
     for sid, (ti, ev, pf) in offloads.items():
-        t1 = down_hops[sid][0][1]
+        t1 = clock.down_hops[sid][0][1]
         de = int(np.searchsorted(event_start, t1, "left")) - 1
         de = min(max(de, ev), n - 1)
         down_done_event[sid] = de
-        if de < pf - 1:
+        if de < pf - 1:  # freed between the landing of the copy down and the prefetch
             e_orig = int(en[sid])
             en[sid] = de
-            extra_ids.append(sid)
-            extra_s.append(pf)
-            extra_e.append(max(e_orig, pf))
-            extra_b.append(int(ix.nbytes[sid]))
+            extra.append((sid, pf, max(e_orig, pf), int(ix.nbytes[sid])))
+    ids = np.arange(len(st), dtype=np.int64)
+    if extra:
+        ex = np.array(extra, dtype=np.int64)
+        return (np.concatenate([ids, ex[:, 0]]), np.concatenate([st, ex[:, 1]]), np.concatenate([en, ex[:, 2]]),
+                np.concatenate([ix.nbytes, ex[:, 3]])), down_done_event
+    return (ids, st, en, ix.nbytes), down_done_event
 
-    all_ids = np.arange(len(st), dtype=np.int64)
-    if extra_ids:
-        ids0 = np.concatenate([all_ids, np.array(extra_ids, dtype=np.int64)])
-        st0 = np.concatenate([st, np.array(extra_s, dtype=np.int64)])
-        en0 = np.concatenate([en, np.array(extra_e, dtype=np.int64)])
-        b0 = np.concatenate([ix.nbytes, np.array(extra_b, dtype=np.int64)])
-    else:
-        ids0, st0, en0, b0 = all_ids, st, en, ix.nbytes
-    # dropped storages' forward copy may end before... (already clamped); nothing else
-    occ = [_occupancy(n, st0, en0, b0)]
-    intervals = [(ids0, st0, en0, b0)]
 
-    # ---- lower tiers
+def _lower_tier_intervals(ix: TraceIndex, hierarchy: Hierarchy, offloads: Mapping[int, Offload], clock: _Clock,
+                          event_start: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """Per lower tier (index 1..), (id, start ev, end ev, bytes): held copies and staging copies."""
+    n = ix.n
+    tiers = hierarchy.tiers
     per_tier: list[tuple[list[int], list[float], list[float], list[int]]] = [([], [], [], []) for _ in tiers]
     for sid, (ti, ev, pf) in offloads.items():
         b = int(ix.nbytes[sid])
-        dh = down_hops[sid]  # dh[i-1] = hop into tier i
-        uh = up_hops[sid]  # uh[0] = hop out of tier ti ... uh[-1] = hop out of tier 1
+        dh = clock.down_hops[sid]  # dh[i-1] = hop into tier i
+        uh = clock.up_hops[sid]  # uh[0] = hop out of tier ti ... uh[-1] = hop out of tier 1
         for i in range(1, ti + 1):
             hop_out_up = uh[ti - i]
             ids, a_, b_, by = per_tier[i]
@@ -581,51 +417,67 @@ def run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int
                 ids.append(sid); a_.append(dh[i - 1][0]); b_.append(dh[i][1]); by.append(b)
                 hop_in_up = uh[ti - i - 1]
                 ids.append(sid); a_.append(hop_in_up[0]); b_.append(hop_out_up[1]); by.append(b)
+    out = []
     for i in range(1, len(tiers)):
         ids, a_, b_, by = per_tier[i]
         if not ids:
-            occ.append(np.zeros(n, dtype=np.int64))
-            intervals.append((np.zeros(0, np.int64),) * 4)
+            out.append((np.zeros(0, np.int64),) * 4)
             continue
         sa = np.searchsorted(event_start, np.array(a_), "right") - 1
         sb = np.searchsorted(event_start, np.array(b_), "left") - 1
         sa = np.clip(sa, 0, n - 1)
         sb = np.clip(np.maximum(sb, sa), 0, n - 1)
-        arr_b = np.array(by, dtype=np.int64)
-        occ.append(_occupancy(n, sa, sb, arr_b))
-        intervals.append((np.array(ids, dtype=np.int64), sa, sb, arr_b))
-
-    capacity = [int(budget)] + [int(t.capacity) for t in tiers[1:]]
-    return _Result(step_time=step_time, recompute_time=rec_time, stall_time=stall_time, event_start=event_start,
-                   occ=occ, capacity=capacity, intervals=intervals, stalls=stalls, recomputes=recs,
-                   lane_log=lane_log, down_done_event=down_done_event, need=need, dropped=dropped, traffic=traffic,
-                   recompute_starts=rec_starts, down_end=down_end)
+        out.append((np.array(ids, dtype=np.int64), sa, sb, np.array(by, dtype=np.int64)))
+    return out
 
 
-def plan_to_dicts(plan: Plan, hierarchy: Hierarchy, trace: Trace | None = None) -> tuple[dict[int, Offload], dict[int, tuple[int, ...]]]:
-    offloads: dict[int, Offload] = {}
-    names = [t.name for t in hierarchy.tiers]
-    for d in plan.storages:
-        if trace is not None and not 0 <= d.storage < len(trace.storages):
-            raise ValueError(f"plan names storage {d.storage}, which the trace does not have")
-        if d.action == "keep":
-            continue
-        if d.storage in offloads:
-            raise ValueError(f"storage {d.storage} has more than one decision")
-        if d.tier not in names or names.index(d.tier) == 0:
-            raise ValueError(f"storage {d.storage}: offload tier {d.tier!r} is not a lower tier of {names}")
-        offloads[d.storage] = (names.index(d.tier), int(d.evict_after), int(d.prefetch_at))
-    units: dict[int, tuple[int, ...]] = {}
-    for u in plan.units:
-        if trace is not None and not 0 <= u.unit < len(trace.units):
-            raise ValueError(f"plan names unit {u.unit}, which the trace does not have")
-        if u.unit in units:
-            raise ValueError(f"unit {u.unit} has more than one decision")
-        units[u.unit] = tuple(sorted(u.save_ops))
-    return offloads, units
+def try_run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int, Offload],
+            units: Mapping[int, tuple[int, ...]]) -> SimResult | None:
+    """`run`, but None for decisions outside the decision space (for planners exploring states)."""
+    return _run(ix, hierarchy, budget, offloads, units, strict=False)
 
 
-def _overflow_error(ix: TraceIndex, hierarchy: Hierarchy, res: _Result, tier: int, ev: int) -> InfeasiblePlanError:
+def run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int, Offload],
+        units: Mapping[int, tuple[int, ...]]) -> SimResult:
+    """Simulate decisions given as plain dicts (sid -> Offload, unit -> save_ops).  No capacity check.
+
+    Raises `PlanError` for decisions outside the decision space (trace/space.py).
+    """
+    res = _run(ix, hierarchy, budget, offloads, units, strict=True)
+    assert res is not None
+    return res
+
+
+def _run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int, Offload],
+         units: Mapping[int, tuple[int, ...]], *, strict: bool) -> SimResult | None:
+    effects, needs, problem = decision_space(ix.trace).resolve(hierarchy, offloads, units)
+    if problem:
+        if strict:
+            raise PlanError(problem)
+        return None
+    # Offloads to tier 0 (the host pool of a CPU hierarchy) copy within tier 0: they free nothing and cost nothing
+    # the model sees, so they are simulated as keeps.
+    moving = {sid: Offload(*o) for sid, o in offloads.items() if o[0] >= 1}
+    needs = {sid: needs[sid] for sid in moving}
+    rc = _apply_recomputes(ix, effects)
+    clock = _replay(ix, hierarchy, moving, rc, _steps(ix, moving, needs, rc))
+    event_start = clock.event_start()
+    t0, down_done_event = _tier0_intervals(ix, moving, rc, clock, event_start)
+    intervals = [t0] + _lower_tier_intervals(ix, hierarchy, moving, clock, event_start)
+    occ = [occupancy(ix.n, s, e, b) if len(ids) else np.zeros(ix.n, dtype=np.int64) for ids, s, e, b in intervals]
+    capacity = [int(budget)] + [int(t.capacity) for t in hierarchy.tiers[1:]]
+    return SimResult(step_time=float(ix.C[ix.n] + clock.X), recompute_time=clock.rec_time,
+                     stall_time=clock.stall_time, event_start=event_start, occ=occ, capacity=capacity,
+                     intervals=intervals, stalls=clock.stalls, recomputes=clock.recs, lane_log=clock.lane_log,
+                     down_done_event=down_done_event, need=needs, dropped=rc.dropped, traffic=clock.traffic,
+                     recompute_starts=clock.rec_starts, down_end=clock.down_end)
+
+def plan_to_dicts(plan: Plan, hierarchy: Hierarchy, trace: Trace) -> tuple[dict[int, Offload], dict[int, tuple[int, ...]]]:
+    """(sid -> Offload, unit -> save_ops) of a plan, checked against the decision space (`PlanError`)."""
+    return decision_space(trace).decisions_of(plan, hierarchy)
+
+
+def _overflow_error(ix: TraceIndex, hierarchy: Hierarchy, res: SimResult, tier: int, ev: int) -> InfeasiblePlanError:
     ids, s, e, b = res.intervals[tier]
     mask = (s <= ev) & (e >= ev)
     live: dict[int, int] = {}
@@ -661,7 +513,7 @@ def simulate(trace: Trace, plan: Plan, hierarchy: Hierarchy, *, check: bool = Tr
     return _timeline(ix, hierarchy, res, overflow)
 
 
-def _timeline(ix: TraceIndex, hierarchy: Hierarchy, res: _Result, overflow: list[tuple[int, int]]) -> Timeline:
+def _timeline(ix: TraceIndex, hierarchy: Hierarchy, res: SimResult, overflow: list[tuple[int, int]]) -> Timeline:
     names = [t.name for t in hierarchy.tiers]
     n = ix.n
     es = res.event_start

@@ -30,9 +30,11 @@ from __future__ import annotations
 import time
 
 from ..hardware import Hierarchy
-from ..simulate import _Result, run, trace_index
+from ..simulate import SimResult, run
+from ..trace.index import trace_index
+from ..trace.space import decision_space
 from ..trace.schema import Trace
-from .schema import InfeasibleBudgetError, Plan, StorageDecision, UnitDecision
+from ..decisions import InfeasibleBudgetError, Plan, StorageDecision, UnitDecision
 from . import greedy as _greedy
 from . import milp as _milp
 
@@ -71,7 +73,7 @@ def minimum_budget(trace: Trace, hierarchy: Hierarchy, *, tiers=None) -> int:
     return min(res.peak(0), int(ix.base_occ.max()))
 
 
-def to_plan(trace: Trace, hierarchy: Hierarchy, budget: int, st: "_greedy.State", res: _Result, planner: str,
+def to_plan(trace: Trace, hierarchy: Hierarchy, budget: int, st: "_greedy.State", res: SimResult, planner: str,
             notes=()) -> Plan:
     names = [t.name for t in hierarchy.tiers]
     decisions = tuple(StorageDecision(sid, "offload", names[ti], ev, pf)
@@ -105,7 +107,7 @@ def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "aut
     if budget < minimum:
         raise InfeasibleBudgetError(budget, minimum)
     if planner == "auto":
-        n_cand = int(ix.offloadable.sum()) + len(_greedy.unit_modes(ix, hierarchy))
+        n_cand = int(decision_space(trace).offloadable.sum()) + len(_greedy.unit_modes(ix, hierarchy))
         planner = "milp" if n_cand <= AUTO_MILP_MAX else "greedy"
     if planner == "milp":
         st, res = _milp.milp_state(ix, hierarchy, budget, ti, time_limit=max(time_limit, 10.0))

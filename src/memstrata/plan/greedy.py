@@ -59,9 +59,11 @@ from typing import Iterable
 import numpy as np
 
 from ..hardware import Hierarchy
-from ..trace.sac import sac_cacheable_ops
 from ..trace.schema import UnitRecord
-from ..simulate import Offload, TraceIndex, _Result, run
+from ..decisions import Offload
+from ..simulate import SimResult, run, try_run
+from ..trace.index import TraceIndex
+from ..trace.space import decision_space
 
 TRAFFIC_WEIGHT = 1e-15  # seconds per byte moved: breaks ties towards less traffic, never beats a real second
 
@@ -79,7 +81,7 @@ class State:
         return (tuple(sorted(self.offloads.items())), tuple(sorted(self.units.items())))
 
 
-def cost(res: _Result) -> float:
+def cost(res: SimResult) -> float:
     """The objective: predicted step time, ties to less traffic."""
     return res.step_time + TRAFFIC_WEIGHT * res.traffic
 
@@ -89,18 +91,26 @@ class Evaluator:
 
     def __init__(self, ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...]) -> None:
         self.ix, self.h, self.budget, self.tiers = ix, hierarchy, int(budget), tiers
-        self.cache: dict[tuple, _Result] = {}
+        self.cache: dict[tuple, SimResult] = {}
         self.calls = 0
 
-    def __call__(self, st: State) -> _Result:
+    def __call__(self, st: State) -> SimResult:
+        r = self.try_(st)
+        if r is None:  # a planner bug: every state it builds must be legal
+            run(self.ix, self.h, self.budget, st.offloads, st.units)  # raises PlanError naming the problem
+        assert r is not None
+        return r
+
+    def try_(self, st: State) -> SimResult | None:
+        """The (memoised) simulation, or None for decisions outside the decision space."""
         k = st.key()
-        r = self.cache.get(k)
-        if r is None:
-            self.calls += 1
-            r = run(self.ix, self.h, self.budget, st.offloads, st.units)
-            if len(self.cache) > 20000:
-                self.cache.clear()
-            self.cache[k] = r
+        if k in self.cache:
+            return self.cache[k]
+        self.calls += 1
+        r = try_run(self.ix, self.h, self.budget, st.offloads, st.units)
+        if len(self.cache) > 20000:
+            self.cache.clear()
+        self.cache[k] = r
         return r
 
 
@@ -166,11 +176,12 @@ def unit_modes(ix: TraceIndex, hierarchy: Hierarchy) -> dict[int, list[tuple[int
     """Recompute options per unit: full (), selective with compute-bound ops saved, and 'light' selective
     (only the outputs of cheap ops dropped); deduplicated, most bytes dropped first."""
     out: dict[int, list[tuple[int, ...]]] = {}
+    space = decision_space(ix.trace)
     for u in ix.units:
-        if u.first_backward_op is None:
+        if not space.recomputable[u.index]:
             continue
         nops = u.last_op - u.first_op + 1
-        heavy = ix.heavy_ops(u.index, hierarchy.peak_flops, hierarchy.fast_bandwidth)
+        heavy = space.heavy_ops(u.index, hierarchy)
         cands = [()]
         if heavy and len(heavy) < nops:
             cands.append(heavy)
@@ -188,7 +199,7 @@ def unit_modes(ix: TraceIndex, hierarchy: Hierarchy) -> dict[int, list[tuple[int
                     cands.append(m)
         # Only ops whose outputs SAC can really cache may be saved (trace/sac.py): the
         # runtime re-runs the others, so the plan must charge their time too.
-        cacheable = sac_cacheable_ops(ix.trace, u)
+        cacheable = space.cacheable_ops(u.index)
         cands = list(dict.fromkeys(tuple(j for j in m if j in cacheable) for m in cands))
         seen: dict[tuple[int, ...], tuple[tuple[int, ...], int, float]] = {}  # dropped set -> (mode, bytes, time)
         for m in cands:
@@ -235,7 +246,7 @@ def chain_time(hierarchy: Hierarchy, ti: int, nbytes: int, direction: str) -> fl
     return sum(hierarchy.tiers[i].transfer_time(nbytes, direction) for i in range(1, ti + 1))
 
 
-def nostall_starts(res: _Result) -> np.ndarray:
+def nostall_starts(res: SimResult) -> np.ndarray:
     """Event start times with the stalls taken out (recomputes kept)."""
     if not res.stalls:
         return res.event_start
@@ -245,7 +256,7 @@ def nostall_starts(res: _Result) -> np.ndarray:
     return res.event_start - np.concatenate([[0.0], np.cumsum(ex)[:-1]])
 
 
-def schedule_prefetches(ix: TraceIndex, hierarchy: Hierarchy, st: State, res: _Result, slack: float = 0.0) -> None:
+def schedule_prefetches(ix: TraceIndex, hierarchy: Hierarchy, st: State, res: SimResult, slack: float = 0.0) -> None:
     """Re-derive every offload's prefetch_at: pack the up-lanes just in time, backwards from each need."""
     if not st.offloads:
         return
@@ -280,7 +291,7 @@ def schedule_prefetches(ix: TraceIndex, hierarchy: Hierarchy, st: State, res: _R
         if T[max(e, 0)] < t and e + 1 <= need and res.down_end.get(sid, 0.0) > T[max(e, 0)]:
             e += 1
         e = min(max(e, ev + 1, st.floors.get(sid, 0)), need)
-        st.offloads[sid] = (ti, ev, e)
+        st.offloads[sid] = Offload(ti, ev, e)
 
 
 def frugal_state(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], budget: int | None = None) -> State:
@@ -292,14 +303,14 @@ def frugal_state(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], b
     if not tiers:  # recompute only: no tier to offload to
         return st
     t1 = tiers[0]
-    for sid in np.nonzero(ix.offloadable)[0].tolist():
+    for sid in np.nonzero(decision_space(ix.trace).offloadable)[0].tolist():
         if in_unit(ix, sid, st.units):
             continue
         g = main_gap(ix, sid, st.units)
         if g is None:
             continue
         ev, need = g
-        st.offloads[sid] = (t1, ev, need)
+        st.offloads[sid] = Offload(t1, ev, need)
     cap0 = budget if budget is not None else int(ix.base_occ.max())
     res = run(ix, hierarchy, cap0, st.offloads, st.units)
     # lower tiers overflowing: push the largest offending storages deeper, or keep them
@@ -316,7 +327,7 @@ def frugal_state(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], b
         for sid in live[:max(1, len(live) // 4)]:
             ti, ev, pf = st.offloads[sid]
             if deeper and ti < deeper[0]:
-                st.offloads[sid] = (deeper[0], ev, pf)
+                st.offloads[sid] = Offload(deeper[0], ev, pf)
             else:
                 del st.offloads[sid]
             moved = True
@@ -326,9 +337,8 @@ def frugal_state(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], b
     # units whose recompute raises the peak (transients, held inputs): drop them
     for u in sorted(st.units):
         trial = State(st.offloads, {k: v for k, v in st.units.items() if k != u})
-        try:
-            r2 = run(ix, hierarchy, cap0, trial.offloads, trial.units)
-        except ValueError:
+        r2 = try_run(ix, hierarchy, cap0, trial.offloads, trial.units)
+        if r2 is None:
             continue
         if r2.peak(0) < res.peak(0) and not [t for t, _ in r2.overflow() if t > 0]:
             st, res = trial, r2
@@ -357,7 +367,7 @@ class GreedyStuck(RuntimeError):
     pass
 
 
-def _lane_free_lookup(res: _Result) -> dict[str, tuple[list[float], list[float]]]:
+def _lane_free_lookup(res: SimResult) -> dict[str, tuple[list[float], list[float]]]:
     out = {}
     for lane, log in res.lane_log.items():
         enq = [e for e, *_ in log]
@@ -375,7 +385,7 @@ def _busy_in(log: list, a: float, b: float) -> float:
     return tot
 
 
-def _candidates(ix: TraceIndex, h: Hierarchy, st: State, res: _Result, p: int, modes, tiers,
+def _candidates(ix: TraceIndex, h: Hierarchy, st: State, res: SimResult, p: int, modes, tiers,
                 excess: int = 1 << 62, deep_first: bool = True, relaxed: bool = False) -> list[_Cand]:
     n = ix.n
     ids, s0, e0, b0 = res.intervals[0]
@@ -429,7 +439,7 @@ def _candidates(ix: TraceIndex, h: Hierarchy, st: State, res: _Result, p: int, m
     # below this size an offload is mostly latency: not worth a decision
     min_bytes = min(int(8 * t1.latency * max(t1.write_bandwidth, 1.0)), max(1, excess // 16))
     for sid, by in live.items():
-        if not ix.offloadable[sid] or sid in st.offloads or sid in res.dropped or in_unit(ix, sid, rec):
+        if not decision_space(ix.trace).offloadable[sid] or sid in st.offloads or sid in res.dropped or in_unit(ix, sid, rec):
             continue
         acc = accesses_with(ix, sid, rec)
         k = bisect.bisect_left(acc, p)
@@ -480,7 +490,7 @@ def _candidates(ix: TraceIndex, h: Hierarchy, st: State, res: _Result, p: int, m
 class _DownLane:
     """The first-hop down lane as a FIFO of (enqueue time, seconds, must-land-by), for batch admission."""
 
-    def __init__(self, res: _Result, lane: str, Tp: float) -> None:
+    def __init__(self, res: SimResult, lane: str, Tp: float) -> None:
         self.ntier = len(res.occ)
         self.items = [(e, z - s, (z if z > Tp else Tp)) for e, s, z, _ in res.lane_log.get(lane, [])]
         self.items.sort()
@@ -501,7 +511,7 @@ class _DownLane:
 
 
 def _apply_batch(st: State, cands: list[_Cand], excess: int, lane: "_DownLane | None" = None, floor: int = 0,
-                 res: _Result | None = None, deep_first: bool = True) -> int:
+                 res: SimResult | None = None, deep_first: bool = True) -> int:
     """Take candidates cheapest-first (lazily re-priced) until `excess` bytes are freed at the peak."""
     low = [o.copy() for o in res.occ] if res is not None else None
     caps = res.capacity if res is not None else None
@@ -542,7 +552,7 @@ def _apply_batch(st: State, cands: list[_Cand], excess: int, lane: "_DownLane | 
                 for i, a, z in c.ranges:
                     low[i][a:z + 1] += b
             ups.append((w1, up))
-            st.offloads[c.key] = (ti, ev, need)
+            st.offloads[c.key] = Offload(ti, ev, need)
             st.floors[c.key] = max(st.floors.get(c.key, 0), floor)
         else:
             if any(t in st.offloads for t in c.touches):
@@ -553,13 +563,13 @@ def _apply_batch(st: State, cands: list[_Cand], excess: int, lane: "_DownLane | 
     return got
 
 
-def _worst_event(res: _Result) -> int:
+def _worst_event(res: SimResult) -> int:
     over = res.occ[0] - res.capacity[0]
     return int(np.argmax(over))
 
 
 def peel(ev_: Evaluator, st: State, modes, max_iter: int = 400, deadline: float | None = None,
-         deep_first: bool = True) -> tuple[State, _Result]:
+         deep_first: bool = True) -> tuple[State, SimResult]:
     ix, h = ev_.ix, ev_.h
     res = ev_(st)
     for _ in range(max_iter):
@@ -600,13 +610,13 @@ def peel(ev_: Evaluator, st: State, modes, max_iter: int = 400, deadline: float 
     return st, res
 
 
-def _over(res: _Result) -> tuple[int, int]:
+def _over(res: SimResult) -> tuple[int, int]:
     """(bytes over capacity in lower tiers, bytes over the budget in tier 0) at their worst events."""
     low = sum(max(0, int(o.max(initial=0)) - c) for o, c in zip(res.occ[1:], res.capacity[1:]))
     return low, max(0, res.peak(0) - res.capacity[0])
 
 
-def _probe(ev_: Evaluator, st: State, res: _Result, p: int, modes, deep_first: bool, k: int = 12) -> tuple[State, _Result]:
+def _probe(ev_: Evaluator, st: State, res: SimResult, p: int, modes, deep_first: bool, k: int = 12) -> tuple[State, SimResult]:
     """One simulator-judged step: try the k best single candidates at p (relaxed), keep the best progress."""
     ix, h = ev_.ix, ev_.h
     cands = _candidates(ix, h, st, res, p, modes, ev_.tiers, deep_first=deep_first, relaxed=True)
@@ -616,7 +626,7 @@ def _probe(ev_: Evaluator, st: State, res: _Result, p: int, modes, deep_first: b
         t = st.copy()
         if c.kind == "off":
             ti, ev, need = c.value[:3]
-            t.offloads[c.key] = (ti, ev, need)
+            t.offloads[c.key] = Offload(ti, ev, need)
             t.floors[c.key] = p + 1
         else:
             t.units[c.key] = c.value
@@ -635,14 +645,12 @@ def _probe(ev_: Evaluator, st: State, res: _Result, p: int, modes, deep_first: b
     return best[1], best[2]
 
 
-def _valid(ev_: Evaluator, st: State) -> _Result | None:
-    try:
-        return ev_(st)
-    except ValueError:
-        return None
+def _valid(ev_: Evaluator, st: State) -> SimResult | None:
+    """The simulation of `st`, or None when its decisions are outside the decision space."""
+    return ev_.try_(st)
 
 
-def schedule_and_run(ev_: Evaluator, st: State, ref: _Result) -> _Result | None:
+def schedule_and_run(ev_: Evaluator, st: State, ref: SimResult) -> SimResult | None:
     """Just-in-time prefetch points (from `ref`'s timeline), simulated; then, while tier 0 overflows at an
     event where some prefetched copy is already back early, postpone the one needed last to after that event
     (trading a possible stall for room).  Mutates st; None if the state is malformed."""
@@ -660,13 +668,13 @@ def schedule_and_run(ev_: Evaluator, st: State, ref: _Result) -> _Result | None:
             break
         _, sid = max(early)
         ti, ev, pf = st.offloads[sid]
-        st.offloads[sid] = (ti, ev, e + 1)
+        st.offloads[sid] = Offload(ti, ev, e + 1)
         st.floors[sid] = e + 1
         r = _valid(ev_, st)
     return r
 
 
-def _prune(ev_: Evaluator, st: State, res: _Result, sids: list[int]) -> tuple[State, _Result]:
+def _prune(ev_: Evaluator, st: State, res: SimResult, sids: list[int]) -> tuple[State, SimResult]:
     """Drop the given offloads one by one (largest first) while the plan stays feasible and not slower."""
     ix = ev_.ix
     for sid in sorted(sids, key=lambda i: -int(ix.nbytes[i])):
@@ -678,7 +686,7 @@ def _prune(ev_: Evaluator, st: State, res: _Result, sids: list[int]) -> tuple[St
     return st, res
 
 
-def cleanup(ev_: Evaluator, st: State, res: _Result, modes, deadline: float | None = None) -> tuple[State, _Result]:
+def cleanup(ev_: Evaluator, st: State, res: SimResult, modes, deadline: float | None = None) -> tuple[State, SimResult]:
     """Drop decisions that are not needed; downgrade full recomputes to selective where it pays."""
     ix, h = ev_.ix, ev_.h
     best = cost(res)
@@ -698,17 +706,17 @@ def cleanup(ev_: Evaluator, st: State, res: _Result, modes, deadline: float | No
             for ti in ev_.tiers:  # swap: offload what the unit's recompute dropped instead
                 t = st.copy(); del t.units[k]
                 for sid in ix.unit_storages[k]:
-                    if ix.offloadable[sid] and sid not in t.offloads:
+                    if decision_space(ix.trace).offloadable[sid] and sid not in t.offloads:
                         g = main_gap(ix, sid, t.units)
                         if g is not None:
-                            t.offloads[sid] = (ti, g[0], g[1])
+                            t.offloads[sid] = Offload(ti, g[0], g[1])
                 trials.append(t)
         elif kind == "off" and k in st.offloads:
             t = st.copy(); del t.offloads[k]; trials.append(t)
             ti, e, pf = st.offloads[k]
             for up in ev_.tiers:
                 if up < ti:
-                    t = st.copy(); t.offloads[k] = (up, e, pf); trials.append(t)
+                    t = st.copy(); t.offloads[k] = Offload(up, e, pf); trials.append(t)
         for t in trials:
             r = schedule_and_run(ev_, t, res)
             if r is not None and r.feasible and len(t.offloads) > len(st.offloads):
@@ -719,8 +727,8 @@ def cleanup(ev_: Evaluator, st: State, res: _Result, modes, deadline: float | No
     return st, res
 
 
-def one_opt(ev_: Evaluator, st: State, res: _Result, modes, options: dict[int, list[Offload]],
-            deadline: float | None = None, rounds: int = 3) -> tuple[State, _Result]:
+def one_opt(ev_: Evaluator, st: State, res: SimResult, modes, options: dict[int, list[Offload]],
+            deadline: float | None = None, rounds: int = 3) -> tuple[State, SimResult]:
     """Exhaustive single-decision changes (small problems): best improvement, repeated."""
     best = cost(res)
     for _ in range(rounds):
@@ -743,7 +751,7 @@ def one_opt(ev_: Evaluator, st: State, res: _Result, modes, options: dict[int, l
             for d in (-1, 1):
                 if ev < pf + d and (sid not in options or pf + d <= max(x[2] for x in options[sid])):
                     t = st.copy()
-                    t.offloads[sid] = (ti, ev, pf + d)
+                    t.offloads[sid] = Offload(ti, ev, pf + d)
                     moves.append(t)
         for sid, opts in options.items():
             for o in [None] + opts:
@@ -776,7 +784,7 @@ def offload_options(ix: TraceIndex, h: Hierarchy, tiers: tuple[int, ...], units:
     units = list(units)
     out: dict[int, list[Offload]] = {}
     C = ix.C
-    for sid in np.nonzero(ix.offloadable)[0].tolist():
+    for sid in np.nonzero(decision_space(ix.trace).offloadable)[0].tolist():
         if in_unit(ix, sid, units):
             continue
         g = main_gap(ix, sid, units)
@@ -793,7 +801,7 @@ def offload_options(ix: TraceIndex, h: Hierarchy, tiers: tuple[int, ...], units:
                 e = int(np.searchsorted(C[:-1], t, "right")) - 1
                 pfs.append(min(max(e, ev + 1), need))
             for pf in dict.fromkeys(pfs):
-                opts.append((ti, ev, pf))
+                opts.append(Offload(ti, ev, pf))
         out[sid] = opts
     return out
 
@@ -825,13 +833,13 @@ def ratio_seed(ev_: Evaluator, modes) -> State:
 
 
 def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...], *,
-                 time_limit: float = 4.0, small: int = 60) -> tuple[State, _Result]:
+                 time_limit: float = 4.0, small: int = 60) -> tuple[State, SimResult]:
     t0 = time.perf_counter()
     deadline = t0 + time_limit
     ev_ = Evaluator(ix, hierarchy, budget, tiers)
     modes = unit_modes(ix, hierarchy)
-    results: list[tuple[State, _Result]] = []
-    n_cand = int(ix.offloadable.sum()) + len(modes)
+    results: list[tuple[State, SimResult]] = []
+    n_cand = int(decision_space(ix.trace).offloadable.sum()) + len(modes)
     # tie-break variants: offload deep first (keeps fast tiers free), or shallow first; both on small graphs
     variants = (True, False) if (n_cand <= small and len(hierarchy.tiers) > 2) else (True,)
     for deep_first in variants:

@@ -42,7 +42,8 @@ import time
 import numpy as np
 
 from ..hardware import Hierarchy
-from ..simulate import TraceIndex, _Result
+from ..simulate import SimResult
+from ..trace.index import TraceIndex
 from .greedy import (TRAFFIC_WEIGHT, Evaluator, State, _valid, cost, frugal_state, offload_options, one_opt,
                      unit_modes)
 
@@ -59,7 +60,7 @@ def _menu(ix: TraceIndex, h: Hierarchy, tiers: tuple[int, ...]):
     return modes, opts
 
 
-def enumerate_state(ev_: Evaluator, modes, opts) -> tuple[State, _Result] | None:
+def enumerate_state(ev_: Evaluator, modes, opts) -> tuple[State, SimResult] | None:
     axes: list[list[tuple[str, int, object]]] = []
     for u, ms in modes.items():
         axes.append([("u", u, None)] + [("u", u, m) for m in ms])
@@ -95,7 +96,7 @@ def _menu_size(modes, opts) -> int:
 
 
 def milp_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...], *,
-               time_limit: float = 10.0, rounds: int = 8, polish: bool = True) -> tuple[State, _Result]:
+               time_limit: float = 10.0, rounds: int = 8, polish: bool = True) -> tuple[State, SimResult]:
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
 
@@ -193,7 +194,7 @@ def milp_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[i
     c = np.array(times + [1.0] * nz)
     integrality = np.array([1] * nO + [0] * nz)
     bounds = Bounds(np.zeros(nv), np.array([1.0] * nO + [np.inf] * nz))
-    best: tuple[State, _Result] | None = None
+    best: tuple[State, SimResult] | None = None
     for _ in range(rounds):
         cap_rows = list(rows)
         for t in range(ntier):

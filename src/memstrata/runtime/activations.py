@@ -117,7 +117,7 @@ from torch.utils import checkpoint as _ckpt
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..hardware import Hierarchy
-from ..plan.schema import Plan, UnitDecision
+from ..decisions import Plan, UnitDecision
 from ..trace.schema import Trace, UnitRecord
 from ..trace.sac import is_inplace_op, sac_cacheable_ops
 from ..trace.units import find_units

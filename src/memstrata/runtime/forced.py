@@ -26,7 +26,7 @@ from __future__ import annotations
 from bisect import bisect_right
 
 from ..hardware import Hierarchy
-from ..plan.schema import Plan, StorageDecision, UnitDecision
+from ..decisions import Plan, StorageDecision, UnitDecision
 from ..trace.schema import Trace
 
 KINDS = ("keep", "host", "nvme", "recompute", "selective", "mixed")

@@ -33,6 +33,7 @@ by freeing early.  Storages with `persistent=True` outlive the step
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -122,6 +123,28 @@ class Trace:
 
     def saved_storages(self) -> list[StorageRecord]:
         return [s for s in self.storages if s.saved and s.kind == "activation"]
+
+    @functools.cached_property
+    def activation_peak(self) -> int:
+        """Bytes of saved-for-backward activations live at the worst event: what memstrata can move.
+
+        The base of "P%act" budgets (`hardware.Budget`); live as in [Note: what "live" means].
+        """
+        n = len(self.ops)
+        if n == 0:
+            return 0
+        diff = [0] * (n + 1)
+        for s in self.saved_storages():
+            start = 0 if s.producer is None else s.producer
+            end = n - 1 if s.freed_after is None else s.freed_after
+            if end >= start:
+                diff[start] += s.nbytes
+                diff[end + 1] -= s.nbytes
+        best = acc = 0
+        for d in diff[:n]:
+            acc += d
+            best = max(best, acc)
+        return best
 
     # ------------------------------------------------------------------ json
     def to_dict(self) -> dict[str, Any]:

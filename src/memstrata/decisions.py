@@ -1,4 +1,4 @@
-"""plan — the plain-data decisions the runtime carries out.
+"""decisions — the plain-data decisions a planner makes and the runtime carries out (a leaf module).
 
 A `Plan` has one frozen record per managed storage and one per recompute unit
 the planner chose to recompute.  No torch objects: plans are printable,
@@ -16,15 +16,40 @@ Decision kinds
               backward; the storages saved inside it are not kept, except the
               outputs of the ops listed in `save_ops` (selective recompute:
               those outputs are kept in tier 0, everything else is re-run).
+
+Which decisions are *legal* for a trace is not decided here but in one place,
+`trace.space.DecisionSpace`; this module only says what a decision is.  Inside
+the planners and the simulator an offload travels as an `Offload` record
+(tier index, evict_after, prefetch_at), never as a bare tuple.
+
+Adding a decision kind: a frozen record here, its legality in
+`trace/space.py`, its cost in `simulate.py`, its execution in `runtime/`
+(see ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 ACTIONS = ("keep", "offload")
+
+
+class PlanError(ValueError):
+    """A plan (or a planner's state) that is malformed or not legal for its trace.
+
+    Raised by the simulator and the runtime; planners never catch it: they ask
+    `DecisionSpace` what is legal before they simulate.
+    """
+
+
+class Offload(NamedTuple):
+    """One offload as the planners and the simulator carry it (tiers by index into `Hierarchy.tiers`)."""
+
+    tier: int  # >= 1: a lower tier (0 only on a CPU hierarchy, for the host-pool copy path)
+    evict_after: int  # event after which the copy down starts
+    prefetch_at: int  # event at which the copy up starts
 
 
 @dataclass(frozen=True)
@@ -37,12 +62,12 @@ class StorageDecision:
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
-            raise ValueError(f"storage {self.storage}: action must be one of {ACTIONS}, got {self.action!r}")
+            raise PlanError(f"storage {self.storage}: action must be one of {ACTIONS}, got {self.action!r}")
         if self.action == "offload":
             if self.tier is None or self.evict_after is None or self.prefetch_at is None:
-                raise ValueError(f"storage {self.storage}: offload needs tier, evict_after and prefetch_at")
+                raise PlanError(f"storage {self.storage}: offload needs tier, evict_after and prefetch_at")
             if self.prefetch_at <= self.evict_after:
-                raise ValueError(
+                raise PlanError(
                     f"storage {self.storage}: prefetch_at ({self.prefetch_at}) must come after evict_after ({self.evict_after})"
                 )
 
@@ -106,7 +131,7 @@ class InfeasibleBudgetError(ValueError):
     """No plan fits the budget; `minimum_budget` is the smallest one that does."""
 
     def __init__(self, budget: int, minimum_budget: int, detail: str = "") -> None:
-        from ..hardware import format_size
+        from .hardware import format_size
 
         self.budget = budget
         self.minimum_budget = minimum_budget
