@@ -26,7 +26,8 @@ from torch import nn
 
 from memstrata.manager import Manager, default_hierarchy
 from memstrata.plan.api import minimum_budget
-from memstrata.runtime import ActivationRuntime, forced_plan
+from memstrata.plan.forced import forced_plan
+from memstrata.runtime import ActivationRuntime
 from memstrata.runtime.check import state_mismatches, train_steps
 from memstrata.trace.record import trace_step
 

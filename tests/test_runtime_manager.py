@@ -13,7 +13,8 @@ from torch import nn
 from memstrata.manager import Manager, default_hierarchy, parse_budget
 from memstrata.plan.api import minimum_budget
 from memstrata.decisions import InfeasibleBudgetError
-from memstrata.runtime import ActivationRuntime, forced_plan
+from memstrata.plan.forced import forced_plan
+from memstrata.runtime import ActivationRuntime
 from memstrata.runtime.check import state_mismatches, train_steps
 from memstrata.simulate import simulate
 from memstrata.trace.record import trace_model, trace_step

@@ -13,7 +13,7 @@ from torch import nn
 
 from memstrata.hardware import profile
 from memstrata.manager import Manager, default_hierarchy
-from memstrata.decisions import Plan, StorageDecision
+from memstrata.decisions import Plan, PlanError, StorageDecision
 from memstrata.runtime import (
     ActivationRuntime,
     HostBufferPool,
@@ -21,8 +21,8 @@ from memstrata.runtime import (
     NVMeIOError,
     NVMeStore,
     check_directory,
-    forced_plan,
 )
+from memstrata.plan.forced import forced_plan
 from memstrata.runtime import nvme as nvme_mod
 from memstrata.runtime.check import state_mismatches, train_steps
 from memstrata.runtime.pool import ALIGN
@@ -212,9 +212,16 @@ def test_parameters_are_never_offloaded(tmp_path):
     assert params
     bad = Plan("evil", h.name, tr.observed_peak, storages=tuple(
         StorageDecision(s.id, "offload", "nvme", evict_after=0, prefetch_at=tr.forward_end + 1) for s in params))
-    rt = ActivationRuntime(model, tr, bad, h)
-    assert rt.describe()["storages"]["nvme"] == 0 and rt.store is None
-    assert any("never offloaded" in n for n in rt.notes)
+    # The decision space refuses the plan before anything runs (no store, no step): the runtime is handed
+    # legal plans only, instead of quietly keeping what the plan said to move.
+    with pytest.raises(PlanError, match="kind parameter"):
+        ActivationRuntime(model, tr, bad, h)
+    assert not list(tmp_path.glob("memstrata-*"))
+    # a legal plan for the same trace never moves a parameter's storage
+    rt = ActivationRuntime(model, tr, forced_plan(tr, "nvme", h), h)
     with rt.step():
         nn.functional.cross_entropy(model(x), y).backward()
-    assert rt.last_stats.offloaded["nvme"] == 0
+    moved = {d.storage for d in forced_plan(tr, "nvme", h).storages}
+    assert moved and not moved & {s.id for s in params}
+    assert rt.last_stats.offloaded["nvme"] == len(moved)
+    rt.close()

@@ -33,7 +33,7 @@ CANDIDATES = ("keep", "planned", "recompute-only", "all-recompute", "all-host")
 
 def _planner(name: str) -> Callable:
     from memstrata.plan.api import plan
-    from memstrata.runtime import forced_plan
+    from memstrata.plan.forced import forced_plan
 
     if name == "keep":
         return lambda tr, h, b: forced_plan(tr, "keep", h)

@@ -1,6 +1,9 @@
-"""plan — decisions (schema) and the planners that make them (greedy, milp) behind `plan()`."""
+"""plan — the planners (greedy, milp, forced) behind `plan()`: pure functions from a trace to a `Plan`."""
 
 from ..decisions import InfeasibleBudgetError, Plan, StorageDecision, UnitDecision
 from .api import minimum_budget, plan
+from .forced import KINDS as FORCED_KINDS
+from .forced import forced_plan
 
-__all__ = ["plan", "minimum_budget", "Plan", "StorageDecision", "UnitDecision", "InfeasibleBudgetError"]
+__all__ = ["plan", "minimum_budget", "forced_plan", "FORCED_KINDS", "Plan", "StorageDecision", "UnitDecision",
+           "InfeasibleBudgetError"]

@@ -5,7 +5,8 @@ Example (CPU; host RAM is tier 0, the "host" tier is a separate buffer pool)::
     >>> import torch, torchvision
     >>> from memstrata.hardware import profile
     >>> from memstrata.trace.record import trace_step
-    >>> from memstrata.runtime import ActivationRuntime, forced_plan
+    >>> from memstrata.plan.forced import forced_plan
+    >>> from memstrata.runtime import ActivationRuntime
     >>> model = torchvision.models.resnet18(num_classes=10)
     >>> x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
     >>> trace = trace_step(model, x, y, mode="measured")
@@ -66,87 +67,39 @@ pool; host: host->device copy on the h2d stream).  Unpack waits only for the
 storage it needs; one that was not prefetched yet is fetched on demand and
 counted as a demand fetch in the step's stats.
 
-[Note: stream hand-offs]
-Eviction (CUDA): (1) d2h.wait_stream(compute) so the copy reads the finished
-tensor; (2) d2h.wait_event(buffer.last_use) so a pinned buffer is not
-overwritten while a previous H2D still reads it; (3) src.record_stream(d2h) so
-the caching allocator does not recycle the source block before the copy ran;
-(4) the D2H event is stored on the record.  Prefetch: (5) h2d.wait_event(D2H
-event); the tier-0 buffer is allocated on h2d; the H2D event is stored and the
-pinned buffer released with it (reuse waits on it, pool.py).  Unpack: (6)
-compute.wait_event(H2D event) and restored.record_stream(compute), because the
-block was allocated on h2d but is read and freed on compute.  No call in this
-file synchronizes the host with the device except the NVMe write thread, which
-waits for the D2H event before writing the pinned buffer to its file.
-
-[Note: recompute units]
-A recomputed unit call runs under non-reentrant `torch.utils.checkpoint` with
-`preserve_rng_state=True` (dropout and stochastic depth draw the same numbers
-again).  `context_fn` returns (forward ctx, recompute ctx): for selective units
-the forward ctx is SAC's caching mode with a policy that says MUST_SAVE for the
-ops in `save_ops` and PREFER_RECOMPUTE otherwise; the recompute ctx composes
-SAC's replay mode with a buffer guard that snapshots the unit's buffers when
-recomputation starts and restores them after, so BatchNorm running statistics
-and `num_batches_tracked` are updated once per step, as without memstrata.
-The k-th op SAC shows the policy inside unit u is trace op `u.first_op + k`
-after dropping the ops SAC never shows (`SAC_IGNORED_OPS`); names are checked
-and the first mismatch makes the rest of the unit PREFER_RECOMPUTE (exact).
-Saves of a recomputed unit go to checkpoint's own hooks, not to ours, so after
-the unit the pack counter jumps to `unit.pack_end`.  Units whose forward writes
-one of its inputs in place (e.g. a lone `ReLU(inplace=True)`) are never
-recomputed: re-running them would read the overwritten input.  A recomputed
-unit receives fresh copies of list/tuple/dict arguments (same tensors), because
-callers may mutate a container after the call and checkpoint re-runs the unit
-on the objects it was given (torchvision's `_DenseBlock` appends to its list).
-"""
+Copies between tiers are the tier mover's (mover.py; [Note: stream hand-offs]
+in streams.py); unit recompute is recompute.py's ("""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import time
-from bisect import insort
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils import checkpoint as _ckpt
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
+from ..decisions import Plan
 from ..hardware import Hierarchy
-from ..decisions import Plan, UnitDecision
-from ..trace.schema import Trace, UnitRecord
-from ..trace.sac import is_inplace_op, sac_cacheable_ops
+from ..trace.schema import Trace
+from ..trace.space import decision_space
 from ..trace.units import find_units
-from .errors import NVMeIOError, UnrecomputableUnitError
 from .memory import heap_in_use
+from .mover import Placement, Resident, TierMover
 from .nvme import NVMeStore
 from .pool import HostBufferPool, round_up
-from .streams import CopyContext, TensorEvent
+from .recompute import build_unit_plans, checkpoint_unit, install_unit_forwards
+from .streams import CopyContext
 
-KEEP, HOST, NVME = 0, 1, 2
-_ACTION_NAMES = {KEEP: "keep", HOST: "host", NVME: "nvme"}
+KEEP, HOST, NVME = Placement.KEEP, Placement.HOST, Placement.NVME
 
-_SAC_IGNORED = frozenset(str(op) for op in getattr(_ckpt, "SAC_IGNORED_OPS", ()))
-_CKPT_KW: dict[str, Any] = {}
-if "respect_saved_tensors_hooks" in inspect.signature(_ckpt.checkpoint).parameters:
-    # Tensors SAC keeps stay in tier 0 (legacy behaviour), as the plan assumes.
-    _CKPT_KW["respect_saved_tensors_hooks"] = False
-
-
-def tier_action(hierarchy: Hierarchy, tier: str | None) -> int:
-    """Which store carries an offload to `tier`."""
-    if tier is None:
-        return KEEP
-    kind = hierarchy.tier(tier).kind
-    if kind == "nvme":
-        return NVME
-    if kind in ("dram", "pinned_dram"):
-        return HOST
-    return KEEP  # an offload "to" HBM is a keep
+def tier_action(hierarchy: Hierarchy, tier: str | None) -> Placement:
+    """Which store carries an offload to `tier` (kept for callers of 0.1: `Placement.for_tier`)."""
+    return Placement.for_tier(hierarchy, tier)
 
 
 # ---------------------------------------------------------------------- plain data built once
@@ -154,19 +107,8 @@ def tier_action(hierarchy: Hierarchy, tier: str | None) -> int:
 class _PackEntry:
     storage: int
     nbytes: int
-    action: int
+    action: Placement
     anchor: int | None  # min backward read: a lower bound of the event at unpack
-
-
-@dataclass
-class _UnitPlan:
-    record: UnitRecord
-    recompute: bool
-    selective: bool
-    op_names: tuple[str, ...] = ()  # unit ops as SAC's policy sees them
-    save_positions: frozenset[int] = frozenset()
-    backward_anchor: int | None = None
-    note: str = ""
 
 
 @dataclass
@@ -188,38 +130,12 @@ class StepStats:
 
 
 # ---------------------------------------------------------------------- per-step objects
-class _Record:
-    """One offloaded storage in one step (shared by every pack of that storage)."""
-
-    __slots__ = (
-        "rt", "storage", "action", "nbytes", "device", "host", "ready", "path", "write",
-        "read", "file_live", "restored", "base", "refs", "released", "__weakref__",
-    )
-
-    def __init__(self, rt: "ActivationRuntime", storage: int, action: int, nbytes: int, device: torch.device) -> None:
-        self.rt = rt
-        self.storage = storage
-        self.action = action
-        self.nbytes = nbytes
-        self.device = device
-        self.host = None  # HostBuffer holding the bytes (host tier)
-        self.ready = None  # CUDA event: the D2H copy into `host` landed
-        self.path: str | None = None
-        self.write = None  # Future of the NVMe write
-        self.read = None  # Future of the NVMe read-ahead
-        self.file_live = False
-        self.restored: TensorEvent | None = None  # tier-0 uint8 copy + H2D event
-        self.base = 0  # byte offset of the data inside restored's storage
-        self.refs = 0
-        self.released = False
-
-
 class _Packed:
-    """What a pack hook returns for an offloaded tensor: a view description + the shared record."""
+    """What a pack hook returns for an offloaded tensor: a view description + the shared `Resident`."""
 
     __slots__ = ("record", "dtype", "size", "stride", "offset", "anchor")
 
-    def __init__(self, record: _Record, t: torch.Tensor, anchor: int | None) -> None:
+    def __init__(self, record: Resident, t: torch.Tensor, anchor: int | None) -> None:
         self.record = record
         self.dtype = t.dtype
         self.size = t.size()
@@ -232,7 +148,7 @@ class _Packed:
         rec = self.record
         rec.refs -= 1
         if rec.refs == 0:
-            rec.rt._release(rec)
+            rec.mover.release(rec)
 
 
 class _Kept:
@@ -255,9 +171,9 @@ class _StepState:
         self.event = -1  # lower bound of the current trace event ([Note: events and runtime hooks])
         self.queue = prefetch_queue  # (prefetch_at, storage id), sorted
         self.queue_pos = 0
-        self.by_storage: dict[int, tuple[StorageWeakRef, _Record]] = {}
-        self.by_sid: dict[int, _Record] = {}
-        self.pending_reads: list[_Record] = []
+        self.by_storage: dict[int, tuple[StorageWeakRef, Resident]] = {}
+        self.by_sid: dict[int, Resident] = {}
+        self.pending_reads: list[Resident] = []
         self.param_storages: set[int] = set()
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.live_bytes = 0
@@ -266,70 +182,6 @@ class _StepState:
         self.heap_base = 0
         self.heap_peak = 0
         self.next_sample = 0.0  # perf_counter time before which pack/unpack samples are skipped
-
-
-class _BufferGuard:
-    """Recompute context: snapshot a unit's buffers on enter, restore them on exit.
-
-    Composed with SAC's replay context (`inner`).  See [Note: recompute units].
-    """
-
-    def __init__(self, rt: "ActivationRuntime", module: nn.Module, inner: Any) -> None:
-        self.rt = rt
-        self.module = module
-        self.inner = inner
-        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __enter__(self):
-        st = self.rt._state
-        if st is not None:
-            st.recomputing += 1
-        self.rt._recomputing += 1
-        with torch.no_grad():
-            self.saved = [(b, b.clone()) for b in self.module.buffers()]
-        self.inner.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            return self.inner.__exit__(*exc)
-        finally:
-            with torch.no_grad():
-                for b, snap in self.saved:
-                    b.copy_(snap)
-            self.saved = []
-            self.rt._recomputing -= 1
-            st = self.rt._state
-            if st is not None:
-                st.recomputing -= 1
-
-
-class _UnitPolicy:
-    """SAC policy for one unit call: MUST_SAVE at the planned positions, else PREFER_RECOMPUTE."""
-
-    def __init__(self, names: tuple[str, ...], save: frozenset[int]) -> None:
-        self.names = names
-        self.save = save
-        self.k = 0
-        self.kr = 0
-        self.decisions: list[Any] = []
-        self.mismatch = False
-
-    def __call__(self, ctx, op, *args, **kwargs):
-        P = _ckpt.CheckpointPolicy
-        if getattr(ctx, "is_recompute", False):  # torch versions that ask again during recompute: replay
-            k = self.kr
-            self.kr += 1
-            return self.decisions[k] if k < len(self.decisions) else P.PREFER_RECOMPUTE
-        k = self.k
-        self.k += 1
-        if self.mismatch or k >= len(self.names) or str(op) != self.names[k]:
-            self.mismatch = True
-            d = P.PREFER_RECOMPUTE
-        else:
-            d = P.MUST_SAVE if k in self.save else P.PREFER_RECOMPUTE
-        self.decisions.append(d)
-        return d
 
 
 # ---------------------------------------------------------------------- the runtime
@@ -370,12 +222,14 @@ class ActivationRuntime:
         self.track_live_bytes = (not self.copy.cuda) if track_live_bytes is None else bool(track_live_bytes)
         self._state: _StepState | None = None
         self._recomputing = 0
-        self._restored_bytes = 0
         self.last_stats: StepStats | None = None
         self.notes: list[str] = []
 
+        # The runtime carries plans out; it does not decide what is legal ([Note: the legal menu] in trace/space.py).
+        decision_space(trace).decisions_of(plan, hierarchy)  # PlanError for a decision outside the space
         self._build_pack_table()
-        self._build_units()
+        self._unit_modules: dict[str, nn.Module] = dict(find_units(self.model))
+        self._units = build_unit_plans(trace, plan, decision_space(trace), self._unit_modules, self.notes)
 
         # The NVMe store: validated here, before any managed step (see nvme.py).
         self.nvme_bytes = sum(round_up(self.trace.storages[e.storage].nbytes) for e in self._offloaded_storages(NVME))
@@ -390,10 +244,12 @@ class ActivationRuntime:
                     "the plan offloads activations to NVMe but no directory is configured "
                     "(pass nvme_dir=..., or a hierarchy whose nvme tier has a path)"
                 )
-            self.store = NVMeStore(directory, required_bytes=self.nvme_bytes, workers=io_workers, pool=self.pool if self.copy.cuda else None)
+            self.store = NVMeStore(directory, required_bytes=self.nvme_bytes, workers=io_workers,
+                                   pool=self.pool if self.copy.asynchronous else None)
             self._owns_store = True
         if self.store is not None:
             self.notes.append(self.store.describe())
+        self.mover = TierMover(self.device, self.copy, self.pool, self.store)
 
     # ------------------------------------------------------------------ tables
     def _nvme_path(self) -> str | None:
@@ -420,10 +276,7 @@ class ActivationRuntime:
             d = decisions.get(s.id)
             action = KEEP
             if d is not None and d.action == "offload":
-                if s.kind in ("parameter", "buffer", "gradient", "optimizer_state"):
-                    self.notes.append(f"storage {s.id} ({s.kind}) is never offloaded; kept")
-                else:
-                    action = tier_action(self.hierarchy, d.tier)
+                action = Placement.for_tier(self.hierarchy, d.tier)
             anchor = min(s.backward_reads) if s.backward_reads else None
             entry = _PackEntry(s.id, s.nbytes, action, anchor)
             for p in s.pack_indices:
@@ -435,69 +288,6 @@ class ActivationRuntime:
         self._packs = table
         self._queue = queue
 
-    def _build_units(self) -> None:
-        tr = self.trace
-        self._unit_modules: dict[str, nn.Module] = dict(find_units(self.model))
-        decisions: dict[int, UnitDecision] = self.plan.recomputed_units()
-        units: list[_UnitPlan] = []
-        for u in tr.units:
-            dec = decisions.get(u.index)
-            up = _UnitPlan(u, recompute=False, selective=False)
-            if u.first_backward_op is not None:
-                up.backward_anchor = u.first_backward_op - 1
-            if dec is not None:
-                ok, why = self._recomputable(u)
-                if not ok:
-                    up.note = why
-                    self.notes.append(f"unit {u.index} ({u.module}) not recomputed: {why}")
-                elif u.module not in self._unit_modules:
-                    self.notes.append(f"unit {u.index} ({u.module}) not found in the model; not recomputed")
-                else:
-                    up.recompute = True
-                    if dec.save_ops:
-                        up.selective = True
-                        up.op_names, up.save_positions = self._sac_positions(u, dec.save_ops)
-            units.append(up)
-        self._units = units
-
-    def _recomputable(self, u: UnitRecord) -> tuple[bool, str]:
-        if u.pack_end <= u.pack_start:
-            return False, "saves nothing for backward"
-        inputs = set(u.inputs)
-        for op in self.trace.ops[u.first_op : u.last_op + 1]:
-            if is_inplace_op(op.name) and inputs.intersection(op.outputs):
-                return False, f"{op.name} (event {op.index}) writes an input of the unit in place"
-        return True, ""
-
-    def _sac_positions(self, u: UnitRecord, save_ops: tuple[int, ...]) -> tuple[tuple[str, ...], frozenset[int]]:
-        """Policy positions that may be MUST_SAVE.
-
-        SAC caches an op's output by reference and refuses (at backward) a cached
-        tensor that was mutated since.  So a planned save is dropped (recomputed
-        instead: exact either way) when the op is in place (its output is its
-        input), when an output is a persistent storage (a BatchNorm buffer's
-        `add_`, a parameter view: updated by the next step), or when a later
-        forward op writes an output in place.
-        """
-        cacheable = sac_cacheable_ops(self.trace, u)
-        want = set(save_ops)
-        names: list[str] = []
-        pos: set[int] = set()
-        dropped = 0
-        for op in self.trace.ops[u.first_op : u.last_op + 1]:
-            if op.name in _SAC_IGNORED:
-                continue
-            if op.index in want:
-                if op.index in cacheable:
-                    pos.add(len(names))
-                else:
-                    dropped += 1
-            names.append(op.name)
-        if dropped:
-            self.notes.append(f"unit {u.index} ({u.module}): {dropped} planned save op(s) recomputed instead "
-                              "(in place, persistent or later mutated output: SAC cannot cache them)")
-        return tuple(names), frozenset(pos)
-
     # ------------------------------------------------------------------ step
     @contextlib.contextmanager
     def step(self) -> Iterator[StepStats]:
@@ -508,7 +298,7 @@ class ActivationRuntime:
         with torch.no_grad():
             for t in list(self.model.parameters()) + list(self.model.buffers()):
                 st.param_storages.add(t.untyped_storage()._cdata)
-        restore = self._install_units()
+        restore = install_unit_forwards(self._unit_modules, self._unit_call)
         if self.track_live_bytes and heap_in_use is not None:
             st.heap_base = st.heap_peak = heap_in_use()
         self._state = st
@@ -526,28 +316,6 @@ class ActivationRuntime:
             else:
                 st.stats.live_peak_bytes = None
             self.last_stats = st.stats
-
-    def _install_units(self):
-        """Route unit calls through `_unit_call` for the duration of a step ([Note: recompute units]).
-
-        Instance attributes are set and removed again; nothing stays on the modules.
-        """
-        _missing = object()
-        installed: list[tuple[nn.Module, Any]] = []
-        for name, module in self._unit_modules.items():
-            prev = module.__dict__.get("forward", _missing)
-            orig = module.forward
-            module.forward = functools.partial(self._unit_call, name, module, orig)
-            installed.append((module, prev))
-
-        def restore() -> None:
-            for module, prev in installed:
-                if prev is _missing:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.forward = prev
-
-        return restore
 
     def _misalign(self, st: _StepState, why: str) -> None:
         if st.misaligned is None:
@@ -578,7 +346,10 @@ class ActivationRuntime:
             if recompute:
                 st.ckpt_depth += 1
                 try:
-                    out = self._checkpointed(st, up, module, orig, args, kwargs)
+                    out = checkpoint_unit(up, module, orig, args, kwargs, self._recompute_enter,
+                                          self._recompute_exit)
+                    st.pack_counter = up.record.pack_end
+                    st.stats.recomputed_units += 1
                 finally:
                     st.ckpt_depth -= 1
             else:
@@ -595,36 +366,15 @@ class ActivationRuntime:
                 self._hook_outputs(out, up.backward_anchor)
         return out
 
-    def _checkpointed(self, st: _StepState, up: _UnitPlan, module: nn.Module, orig, args, kwargs):
-        # Checkpoint re-runs `orig` on the very argument objects it was given.  Callers may
-        # mutate a container after the call (torchvision's _DenseBlock appends to the list
-        # it passed), so the unit gets fresh containers holding the same tensors.
-        flat, spec = tree_flatten((args, kwargs))
-        args, kwargs = tree_unflatten(flat, spec)
-        versions = [(a, a._version) for a in flat if isinstance(a, torch.Tensor)]
-        if up.selective:
-            policy = _UnitPolicy(up.op_names, up.save_positions)
+    def _recompute_enter(self) -> None:
+        self._recomputing += 1
+        if self._state is not None:
+            self._state.recomputing += 1
 
-            def context_fn():
-                fwd, rec = _ckpt.create_selective_checkpoint_contexts(policy)
-                return fwd, _BufferGuard(self, module, rec)
-        else:
-
-            def context_fn():
-                return contextlib.nullcontext(), _BufferGuard(self, module, contextlib.nullcontext())
-
-        out = _ckpt.checkpoint(
-            orig, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn, **_CKPT_KW, **kwargs
-        )
-        for a, v in versions:
-            if a._version != v:
-                raise UnrecomputableUnitError(
-                    f"unit {up.record.index} ({up.record.module}) wrote its input in place; "
-                    "recomputing it would not reproduce the forward. Re-trace, or exclude the unit."
-                )
-        st.pack_counter = up.record.pack_end
-        st.stats.recomputed_units += 1
-        return out
+    def _recompute_exit(self) -> None:
+        self._recomputing -= 1
+        if self._state is not None:
+            self._state.recomputing -= 1
 
     def _hook_outputs(self, out, anchor: int) -> None:
         leaves, _ = tree_flatten(out)
@@ -658,13 +408,14 @@ class ActivationRuntime:
 
     def _pump(self, st: _StepState) -> None:
         """Move finished NVMe reads up to tier 0 (CUDA: start their H2D)."""
-        still = []
-        for rec in st.pending_reads:
-            if rec.read is not None and rec.read.done():
-                self._finish_read(rec)
-            elif rec.read is not None:
-                still.append(rec)
-        st.pending_reads = still
+        st.pending_reads = self.mover.poll(st.pending_reads)
+
+    def _prefetch(self, st: _StepState, rec: Resident) -> None:
+        if rec.released or rec.restored is not None or rec.read is not None:
+            return
+        st.stats.prefetches += 1
+        if self.mover.prefetch(rec):
+            st.pending_reads.append(rec)
 
     # ------------------------------------------------------------------ pack
     def _pack(self, t: torch.Tensor):
@@ -714,110 +465,12 @@ class ActivationRuntime:
             and t.untyped_storage().nbytes() > 0
         )
 
-    def _evict(self, st: _StepState, entry: _PackEntry, ust: torch.UntypedStorage) -> _Record:
-        n = ust.nbytes()
-        rec = _Record(self, entry.storage, entry.action, n, self.device)
-        name = _ACTION_NAMES[entry.action]
+    def _evict(self, st: _StepState, entry: _PackEntry, ust: torch.UntypedStorage) -> Resident:
+        rec = self.mover.evict(entry.storage, entry.action, ust)
+        name = entry.action.label
         st.stats.offloaded[name] += 1
-        st.stats.offloaded_bytes[name] += n
-        with torch.no_grad():
-            src = torch.empty(0, dtype=torch.uint8, device=ust.device).set_(ust)
-            if self.copy.cuda:
-                buf = self.pool.acquire(n)
-                d2h = self.copy.d2h
-                d2h.wait_stream(self.copy.compute_stream())  # (1) [Note: stream hand-offs]
-                with torch.cuda.stream(d2h):
-                    if buf.last_use is not None:
-                        d2h.wait_event(buf.last_use)  # (2)
-                        buf.last_use = None
-                    buf.tensor[:n].copy_(src, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(d2h)  # (4)
-                src.record_stream(d2h)  # (3)
-                if entry.action == HOST:
-                    rec.host, rec.ready = buf, ev
-                else:
-                    rec.path = self.store.new_path(entry.storage)
-                    rec.file_live = True
-                    rec.write = self.store.submit_write(
-                        rec.path, buf.tensor, n, event=ev, on_done=functools.partial(self.pool.release, buf)
-                    )
-            elif entry.action == HOST:
-                buf = self.pool.acquire(n)
-                buf.tensor[:n].copy_(src)
-                rec.host = buf
-            else:
-                # The write job holds `src` (the tier-0 storage stays alive until written).
-                rec.path = self.store.new_path(entry.storage)
-                rec.file_live = True
-                rec.write = self.store.submit_write(rec.path, src, n)
+        st.stats.offloaded_bytes[name] += rec.nbytes
         return rec
-
-    # ------------------------------------------------------------------ prefetch
-    def _prefetch(self, st: _StepState | None, rec: _Record) -> None:
-        if rec.released or rec.restored is not None or rec.read is not None:
-            return
-        if st is not None:
-            st.stats.prefetches += 1
-        if rec.action == HOST:
-            buf, rec.host = rec.host, None
-            self._to_tier0(rec, buf, rec.ready)
-        else:
-            n = rec.nbytes
-            into = functools.partial(self._staging_for_read, n) if self.copy.cuda else None
-            rec.file_live = False  # the read job removes the file ([Note: NVMe file lifetime])
-            rec.read = self.store.submit_read(rec.path, n, after=rec.write, into=into)
-            if st is not None:
-                st.pending_reads.append(rec)
-
-    def _staging_for_read(self, n: int):
-        buf = self.pool.acquire(n)
-        if buf.last_use is not None:  # a host writer reuses it: wait on the host ([Note: buffer reuse])
-            buf.last_use.synchronize()
-            buf.last_use = None
-        return buf
-
-    def _to_tier0(self, rec: _Record, buf, ready) -> None:
-        """Copy `buf` (a HostBuffer) into a fresh tier-0 tensor; give `buf` back."""
-        n = rec.nbytes
-        with torch.no_grad():
-            if self.copy.cuda:
-                h2d = self.copy.h2d
-                with torch.cuda.stream(h2d):
-                    if ready is not None:
-                        h2d.wait_event(ready)  # (5) the D2H into buf landed
-                    dev = torch.empty(n, dtype=torch.uint8, device=self.device)
-                    dev.copy_(buf.tensor[:n], non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(h2d)
-                self.pool.release(buf, ev)
-                rec.restored = TensorEvent(dev, ev)
-            else:
-                dev = torch.empty(n, dtype=torch.uint8)
-                dev.copy_(buf.tensor[:n])
-                self.pool.release(buf)
-                rec.restored = TensorEvent(dev, None)
-        rec.base = 0
-        self._restored_bytes += n
-
-    def _finish_read(self, rec: _Record) -> None:
-        fut, rec.read = rec.read, None
-        try:
-            result = fut.result()
-        except NVMeIOError:
-            raise
-        except OSError as e:  # pragma: no cover - store wraps OSErrors already
-            raise NVMeIOError(str(e)) from e
-        if rec.released:
-            if self.copy.cuda:
-                self.pool.release(result)
-            return
-        if self.copy.cuda:
-            self._to_tier0(rec, result, None)
-        else:
-            rec.restored = TensorEvent(result, None)
-            rec.base = result.storage_offset()
-            self._restored_bytes += rec.nbytes
 
     # ------------------------------------------------------------------ unpack
     def _unpack(self, obj):
@@ -833,52 +486,18 @@ class ActivationRuntime:
         rec = obj.record
         if st is not None:
             self._advance(st, obj.anchor)
-        if rec.restored is None:
-            if rec.read is None:
-                self._prefetch(st, rec)
-                if st is not None:
-                    st.stats.demand_fetches += 1
-            if rec.restored is None:
-                t0 = time.perf_counter()
-                self._finish_read(rec)
-                if st is not None:
-                    st.stats.wait_seconds += time.perf_counter() - t0
-        dev, ev = rec.restored
-        if ev is not None:
-            cur = torch.cuda.current_stream(self.device)
-            cur.wait_event(ev)  # (6) compute waits here, and only here
-            dev.record_stream(cur)
+            if rec.restored is None and rec.read is None and not rec.released:
+                st.stats.prefetches += 1  # a demand fetch also starts a copy up
+        got = self.mover.restore(rec)
+        if st is not None:
+            st.stats.demand_fetches += int(got.demand_fetch)
+            st.stats.wait_seconds += got.waited_seconds
         with torch.no_grad():
-            out = torch.empty(0, dtype=obj.dtype, device=dev.device)
-            out.set_(dev.untyped_storage(), (rec.base + obj.offset) // out.element_size(), obj.size, obj.stride)
+            out = torch.empty(0, dtype=obj.dtype, device=got.tensor.device)
+            out.set_(got.tensor.untyped_storage(), (got.base + obj.offset) // out.element_size(), obj.size, obj.stride)
         if st is not None and self.track_live_bytes:
             self._sample(st, rate_limited=True)
         return out
-
-    # ------------------------------------------------------------------ release
-    def _release(self, rec: _Record) -> None:
-        """The last pack of `rec` is gone: give back its buffer, file and tier-0 copy."""
-        if rec.released:
-            return
-        rec.released = True
-        if rec.host is not None:
-            self.pool.release(rec.host, rec.ready)
-            rec.host = None
-        if rec.read is not None:
-            fut = rec.read
-            rec.read = None
-            if self.copy.cuda:
-                fut.add_done_callback(self._release_staging)
-        if rec.file_live and rec.path is not None and self.store is not None and not self.store.closed:
-            rec.file_live = False
-            self.store.submit_unlink(rec.path, after=rec.write)
-        if rec.restored is not None:
-            rec.restored = None
-            self._restored_bytes -= rec.nbytes
-
-    def _release_staging(self, fut) -> None:
-        if fut.exception() is None:
-            self.pool.release(fut.result())
 
     # ------------------------------------------------------------------ accounting
     def _track(self, st: _StepState, t: torch.Tensor) -> None:
@@ -908,7 +527,7 @@ class ActivationRuntime:
         dead = [k for k, (ref, _) in st.live.items() if ref.expired()]
         for k in dead:
             st.live_bytes -= st.live.pop(k)[1]
-        cur = st.live_bytes + self._restored_bytes
+        cur = st.live_bytes + self.mover.restored_bytes
         if st.stats.live_peak_bytes is None or cur > st.stats.live_peak_bytes:
             st.stats.live_peak_bytes = cur
         if heap_in_use is not None:
@@ -919,14 +538,12 @@ class ActivationRuntime:
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
         """Finish pending I/O and remove the NVMe store this runtime created."""
-        if self.store is not None and self._owns_store:
-            self.store.close()
-        self.pool.clear()
+        self.mover.close(own_store=self._owns_store)
 
     def describe(self) -> dict[str, Any]:
         counts = {"keep": 0, "host": 0, "nvme": 0}
         for e in {e.storage: e for e in self._packs if e is not None}.values():
-            counts[_ACTION_NAMES[e.action]] += 1
+            counts[e.action.label] += 1
         return {
             "storages": counts,
             "recomputed_units": sum(1 for u in self._units if u.recompute),

@@ -94,15 +94,9 @@ __all__ = [
 
 MODES = ("measured", "meta")
 
-# Ops that torch's selective-checkpoint modes run without consulting the policy
-# (torch.utils.checkpoint.SAC_IGNORED_OPS): the policy's k-th call is the k-th op
-# of the unit *not* in this set.
-try:
-    from torch.utils.checkpoint import SAC_IGNORED_OPS as _SAC_IGNORED
-
-    SAC_HIDDEN_OPS: frozenset[str] = frozenset(str(op) for op in _SAC_IGNORED)
-except Exception:  # pragma: no cover - older torch
-    SAC_HIDDEN_OPS = frozenset({"aten.detach.default", "prim.device.default"})
+# Ops that torch's selective-checkpoint modes run without consulting the policy: the policy's k-th call is
+# the k-th op of the unit *not* in this set (one list, in trace/space.py).
+from .space import SAC_HIDDEN_OPS  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- builders

@@ -74,7 +74,7 @@ def _sac_hidden_ops() -> frozenset[str]:
     try:
         from torch.utils.checkpoint import SAC_IGNORED_OPS
     except ImportError:  # pragma: no cover - older torch
-        return frozenset()
+        return frozenset({"aten.detach.default", "prim.device.default"})
     return frozenset(str(op) for op in SAC_IGNORED_OPS)
 
 
@@ -212,6 +212,9 @@ class DecisionSpace:
             for j in S:
                 if not unit.first_op <= j <= unit.last_op:
                     return {}, {}, f"unit {u}: save_op {j} is outside the unit's ops [{unit.first_op}, {unit.last_op}]"
+                if j not in self.cacheable_ops(u):
+                    return {}, {}, (f"unit {u}: save_op {j} ({trace.ops[j].name}) cannot be kept by selective "
+                                    "recompute (in place, persistent or later mutated output)")
         rec_inputs = frozenset(sid for u in units for sid in trace.units[u].inputs)
         effects = {u: ix.unit_effect(u, tuple(sorted(S)), rec_inputs) for u, S in units.items()}
         dropped = {sid for eff in effects.values() for sid in eff.dropped}

@@ -16,6 +16,10 @@
                    activations packed outside recomputed units alternate
                    keep / host / NVMe (NVMe only when the hierarchy has it).
 
+Every decision is taken from the trace's decision space (trace/space.py), so
+the runtime carries out exactly what the plan says: only units that can be
+recomputed, only saves that selective recompute can keep.
+
 Events: eviction after the storage's last forward use; prefetch one unit ahead
 of need (at the backward start of the unit whose backward runs just before the
 first reader's), never before eviction.
@@ -25,42 +29,34 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from ..hardware import Hierarchy
 from ..decisions import Plan, StorageDecision, UnitDecision
+from ..hardware import Hierarchy
 from ..trace.schema import Trace
+from ..trace.space import DecisionSpace, decision_space
 
 KINDS = ("keep", "host", "nvme", "recompute", "selective", "mixed")
 
-# ops whose outputs a selective plan keeps (expensive to recompute, cheap to store relative to it)
-SAVE_OP_NAMES = (
-    "aten.convolution.default",
-    "aten._convolution.default",
-    "aten.mkldnn_convolution.default",
-    "aten.cudnn_convolution.default",
-    "aten.mm.default",
-    "aten.addmm.default",
-    "aten.bmm.default",
-    "aten.baddbmm.default",
-    "aten._scaled_dot_product_flash_attention.default",
-    "aten._scaled_dot_product_efficient_attention.default",
-    "aten._scaled_dot_product_cudnn_attention.default",
-)
-
-
 def host_tier(hierarchy: Hierarchy) -> str:
-    for t in hierarchy.tiers[1:]:
-        if t.kind in ("dram", "pinned_dram"):
-            return t.name
-    if hierarchy.fast.kind in ("dram", "pinned_dram"):
-        return hierarchy.fast.name
+    """The tier a forced "host" plan offloads to: the first host-DRAM tier, or tier 0 on a CPU hierarchy."""
+    t = hierarchy.host_tier()
+    if t is not None:
+        return t.name
+    if hierarchy.host_is_tier0:
+        return hierarchy.fast.name  # the host buffer pool in the same RAM ([Note: the legal menu])
     raise ValueError(f"hierarchy {hierarchy.name!r} has no host DRAM tier")
 
 
 def nvme_tier(hierarchy: Hierarchy) -> str:
-    for t in hierarchy.tiers[1:]:
-        if t.kind == "nvme":
-            return t.name
-    raise ValueError(f"hierarchy {hierarchy.name!r} has no NVMe tier")
+    t = hierarchy.nvme_tier()
+    if t is None:
+        raise ValueError(f"hierarchy {hierarchy.name!r} has no NVMe tier")
+    return t.name
+
+
+def _heavy_save_ops(space: DecisionSpace, u: int) -> tuple[int, ...]:
+    """The classic SAC policy: keep the outputs of heavy ops, where selective recompute can keep them."""
+    cacheable = space.cacheable_ops(u)
+    return tuple(j for j in space.heavy_ops(u) if j in cacheable)
 
 
 def _offload_decisions(trace: Trace, tier: str | list[str | None], skip=frozenset()) -> tuple[StorageDecision, ...]:
@@ -76,8 +72,9 @@ def _offload_decisions(trace: Trace, tier: str | list[str | None], skip=frozense
     out = []
     tiers = tier if isinstance(tier, list) else [tier]
     n = 0
+    space = decision_space(trace)
     for s in trace.saved_storages():
-        if not s.backward_reads or not s.pack_indices or s.id in skip:
+        if not space.offloadable[s.id] or s.id in skip:
             continue
         first_read = min(s.backward_reads)
         evict = last_fwd.get(s.id, s.producer if s.producer is not None else 0)
@@ -99,6 +96,7 @@ def forced_plan(trace: Trace, kind: str, hierarchy: Hierarchy) -> Plan:
     """A plan with every decision of one `kind` (see module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    space = decision_space(trace)
     storages: tuple[StorageDecision, ...] = ()
     units: tuple[UnitDecision, ...] = ()
     if kind == "host":
@@ -108,33 +106,21 @@ def forced_plan(trace: Trace, kind: str, hierarchy: Hierarchy) -> Plan:
     elif kind == "mixed":
         ud = []
         inside: set[int] = set()  # pack positions inside recomputed units
-        for j, u in enumerate(u for u in trace.units if u.pack_end > u.pack_start):
+        for j, u in enumerate(trace.units[i] for i in space.recomputable_units()):
             if j % 3 == 2:
                 continue
-            save = ()
-            if j % 3 == 1:
-                save = tuple(op.index for op in trace.ops[u.first_op : u.last_op + 1] if op.name in SAVE_OP_NAMES)
-            ud.append(UnitDecision(u.index, save))
+            ud.append(UnitDecision(u.index, _heavy_save_ops(space, u.index) if j % 3 == 1 else ()))
             inside.update(range(u.pack_start, u.pack_end))
         units = tuple(ud)
         skip = frozenset(s.id for s in trace.storages if any(p in inside for p in s.pack_indices)
                          or (s.unit is not None and any(d.unit == s.unit for d in ud)))
         tiers: list[str | None] = [None, host_tier(hierarchy)]
-        if any(t.kind == "nvme" for t in hierarchy.tiers[1:]):
+        if hierarchy.nvme_tier() is not None:
             tiers.append(nvme_tier(hierarchy))
         storages = _offload_decisions(trace, tiers, skip)
     elif kind in ("recompute", "selective"):
-        ud = []
-        for u in trace.units:
-            if u.pack_end <= u.pack_start:
-                continue
-            save = ()
-            if kind == "selective":
-                save = tuple(
-                    op.index for op in trace.ops[u.first_op : u.last_op + 1] if op.name in SAVE_OP_NAMES
-                )
-            ud.append(UnitDecision(u.index, save))
-        units = tuple(ud)
+        units = tuple(UnitDecision(u, _heavy_save_ops(space, u) if kind == "selective" else ())
+                      for u in space.recomputable_units())
     return Plan(
         planner=f"forced:{kind}",
         hierarchy=hierarchy.name,
