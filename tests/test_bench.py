@@ -121,8 +121,9 @@ def test_cli_bench_when_registered():
 
 
 def test_budget_and_microbatch_sizing():
-    assert harness.parse_budget("50%") == (0.5, None)
-    assert harness.parse_budget("1GiB") == (None, 1 << 30)
+    assert (harness.parse_budget("50%").kind, harness.parse_budget("50%").value) == ("peak", 0.5)
+    assert harness.parse_budget("1GiB").resolve_peaks(0) == 1 << 30
+    assert harness.parse_budget("50%act").resolve_peaks(1000, 400) == 800
     # peak 1000 = activations 800 + 2 x params 100; budget 400 -> need 800/k <= 200 -> k = 4 (divides 64)
     assert harness.choose_microbatches(64, 1000, 100, 400) == (4, True)
     assert harness.choose_microbatches(6, 1000, 100, 400) == (3, False)  # 4 does not divide 6; 6 leaves 1 sample

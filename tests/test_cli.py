@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from memstrata.cli import SUBCOMMANDS, main, parse_budget
+from memstrata.cli import SUBCOMMANDS, main
+from memstrata.hardware import Budget
 
 # Small enough to trace in well under a second, large enough that activations (which
 # memstrata manages) and not parameters set the peak, so budgets below it are plannable.
@@ -60,12 +61,19 @@ def test_registry_has_the_subcommands():
 
 
 def test_parse_budget():
-    assert parse_budget("12GiB") == (12 * 1024**3, None)
-    assert parse_budget("50%", 1000) == (500, 0.5)
-    assert parse_budget("50%") == (None, 0.5)
-    for bad in ("0%", "0", "x%", "12XB", "-3%"):
+    """The CLI reads budgets with the one `Budget` type: sizes, % of the unmanaged peak, %act."""
+    assert Budget.parse("12GiB").resolve_peaks(1000) == 12 * 1024**3
+    assert Budget.parse("50%").resolve_peaks(1000) == 500 and Budget.parse("50%").value == 0.5
+    assert Budget.parse("50%act").resolve_peaks(1000, 400) == 800
+    for bad in ("0%", "0", "x%", "12XB", "-3%", "inf%", "1e400%", "nan%"):
         with pytest.raises(ValueError):
-            parse_budget(bad, 1000)
+            Budget.parse(bad)
+
+
+@pytest.mark.parametrize("bad", ["inf%", "1e400%"])
+def test_plan_rejects_infinite_budget_percentages(capsys, bad):
+    rc, out, err = _run(capsys, ["plan", *SMALL, "--budget", bad])
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize(

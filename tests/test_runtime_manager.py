@@ -10,7 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from memstrata.manager import Manager, default_hierarchy, parse_budget
+from memstrata.hardware import Budget
+from memstrata.manager import Manager, default_hierarchy
 from memstrata.plan.api import minimum_budget
 from memstrata.decisions import InfeasibleBudgetError
 from memstrata.plan.forced import forced_plan
@@ -38,12 +39,17 @@ def data(n=4, res=16, seed=1):
 
 
 def test_parse_budget():
-    assert parse_budget("50%") == ("fraction", 0.5)
-    assert parse_budget("1GiB") == ("bytes", float(1 << 30))
-    assert parse_budget(1234) == ("bytes", 1234.0)
-    for bad in ("0%", "150%", "abc", -1, 0, True, 1.5):
+    """The Manager's budget is the one `Budget` type; percentages of the unmanaged peak stop at 100% there."""
+    assert Budget.parse("50%", max_percent=100) == Budget("peak", 0.5, text="50%")
+    assert Budget.parse("1GiB") == Budget("bytes", float(1 << 30), text="1GiB")
+    assert Budget.parse(1234) == Budget("bytes", 1234.0, text="1234")
+    for bad in ("0%", "150%", "abc", -1, 0, True, 1.5, "inf%", "nan%", "1e400%"):
         with pytest.raises(ValueError):
-            parse_budget(bad)
+            Budget.parse(bad, max_percent=100)
+    for bad in ("150%", "abc", "1e400%"):
+        with pytest.raises(ValueError):
+            Manager(nn.Linear(2, 2), budget=bad)
+    assert Manager(nn.Linear(2, 2), budget="50%act").budget.kind == "activations"
 
 
 def test_lifecycle_report_and_exactness(tmp_path):

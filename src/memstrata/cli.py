@@ -61,19 +61,6 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def parse_budget(text: str, unmanaged_peak: int | None = None) -> tuple[int | None, float | None]:
-    """'12GiB' -> (bytes, None); '50%' -> (bytes of unmanaged_peak or None, 0.5).
-
-    ValueError on a malformed size or a non-positive budget.
-    """
-    from .hardware import parse_budget_text
-
-    frac, n = parse_budget_text(text, max_percent=float("inf"))
-    if frac is not None:
-        return (None if unmanaged_peak is None else int(frac * unmanaged_peak)), frac
-    return n, None
-
-
 _err_console = None
 
 
@@ -181,7 +168,7 @@ def run_plan(
 
     Raises ValueError / UsageError on bad input.
     """
-    from .hardware import format_size, profile
+    from .hardware import Budget, format_size, profile
 
     if batch <= 0 or res <= 0:
         raise UsageError(f"batch and res must be positive integers, got batch={batch} res={res}")
@@ -196,7 +183,7 @@ def run_plan(
         with _usage_errors():
             hierarchy = profile(profile_name)
     with _usage_errors():
-        parse_budget(budget)  # fail on a malformed budget before spending time tracing
+        budget_spec = Budget.parse(budget)  # fail on a malformed budget before spending time tracing
     if plot is not None:
         parent = Path(plot).expanduser().resolve().parent
         if not parent.is_dir():
@@ -223,7 +210,8 @@ def run_plan(
     tracing_s = time.perf_counter() - t0
 
     with _usage_errors():
-        budget_bytes, frac = parse_budget(budget, trace.observed_peak)
+        budget_bytes = budget_spec.resolve(trace)
+        frac = budget_spec.value if budget_spec.kind == "peak" else None
     assert budget_bytes is not None
     fast = hierarchy.tiers[0]
     if budget_bytes > fast.capacity:

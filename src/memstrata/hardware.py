@@ -449,7 +449,7 @@ class Budget:
             n = self.fn(trace)
             if isinstance(n, bool) or not isinstance(n, (int, float)) or not n > 0 or n == float("inf"):
                 raise BudgetError(f"budget callable returned {n!r} for a step whose unmanaged peak is "
-                                  f"{format_size(trace.observed_peak)}; it must return bytes > 0")
+                                  f"{format_size(trace.observed_peak)}; it must be > 0 bytes")
             return int(n)
         act = trace.activation_peak if self.kind == "activations" else 0
         return self.resolve_peaks(int(trace.observed_peak), int(act))

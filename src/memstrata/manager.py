@@ -43,7 +43,6 @@ without room for the plan (`NVMeDirectoryError`) at the end of the trace step.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -52,16 +51,19 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .hardware import Hierarchy, format_size, parse_budget_text, profile
-from .decisions import Plan
-from .runtime.activations import ActivationRuntime, StepStats
+from .decisions import InfeasibleBudgetError, Plan
+from .hardware import Budget, Hierarchy, profile
+from .plan.tuning import Correct, Keep, Measure, Trial, TryNext, next_step
+from .report import Report
+from .runtime.activations import ActivationRuntime
 from .runtime.nvme import check_directory
 from .runtime.pool import HostBufferPool
 from .runtime.streams import CopyContext
+from .trace.calibrate import calibrate_durations
 from .trace.schema import Trace
 from .trace.units import out_of_place_activations, restore_inplace
 
-__all__ = ["Manager", "Report", "default_hierarchy", "parse_budget", "disabled_by_env"]
+__all__ = ["Manager", "Report", "default_hierarchy", "disabled_by_env"]
 
 PlannerFn = Callable[[Trace, Hierarchy, int], Plan]
 
@@ -69,22 +71,6 @@ PlannerFn = Callable[[Trace, Hierarchy, int], Plan]
 def disabled_by_env() -> bool:
     """True when MEMSTRATA_DISABLE is set to anything but '', '0', 'false', 'no'."""
     return os.environ.get("MEMSTRATA_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def parse_budget(budget: int | float | str | Callable[[Trace], int]) -> tuple[str, Any]:
-    """('bytes', n), ('fraction', f) or ('callable', fn) from 12884901888, '12GiB', '50%', fn(trace)."""
-    if isinstance(budget, bool):
-        raise ValueError(f"malformed budget {budget!r}")
-    if callable(budget):  # budget(trace) -> bytes, resolved once the shape's trace exists
-        return "callable", budget
-    if isinstance(budget, int):
-        if budget <= 0:
-            raise ValueError(f"budget must be > 0 bytes, got {budget}")
-        return "bytes", float(budget)
-    if isinstance(budget, str):
-        frac, n = parse_budget_text(budget)
-        return ("fraction", frac) if frac is not None else ("bytes", float(n))
-    raise ValueError(f"budget must be bytes (int), a size ('12GiB') or a percentage ('50%'), got {budget!r}")
 
 
 def default_hierarchy(device: torch.device, nvme_dir: str | None = None) -> Hierarchy:
@@ -172,118 +158,11 @@ class _ShapeState:
     plan_seconds: float = 0.0
     warmup_seconds: float | None = None  # wall time of the fastest plain (untraced) step of this shape
     time_scale: float = 1.0  # untraced / traced step time, applied to the trace's op durations
-    # [Note: measured plan tuning] in Manager._tune
-    trials: list["_Trial"] = field(default_factory=list)  # plans run under measurement, in order
+    # [Note: measured plan tuning] in plan/tuning.py
+    trials: list[Trial] = field(default_factory=list)  # plans run under measurement, in order
     pending: list[tuple[str, Any]] = field(default_factory=list)  # (name, tiers) still to try
     tuning: bool = False
     chosen: str | None = None
-
-
-@dataclass
-class _Trial:
-    """One plan run for real while tuning: what it was predicted to do and what it did."""
-
-    name: str
-    plan: Plan
-    budget: int  # the budget this plan was made for (the shape's budget, less any correction)
-    tiers: Any  # None: every lower tier; (): recompute only
-    predicted_seconds: float | None
-    predicted_peak: int | None
-    seconds: list[float] = field(default_factory=list)
-    peaks: list[int] = field(default_factory=list)
-    corrections: int = 0
-
-    def summary(self, budget: int) -> dict[str, Any]:
-        peak = max(self.peaks) if self.peaks else None
-        return {"name": self.name, "plan_budget_bytes": self.budget, "counts": self.plan.counts(),
-                "predicted_seconds": self.predicted_seconds, "predicted_peak_bytes": self.predicted_peak,
-                "measured_seconds": min(self.seconds) if self.seconds else None, "measured_peak_bytes": peak,
-                "fits": None if peak is None else peak <= budget, "steps": len(self.seconds)}
-
-
-def calibrate_durations(trace: Trace, st: _ShapeState) -> Trace:
-    """Scale measured op durations to the untraced step's wall time.
-
-    [Note: traced vs untraced time]
-    Timing every op (a dispatch mode, a clock read and, on CUDA, a sync per op)
-    makes the traced step slower than a plain one: 1.9 s against 1.15 s for
-    ResNet-18 (batch 64, 112 px) on the 2-core CPU box.  The relative cost of
-    ops survives, the absolute time does not, and the planner times prefetches
-    and weighs recompute against copies in absolute seconds: too-long op times
-    make it prefetch too late.  So when a plain step of the same shape was timed
-    (the warm-up), op durations are scaled by plain / traced (never up).
-    """
-    from dataclasses import replace as _replace
-
-    traced = trace.step_time
-    if not st.warmup_seconds or traced <= 0 or st.warmup_seconds >= traced:
-        st.time_scale = 1.0
-        return trace
-    k = st.warmup_seconds / traced
-    st.time_scale = k
-    ops = tuple(_replace(op, duration=op.duration * k) for op in trace.ops)
-    units = tuple(_replace(u, recompute_time=u.recompute_time * k) for u in trace.units)
-    return _replace(trace, ops=ops, units=units)
-
-
-class Report(dict):
-    """`Manager.report()`: a JSON-able dict; `str()` / `table()` render it with rich."""
-
-    def table(self) -> str:
-        from rich.console import Console
-        from rich.table import Table
-
-        buf = io.StringIO()
-        console = Console(file=buf, width=150, force_terminal=False, color_system=None)
-        state = "on" if self["enabled"] else "OFF (MEMSTRATA_DISABLE or enabled=False)"
-        console.print(f"memstrata {state} — device {self['device']}, hierarchy {self['hierarchy']}, budget {self['budget']}")
-        fmt = lambda b: format_size(b) if b is not None else "-"  # noqa: E731
-        ms = lambda v: f"{v * 1e3:.1f} ms" if v is not None else "-"  # noqa: E731
-        t = Table(title="steps: predicted vs measured")
-        for col in ("step", "shape", "mode", "time ms", "pred ms", "peak", "pred peak", "budget", "offloaded", "recomp", "notes"):
-            t.add_column(col, justify="right" if col not in ("shape", "mode", "notes") else "left")
-        for s in self["steps"]:
-            st = s.get("stats") or {}
-            off = st.get("offloaded") or {}
-            offs = " ".join(f"{k}:{v}" for k, v in off.items() if v) or "-"
-            notes = []
-            if st.get("misaligned"):
-                notes.append("misaligned -> keep, re-trace")
-            if st.get("demand_fetches"):
-                notes.append(f"{st['demand_fetches']} demand fetches")
-            t.add_row(
-                str(s["index"]), s["shape"], s["mode"], f"{s['seconds'] * 1e3:.1f}",
-                f"{s['predicted_seconds'] * 1e3:.1f}" if s.get("predicted_seconds") is not None else "-",
-                fmt(s.get("peak_bytes")), fmt(s.get("predicted_peak_bytes")), fmt(s.get("budget_bytes")),
-                offs if s["mode"].startswith("managed") else "-", str(st.get("recomputed_units", "-")) if st else "-",
-                "; ".join(notes),
-            )
-        console.print(t)
-        console.print(f"peak = {self['peak_source']}")
-        for key, sh in self["shapes"].items():
-            p = sh.get("plan")
-            if not p:
-                continue
-            d = Table(title=f"plan for {key}: {p['planner']}, budget {format_size(sh['budget_bytes'])} "
-                            f"(unmanaged peak {format_size(sh['observed_peak'])})")
-            d.add_column("decision")
-            d.add_column("count", justify="right")
-            for k, v in p["counts"].items():
-                d.add_row(k, str(v))
-            console.print(d)
-            for n in list(p.get("notes", ())) + list((sh.get("runtime") or {}).get("notes", ()))[:8]:
-                console.print(f"  {n}")
-            tun = sh.get("tuning")
-            if tun:
-                for tr in tun["trials"]:
-                    console.print(f"  tuning: {tr['name']}: predicted {ms(tr['predicted_seconds'])}, "
-                                  f"{fmt(tr['predicted_peak_bytes'])}; measured {ms(tr['measured_seconds'])}, "
-                                  f"{fmt(tr['measured_peak_bytes'])} over {tr['steps']} step(s)")
-                console.print(f"  tuning: {'in progress' if tun['active'] else 'kept ' + str(tun['chosen'])}")
-        return buf.getvalue()
-
-    def __str__(self) -> str:  # noqa: D105
-        return self.table()
 
 
 class Manager:
@@ -306,7 +185,15 @@ class Manager:
         tune: measure the plan for `tune_steps` managed steps, correct it when
             its measured peak exceeds the budget, and try the recompute-only
             plan too; keep the fastest that fits (default: on with CUDA, where
-            peaks are exact; see [Note: measured plan tuning] in `_tune`).
+            peaks are exact; see [Note: measured plan tuning] in plan/tuning.py).
+        rank, world_size: this process's place under torch.distributed
+            (default: read from torch.distributed when it is initialized, else
+            0 and 1).  With world_size > 1 and an initialized process group,
+            every rank runs rank 0's plan for a shape (`agree_plans`), so ranks
+            of one DDP job recompute and offload the same storages.
+
+    A model wrapped in DistributedDataParallel (or DataParallel) is managed
+    through the module it wraps: units, trace and hooks are the inner model's.
     """
 
     def __init__(
@@ -325,15 +212,21 @@ class Manager:
         model_name: str = "",
         tune: bool | None = None,
         tune_steps: int = 2,
+        rank: int | None = None,
+        world_size: int | None = None,
+        agree_plans: bool = True,
     ) -> None:
         self.model = model
+        self.root = _unwrap(model)  # what units, the trace and the runtime's hooks are found in
         self.enabled = (not disabled_by_env()) if enabled is None else bool(enabled)
         self.budget_spec = budget
-        self._budget = parse_budget(budget)
+        self.budget = Budget.parse(budget, max_percent=100.0)  # above 100% of the peak nothing is managed
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.agree_plans = bool(agree_plans)
         # Activation modules run out of place while managed (same values; lets
         # selective recompute keep normalisation outputs), restored by close().
         # See [Note: why memstrata runs activations out of place] in trace/units.py.
-        self._out_of_place = out_of_place_activations(model) if self.enabled else []
+        self._out_of_place = out_of_place_activations(self.root) if self.enabled else []
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.warmup_steps = int(warmup_steps)
@@ -358,7 +251,7 @@ class Manager:
         if tune_steps < 1:
             raise ValueError(f"tune_steps must be >= 1, got {tune_steps}")
         self.tune_steps = int(tune_steps)
-        self.model_name = model_name or type(model).__name__
+        self.model_name = model_name or type(self.root).__name__
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self.tune = self._cuda if tune is None else bool(tune)
         self._copy: CopyContext | None = None
@@ -423,11 +316,12 @@ class Manager:
 
             batch = key[0][0][0] if key and key[0][0] else None
             with self._measure(index, st, "trace") as rec:
-                with record_step(self.model, mode="measured", model_name=self.model_name, batch_size=batch) as r:
+                with record_step(self.root, mode="measured", model_name=self.model_name, batch_size=batch) as r:
                     yield
                 rec.peak_bytes = None
             st.traces += 1
-            self._plan(st, calibrate_durations(r.trace(), st))
+            trace, st.time_scale = calibrate_durations(r.trace(), st.warmup_seconds)
+            self._plan(st, trace)
             self._steps[-1].peak_bytes = st.trace.observed_peak
             self._steps[-1].peak_source = "tracer (all storages, observed)"
             self._steps[-1].budget_bytes = st.budget
@@ -478,8 +372,10 @@ class Manager:
         return Report(
             enabled=self.enabled,
             device=str(self.device),
+            rank=self.rank,
+            world_size=self.world_size,
             hierarchy=self.hierarchy.name,
-            budget=str(self.budget_spec),
+            budget=str(self.budget),
             peak_source=("torch.cuda.max_memory_allocated (whole step, reset at step start)" if self._cuda else
                          "CPU: glibc heap in use above the step start, sampled at pack/unpack/unit boundaries; "
                          "trace steps: the tracer's observed peak"),
@@ -526,31 +422,31 @@ class Manager:
         rec.seconds = time.perf_counter() - t0
         self._steps.append(rec)
 
-    def _budget_bytes(self, trace: Trace) -> int:
-        kind, v = self._budget
-        if kind == "fraction":
-            return max(1, int(trace.observed_peak * v))
-        if kind == "callable":
-            n = int(v(trace))
-            if n <= 0:
-                raise ValueError(f"budget callable returned {n} bytes for a step whose unmanaged peak is "
-                                 f"{format_size(trace.observed_peak)}; it must be > 0")
-            return n
-        return int(v)
-
     def _plan(self, st: _ShapeState, trace: Trace) -> None:
         """Plan for `trace` and build the runtime; raises before any managed step runs."""
         st.trace = trace
-        budget = self._budget_bytes(trace)
+        budget = self.budget.resolve(trace)
         st.budget = budget
         t0 = time.perf_counter()
-        plan = self._make_plan(trace, budget, None)
+        plan = self._agreed(self._make_plan(trace, budget, None))
         st.plan_seconds = time.perf_counter() - t0
         st.trials, st.pending, st.chosen = [], [], None
         self._install(st, "planned", plan, budget, None)
         st.tuning = self.tune and not callable(self.planner) and bool(plan.storages or plan.units)
         if st.tuning and any(d.action == "offload" for d in plan.storages):
             st.pending.append(("recompute-only", ()))  # also measure the plan that copies nothing
+
+    def _agreed(self, plan: Plan) -> Plan:
+        """Rank 0's plan on every rank (a seam for plans agreed across ranks; identity on one process)."""
+        if self.world_size <= 1 or not self.agree_plans:
+            return plan
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return plan
+        box = [plan.to_dict() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return Plan.from_dict(box[0])
 
     def _make_plan(self, trace: Trace, budget: int, tiers: Any) -> Plan:
         if callable(self.planner):
@@ -568,86 +464,79 @@ class Manager:
         st.predicted_seconds = plan.predicted_step_time
         st.predicted_peak = dict(plan.predicted_peaks).get(self.hierarchy.fast.name)
         if st.predicted_seconds is None or st.predicted_peak is None:
-            try:
-                from .simulate import simulate
+            from .simulate import simulate
 
-                tl = simulate(trace, plan, self.hierarchy, check=False)
-                st.predicted_seconds = tl.step_time
-                st.predicted_peak = int(tl.peaks[self.hierarchy.fast.name])
-            except Exception:  # forced plans may not be simulable (e.g. "host" on a CPU-only hierarchy)
-                pass
+            tl = simulate(trace, plan, self.hierarchy, check=False)  # PlanError for a plan outside the space
+            st.predicted_seconds = tl.step_time
+            st.predicted_peak = int(tl.peaks[self.hierarchy.fast.name])
         if self._copy is None:
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
         runtime = ActivationRuntime(
-            self.model, trace, plan, self.hierarchy, device=self.device, copy=self._copy, pool=self._pool,
+            self.root, trace, plan, self.hierarchy, device=self.device, copy=self._copy, pool=self._pool,
             nvme_dir=self.nvme_dir, io_workers=self.io_workers,
         )
         if st.runtime is not None:
             st.runtime.close()
         st.runtime = runtime
         if record:
-            st.trials.append(_Trial(name, plan, budget, tiers, st.predicted_seconds, st.predicted_peak,
-                                    corrections=corrections))
+            st.trials.append(Trial(name, plan, budget, tiers, st.predicted_seconds, st.predicted_peak,
+                                   corrections=corrections))
 
     def _tune(self, st: _ShapeState, rec: StepRecord) -> None:
-        """Measure the plan, correct it, try the alternative, keep the best.
-
-        [Note: measured plan tuning]
-        The planner's model of the machine is never exact: copy and recompute
-        costs on a real GPU, allocator slack and stream-ordered frees that the
-        simulator does not see.  So the first managed steps of a shape measure
-        each plan for `tune_steps` steps (the fastest counts: a runtime's first
-        step also fills the pinned buffer pool):
-
-        1. a peak over the budget (CUDA: `max_memory_allocated`, exact) ->
-           re-plan at the plan's budget less the overshoot and 2% of the budget,
-           at most twice per candidate;
-        2. then the next candidate: the recompute-only plan, when the plan
-           offloads (copies compete with compute for memory bandwidth and PCIe
-           may deliver less than the profile says);
-        3. keep the fastest trial whose measured peak fits; when none fits, the
-           one with the smallest peak.
-        Every trial step is an ordinary managed step (exact, same values).  On
-        CPU the measured peak is a heap reading, not a tier-0 total, so only
-        speed is compared there.
-        """
-        from .plan.api import InfeasibleBudgetError
-
+        """Carry out the tuning policy of plan/tuning.py ([Note: measured plan tuning])."""
         tr = st.trials[-1]
         tr.seconds.append(rec.seconds)
         if rec.peak_bytes is not None:
             tr.peaks.append(int(rec.peak_bytes))
-        if len(tr.seconds) < self.tune_steps:
-            return
         budget = int(st.budget or 0)
-        peak = max(tr.peaks) if (tr.peaks and self._cuda) else None
-        if peak is not None and peak > budget and tr.corrections < self.MAX_CORRECTIONS:
-            target = tr.budget - (peak - budget) - int(0.02 * budget)
-            try:
-                plan = self._make_plan(st.trace, target, tr.tiers)
-            except InfeasibleBudgetError:
-                plan = None
-            if plan is not None:
-                base = tr.name.split(" (")[0]
-                k = tr.corrections + 1
-                self._install(st, f"{base} (corrected{'' if k == 1 else f' x{k}'})", plan, target, tr.tiers, k)
+        failed = False
+        while True:
+            action = next_step(st.trials, budget, tune_steps=self.tune_steps, max_corrections=self.MAX_CORRECTIONS,
+                               exact_peaks=self._cuda, pending=len(st.pending), failed_correction=failed)
+            if isinstance(action, Measure):
                 return
-        while st.pending:
-            name, tiers = st.pending.pop(0)
-            try:
-                plan = self._make_plan(st.trace, budget, tiers)
-            except InfeasibleBudgetError:
-                continue
-            self._install(st, name, plan, budget, tiers)
+            if isinstance(action, Correct):
+                try:
+                    plan = self._make_plan(st.trace, action.target, tr.tiers)
+                except InfeasibleBudgetError:
+                    failed = True
+                    continue
+                self._install(st, action.name, plan, action.target, tr.tiers, tr.corrections + 1)
+                return
+            if isinstance(action, TryNext):
+                name, tiers = st.pending.pop(0)
+                try:
+                    plan = self._make_plan(st.trace, budget, tiers)
+                except InfeasibleBudgetError:
+                    continue
+                self._install(st, name, plan, budget, tiers)
+                return
+            assert isinstance(action, Keep)
+            best = action.trial
+            st.tuning = False
+            st.chosen = best.name
+            if best is not st.trials[-1]:
+                self._install(st, best.name, best.plan, best.budget, best.tiers, best.corrections, record=False)
             return
-        done = [t for t in st.trials if t.seconds]
-        fitting = [t for t in done if not (self._cuda and t.peaks) or max(t.peaks) <= budget]
-        if fitting:
-            best = min(fitting, key=lambda t: min(t.seconds))
-        else:
-            best = min(done, key=lambda t: max(t.peaks) if t.peaks else 0)
-        st.tuning = False
-        st.chosen = best.name
-        if best is not st.trials[-1]:
-            self._install(st, best.name, best.plan, best.budget, best.tiers, best.corrections, record=False)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module a DDP / DataParallel wrapper runs (memstrata manages that one)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        initialized = dist.is_available() and dist.is_initialized()
+        rank = (dist.get_rank() if initialized else 0) if rank is None else rank
+        world_size = (dist.get_world_size() if initialized else 1) if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) and world_size >= 1, got rank {rank}, world_size {world_size}")
+    return int(rank), int(world_size)

@@ -413,3 +413,68 @@ def plot_timeline(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+# ----------------------------------------------------------------------------- the Manager's report
+class Report(dict):
+    """`Manager.report()`: a JSON-able dict; `str()` / `table()` render it with rich."""
+
+    def table(self) -> str:
+        import io
+
+        from rich.console import Console
+        from rich.table import Table
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=150, force_terminal=False, color_system=None)
+        state = "on" if self["enabled"] else "OFF (MEMSTRATA_DISABLE or enabled=False)"
+        where = f" rank {self['rank']}/{self['world_size']}," if self.get("world_size", 1) > 1 else ""
+        console.print(f"memstrata {state} — device {self['device']},{where} hierarchy {self['hierarchy']}, "
+                      f"budget {self['budget']}")
+        fmt = lambda b: format_size(b) if b is not None else "-"  # noqa: E731
+        ms = lambda v: f"{v * 1e3:.1f} ms" if v is not None else "-"  # noqa: E731
+        t = Table(title="steps: predicted vs measured")
+        for col in ("step", "shape", "mode", "time ms", "pred ms", "peak", "pred peak", "budget", "offloaded", "recomp", "notes"):
+            t.add_column(col, justify="right" if col not in ("shape", "mode", "notes") else "left")
+        for s in self["steps"]:
+            st = s.get("stats") or {}
+            off = st.get("offloaded") or {}
+            offs = " ".join(f"{k}:{v}" for k, v in off.items() if v) or "-"
+            notes = []
+            if st.get("misaligned"):
+                notes.append("misaligned -> keep, re-trace")
+            if st.get("demand_fetches"):
+                notes.append(f"{st['demand_fetches']} demand fetches")
+            t.add_row(
+                str(s["index"]), s["shape"], s["mode"], f"{s['seconds'] * 1e3:.1f}",
+                f"{s['predicted_seconds'] * 1e3:.1f}" if s.get("predicted_seconds") is not None else "-",
+                fmt(s.get("peak_bytes")), fmt(s.get("predicted_peak_bytes")), fmt(s.get("budget_bytes")),
+                offs if s["mode"].startswith("managed") else "-", str(st.get("recomputed_units", "-")) if st else "-",
+                "; ".join(notes),
+            )
+        console.print(t)
+        console.print(f"peak = {self['peak_source']}")
+        for key, sh in self["shapes"].items():
+            p = sh.get("plan")
+            if not p:
+                continue
+            d = Table(title=f"plan for {key}: {p['planner']}, budget {format_size(sh['budget_bytes'])} "
+                            f"(unmanaged peak {format_size(sh['observed_peak'])})")
+            d.add_column("decision")
+            d.add_column("count", justify="right")
+            for k, v in p["counts"].items():
+                d.add_row(k, str(v))
+            console.print(d)
+            for n in list(p.get("notes", ())) + list((sh.get("runtime") or {}).get("notes", ()))[:8]:
+                console.print(f"  {n}")
+            tun = sh.get("tuning")
+            if tun:
+                for tr in tun["trials"]:
+                    console.print(f"  tuning: {tr['name']}: predicted {ms(tr['predicted_seconds'])}, "
+                                  f"{fmt(tr['predicted_peak_bytes'])}; measured {ms(tr['measured_seconds'])}, "
+                                  f"{fmt(tr['measured_peak_bytes'])} over {tr['steps']} step(s)")
+                console.print(f"  tuning: {'in progress' if tun['active'] else 'kept ' + str(tun['chosen'])}")
+        return buf.getvalue()
+
+    def __str__(self) -> str:  # noqa: D105
+        return self.table()

@@ -24,11 +24,14 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .contenders import CONTENDERS, REPORTED_APART, skip_reason
 from .peak import EXACT_ENV
 from .spec import RunSpec
+
+if TYPE_CHECKING:
+    from memstrata.hardware import Budget
 
 # Defaults that depend on the device (see bench/README.md).
 CPU_DEFAULTS = dict(model="resnet18", batch=64, res=112, steps=3, warmup=1, amp="off")
@@ -154,12 +157,12 @@ def activation_peak_bytes(cfg: "BenchConfig") -> int:
     return int(max(live_bytes_per_event(acts, len(trace.ops)), default=0))
 
 
-def parse_budget(text: str) -> tuple[float | None, int | None]:
-    """'50%' -> (0.5, None); '12GiB' -> (None, bytes)."""
-    from memstrata.hardware import parse_budget_text
+def parse_budget(text: str) -> "Budget":
+    """The bench's --budget as the one `Budget` type; BenchInputError (one line) when malformed."""
+    from memstrata.hardware import Budget
 
     try:
-        return parse_budget_text(text, max_percent=1000.0)
+        return Budget.parse(text, max_percent=1000.0)
     except ValueError as e:
         raise BenchInputError(str(e)) from None
 
@@ -234,8 +237,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         names = list(CONTENDERS)
 
     budget_text = str(g("budget", DEFAULT_BUDGET) or DEFAULT_BUDGET).strip()
-    of_activations = budget_text.lower().endswith("%act")
-    fraction, size = parse_budget(budget_text[:-3] if of_activations else budget_text)
+    budget_spec = parse_budget(budget_text)
+    of_activations = budget_spec.kind == "activations"
+    fraction = budget_spec.value if budget_spec.kind in ("peak", "activations") else None
+    size = int(budget_spec.value) if budget_spec.kind == "bytes" else None
     nvme = g("nvme")
     if nvme is not None:
         if not os.path.isdir(nvme):
@@ -460,12 +465,11 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                     if budget is None and name != "unmanaged":
                         if unmanaged_peak is None:
                             raise _BudgetUnresolved(cfg.budget_text)
+                        act = 0
                         if cfg.budget_of_activations:
                             act = activation_peak_bytes(cfg)
                             meta["activation_peak_bytes"] = act
-                            budget = max(1, unmanaged_peak - int((1.0 - cfg.budget_fraction) * act))
-                        else:
-                            budget = int(cfg.budget_fraction * unmanaged_peak)
+                        budget = parse_budget(cfg.budget_text).resolve_peaks(unmanaged_peak, act)
                     if name == "microbatch" and microbatches is None:
                         if unmanaged_peak is None or param_bytes is None:
                             r = {"name": name, "status": "skipped",

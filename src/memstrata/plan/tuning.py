@@ -1,0 +1,101 @@
+"""Measured plan tuning: a pure policy over trials, carried out by the Manager.
+
+[Note: measured plan tuning]
+The planner's model of the machine is never exact: copy and recompute
+costs on a real GPU, allocator slack and stream-ordered frees that the
+simulator does not see.  So the first managed steps of a shape measure
+each plan for `tune_steps` steps (the fastest counts: a runtime's first
+step also fills the pinned buffer pool):
+
+1. a peak over the budget (CUDA: `max_memory_allocated`, exact) ->
+   re-plan at the plan's budget less the overshoot and 2% of the budget,
+   at most `max_corrections` times per candidate;
+2. then the next candidate: the recompute-only plan, when the plan
+   offloads (copies compete with compute for memory bandwidth and PCIe
+   may deliver less than the profile says);
+3. keep the fastest trial whose measured peak fits; when none fits, the
+   one with the smallest peak.
+Every trial step is an ordinary managed step (exact, same values).  Where
+the measured peak is not a tier-0 total (a CPU heap reading), only speed
+is compared (`exact_peaks=False`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..decisions import Plan
+
+__all__ = ["Trial", "Measure", "Correct", "TryNext", "Keep", "next_step"]
+
+
+@dataclass
+class Trial:
+    """One plan run for real while tuning: what it was predicted to do and what it did."""
+
+    name: str
+    plan: Plan
+    budget: int  # the budget this plan was made for (the shape's budget, less any correction)
+    tiers: Any  # None: every lower tier; (): recompute only
+    predicted_seconds: float | None
+    predicted_peak: int | None
+    seconds: list[float] = field(default_factory=list)
+    peaks: list[int] = field(default_factory=list)
+    corrections: int = 0
+
+    @property
+    def base_name(self) -> str:
+        return self.name.split(" (")[0]
+
+    def summary(self, budget: int) -> dict[str, Any]:
+        peak = max(self.peaks) if self.peaks else None
+        return {"name": self.name, "plan_budget_bytes": self.budget, "counts": self.plan.counts(),
+                "predicted_seconds": self.predicted_seconds, "predicted_peak_bytes": self.predicted_peak,
+                "measured_seconds": min(self.seconds) if self.seconds else None, "measured_peak_bytes": peak,
+                "fits": None if peak is None else peak <= budget, "steps": len(self.seconds)}
+
+
+@dataclass(frozen=True)
+class Measure:
+    """Run the current trial for more steps."""
+
+
+@dataclass(frozen=True)
+class Correct:
+    """Re-plan the current candidate at `target` bytes (its measured peak overshot the budget)."""
+
+    target: int
+    name: str
+
+
+@dataclass(frozen=True)
+class TryNext:
+    """Measure the next pending candidate."""
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Tuning is over: keep `trial`."""
+
+    trial: Trial
+
+
+def next_step(trials: list[Trial], budget: int, *, tune_steps: int, max_corrections: int, exact_peaks: bool,
+              pending: int, failed_correction: bool = False) -> Measure | Correct | TryNext | Keep:
+    """What to do after the latest measured step of `trials[-1]` ([Note: measured plan tuning])."""
+    tr = trials[-1]
+    if len(tr.seconds) < tune_steps:
+        return Measure()
+    peak = max(tr.peaks) if (tr.peaks and exact_peaks) else None
+    if (peak is not None and peak > budget and tr.corrections < max_corrections and not failed_correction):
+        k = tr.corrections + 1
+        return Correct(tr.budget - (peak - budget) - int(0.02 * budget),
+                       f"{tr.base_name} (corrected{'' if k == 1 else f' x{k}'})")
+    if pending:
+        return TryNext()
+    done = [t for t in trials if t.seconds]
+    fitting = [t for t in done if not (exact_peaks and t.peaks) or max(t.peaks) <= budget]
+    if fitting:
+        return Keep(min(fitting, key=lambda t: min(t.seconds)))
+    return Keep(min(done, key=lambda t: max(t.peaks) if t.peaks else 0))
