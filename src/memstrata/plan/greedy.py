@@ -54,7 +54,7 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
@@ -350,13 +350,27 @@ def frugal_state(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], b
 # --------------------------------------------------------------------------------------
 
 
+class OffloadMove(NamedTuple):
+    """An offload the greedy may add: the decision, and what it costs on the lanes around the freed event."""
+
+    tier: int
+    evict_after: int
+    need: int  # first access after eviction (the latest prefetch point)
+    down_time: float  # seconds of the copy down
+    window_start: float  # the copy up runs in [window_start, window_end]
+    window_end: float
+    up_time: float  # seconds of the copy up
+    lane_busy: float  # seconds other copies already use the read lane in that window
+    enqueue_time: float  # when the copy down is enqueued
+
+
 @dataclass
 class _Cand:
     score: float
     freed: int
     kind: str  # "off" | "unit"
     key: int
-    value: tuple
+    value: "OffloadMove | tuple[int, ...]"  # an OffloadMove, or a unit's save_ops
     cost: float
     lane_load: float = 0.0
     touches: tuple[int, ...] = ()
@@ -481,7 +495,7 @@ def _candidates(ix: TraceIndex, h: Hierarchy, st: State, res: SimResult, p: int,
             # equal stalls: prefer the deeper tier (keeps the faster tier free for what needs it); the
             # clean-up pass moves offloads back up where that fits, for less traffic
             c = stall + TRAFFIC_WEIGHT * 2 * b * ((len(h.tiers) - ti) if deep_first else ti)
-            cands.append(_Cand(c / by, by, "off", sid, (ti, ev, need, Tp, w0, w1, up, busy, t_enq), c,
+            cands.append(_Cand(c / by, by, "off", sid, OffloadMove(ti, ev, need, Tp, w0, w1, up, busy, t_enq), c,
                                lane_load=down1, touches=(sid,), ranges=tuple(ranges)))
     cands.sort(key=lambda c: (c.score, -c.freed))
     return cands
@@ -625,7 +639,7 @@ def _probe(ev_: Evaluator, st: State, res: SimResult, p: int, modes, deep_first:
     for c in cands[:k]:
         t = st.copy()
         if c.kind == "off":
-            ti, ev, need = c.value[:3]
+            ti, ev, need = c.value.tier, c.value.evict_after, c.value.need
             t.offloads[c.key] = Offload(ti, ev, need)
             t.floors[c.key] = p + 1
         else:

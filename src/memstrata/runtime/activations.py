@@ -253,10 +253,8 @@ class ActivationRuntime:
 
     # ------------------------------------------------------------------ tables
     def _nvme_path(self) -> str | None:
-        for t in self.hierarchy.tiers:
-            if t.kind == "nvme" and t.path:
-                return t.path
-        return None
+        t = self.hierarchy.nvme_tier()
+        return t.path if t is not None else None
 
     def _offloaded_storages(self, action: int) -> list[_PackEntry]:
         seen: dict[int, _PackEntry] = {}
