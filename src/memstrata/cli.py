@@ -224,7 +224,10 @@ def run_plan(
     if budget_bytes < min_budget:
         from .decisions import InfeasibleBudgetError
 
-        raise InfeasibleBudgetError(budget_bytes, min_budget, f"{model} batch {batch} at {res}x{res} on {hierarchy.name}")
+        from .plan.api import explain_minimum
+
+        raise InfeasibleBudgetError(budget_bytes, min_budget, f"{model} batch {batch} at {res}x{res} on "
+                                    f"{hierarchy.name}: {explain_minimum(trace, hierarchy)}")
 
     t1 = time.perf_counter()
     with progress(f"Planning at a budget of {format_size(budget_bytes)}..."):

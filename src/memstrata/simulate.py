@@ -91,7 +91,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Mapping, NamedTuple
+from typing import Mapping
 
 import numpy as np
 
@@ -211,10 +211,8 @@ class Phase(enum.IntEnum):
     EVICT = 5  # down-copies whose evict_after is this event are enqueued (at the op's end)
 
 
-class _Step(NamedTuple):
-    event: int
-    phase: Phase
-    key: int  # storage id (copies, waits) or unit index (recompute)
+_Step = tuple[int, int, int]  # (event, Phase, storage id or unit index): plain tuples, sorted in the hot loop
+_PREFETCH, _WAIT_RECOMPUTE, _RECOMPUTE, _WAIT_OP, _EVICT = (int(p) for p in Phase)
 
 
 @dataclass
@@ -256,12 +254,12 @@ def _steps(ix: TraceIndex, offloads: Mapping[int, Offload], needs: Mapping[int, 
     out: list[_Step] = []
     for sid, off in offloads.items():
         nd = needs[sid]
-        out.append(_Step(off.evict_after, Phase.EVICT, sid))
-        out.append(_Step(off.prefetch_at, Phase.PREFETCH, sid))
+        out.append((off.evict_after, _EVICT, sid))
+        out.append((off.prefetch_at, _PREFETCH, sid))
         read_by_recompute = nd in rc.fb_units and any(sid in ix.units[u].inputs for u in rc.fb_units[nd])
-        out.append(_Step(nd, Phase.WAIT_FOR_RECOMPUTE if read_by_recompute else Phase.WAIT_FOR_OP, sid))
+        out.append((nd, _WAIT_RECOMPUTE if read_by_recompute else _WAIT_OP, sid))
     for u, eff in rc.effects.items():
-        out.append(_Step(eff.fb, Phase.RECOMPUTE, u))
+        out.append((eff.fb, _RECOMPUTE, u))
     out.sort()
     return out
 
@@ -363,11 +361,11 @@ def _replay(ix: TraceIndex, hierarchy: Hierarchy, offloads: Mapping[int, Offload
         if ev != cur_ev:
             cur_ev = ev
             clock.cursor = ix.C[ev] + clock.X
-        if phase is Phase.PREFETCH:
+        if phase == _PREFETCH:
             clock.prefetch(ev, key, offloads[key].tier)
-        elif phase in (Phase.WAIT_FOR_RECOMPUTE, Phase.WAIT_FOR_OP):
+        elif phase == _WAIT_RECOMPUTE or phase == _WAIT_OP:
             clock.wait(ev, key)
-        elif phase is Phase.RECOMPUTE:
+        elif phase == _RECOMPUTE:
             clock.recompute(ev, key, rc.effects[key].time)
         else:
             clock.evict(ev, key, offloads[key].tier)
@@ -457,7 +455,7 @@ def _run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[in
         return None
     # Offloads to tier 0 (the host pool of a CPU hierarchy) copy within tier 0: they free nothing and cost nothing
     # the model sees, so they are simulated as keeps.
-    moving = {sid: Offload(*o) for sid, o in offloads.items() if o[0] >= 1}
+    moving = {sid: (o if type(o) is Offload else Offload(*o)) for sid, o in offloads.items() if o[0] >= 1}
     needs = {sid: needs[sid] for sid in moving}
     rc = _apply_recomputes(ix, effects)
     clock = _replay(ix, hierarchy, moving, rc, _steps(ix, moving, needs, rc))

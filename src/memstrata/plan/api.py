@@ -73,6 +73,74 @@ def minimum_budget(trace: Trace, hierarchy: Hierarchy, *, tiers=None) -> int:
     return min(res.peak(0), int(ix.base_occ.max()))
 
 
+def _frugal(trace: Trace, hierarchy: Hierarchy, tiers=None) -> SimResult:
+    ix = trace_index(trace)
+    ti = _tier_indices(hierarchy, tiers)
+    if not ti:
+        st = _greedy.State(units={u: ms[0] for u, ms in _greedy.unit_modes(ix, hierarchy).items()})
+    else:
+        st = _greedy.frugal_state(ix, hierarchy, ti, 2**62)
+    return run(ix, hierarchy, 2**62, st.offloads, st.units)
+
+
+_KIND_NAMES = {"parameter": "parameters", "gradient": "gradients", "optimizer_state": "optimizer states",
+               "buffer": "buffers", "input": "inputs", "temporary": "temporaries"}
+
+
+def explain_minimum(trace: Trace, hierarchy: Hierarchy, *, tiers=None) -> str:
+    """One line: what is still in tier 0 at the worst event of the most frugal plan, and why memstrata cannot
+    free it (kinds it does not move, activations of units it cannot recompute, ...)."""
+    from ..hardware import format_size
+
+    ix = trace_index(trace)
+    space = decision_space(trace)
+    res = _frugal(trace, hierarchy, tiers)
+    occ = res.occ[0]
+    p = int(occ.argmax())
+    ids, s, e, b = res.intervals[0]
+    mask = (s <= p) & (e >= p)
+    groups: dict[str, int] = {}
+    for sid, by in zip(ids[mask].tolist(), b[mask].tolist()):
+        if sid < 0:
+            key = "recompute transients"
+        else:
+            st = trace.storages[sid]
+            if sid in res.dropped:
+                u = trace.units[res.dropped[sid]]
+                key = (f"activations re-created by recomputing {u.module or '<top>'} during its backward "
+                       f"(one unit of {u.last_op - u.first_op + 1} ops: smaller units would hold less)")
+            elif st.kind != "activation":
+                key = f"{_KIND_NAMES.get(st.kind, st.kind)} (not moved by memstrata)"
+            elif not st.saved:
+                key = "activations in use by the current op (not saved for backward)"
+            elif st.unit is not None and not space.recomputable[st.unit]:
+                key = f"saved activations of units that cannot be recomputed ({space.why_not(st.unit)})"
+            elif st.unit is None:
+                key = "saved activations outside every recompute unit, not offloadable here"
+            else:
+                key = "saved activations still needed at that event"
+        groups[key] = groups.get(key, 0) + int(by)
+    by_unit: dict[int, int] = {}
+    for sid, by in zip(ids[mask].tolist(), b[mask].tolist()):
+        if sid >= 0 and trace.storages[sid].saved and trace.storages[sid].unit is not None:
+            by_unit[trace.storages[sid].unit] = by_unit.get(trace.storages[sid].unit, 0) + int(by)
+    total = int(occ[p]) or 1
+    parts = sorted(groups.items(), key=lambda kv: -kv[1])[:3]
+    what = "; ".join(f"{format_size(by)} {k} ({100 * by / total:.0f}%)" for k, by in parts)
+    units = len(trace.units)
+    extra = ""
+    if units <= 1:
+        extra = f"; the model has {units} recompute unit(s): its layers are not split into units"
+    elif by_unit:
+        u, by = max(by_unit.items(), key=lambda kv: kv[1])
+        unit = trace.units[u]
+        share = (unit.last_op - unit.first_op + 1) / max(1, trace.forward_end + 1)
+        if by > total // 3:
+            extra = (f"; {format_size(by)} of it belongs to one recompute unit, {unit.module or '<top>'} "
+                     f"({100 * share:.0f}% of the forward ops): memstrata cannot split it")
+    return (f"the smallest plan still holds {format_size(total)} at event {p} ({trace.ops[p].name}): {what}{extra}")
+
+
 def to_plan(trace: Trace, hierarchy: Hierarchy, budget: int, st: "_greedy.State", res: SimResult, planner: str,
             notes=()) -> Plan:
     names = [t.name for t in hierarchy.tiers]
@@ -105,7 +173,7 @@ def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "aut
                        notes=("unmanaged step fits the budget",))
     minimum = minimum_budget(trace, hierarchy, tiers=tiers)
     if budget < minimum:
-        raise InfeasibleBudgetError(budget, minimum)
+        raise InfeasibleBudgetError(budget, minimum, explain_minimum(trace, hierarchy, tiers=tiers))
     if planner == "auto":
         n_cand = int(decision_space(trace).offloadable.sum()) + len(_greedy.unit_modes(ix, hierarchy))
         planner = "milp" if n_cand <= AUTO_MILP_MAX else "greedy"

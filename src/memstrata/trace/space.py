@@ -220,6 +220,17 @@ class DecisionSpace:
         dropped = {sid for eff in effects.values() for sid in eff.dropped}
         ends = ix.end
         needs: dict[int, int] = {}
+        if not offloads:
+            return effects, needs, ""
+        inside = np.zeros(n + 1, dtype=np.int32)  # events inside some recomputed unit's forward
+        held_until: dict[int, int] = {}  # inputs of recomputed units live until the unit's first backward op
+        for u, eff in effects.items():
+            unit = trace.units[u]
+            inside[unit.first_op] += 1
+            inside[unit.last_op + 1] -= 1
+            for sid in unit.inputs:
+                held_until[sid] = max(held_until.get(sid, -1), eff.fb)
+        inside = np.cumsum(inside[:n]) > 0
         for sid, (ti, ev, pf) in offloads.items():
             if not 0 <= sid < len(trace.storages):
                 return effects, needs, f"storage {sid} is not in the trace"
@@ -227,8 +238,7 @@ class DecisionSpace:
             if not self.offloadable[sid]:
                 return effects, needs, (f"storage {sid}: only saved activations read in backward can be offloaded "
                                         f"(kind {s.kind}, saved {s.saved})")
-            if sid in dropped or (s.producer is not None and any(
-                    trace.units[u].first_op <= s.producer <= trace.units[u].last_op for u in units)):
+            if sid in dropped or (s.producer is not None and inside[s.producer]):
                 return effects, needs, f"storage {sid}: produced inside a recomputed unit and offloaded; pick one"
             if not self.legal_tier(hierarchy, ti):
                 return effects, needs, f"storage {sid}: offload tier index {ti} is not a lower tier"
@@ -247,10 +257,7 @@ class DecisionSpace:
             if not ev < pf <= nd:
                 return effects, needs, (f"storage {sid}: prefetch_at {pf} must be in ({ev}, {nd}] "
                                         "(first access after eviction)")
-            end = int(ends[sid])
-            for u, eff in effects.items():  # a recomputed unit's inputs live until its first backward op
-                if sid in trace.units[u].inputs and end < eff.fb:
-                    end = eff.fb
+            end = max(int(ends[sid]), held_until.get(sid, -1))
             if end <= ev:
                 return effects, needs, f"storage {sid}: evict_after {ev} is not before its end of life {end}"
             needs[sid] = nd
