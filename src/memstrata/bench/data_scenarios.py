@@ -90,7 +90,8 @@ def add_data_bench_arguments(parser: argparse.ArgumentParser) -> None:
         if flag not in have:
             parser.add_argument(flag, **kw)
 
-    a("--scenario", default=None, help="data scenario: " + " | ".join(DATA_SCENARIOS))
+    a("--scenario", default=None, choices=DATA_SCENARIOS,  # anything else: one line, exit 2, before any work
+      help="data scenario: " + " | ".join(DATA_SCENARIOS) + " (default: the model benchmark)")
     a("--data", default=None, metavar="DIR",
       help="ImageFolder root (generated with synth if missing or empty; default ~/.cache/memstrata/synth-N-C)")
     a("--images", default=None, help="images of the generated set (default: 1024 on CPU, 8192 on CUDA)")

@@ -186,14 +186,14 @@ def resolve_device(text: str | None, error: type[Exception] | None = None) -> st
 
 
 def check_output_paths(json_path: str | None, plot_path: str | None, error: type[Exception]) -> None:
-    """--json / --plot: their directories must exist and the plot must be a .png (`error` otherwise)."""
-    for flag, path in (("json", json_path), ("plot", plot_path)):
-        if path:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise error(f"--{flag} {path!r}: directory {parent!r} does not exist")
-    if plot_path and not str(plot_path).lower().endswith(".png"):
-        raise error(f"--plot must name a .png file, got {plot_path!r}")
+    """--json / --plot: each must be a file that can be written (the plot a .png); `error` otherwise.
+
+    Checked before the bench runs, so a bad path does not end a long run in a traceback.
+    """
+    from memstrata.cli_args import check_output_path
+
+    check_output_path("--json", json_path, error=error)
+    check_output_path("--plot", plot_path, ".png", error=error)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
