@@ -285,14 +285,15 @@ def hierarchy_table(h: Hierarchy, title: str | None = None):
     t = Table(title=title or f"{h.name} ({h.device})", title_justify="left", header_style="bold")
     for c in ("tier", "kind", "capacity", "read (up)", "write (down)", "latency", "path"):
         t.add_column(c, justify="right" if c not in ("tier", "kind", "path") else "left")
-    for tier in h.tiers:
+    for i, tier in enumerate(h.tiers):
+        top = "n/a: top tier"  # tier 0 has no faster tier to copy to (its traffic is in the roofline line)
         t.add_row(
             tier.name,
             tier.kind,
             format_size(tier.capacity),
-            _bw(tier.read_bandwidth),
-            _bw(tier.write_bandwidth),
-            f"{tier.latency * 1e6:.1f} us" if tier.latency else "—",
+            top if i == 0 else _bw(tier.read_bandwidth),
+            top if i == 0 else _bw(tier.write_bandwidth),
+            "—" if i == 0 or not tier.latency else f"{tier.latency * 1e6:.1f} us",
             tier.path or "",
         )
     roof = Text(
