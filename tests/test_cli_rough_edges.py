@@ -184,6 +184,19 @@ def test_probe_output_is_whole_off_a_terminal_and_tier0_bandwidth_not_shown_as_z
     assert "top tier" in d["not_measured"][d["hierarchy"]["tiers"][0]["name"]]  # ... and says why
 
 
+def test_bench_lines_are_whole_off_a_terminal(capsys, monkeypatch):
+    from memstrata.bench.contenders import CONTENDERS
+    from memstrata.bench.report import make_console, print_header
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    cfg = types.SimpleNamespace(model="resnet18", batch=64, res=112, device="cpu", amp="off", channels_last=False,
+                                budget_text="50%act", budget_bytes=None, repeats=3, warmup=1, steps=3,
+                                contenders=list(CONTENDERS))
+    print_header(make_console(), cfg)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].endswith(CONTENDERS[-1]) and len(lines[0]) > 140
+
+
 def test_data_build_verify_says_whether_it_passed(capsys, tmp_path):
     d, s = tmp_path / "d", tmp_path / "s"
     assert main(["data", "synth", str(d), "--images", "4", "--classes", "2", "--size", "64x48"]) == 0

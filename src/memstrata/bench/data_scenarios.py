@@ -614,9 +614,9 @@ def cache_policy_rows(cfg: dict[str, Any], progress: bool = False) -> list[dict[
 
 # ------------------------------------------------------------------ report
 def _console():
-    from rich.console import Console
+    from memstrata.cli_args import stdout_console  # [Note: console width]
 
-    return Console() if sys.stdout.isatty() else Console(width=140)
+    return stdout_console()
 
 
 def print_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]], elapsed: float) -> None:

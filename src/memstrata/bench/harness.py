@@ -382,8 +382,11 @@ class BenchProgress:
         if not quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+            from memstrata.cli_args import stdout_console  # per-run lines whole in a log ([Note: console width])
+
             self._p = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(),
-                               TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
+                               TextColumn("{task.description}"), TimeElapsedColumn(), transient=False,
+                               console=stdout_console())
             self._task = self._p.add_task("", total=total)
 
     def __enter__(self):

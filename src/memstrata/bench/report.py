@@ -21,14 +21,13 @@ def _ratio(x: float | None) -> str:
 
 
 def make_console():
-    """A rich console; at least 132 columns when writing to a file or pipe (logs)."""
-    import sys
+    """The rich console on stdout: no line broken at 80 columns in a file or pipe (logs).
 
-    from rich.console import Console
+    See [Note: console width] in memstrata/cli_args.py.
+    """
+    from memstrata.cli_args import stdout_console
 
-    if sys.stdout.isatty():
-        return Console()
-    return Console(width=132)
+    return stdout_console()
 
 
 def print_header(console, cfg) -> None:
