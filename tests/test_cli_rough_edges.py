@@ -133,6 +133,15 @@ def test_plan_input_smaller_than_the_model_takes(capsys, model, batch, smallest)
     assert f"{smallest}x{smallest}" in line
 
 
+def test_bench_checks_the_model_input_before_running(capsys, monkeypatch):
+    from memstrata.bench import harness
+
+    _no_work(monkeypatch)
+    rc = harness.main(["--device", "cpu", "--model", "vit_b_16", "--res", "64", "--batch", "4"])
+    out, err = capsys.readouterr()
+    assert "vit_b_16 cannot take a batch of 4 at 64x64" in _one_line(rc, out, err) and "224x224" in err
+
+
 def test_model_input_hint_is_what_the_model_takes():
     """The size the hint names is really accepted, and the next smaller one is not (found by trying)."""
     import torchvision

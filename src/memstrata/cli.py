@@ -6,8 +6,10 @@
 
 Exit status: 0 on success, 2 on bad input (unknown model or profile, malformed
 size, budget below the minimum, ...) with a one-line message on stderr and no
-traceback.  Set MEMSTRATA_DEBUG=1 to get the traceback anyway.  Anything else
-that goes wrong is a bug, and shows its traceback.
+traceback.  With --json (probe, plan) stdout stays one JSON object even then:
+{"error": "<the same line>", "exit_status": 2}.  Output paths (--plot) are
+checked before any work.  Set MEMSTRATA_DEBUG=1 to get the traceback anyway.
+Anything else that goes wrong is a bug, and shows its traceback.
 
 Adding a subcommand: write `_setup_<name>(parser) -> handler` and add it to
 `SUBCOMMANDS` (see [Note: subcommand registry]).

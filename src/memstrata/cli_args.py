@@ -44,7 +44,6 @@ def int_at_least(lo: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
         return v
 
-    parse.__name__ = f"int_at_least_{lo}"  # argparse names the type in some messages
     return parse
 
 

@@ -281,6 +281,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         quiet=bool(g("quiet", False)),
         cpu_peak=cpu_peak,
     )
+    from memstrata.trace.record import ModelInputError, check_model_input
+
+    try:  # on meta, in well under a second: not minutes later in every worker
+        check_model_input(cfg.model, cfg.batch // (cfg.microbatches or 1), cfg.res, num_classes=cfg.num_classes)
+    except ModelInputError as e:
+        raise BenchInputError(str(e)) from None
     return cfg
 
 

@@ -86,6 +86,7 @@ __all__ = [
     "trace_step",
     "trace_model",
     "ModelInputError",
+    "check_model_input",
     "live_bytes_per_event",
     "observed_peak",
     "sac_op_indices",
@@ -807,17 +808,36 @@ def trace_model(
     try:
         return trace_step(model, x, y, optimizer=opt, mode="meta", profile=hierarchy, model_name=name)
     except (RuntimeError, ValueError, AssertionError, IndexError) as e:
-        plain = _build_on_meta(lambda: torchvision.models.get_model(name, weights=None, num_classes=num_classes))
-        plain = plain.to(dtype=dtype).train()
-        why = _input_problem(plain, batch, res)
-        if why is None:  # the model takes this input: the failure is ours, not the user's
-            raise
-        raise ModelInputError(f"{name} cannot take a batch of {batch} at {res}x{res}: {why}"
-                              f"{_input_hint(name, plain, batch, res)}") from e
+        check_model_input(name, batch, res, num_classes=num_classes, dtype=dtype)  # the user's input?
+        raise  # no: the model takes this input, so the failure is ours
 
 
 class ModelInputError(ValueError):
     """A model cannot take the requested input: smaller than it allows, or not the one size it is built for."""
+
+
+def check_model_input(name: str, batch: int, res: int, *, num_classes: int = 1000,
+                      dtype: torch.dtype | str = torch.float32) -> None:
+    """Raise ModelInputError when torchvision's `name` cannot train on a batch x 3 x res x res input.
+
+    Tried on meta (nothing allocated): a forward of the model as torchvision
+    builds it.  The one-line message says why, in torch's words, and what the
+    model does take (see `_input_hint`).
+
+    >>> check_model_input("vit_b_16", 2, 64)
+    Traceback (most recent call last):
+    ...
+    memstrata.trace.record.ModelInputError: vit_b_16 cannot take a batch of 2 at 64x64: Wrong image height! Expected 224 but got 64; the smallest it takes at batch 2 is 224x224
+    """
+    import torchvision
+
+    dtype = model_dtype(dtype)
+    plain = _build_on_meta(lambda: torchvision.models.get_model(name, weights=None, num_classes=num_classes))
+    plain = plain.to(dtype=dtype).train()
+    why = _input_problem(plain, batch, res)
+    if why is not None:
+        raise ModelInputError(f"{name} cannot take a batch of {batch} at {res}x{res}: {why}"
+                              f"{_input_hint(name, plain, batch, res)}")
 
 
 def _input_problem(model: nn.Module, batch: int, res: int) -> str | None:
