@@ -363,7 +363,8 @@ def plot_timeline(
         ax.step(tt, [b / scale for b in bs], where="post", color=fills[i % len(fills)], lw=1.2)
         ax.fill_between(tt, [b / scale for b in bs], step="post", alpha=0.25, color=fills[i % len(fills)])
         ax.set_ylabel(f"{tier.name}\n{unit}")
-        ax.set_ylim(0, top_val / scale * 1.08 if top_val > 0 else 1.0)
+        # lower tiers: headroom for the peak label above the data
+        ax.set_ylim(0, top_val / scale * (1.08 if i == 0 else 1.3) if top_val > 0 else 1.0)
         ax.grid(alpha=0.3)
         if i == 0:
             if budget is not None:
