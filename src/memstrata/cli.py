@@ -6,8 +6,10 @@
 
 Exit status: 0 on success, 2 on bad input (unknown model or profile, malformed
 size, budget below the minimum, ...) with a one-line message on stderr and no
-traceback.  Set MEMSTRATA_DEBUG=1 to get the traceback anyway.  Anything else
-that goes wrong is a bug, and shows its traceback.
+traceback.  With --json (probe, plan) stdout stays one JSON object even then:
+{"error": "<the same line>", "exit_status": 2}.  Output paths (--plot) are
+checked before any work.  Set MEMSTRATA_DEBUG=1 to get the traceback anyway.
+Anything else that goes wrong is a bug, and shows its traceback.
 
 Adding a subcommand: write `_setup_<name>(parser) -> handler` and add it to
 `SUBCOMMANDS` (see [Note: subcommand registry]).
@@ -21,71 +23,23 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .cli_args import Parser, UsageError, check_output_path, positive_float, positive_int, stderr_console
+from .cli_args import stdout_console, usage_errors
+
 Handler = Callable[[argparse.Namespace], int]
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line (no usage block) and go through `main`'s handler."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
-
-
-_err_console = None
-
-
-def _stderr_console():
-    global _err_console
-    if _err_console is None:
-        from rich.console import Console
-
-        _err_console = Console(stderr=True)
-    return _err_console
-
-
-@contextlib.contextmanager
-def _usage_errors() -> Iterator[None]:
-    """Around a call whose ValueError means bad user input (not a bug): report it as a UsageError."""
-    try:
-        yield
-    except ValueError as e:
-        raise UsageError(str(e)) from e
 
 
 @contextlib.contextmanager
 def progress(message: str) -> Iterator[None]:
     """A spinner on stderr while a step runs (only drawn on a terminal; stdout stays clean for --json)."""
-    console = _stderr_console()
+    console = stderr_console()
     if not console.is_terminal:
         yield
         return
@@ -94,9 +48,7 @@ def progress(message: str) -> Iterator[None]:
 
 
 def _print(renderable: Any) -> None:
-    from rich.console import Console
-
-    Console().print(renderable)
+    stdout_console().print(renderable)
 
 
 # ----------------------------------------------------------------------------- probe
@@ -106,7 +58,7 @@ def _setup_probe(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--nvme", metavar="DIR", help="directory on the disk to measure as the lowest tier")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--no-cache", action="store_true", help="measure again instead of reading the cache")
-    p.add_argument("--max-seconds", type=_positive_float, default=20.0, help="time bound of the measurement (default 20)")
+    p.add_argument("--max-seconds", type=positive_float, default=20.0, help="time bound of the measurement (default 20)")
     return cmd_probe
 
 
@@ -137,8 +89,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def _setup_plan(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--model", required=True, help="torchvision classification model name, e.g. resnet50")
-    p.add_argument("--batch", type=_positive_int, required=True, help="batch size")
-    p.add_argument("--res", type=_positive_int, default=224, help="input resolution (square images, default 224)")
+    p.add_argument("--batch", type=positive_int, required=True, help="batch size")
+    p.add_argument("--res", type=positive_int, default=224, help="input resolution (square images, default 224)")
     p.add_argument("--profile", default="h200",
                    help="hardware profile: h200, h100, a100-80gb, rtx4090, cpu, or 'probe' for this machine (default h200)")
     p.add_argument("--nvme", metavar="DIR", help="with --profile probe: directory of the disk tier to probe")
@@ -180,21 +132,18 @@ def run_plan(
         with progress("Probing this machine (cached after the first time)..."):
             hierarchy = probe(nvme)
     else:
-        with _usage_errors():
+        with usage_errors():
             hierarchy = profile(profile_name)
-    with _usage_errors():
+    with usage_errors():
         budget_spec = Budget.parse(budget)  # fail on a malformed budget before spending time tracing
-    if plot is not None:
-        parent = Path(plot).expanduser().resolve().parent
-        if not parent.is_dir():
-            raise UsageError(f"--plot: directory {str(parent)!r} does not exist")
+    check_output_path("--plot", plot, ".png")  # before any work, not after planning
 
     import torch
 
     from .plan.api import minimum_budget, plan as make_plan
     from .report import plan_summary, summary_dict
     from .simulate import simulate
-    from .trace.record import classification_models, trace_model
+    from .trace.record import ModelInputError, classification_models, trace_model
 
     known = classification_models()
     if model not in known:
@@ -206,10 +155,13 @@ def run_plan(
 
     t0 = time.perf_counter()
     with progress(f"Tracing {model} (batch {batch}, {res}x{res}) on meta..."):
-        trace = trace_model(model, batch, res, profile=hierarchy, dtype=getattr(torch, dtype))
+        try:
+            trace = trace_model(model, batch, res, profile=hierarchy, dtype=getattr(torch, dtype))
+        except ModelInputError as e:  # an input the model cannot take (too small, not its fixed size)
+            raise UsageError(str(e)) from e
     tracing_s = time.perf_counter() - t0
 
-    with _usage_errors():
+    with usage_errors():
         budget_bytes = budget_spec.resolve(trace)
         frac = budget_spec.value if budget_spec.kind == "peak" else None
     assert budget_bytes is not None
@@ -341,13 +293,28 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]]
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = _Parser(prog="memstrata", description="Hierarchical GPU memory management for PyTorch training.")
+    parser = Parser(prog="memstrata", description="Hierarchical GPU memory management for PyTorch training.")
     parser.add_argument("--version", action="version", version=f"memstrata {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    json_flag: set[str] = set()
     for name, (help_text, setup) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_handler=setup(p))
+        action = p._option_string_actions.get("--json")  # noqa: SLF001 - argparse has no public query
+        if action is not None and action.nargs == 0:  # --json is a flag (probe, plan), not a file (bench)
+            json_flag.add(name)
+    parser.set_defaults(_json_flag_commands=frozenset(json_flag))
     return parser
+
+
+def _json_requested(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
+    """Did this command line ask for JSON on stdout (`--json` of a command whose --json is a flag)?
+
+    Read from the raw arguments, since the error may be that they do not parse.
+    """
+    flag_commands = parser.get_default("_json_flag_commands") or frozenset()
+    command = next((a for a in argv if a in SUBCOMMANDS), None)
+    return command in flag_commands and "--json" in argv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     from .probe import ProbeInputError
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get("MEMSTRATA_DEBUG"))
     try:
         args = parser.parse_args(argv)
@@ -366,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         msg = " ".join(str(e).split())  # one line, whatever the message looked like
-        print(msg if msg.startswith("memstrata") else f"memstrata: error: {msg}", file=sys.stderr)
+        line = msg if msg.startswith("memstrata") else f"memstrata: error: {msg}"
+        if _json_requested(parser, argv):  # stdout stays one JSON object, error or not
+            print(json.dumps({"error": line, "exit_status": 2}))
+        print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("memstrata: interrupted", file=sys.stderr)

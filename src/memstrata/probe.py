@@ -83,8 +83,12 @@ class ProbeResult:
     seconds: float = 0.0  # wall time of this call
 
     def to_dict(self) -> dict[str, Any]:
+        top = self.hierarchy.tiers[0]
         return {
             "hierarchy": self.hierarchy.to_dict(),
+            # tier 0's read/write bandwidth and latency are 0.0 in the hierarchy: not measured, not slow
+            "not_measured": {top.name: "read_bandwidth, write_bandwidth, latency: the top tier has no faster tier "
+                                       "to copy to; its memory traffic is hierarchy.fast_bandwidth"},
             "details": self.details,
             "cached": self.cached,
             "cache_path": self.cache_path,

@@ -285,14 +285,15 @@ def hierarchy_table(h: Hierarchy, title: str | None = None):
     t = Table(title=title or f"{h.name} ({h.device})", title_justify="left", header_style="bold")
     for c in ("tier", "kind", "capacity", "read (up)", "write (down)", "latency", "path"):
         t.add_column(c, justify="right" if c not in ("tier", "kind", "path") else "left")
-    for tier in h.tiers:
+    for i, tier in enumerate(h.tiers):
+        top = "n/a: top tier"  # tier 0 has no faster tier to copy to (its traffic is in the roofline line)
         t.add_row(
             tier.name,
             tier.kind,
             format_size(tier.capacity),
-            _bw(tier.read_bandwidth),
-            _bw(tier.write_bandwidth),
-            f"{tier.latency * 1e6:.1f} us" if tier.latency else "—",
+            top if i == 0 else _bw(tier.read_bandwidth),
+            top if i == 0 else _bw(tier.write_bandwidth),
+            "—" if i == 0 or not tier.latency else f"{tier.latency * 1e6:.1f} us",
             tier.path or "",
         )
     roof = Text(
@@ -338,7 +339,11 @@ def plot_timeline(
     from matplotlib.patches import Patch
 
     v = _view(timeline, trace)
-    tiers = [t for t in hierarchy.tiers if t.name in v.occupancy] or list(hierarchy.tiers[:1])
+    # Tier 0 always; a lower tier only when it holds something at some point (an empty panel says nothing).
+    held = lambda t: t.name in v.occupancy and max(v.occupancy[t.name][1], default=0) > 0  # noqa: E731
+    tiers = [t for i, t in enumerate(hierarchy.tiers) if (i == 0 and t.name in v.occupancy) or (i > 0 and held(t))]
+    tiers = tiers or list(hierarchy.tiers[:1])
+    unused = [t.name for t in hierarchy.tiers[1:] if not held(t)]
     lane_names = [n for n in v.lanes if v.lanes[n]]
     n_rows = len(tiers) + (1 if lane_names else 0)
     ratios = [3] + [1.6] * (len(tiers) - 1) + ([0.25 * max(2, len(lane_names))] if lane_names else [])
@@ -358,7 +363,8 @@ def plot_timeline(
         ax.step(tt, [b / scale for b in bs], where="post", color=fills[i % len(fills)], lw=1.2)
         ax.fill_between(tt, [b / scale for b in bs], step="post", alpha=0.25, color=fills[i % len(fills)])
         ax.set_ylabel(f"{tier.name}\n{unit}")
-        ax.set_ylim(0, top_val / scale * 1.08 if top_val > 0 else 1.0)
+        # lower tiers: headroom for the peak label above the data
+        ax.set_ylim(0, top_val / scale * (1.08 if i == 0 else 1.3) if top_val > 0 else 1.0)
         ax.grid(alpha=0.3)
         if i == 0:
             if budget is not None:
@@ -367,10 +373,11 @@ def plot_timeline(
                 ax.axhline(trace.observed_peak / scale, color="grey", ls=":", lw=1.0,
                            label=f"unmanaged peak {format_size(trace.observed_peak)}")
         peak = v.peaks.get(tier.name)
-        if peak is not None:
-            cap = f" of {format_size(tier.capacity)}" if i > 0 else ""
-            ax.text(0.995, 0.95, f"peak {format_size(peak)}{cap}", transform=ax.transAxes, ha="right", va="top",
-                    fontsize=8, bbox=dict(facecolor="white", alpha=0.7, lw=0))
+        if peak is not None and i == 0:  # in the legend, clear of the budget and unmanaged-peak lines
+            ax.plot([], [], color=fills[0], lw=1.2, label=f"{tier.name} occupancy, peak {format_size(peak)}")
+        elif peak is not None:
+            ax.text(0.995, 0.95, f"peak {format_size(peak)} of {format_size(tier.capacity)}", transform=ax.transAxes,
+                    ha="right", va="top", fontsize=8, bbox=dict(facecolor="white", alpha=0.7, lw=0))
     for ax in axes:
         for s, e in v.stalls:
             ax.axvspan(T(s), T(max(e, s + end * 2e-4)), color="#c44e52", alpha=0.35, lw=0)
@@ -393,8 +400,12 @@ def plot_timeline(
         extra.append(Line2D([], [], color="black", ls="-.", label="forward | backward"))
     if v.backward_end_time is not None and v.backward_end_time < end:
         extra.append(Line2D([], [], color="black", ls=":", lw=0.8, label="backward | optimizer"))
+    if unused:
+        extra.append(Line2D([], [], ls="none", label=f"{', '.join(unused)}: holds nothing (not drawn)"))
     if handles or extra:
-        top.legend(handles=handles + extra, loc="upper left", fontsize=8, framealpha=0.8)
+        # above the top panel, so it hides no data
+        top.legend(handles=handles + extra, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=3, fontsize=8,
+                   frameon=False)
     if lane_names:
         ax = axes[-1]
         for i, name in enumerate(lane_names):

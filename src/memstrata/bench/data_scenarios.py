@@ -90,7 +90,8 @@ def add_data_bench_arguments(parser: argparse.ArgumentParser) -> None:
         if flag not in have:
             parser.add_argument(flag, **kw)
 
-    a("--scenario", default=None, help="data scenario: " + " | ".join(DATA_SCENARIOS))
+    a("--scenario", default=None, choices=DATA_SCENARIOS,  # anything else: one line, exit 2, before any work
+      help="data scenario: " + " | ".join(DATA_SCENARIOS) + " (default: the model benchmark)")
     a("--data", default=None, metavar="DIR",
       help="ImageFolder root (generated with synth if missing or empty; default ~/.cache/memstrata/synth-N-C)")
     a("--images", default=None, help="images of the generated set (default: 1024 on CPU, 8192 on CUDA)")
@@ -613,9 +614,9 @@ def cache_policy_rows(cfg: dict[str, Any], progress: bool = False) -> list[dict[
 
 # ------------------------------------------------------------------ report
 def _console():
-    from rich.console import Console
+    from memstrata.cli_args import stdout_console  # [Note: console width]
 
-    return Console() if sys.stdout.isatty() else Console(width=140)
+    return stdout_console()
 
 
 def print_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]], elapsed: float) -> None:
@@ -717,15 +718,27 @@ def write_plot(path: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> No
         ax.set_title(f"Belady vs LRU, {cfg['images']} samples, {cfg['epochs']} epochs")
         ax.legend(fontsize=8)
     elif sc == "loader":
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+        from matplotlib.lines import Line2D
+
+        fig, ax = plt.subplots(figsize=(6.5, 4.8))
+        top = max([v for r in rows for v in r["samples_per_s_values"]] + [r["samples_per_s"] or 0 for r in rows],
+                  default=0) or 1.0
         for i, r in enumerate(rows):
-            ax.bar(i, r["samples_per_s"] or 0, color=color.get(r["name"]))
-            ax.scatter([i] * len(r["samples_per_s_values"]), r["samples_per_s_values"], color="k", s=10, zorder=3)
-            if r["ratio_to_torchvision"]:
-                ax.text(i, r["samples_per_s"] or 0, f"{r['ratio_to_torchvision']:.1f}x", ha="center", va="bottom")
+            vals = r["samples_per_s_values"]
+            ax.bar(i, r["samples_per_s"] or 0, color=color.get(r["name"]), width=0.6)
+            ax.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
+            # the label sits above the highest dot of its bar, never on a dot
+            label = f"{r['samples_per_s'] or 0:.0f}/s" + (f"\n{r['ratio_to_torchvision']:.1f}x torchvision"
+                                                         if r["ratio_to_torchvision"] else "")
+            ax.annotate(label, (i, max(vals + [r["samples_per_s"] or 0])), xytext=(0, 6), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=9)
+        ax.set_ylim(0, top * 1.25)
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels([r["name"] for r in rows])
-        ax.set_ylabel("images/s, epochs 2.. (median; dots: repeats)")
+        ax.set_ylabel("images/s over epochs 2..")
+        ax.legend(handles=[Line2D([], [], ls="none", marker="s", markersize=9, color="#777777", label="bar: median"),
+                           Line2D([], [], ls="none", marker="o", markersize=4, color="k", label="dots: each repeat")],
+                  loc="upper right", fontsize=8)
         ax.set_title(f"loader alone, batch {cfg['batch']}, {cfg['res']} px, {cfg['workers']} workers, {cfg['cores']} cores")
     else:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))

@@ -189,14 +189,14 @@ def resolve_device(text: str | None, error: type[Exception] | None = None) -> st
 
 
 def check_output_paths(json_path: str | None, plot_path: str | None, error: type[Exception]) -> None:
-    """--json / --plot: their directories must exist and the plot must be a .png (`error` otherwise)."""
-    for flag, path in (("json", json_path), ("plot", plot_path)):
-        if path:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise error(f"--{flag} {path!r}: directory {parent!r} does not exist")
-    if plot_path and not str(plot_path).lower().endswith(".png"):
-        raise error(f"--plot must name a .png file, got {plot_path!r}")
+    """--json / --plot: each must be a file that can be written (the plot a .png); `error` otherwise.
+
+    Checked before the bench runs, so a bad path does not end a long run in a traceback.
+    """
+    from memstrata.cli_args import check_output_path
+
+    check_output_path("--json", json_path, error=error)
+    check_output_path("--plot", plot_path, ".png", error=error)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -286,6 +286,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         quiet=bool(g("quiet", False)),
         cpu_peak=cpu_peak,
     )
+    from memstrata.trace.record import ModelInputError, check_model_input
+
+    try:  # on meta, in well under a second: not minutes later in every worker
+        check_model_input(cfg.model, cfg.batch // (cfg.microbatches or 1), cfg.res, num_classes=cfg.num_classes)
+    except ModelInputError as e:
+        raise BenchInputError(str(e)) from None
     return cfg
 
 
@@ -387,8 +393,11 @@ class BenchProgress:
         if not quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+            from memstrata.cli_args import stdout_console  # per-run lines whole in a log ([Note: console width])
+
             self._p = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(),
-                               TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
+                               TextColumn("{task.description}"), TimeElapsedColumn(), transient=False,
+                               console=stdout_console())
             self._task = self._p.add_task("", total=total)
 
     def __enter__(self):

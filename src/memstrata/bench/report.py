@@ -21,14 +21,13 @@ def _ratio(x: float | None) -> str:
 
 
 def make_console():
-    """A rich console; at least 132 columns when writing to a file or pipe (logs)."""
-    import sys
+    """The rich console on stdout: no line broken at 80 columns in a file or pipe (logs).
 
-    from rich.console import Console
+    See [Note: console width] in memstrata/cli_args.py.
+    """
+    from memstrata.cli_args import stdout_console
 
-    if sys.stdout.isatty():
-        return Console()
-    return Console(width=132)
+    return stdout_console()
 
 
 def print_header(console, cfg) -> None:
@@ -127,35 +126,57 @@ def memstrata_line(rows: list[dict[str, Any]]) -> str:
     return ("memstrata: " + "; ".join(parts)) if parts else ""
 
 
+_COLORS = {"memstrata": "#1f77b4", "peer": "#ff7f0e", "apart": "#999999"}
+
+
 def write_plot(path: str, rows: list[dict[str, Any]], cfg, meta: dict[str, Any]) -> None:
+    """Two horizontal bar panels, throughput and peak, one row per contender, with a legend for the colours."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    names = [r["name"] + ("\n(apart)" if r["reported_apart"] else "") for r in rows]
-    colors = ["#1f77b4" if r["name"] == "memstrata" else ("#999999" if r["reported_apart"] else "#ff7f0e")
-              for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(rows) * 2), 4.5))
+    def role(r):
+        return "memstrata" if r["name"] == "memstrata" else "apart" if r["reported_apart"] else "peer"
+
+    names = [r["name"] + (" (apart)" if r["reported_apart"] else "") for r in rows]
+    colors = [_COLORS[role(r)] for r in rows]
     sps = [r["samples_per_s"] or 0.0 for r in rows]
     peaks = [(r["peak_bytes"] or 0) / 2**20 for r in rows]
-    ax1.bar(range(len(rows)), sps, color=colors)
-    ax1.set_ylabel("samples/s (median)")
-    ax1.set_title("throughput")
-    ax2.bar(range(len(rows)), peaks, color=colors)
-    ax2.set_ylabel("peak above baseline (MiB, max over repeats)")
-    ax2.set_title("peak memory")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 2.4 + 0.55 * len(rows)), sharey=True)
+    ys = list(range(len(rows)))
+    ax1.barh(ys, sps, color=colors)
+    ax2.barh(ys, peaks, color=colors)
+    ax1.set_yticks(ys)
+    ax1.set_yticklabels(names, fontsize=10)
+    ax1.invert_yaxis()  # first contender on top, as in the table
+    ax1.set_xlabel("samples/s (median over repeats; higher is better)", fontsize=10)
+    ax1.set_title("throughput", fontsize=11)
+    ax2.set_xlabel("peak above baseline, MiB (max over repeats; lower is better)", fontsize=10)
+    ax2.set_title("peak memory", fontsize=11)
+    for ax, vals, label in ((ax1, sps, lambda r, v: f"{v:.1f}" + (f"  ({r['ratio_to_unmanaged']:.2f}x)"
+                                                                  if r.get("ratio_to_unmanaged") else "")),
+                            (ax2, peaks, lambda r, v: f"{v:.0f}")):
+        top = max(vals, default=0) or 1.0
+        ax.set_xlim(0, top * 1.3)  # room for the value labels
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=9)
+        for i, (r, v) in enumerate(zip(rows, vals)):
+            text = label(r, v) if r["status"] == "ok" else r["status"]
+            ax.text(v + top * 0.01, i, text, va="center", fontsize=9, color="black" if r["status"] == "ok" else "red",
+                    bbox=dict(facecolor="white", alpha=0.8, lw=0, pad=1))
+    handles = [Patch(color=_COLORS["memstrata"], label="memstrata"), Patch(color=_COLORS["peer"], label="peers")]
+    if any(r["reported_apart"] for r in rows):
+        handles.append(Patch(color=_COLORS["apart"], label="reported apart (micro-batches: other math)"))
     budget = meta.get("budget_bytes")
     if budget:
-        ax2.axhline(budget / 2**20, color="red", linestyle="--", label=f"budget {fmt_bytes(budget)}")
-        ax2.legend(loc="upper right")
-    for ax, vals in ((ax1, sps), (ax2, peaks)):
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        for i, (r, v) in enumerate(zip(rows, vals)):
-            if r["status"] != "ok":
-                ax.text(i, 0, r["status"], ha="center", va="bottom", fontsize=8, color="red")
-    fig.suptitle(f"{cfg.model}, batch {cfg.batch}, {cfg.res}x{cfg.res}, {cfg.device}, amp {cfg.amp}")
-    fig.tight_layout()
+        ax2.axvline(budget / 2**20, color="red", linestyle="--")
+        handles.append(Line2D([], [], color="red", linestyle="--", label=f"budget {fmt_bytes(budget)}"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.suptitle(f"memstrata bench: {cfg.model}, batch {cfg.batch}, {cfg.res}x{cfg.res}, {cfg.device}, amp {cfg.amp}"
+                 "  (throughput label: samples/s and ratio to unmanaged)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

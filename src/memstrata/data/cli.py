@@ -19,21 +19,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-Handler = Callable[[argparse.Namespace], int]
+from ..cli_args import UsageError, int_at_least, nonneg_int, positive_int, stderr_console
 
-from ..cli import _positive_int  # noqa: E402  (one definition of the argparse type)
+Handler = Callable[[argparse.Namespace], int]
 
 __all__ = ["setup_data", "cmd_data"]
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+def _max_side(text: str) -> int:
+    from .store import MIN_MAX_SIDE  # here, not at import: the store pulls in numpy and PIL
+
+    return int_at_least(MIN_MAX_SIDE)(text)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -51,30 +47,28 @@ def setup_data(p: argparse.ArgumentParser) -> Handler:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(p))
     s = sub.add_parser("synth", help="write a deterministic synthetic ImageFolder of JPEGs",
                        description="Write a deterministic, learnable, ImageNet-like ImageFolder of JPEGs "
-                                   "(image i is in class i %% C; rerunning completes a partial set).")
+                                   "(image i is in class i % C; rerunning completes a partial set).")
     s.add_argument("dir", metavar="DIR", help="root directory to write (created if missing)")
-    s.add_argument("--images", type=_positive_int, required=True, help="number of images")
-    s.add_argument("--classes", type=_positive_int, required=True, help="number of classes (<= images)")
-    s.add_argument("--seed", type=_nonneg_int, default=0, help="content seed (default 0)")
+    s.add_argument("--images", type=positive_int, required=True, help="number of images")
+    s.add_argument("--classes", type=positive_int, required=True, help="number of classes (<= images)")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="content seed (default 0)")
     s.add_argument("--size", type=_size, default=(500, 375),
                    help="nominal WIDTHxHEIGHT, jittered +-20%% per image (default 500x375)")
-    s.add_argument("--workers", type=_positive_int, default=None, help="generating processes (default: cores, at most 8)")
+    s.add_argument("--workers", type=positive_int, default=None, help="generating processes (default: cores, at most 8)")
     b = sub.add_parser("build", help="decode an ImageFolder into the sample store ahead of time",
                        description="Decode ROOT (ImageFolder layout) into a checksummed, resumable sample store.")
     b.add_argument("root", metavar="ROOT", help="ImageFolder root (class folders of images)")
     b.add_argument("--out", metavar="DIR", default=None,
                    help="store directory (default: ~/.cache/memstrata/data/<fingerprint of ROOT and settings>)")
-    b.add_argument("--max-side", type=_positive_int, default=160, help="stored short side at most this (default 160)")
+    b.add_argument("--max-side", type=_max_side, default=160, help="stored short side at most this (default 160)")
     b.add_argument("--on-corrupt", choices=("raise", "skip"), default="raise",
                    help="a corrupt source image: fail naming it (raise, default) or skip it (skip)")
-    b.add_argument("--workers", type=_positive_int, default=None, help="decode threads (default: all cores)")
+    b.add_argument("--workers", type=positive_int, default=None, help="decode threads (default: all cores)")
     b.add_argument("--verify", action="store_true", help="also re-read and check every stored sample")
     return cmd_data
 
 
 def _usage(msg: str) -> Exception:
-    from ..cli import UsageError
-
     return UsageError(f"memstrata data: error: {' '.join(str(msg).split())}")
 
 
@@ -93,7 +87,6 @@ def _count_jpegs(root: Path) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from ..cli import _stderr_console
     from .synth import synth_imagefolder
 
     root = Path(args.dir).expanduser()
@@ -105,7 +98,7 @@ def _synth(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         synth_imagefolder(root, args.images, args.classes, seed=args.seed, size=args.size, workers=args.workers,
-                          progress=_stderr_console().is_terminal)
+                          progress=stderr_console().is_terminal)
     except ValueError as e:
         raise _usage(str(e)) from e
     except OSError as e:
@@ -118,7 +111,6 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..cli import _stderr_console
     from .errors import DataError
     from .store import build_store
 
@@ -131,7 +123,7 @@ def _build(args: argparse.Namespace) -> int:
             raise _usage(f"--out {str(out)!r} exists and is not a directory")
     try:
         rep = build_store(root, args.out, max_side=args.max_side, on_corrupt=args.on_corrupt, workers=args.workers,
-                          progress=_stderr_console().is_terminal, verify=args.verify)
+                          progress=stderr_console().is_terminal, verify=args.verify)
     except DataError as e:  # corrupt source (raise), store of other settings, full disk: named, one line
         raise _usage(str(e).replace("pass on_corrupt='skip'", "pass --on-corrupt skip")) from e
     except FileNotFoundError as e:  # no class folders / no images (torchvision's scan)
@@ -139,7 +131,18 @@ def _build(args: argparse.Namespace) -> int:
     except PermissionError as e:
         raise _usage(f"permission denied: {e.filename or e}") from e
     print(str(rep))
+    if rep.verified is not None:
+        print(_verify_line(rep))
     if rep.skipped:
         print(f"skipped {len(rep.skipped)} corrupt source sample(s): indices {list(rep.skipped)[:10]}"
               + (" ..." if len(rep.skipped) > 10 else ""))
     return 0
+
+
+def _verify_line(rep) -> str:
+    """What --verify found: passed, or which stored samples failed their check (and were rebuilt)."""
+    if not rep.verify_failed:
+        return f"verify: passed: all {rep.verified} stored samples read back intact (checksums match)"
+    bad = list(rep.verify_failed)
+    return (f"verify: FAILED for {len(bad)} of {rep.verified} stored samples (indices {bad[:10]}"
+            + (" ..." if len(bad) > 10 else "") + "); they were rebuilt from the source")

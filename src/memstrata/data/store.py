@@ -62,6 +62,7 @@ assert REC.itemsize == 48
 COMPLETE = 1
 VERIFY = ("first", "always", "never")
 ON_CORRUPT = ("raise", "skip")
+MIN_MAX_SIDE = 8  # smallest stored short side a store accepts
 
 
 def _write_all(fd: int, data, offset: int) -> None:
@@ -135,6 +136,8 @@ class BuildReport:
     skipped: tuple
     bytes: int
     seconds: float
+    verified: int | None = None  # with verify=True: stored samples re-read and checked before building
+    verify_failed: tuple = ()  # of those, the ones that failed their check (rebuilt with the rest)
 
     def __str__(self) -> str:
         return (f"store {self.directory}: {self.complete}/{self.samples} samples complete, built {self.built} "
@@ -159,8 +162,8 @@ class SampleStore:
             raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
-        if max_side is not None and max_side < 8:
-            raise ValueError(f"max_side must be >= 8, got {max_side}")
+        if max_side is not None and max_side < MIN_MAX_SIDE:
+            raise ValueError(f"max_side must be >= {MIN_MAX_SIDE}, got {max_side}")
         self.source = make_source(source, max_side)
         self.n = len(self.source)
         if self.n == 0:
@@ -486,10 +489,14 @@ def build_store(root, out=None, *, max_side: int = 160, on_corrupt: str = "raise
     store = SampleStore(out, root, max_side=max_side, on_corrupt=on_corrupt, verify="always" if verify else "first")
     n = store.n
     done = np.array([store.is_complete(i) for i in range(n)])
+    verified, failed = None, []
     if verify:
-        for i in np.flatnonzero(done).tolist():
+        stored = np.flatnonzero(done).tolist()
+        verified = len(stored)
+        for i in stored:
             if store.get(i) is None:
                 done[i] = False
+                failed.append(i)
     todo = np.flatnonzero(~done)
     from concurrent.futures import ThreadPoolExecutor
 
@@ -507,6 +514,7 @@ def build_store(root, out=None, *, max_side: int = 160, on_corrupt: str = "raise
             bar.advance(len(ids))
     complete = store.count_complete()
     rep = BuildReport(directory=str(store.dir), samples=n, complete=complete, built=len(todo) - len(store.skipped),
-                      skipped=tuple(sorted(store.skipped)), bytes=written, seconds=time.perf_counter() - t0)
+                      skipped=tuple(sorted(store.skipped)), bytes=written, seconds=time.perf_counter() - t0,
+                      verified=verified, verify_failed=tuple(failed))
     store.close()
     return rep

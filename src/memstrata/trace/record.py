@@ -85,6 +85,8 @@ __all__ = [
     "StepRecorder",
     "trace_step",
     "trace_model",
+    "ModelInputError",
+    "check_model_input",
     "live_bytes_per_event",
     "observed_peak",
     "sac_op_indices",
@@ -797,4 +799,82 @@ def trace_model(
     # device the profile describes so the optimizer phase has the same shape.
     foreach = hierarchy.device == "cuda"
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=foreach)
-    return trace_step(model, x, y, optimizer=opt, mode="meta", profile=hierarchy, model_name=name)
+    try:
+        return trace_step(model, x, y, optimizer=opt, mode="meta", profile=hierarchy, model_name=name)
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        check_model_input(name, batch, res, num_classes=num_classes, dtype=dtype)  # the user's input?
+        raise  # no: the model takes this input, so the failure is ours
+
+
+class ModelInputError(ValueError):
+    """A model cannot take the requested input: smaller than it allows, or not the one size it is built for."""
+
+
+def check_model_input(name: str, batch: int, res: int, *, num_classes: int = 1000,
+                      dtype: torch.dtype | str = torch.float32) -> None:
+    """Raise ModelInputError when torchvision's `name` cannot train on a batch x 3 x res x res input.
+
+    Tried on meta (nothing allocated): a forward of the model as torchvision
+    builds it.  The one-line message says why, in torch's words, and what the
+    model does take (see `_input_hint`).
+
+    >>> check_model_input("vit_b_16", 2, 64)
+    Traceback (most recent call last):
+    ...
+    memstrata.trace.record.ModelInputError: vit_b_16 cannot take a batch of 2 at 64x64: Wrong image height! Expected 224 but got 64; the smallest it takes at batch 2 is 224x224
+    """
+    import torchvision
+
+    dtype = model_dtype(dtype)
+    plain = _build_on_meta(lambda: torchvision.models.get_model(name, weights=None, num_classes=num_classes))
+    plain = plain.to(dtype=dtype).train()
+    why = _input_problem(plain, batch, res)
+    if why is not None:
+        raise ModelInputError(f"{name} cannot take a batch of {batch} at {res}x{res}: {why}"
+                              f"{_input_hint(name, plain, batch, res)}")
+
+
+def _input_problem(model: nn.Module, batch: int, res: int) -> str | None:
+    """Why `model` (on meta, in training mode) rejects a batch x 3 x res x res input, else None."""
+    dtype = next(model.parameters()).dtype
+    x = torch.empty(batch, 3, res, res, device="meta", dtype=dtype)
+    try:
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        return " ".join(str(e).split()).rstrip("!.") or type(e).__name__
+    return None
+
+
+def _input_hint(name: str, model: nn.Module, batch: int, res: int, limit: int = 1024) -> str:
+    """What input `model` does take at `batch`, found by trying on meta ("" when nothing up to `limit` works).
+
+    First the sizes torchvision's weights metadata lists (a ViT takes exactly
+    its image size), then, above `res`, doubling and bisection for the
+    smallest side, which assumes that a model taking side s also takes every
+    larger side (true of convolutional nets).
+    """
+    import torchvision
+
+    ok = lambda side: _input_problem(model, batch, side) is None  # noqa: E731
+    try:
+        listed = {max(w.meta["min_size"]) for w in torchvision.models.get_model_weights(name) if "min_size" in w.meta}
+    except (KeyError, ValueError):
+        listed = set()
+    for side in sorted(listed):
+        if side > res and ok(side):
+            return f"; the smallest it takes at batch {batch} is {side}x{side}"
+        if side < res and ok(side):
+            return f"; it takes {side}x{side}"
+    lo, hi, side = res, None, max(2 * res, 8)  # lo fails
+    while side <= limit:
+        if ok(side):
+            hi = side
+            break
+        lo, side = side, 2 * side
+    if hi is None:
+        return ""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return f"; the smallest it takes at batch {batch} is {hi}x{hi}"
