@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .decisions import InfeasibleBudgetError, Plan
-from .hardware import Budget, Hierarchy, profile
+from .hardware import Budget, Hierarchy, format_size, profile
 from .plan.tuning import Correct, Keep, Measure, Trial, TryNext, next_step
 from .report import Report
 from .runtime.activations import ActivationRuntime
@@ -64,6 +64,9 @@ from .trace.schema import Trace
 from .trace.units import out_of_place_activations, restore_inplace
 
 __all__ = ["Manager", "Report", "default_hierarchy", "disabled_by_env"]
+
+CPU_PEAK_SOURCE = ("CPU: tier-0 bytes live at the step's start (trace) + glibc heap growth above the start "
+                   "(mallinfo2, sampled at pack/unpack/unit boundaries)")
 
 PlannerFn = Callable[[Trace, Hierarchy, int], Plan]
 
@@ -139,6 +142,7 @@ class StepRecord:
     predicted_seconds: float | None = None
     peak_bytes: int | None = None
     peak_source: str = ""  # what peak_bytes measures (see runtime/memory.py)
+    peak_above_start_bytes: int | None = None  # CPU: the heap's growth above the step's start (raw reading)
     predicted_peak_bytes: int | None = None
     budget_bytes: int | None = None
     stats: dict | None = None
@@ -156,6 +160,7 @@ class _ShapeState:
     predicted_seconds: float | None = None
     predicted_peak: int | None = None
     plan_seconds: float = 0.0
+    plan_budget: int | None = None  # the budget the current plan was made for (the budget, or a corrected one)
     warmup_seconds: float | None = None  # wall time of the fastest plain (untraced) step of this shape
     time_scale: float = 1.0  # untraced / traced step time, applied to the trace's op durations
     # [Note: measured plan tuning] in plan/tuning.py
@@ -163,6 +168,12 @@ class _ShapeState:
     pending: list[tuple[str, Any]] = field(default_factory=list)  # (name, tiers) still to try
     tuning: bool = False
     chosen: str | None = None
+    # [Note: budget watch] in Manager._watch
+    watch_seconds: list[float] = field(default_factory=list)
+    watch_peaks: list[int] = field(default_factory=list)
+    recalibrated: bool = False
+    corrections: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 class Manager:
@@ -332,12 +343,16 @@ class Manager:
                     yield
             s = rt.last_stats or stats
             rec.stats = asdict(s)
-            if not self._cuda:
-                rec.peak_bytes = s.heap_peak_bytes
-                rec.peak_source = "CPU heap in use above step start (glibc mallinfo2, sampled)"
+            if not self._cuda and s.heap_peak_bytes is not None:
+                # one basis with the budget and the prediction: what was there at the step's start, plus growth
+                rec.peak_above_start_bytes = s.heap_peak_bytes
+                rec.peak_bytes = st.trace.bytes_at_start + s.heap_peak_bytes
+                rec.peak_source = CPU_PEAK_SOURCE
             if st.tuning and not s.misaligned:
                 rec.mode = "managed (tuning)"
                 self._tune(st, rec)
+            elif not s.misaligned:
+                self._watch(st, rec)
             if s.misaligned and st.traces <= self.max_retraces:
                 # The step did not follow its trace (it kept everything: exact).  Trace again next time.
                 st.runtime.close()
@@ -368,6 +383,8 @@ class Manager:
                                "trials": [t.summary(int(st.budget or 0)) for t in st.trials]}
             if st.runtime is not None:
                 d["runtime"] = st.runtime.describe()
+            if st.notes:
+                d["notes"] = list(st.notes)
             shapes[_key_str(key)] = d
         return Report(
             enabled=self.enabled,
@@ -377,8 +394,7 @@ class Manager:
             hierarchy=self.hierarchy.name,
             budget=str(self.budget),
             peak_source=("torch.cuda.max_memory_allocated (whole step, reset at step start)" if self._cuda else
-                         "CPU: glibc heap in use above the step start, sampled at pack/unpack/unit boundaries; "
-                         "trace steps: the tracer's observed peak"),
+                         CPU_PEAK_SOURCE + "; trace steps: the tracer's observed peak"),
             steps=[asdict(s) for s in self._steps],
             shapes=shapes,
         )
@@ -461,6 +477,7 @@ class Manager:
         trace = st.trace
         assert trace is not None
         st.plan = plan
+        st.plan_budget = budget
         st.predicted_seconds = plan.predicted_step_time
         st.predicted_peak = dict(plan.predicted_peaks).get(self.hierarchy.fast.name)
         if st.predicted_seconds is None or st.predicted_peak is None:
@@ -519,6 +536,68 @@ class Manager:
             if best is not st.trials[-1]:
                 self._install(st, best.name, best.plan, best.budget, best.tiers, best.corrections, record=False)
             return
+
+
+    WATCH_STEPS = 2  # managed steps measured before the budget watch acts
+    CPU_PEAK_SLACK = 0.05  # CPU heap readings carry allocator noise: overshoot below 5% of the budget is let be
+    RECALIBRATE_ABOVE = 0.15  # re-time the trace when measured and predicted step differ by more than this
+
+    def _watch(self, st: _ShapeState, rec: StepRecord) -> None:
+        """Keep the budget and the predictions honest after tuning (or without it).
+
+        [Note: budget watch]
+        Every managed step is measured.  After `WATCH_STEPS` of them (the fastest
+        time, the largest peak):
+        * peak: measured above the budget by more than the slack (on CPU the
+          heap reading is noisy: `CPU_PEAK_SLACK`) -> the plan cannot be carried
+          out as planned here; re-plan at the plan's budget less the overshoot
+          (at most `MAX_CORRECTIONS` times), and say so in the report;
+        * time: measured and predicted step differ by more than
+          `RECALIBRATE_ABOVE` -> the trace's op times were not steady-state
+          ones (a first step pays one-off costs); scale them by measured /
+          predicted and re-plan once, so later predictions are for this
+          machine as it runs now.
+        Re-planning changes which storages move, never the values (every plan is exact).
+        """
+        if st.plan is None or not (st.plan.storages or st.plan.units) or callable(self.planner):
+            return
+        st.watch_seconds.append(rec.seconds)
+        if rec.peak_bytes is not None:
+            st.watch_peaks.append(int(rec.peak_bytes))
+        if len(st.watch_seconds) < self.WATCH_STEPS:
+            return
+        budget = int(st.budget or 0)
+        seconds, st.watch_seconds = min(st.watch_seconds), []
+        peak = max(st.watch_peaks) if st.watch_peaks else None
+        st.watch_peaks = []
+        slack = 0.0 if self._cuda else self.CPU_PEAK_SLACK
+        trace = st.trace
+        assert trace is not None
+        target = st.plan_budget or budget
+        changed = False
+        if not st.recalibrated and st.predicted_seconds and \
+                abs(seconds / st.predicted_seconds - 1.0) > self.RECALIBRATE_ABOVE:
+            k = seconds / st.predicted_seconds
+            st.recalibrated = changed = True
+            trace, _ = calibrate_durations(trace, trace.step_time * k, allow_slower=True)
+            st.time_scale *= k
+            st.notes.append(f"re-timed the trace: managed steps took {seconds * 1e3:.0f} ms against "
+                            f"{st.predicted_seconds * 1e3:.0f} ms predicted (x{k:.2f})")
+        if peak is not None and peak > budget * (1.0 + slack) and st.corrections < self.MAX_CORRECTIONS:
+            st.corrections += 1
+            changed = True
+            target = int(target - (peak - budget) - 0.02 * budget)
+            st.notes.append(f"measured peak {format_size(peak)} > budget {format_size(budget)}: the plan did not "
+                            f"free what it predicted here; re-planned at {format_size(target)}")
+        if not changed:
+            return
+        st.trace = trace
+        try:
+            plan = self._make_plan(trace, target, None)
+        except InfeasibleBudgetError as e:
+            st.notes.append(f"could not re-plan below the budget: {e}")
+            return
+        self._install(st, "planned (watched)", self._agreed(plan), target, None, record=False)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

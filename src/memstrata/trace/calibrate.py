@@ -19,14 +19,18 @@ from .schema import Trace
 __all__ = ["calibrate_durations"]
 
 
-def calibrate_durations(trace: Trace, untraced_seconds: float | None) -> tuple[Trace, float]:
-    """(trace with op and unit times scaled to `untraced_seconds`, the scale); the trace as is when not faster.
+def calibrate_durations(trace: Trace, untraced_seconds: float | None, *, allow_slower: bool = False
+                        ) -> tuple[Trace, float]:
+    """(trace with op and unit times scaled to `untraced_seconds`, the scale).
+
+    The trace comes back as is when the plain step was not faster, unless `allow_slower` (a measured
+    steady state that is slower than the trace predicted: the Manager's budget watch).
 
     >>> calibrate_durations(trace, None)[1]    # doctest: +SKIP
     1.0
     """
     traced = trace.step_time
-    if not untraced_seconds or traced <= 0 or untraced_seconds >= traced:
+    if not untraced_seconds or traced <= 0 or (untraced_seconds >= traced and not allow_slower):
         return trace, 1.0
     k = untraced_seconds / traced
     ops = tuple(replace(op, duration=op.duration * k) for op in trace.ops)

@@ -125,6 +125,16 @@ class Trace:
         return [s for s in self.storages if s.saved and s.kind == "activation"]
 
     @functools.cached_property
+    def bytes_at_start(self) -> int:
+        """Tier-0 bytes that exist before the step's first op (parameters, states, gradients, the batch).
+
+        The base that a CPU heap reading above the step's start is added to, so that measured and
+        predicted peaks are compared on one basis (the Manager's report).
+        """
+        return int(sum(s.nbytes for s in self.storages
+                       if s.producer is None and (s.freed_after is None or s.freed_after >= 0)))
+
+    @functools.cached_property
     def activation_peak(self) -> int:
         """Bytes of saved-for-backward activations live at the worst event: what memstrata can move.
 
