@@ -29,3 +29,15 @@ class StoreFullError(DataError, OSError):
 
 class StoreMismatchError(DataError):
     """An existing store was built from a different source or with different settings."""
+
+
+class StoreReadOnlyError(DataError, OSError):
+    """The store's directory cannot be written (read-only media, no permission) and the action needs writes.
+
+    Reading the complete samples of such a store works; building the missing ones does not.
+    """
+
+
+class StoreWriteError(DataError, OSError):
+    """Writing the store failed for a reason other than a full disk: the file-size limit (`ulimit -f`,
+    EFBIG), an I/O error.  What was committed before stays; nothing half-written remains."""
