@@ -462,3 +462,26 @@ def test_swapped_index_records_are_not_served(tiny, tmp_path):
     st = SampleStore(d, tiny)
     _assert_all_fresh(st)
     assert [st.label(i) for i in range(16)] == ImageFolderSource(tiny, 160).targets.tolist()
+
+
+def test_store_of_an_older_format_is_refused_in_one_line(tiny, tmp_path):
+    from memstrata.data import StoreMismatchError
+
+    d = tmp_path / "s"
+    build_store(tiny, d, progress=False)
+    meta = json.loads((d / "meta.json").read_text())
+    meta.update(version=1, record_bytes=48)  # a store written before records carried stamps and slots
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreMismatchError, match=r"format version 1.*delete") as ei:
+        SampleStore(d, tiny)
+    assert "\n" not in str(ei.value)
+
+
+def test_changed_source_that_is_now_corrupt_is_skipped_not_counted(tiny, tmp_path):
+    d = tmp_path / "s"
+    build_store(tiny, d, progress=False)
+    p = ImageFolderSource(tiny, 160).samples[4][0]
+    _overwrite_in_place(p, Path(p).read_bytes()[:200])  # replaced by a truncated JPEG
+    rep = build_store(tiny, d, progress=False, on_corrupt="skip")
+    assert rep.changed == (4,) and rep.skipped == (4,) and rep.complete == 15
+    assert SampleStore(d, tiny).get(4) is None  # the old decode is not served for the new file

@@ -582,8 +582,17 @@ class SampleStore:
                  self.dir, i, self.source.describe(i))
         self.stats["source_changed"] += 1
         with self._mu:
+            where = (int(rec["chunk"]), int(rec["offset"]))
             self._index[i]["state"] = 0
             self._verified[i] = False
+            if not self.readonly:  # on disk too: a stale decode is no longer "complete" for anyone
+                with self._locked():
+                    disk = self._disk_record(i)
+                    if disk is not None and (int(disk["chunk"]), int(disk["offset"])) == where:
+                        try:
+                            os.pwrite(self._index_fd, bytes(REC.itemsize), i * REC.itemsize)
+                        except OSError as e:
+                            raise _write_error(e, self.dir, self.dir / "index.bin", REC.itemsize) from e
         return False
 
     def _restamp(self, i: int, stamp: Stamp) -> None:
