@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import memstrata.data.synth as synth_mod
-from memstrata.data import (CorruptSourceError, DataError, SampleStore, TieredLoader, TrainAugment, build_store,
+from memstrata.data import (CorruptSourceError, SampleStore, TieredLoader, TrainAugment, build_store,
                             decode_file, synth_imagefolder)
 from memstrata.data.errors import StoreReadOnlyError
 from memstrata.data.source import ImageFolderSource
