@@ -13,8 +13,8 @@ class CorruptSourceError(DataError):
     def __init__(self, path: str, index: int, cause: BaseException | None = None):
         self.path, self.index = path, index
         why = f": {type(cause).__name__}: {cause}" if cause is not None else ""
-        super().__init__(f"corrupt source sample {index} at {path}{why} "
-                         f"(pass on_corrupt='skip' to skip such samples)")
+        self.what = f"corrupt source sample {index} at {path}{why}"  # without the hint
+        super().__init__(f"{self.what} (pass on_corrupt='skip' to skip such samples)")
 
 
 class StoreFullError(DataError, OSError):

@@ -733,7 +733,7 @@ class SampleStore:
             if self.on_corrupt == "raise":
                 raise
             if i not in self.skipped:
-                log.warning("skipping %s", e)
+                log.warning("skipping %s", e.what)
                 self.skipped.add(i)
             return None, -1, None
         self.stats["decodes"] += 1
