@@ -79,7 +79,7 @@ def test_corrupt_store_detected_and_rebuilt(tiny, tmp_path, damage):
 
 def test_killed_build_resumes(tiny, tmp_path, monkeypatch):
     d = tmp_path / "s"
-    real = ImageFolderSource.load
+    real = ImageFolderSource.load_stamped
     calls = {"n": 0}
 
     def dying(self, i):
@@ -88,10 +88,10 @@ def test_killed_build_resumes(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(self, i)
 
-    monkeypatch.setattr(ImageFolderSource, "load", dying)
+    monkeypatch.setattr(ImageFolderSource, "load_stamped", dying)
     with pytest.raises(KeyboardInterrupt):
         build_store(tiny, d, progress=False, workers=0 or 1, group=4)
-    monkeypatch.setattr(ImageFolderSource, "load", real)
+    monkeypatch.setattr(ImageFolderSource, "load_stamped", real)
     partial = SampleStore(d, tiny).count_complete()
     assert 0 < partial < 16
     # a killed append: garbage after the last committed sample is dropped on open, never served

@@ -13,8 +13,8 @@ class CorruptSourceError(DataError):
     def __init__(self, path: str, index: int, cause: BaseException | None = None):
         self.path, self.index = path, index
         why = f": {type(cause).__name__}: {cause}" if cause is not None else ""
-        super().__init__(f"corrupt source sample {index} at {path}{why} "
-                         f"(pass on_corrupt='skip' to skip such samples)")
+        self.what = f"corrupt source sample {index} at {path}{why}"  # without the hint
+        super().__init__(f"{self.what} (pass on_corrupt='skip' to skip such samples)")
 
 
 class StoreFullError(DataError, OSError):
@@ -29,3 +29,15 @@ class StoreFullError(DataError, OSError):
 
 class StoreMismatchError(DataError):
     """An existing store was built from a different source or with different settings."""
+
+
+class StoreReadOnlyError(DataError, OSError):
+    """The store's directory cannot be written (read-only media, no permission) and the action needs writes.
+
+    Reading the complete samples of such a store works; building the missing ones does not.
+    """
+
+
+class StoreWriteError(DataError, OSError):
+    """Writing the store failed for a reason other than a full disk: the file-size limit (`ulimit -f`,
+    EFBIG), an I/O error.  What was committed before stays; nothing half-written remains."""

@@ -4,20 +4,56 @@ A source decodes sample i into the store's compact form: an (H, W, 3) uint8
 array (RGB, channels last), resized with PIL so the short side is at most
 `max_side`.  The decode is deterministic, so "a fresh decode" is a well-defined
 reference for checking what the store serves.
+
+[Note: source stamps]
+A file source stamps every decode with what the store needs to notice that
+the file changed later: `Stamp(size, mtime_ns, ctime_ns, ino, crc)` taken with
+fstat on the descriptor the bytes were read from (so the stamp is never newer
+than the bytes), crc32 of those bytes.  Checking a stored sample costs one
+`stat` (size, mtime, ctime, inode: an overwrite in place changes mtime and
+ctime, a replacement changes the inode, and ctime cannot be set back by
+`touch`/`utime`); only where the stat differs, or where a content check is
+asked for, is the file read again and its crc compared -- equal bytes (a
+`touch`, a copy of the tree) just renew the stamp, without a decode.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image as _Image
 
 from .errors import CorruptSourceError
 
-__all__ = ["ImageFolderSource", "DatasetSource", "make_source", "to_compact", "decode_file"]
+__all__ = ["ImageFolderSource", "DatasetSource", "make_source", "to_compact", "decode_file", "decode_bytes",
+           "Stamp", "CORRUPT"]
+
+
+class Stamp(NamedTuple):
+    """What a source file looked like when it was decoded (see [Note: source stamps]); crc None = not read."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    crc: int | None = None
+
+    def same_file(self, other: "Stamp") -> bool:
+        """Same size, mtime, ctime and inode (the cheap check; crc not compared)."""
+        return self[:4] == other[:4]
+
+
+# PIL raises OSError/ValueError/SyntaxError on corrupt or truncated data, and DecompressionBombError (an
+# Exception) when a header claims more than 2 * Image.MAX_IMAGE_PIXELS pixels: a corrupt sample too.
+_BOMB = _Image.DecompressionBombError
+CORRUPT = (OSError, ValueError, SyntaxError, _BOMB)
 
 
 def _resize_short(img, max_side: int):
@@ -38,9 +74,18 @@ def decode_file(path: str, max_side: int) -> np.ndarray:
     Uses the JPEG decoder's DCT scaling (`Image.draft`) to decode big images at
     1/2, 1/4 or 1/8 scale when the result is still >= max_side on the short side.
     """
+    return _decode(path, max_side)
+
+
+def decode_bytes(data: bytes, max_side: int) -> np.ndarray:
+    """`decode_file` of a file's bytes (the same result)."""
+    return _decode(io.BytesIO(data), max_side)
+
+
+def _decode(fp, max_side: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as img:
+    with Image.open(fp) as img:
         if max_side and img.format == "JPEG":
             w, h = img.size
             s = min(w, h)
@@ -117,11 +162,31 @@ class ImageFolderSource:
         return h.hexdigest()
 
     def load(self, i: int) -> tuple[np.ndarray, int]:
+        return self.load_stamped(i)[:2]
+
+    def load_stamped(self, i: int) -> tuple[np.ndarray, int, Stamp]:
+        """Decode sample i: (array, label, the stamp of the bytes decoded)."""
         path, t = self.samples[i]
         try:
-            return decode_file(path, self.max_side), t
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises these on corrupt/truncated data
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())  # before the read: the stamp is never newer than the bytes
+                data = f.read()
+            stamp = Stamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, zlib.crc32(data))
+            return decode_bytes(data, self.max_side), t, stamp
+        except CORRUPT as e:
             raise CorruptSourceError(path, i, e) from e
+
+    def stat(self, i: int) -> Stamp:
+        """The file's stamp now, without its crc (raises OSError if it is gone)."""
+        st = os.stat(self.samples[i][0])
+        return Stamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+    def content_stamp(self, i: int) -> Stamp:
+        """The file's stamp now, with the crc32 of its bytes (reads the file)."""
+        with open(self.samples[i][0], "rb") as f:
+            st = os.fstat(f.fileno())
+            crc = zlib.crc32(f.read())
+        return Stamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, crc)
 
 
 class DatasetSource:
@@ -165,8 +230,12 @@ class DatasetSource:
         try:
             x, y = self.dataset[i]
             return to_compact(x, self.max_side), int(y)
-        except (OSError, SyntaxError) as e:
+        except (OSError, SyntaxError, _BOMB) as e:
             raise CorruptSourceError(self.describe(i), i, e) from e
+
+    def load_stamped(self, i: int):
+        """(array, label, None): a dataset item has no file to stamp, so its changes are not detected."""
+        return self.load(i) + (None,)
 
 
 def make_source(data, max_side: int = 160):

@@ -19,6 +19,7 @@ curves mean something) but not trivially from one pixel:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -108,10 +109,33 @@ def _write_one(args) -> int:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)  # a killed run never leaves a half-written JPEG
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)  # a killed run never leaves a half-written JPEG
+    except BaseException:  # a full disk, `ulimit -f`, Ctrl-C: no temp file stays behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return 1
+
+
+def _remove_stale_temps(root: Path, classes: int) -> None:
+    """Remove `img_*.jpg.tmp<pid>` left by a killed run: only those whose process is gone."""
+    for c in range(classes):
+        for p in (root / class_name(c, classes)).glob("img_*.jpg.tmp*"):
+            pid = p.name.rpartition(".tmp")[2]
+            if not pid.isdigit():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive: another run is writing it
+            except ProcessLookupError:
+                pass
+            except OSError:  # alive but not ours (EPERM)
+                continue
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def synth_imagefolder(root, images: int, classes: int, seed: int = 0, progress: bool = True, *,
@@ -128,9 +152,13 @@ def synth_imagefolder(root, images: int, classes: int, seed: int = 0, progress: 
         raise ValueError(f"images and classes must be > 0, got images={images}, classes={classes}")
     if classes > images:
         raise ValueError(f"need at least one image per class: images={images} < classes={classes}")
+    from .store import _ignore_sigxfsz
+
+    _ignore_sigxfsz()  # past `ulimit -f` a write must fail (EFBIG), not kill the process
     root = Path(root)
     for c in range(classes):
         (root / class_name(c, classes)).mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root, classes)
     jobs = [(str(root), seed, i, classes, quality, tuple(size)) for i in range(images)]
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     it_progress = _progress(progress, images, f"synth {images} images -> {root}")
