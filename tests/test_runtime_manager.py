@@ -369,3 +369,22 @@ def test_tuning_corrects_a_plan_whose_measured_peak_exceeds_the_budget(tmp_path)
     train_steps(model, x, y, steps=4, step_ctx=lambda: mgr.step(x))  # the corrected plan runs, exactly
     assert state_mismatches(ref, model) == []
     mgr.close()
+
+
+def test_nested_step_is_refused_in_every_phase(tmp_path):
+    """`with mgr.step()` inside another one is a user error in warm-up and trace too, not only when managed."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    mgr = Manager(model, budget="100%", warmup_steps=1)
+    for phase in ("warmup", "trace"):
+        with pytest.raises(RuntimeError, match="already running"):
+            with mgr.step(x):
+                with mgr.step(x):
+                    pass
+    shape = next(iter(mgr.report()["shapes"].values()))
+    assert shape["steps"] == 2 and shape["traces"] == 0  # refused in the warm-up step and in the trace step
+    with mgr.step(x):  # and the Manager goes on: this one traces
+        nn.functional.cross_entropy(model(x), torch.zeros(2, dtype=torch.long)).backward()
+    assert [s["mode"] for s in mgr.report()["steps"]] == ["trace"]
+    mgr.close()

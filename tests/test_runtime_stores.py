@@ -225,3 +225,58 @@ def test_parameters_are_never_offloaded(tmp_path):
     assert moved and not moved & {s.id for s in params}
     assert rt.last_stats.offloaded["nvme"] == len(moved)
     rt.close()
+
+
+# ------------------------------------------------------------------ issue 13: cleanup when a step or a process ends badly
+def test_failed_step_releases_its_records_before_close(tmp_path, monkeypatch):
+    """An NVMe write that fails mid-step: the step's buffers and files are given back as the step unwinds."""
+    model = small_net()
+    x, y = batch()
+    tr = trace_step(copy.deepcopy(model), x, y)
+    h = nvme_h(tmp_path)
+    rt = ActivationRuntime(model, tr, forced_plan(tr, "nvme", h), h)
+    calls = {"n": 0}
+    real = nvme_mod._pwrite_all
+
+    def second_fails(fd, t, offset=0):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, t, offset)
+
+    monkeypatch.setattr(nvme_mod, "_pwrite_all", second_fails)
+    with pytest.raises(NVMeIOError):
+        with rt.step():
+            out = model(x)  # the graph (and its packed records) stays alive in `out` after the error
+            nn.functional.cross_entropy(out, y).backward()
+    rt.store.drain()
+    assert rt.store.files() == [], "files of the failed step outlive it"
+    assert rt.pool.in_use_bytes == 0
+    del out
+    rt.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_store_of_a_killed_process_is_removed_at_next_start(tmp_path):
+    """A process ended by SIGINT without close() leaves nothing; a SIGKILLed one is cleaned by the next store."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time, torch; from memstrata.runtime.nvme import NVMeStore; "
+            "s = NVMeStore(sys.argv[1], required_bytes=1 << 16); print(s.root, flush=True); time.sleep(60)")
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        root = p.stdout.readline().strip()
+        assert os.path.isdir(root)
+        p.send_signal(sig)
+        p.wait(timeout=60)
+        if sig == signal.SIGINT:
+            assert not os.path.exists(root), "Ctrl-C left the store directory behind"
+        else:
+            assert os.path.isdir(root)  # nothing runs on SIGKILL ...
+            s = NVMeStore(tmp_path, required_bytes=1 << 16)  # ... the next store of this directory removes it
+            assert not os.path.exists(root)
+            s.close()
+    assert list(tmp_path.iterdir()) == []

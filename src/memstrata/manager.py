@@ -271,6 +271,7 @@ class Manager:
         self._steps: list[StepRecord] = []
         self._current: _ShapeState | None = None
         self._closed = False
+        self._in_step = False
 
     # ------------------------------------------------------------------ public
     MAX_CORRECTIONS = 2  # budget corrections per tuning candidate ([Note: measured plan tuning])
@@ -302,6 +303,16 @@ class Manager:
         """Wrap forward + loss + backward of one step.  Pass the batch (for its shape)."""
         if self._closed:
             raise RuntimeError("this Manager is closed")
+        if self._in_step:
+            raise RuntimeError("Manager.step() is already running: one `with mgr.step(...)` per training step, "
+                               "not nested")
+        self._in_step = True
+        try:
+            yield from self._step(inputs, kw_inputs)
+        finally:
+            self._in_step = False
+
+    def _step(self, inputs: tuple, kw_inputs: dict) -> Iterator[None]:
         index = len(self._steps)
         if not self.enabled:
             t0 = time.perf_counter()

@@ -303,6 +303,14 @@ class ActivationRuntime:
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield st.stats
+        except BaseException:
+            # The step unwinds (a failed NVMe write, an error in the model, Ctrl-C): its graph will never run
+            # backward, so nothing it moved is needed again.  Give back buffers and files now, not at close().
+            for _, rec in list(st.by_storage.values()):
+                self.mover.release(rec)
+            for rec in list(st.by_sid.values()):
+                self.mover.release(rec)
+            raise
         finally:
             self._state = None
             restore()

@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
@@ -97,6 +98,35 @@ def _pread_all(fd: int, t: torch.Tensor, nbytes: int, offset: int = 0) -> None:
         done += k
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_stores(directory: str) -> list[str]:
+    """Remove `memstrata-<pid>-*` store directories of processes that no longer run (killed without close)."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != "memstrata" or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        path = os.path.join(directory, name)
+        if pid != os.getpid() and not _pid_alive(pid) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 class NVMeStore:
     """Files under `directory`, written and read by `workers` threads.
 
@@ -124,6 +154,7 @@ class NVMeStore:
         self.directory = check_directory(directory, required_bytes)
         self.required_bytes = int(required_bytes)
         self.pool = pool  # HostBufferPool for staging (pinned on CUDA); None = fresh aligned buffers
+        remove_stale_stores(self.directory)
         try:
             self.root = tempfile.mkdtemp(prefix=f"memstrata-{os.getpid()}-", dir=self.directory)
         except OSError as e:
@@ -143,6 +174,8 @@ class NVMeStore:
         self.bytes_read = 0
         self.closed = False
         self._outstanding: set[Future] = set()
+        # Ctrl-C or an exception that ends the program without close(): the directory goes at interpreter exit.
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.root, True)
 
     # ------------------------------------------------------------------ setup
     def _probe(self, direct: bool | None) -> bool:
@@ -353,6 +386,7 @@ class NVMeStore:
         self.closed = True
         self._pool.shutdown(wait=True)
         shutil.rmtree(self.root, ignore_errors=True)
+        self._finalizer.detach()
 
     def __del__(self) -> None:  # best effort; close() is the real API
         try:
