@@ -388,3 +388,49 @@ def test_nested_step_is_refused_in_every_phase(tmp_path):
         nn.functional.cross_entropy(model(x), torch.zeros(2, dtype=torch.long)).backward()
     assert [s["mode"] for s in mgr.report()["steps"]] == ["trace"]
     mgr.close()
+
+
+def _first_use_model():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10), *data(8, 64)
+
+
+@pytest.mark.parametrize("budget", [None, "1.2x"])
+def test_first_use_default_and_slowdown_budgets_just_work(tmp_path, budget):
+    """The README's first example: the default budget (half of the activations) and a slowdown budget plan
+    and run on a small model without the user knowing its minimum."""
+    model, x, y = _first_use_model()
+    kw = {} if budget is None else {"budget": budget}
+    mgr = Manager(model, nvme_dir=tmp_path, **kw)
+    train_steps(model, x, y, steps=3, step_ctx=lambda: mgr.step(x))
+    rep = mgr.report()
+    assert [s["mode"] for s in rep["steps"]] == ["warmup", "trace", "managed"]
+    shape = next(iter(rep["shapes"].values()))
+    assert shape["budget_bytes"] < shape["observed_peak"]
+    if budget is None:
+        assert rep["budget"] == "50%act"
+        acts = mgr.trace.activation_peak
+        assert shape["budget_bytes"] == int(mgr.trace.observed_peak - 0.5 * acts)
+    else:
+        assert shape["plan"]["predicted_step_time"] <= 1.2 * mgr.trace.step_time * (1 + 1e-9)
+    mgr.close()
+
+
+def test_infeasible_budget_names_the_minimum_and_the_way_out(tmp_path):
+    model, x, y = _first_use_model()
+    mgr = Manager(model, budget="5%", nvme_dir=tmp_path, warmup_steps=0)
+    with pytest.raises(InfeasibleBudgetError) as ei:
+        train_steps(model, x, y, steps=1, step_ctx=lambda: mgr.step(x))
+    msg = str(ei.value)
+    assert f"budget={ei.value.minimum_budget}" in msg and "fallback='minimum'" in msg
+    assert "parameters" in msg  # says what could not be freed
+    assert "\n" not in msg
+    mgr.close()
+    model, x, y = _first_use_model()
+    mgr = Manager(model, budget="5%", nvme_dir=tmp_path, warmup_steps=0, fallback="minimum")
+    train_steps(model, x, y, steps=2, step_ctx=lambda: mgr.step(x))
+    shape = next(iter(mgr.report()["shapes"].values()))
+    assert shape["budget_bytes"] == minimum_budget(mgr.trace, mgr.hierarchy)
+    assert any("fallback='minimum'" in n for n in shape["notes"])
+    assert mgr.report()["steps"][-1]["mode"] == "managed"
+    mgr.close()

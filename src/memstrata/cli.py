@@ -162,7 +162,13 @@ def run_plan(
     tracing_s = time.perf_counter() - t0
 
     with usage_errors():
-        budget_bytes = budget_spec.resolve(trace)
+        if budget_spec.kind == "slowdown":
+            from .plan.api import least_budget_within
+
+            with progress(f"Finding the least memory within {budget_spec}..."):
+                budget_bytes = least_budget_within(trace, hierarchy, budget_spec.value)
+        else:
+            budget_bytes = budget_spec.resolve(trace)
         frac = budget_spec.value if budget_spec.kind == "peak" else None
     assert budget_bytes is not None
     fast = hierarchy.tiers[0]

@@ -349,7 +349,7 @@ class BudgetError(ValueError):
     """A budget the user wrote that memstrata cannot read (one line, no traceback)."""
 
 
-BUDGET_KINDS = ("bytes", "peak", "activations", "callable")
+BUDGET_KINDS = ("bytes", "peak", "activations", "slowdown", "callable")
 MAX_BUDGET_PERCENT = 1000.0  # a fraction above 100% plans nothing but is not an error
 
 
@@ -364,6 +364,8 @@ class Budget:
     * ``"50%act"`` — the unmanaged peak less half of its *activation* peak, i.e.
       "keep half of the saved activations" (``kind="activations"``): the part of
       the peak memstrata can move;
+    * ``"1.10x"`` — the least memory whose predicted step is at most 1.10x the
+      unmanaged one (``kind="slowdown"``; resolved by planning, `plan.least_budget_within`);
     * a callable ``fn(trace) -> bytes`` (``kind="callable"``), evaluated per trace.
 
     `resolve(trace)` turns it into bytes against one trace (anything with
@@ -390,6 +392,8 @@ class Budget:
                 raise BudgetError("a callable budget needs fn(trace) -> bytes")
         elif not (self.value > 0 and self.value != float("inf")):
             raise BudgetError(f"budget must be a finite number > 0, got {self.text or self.value!r}")
+        elif self.kind == "slowdown" and self.value < 1.0:
+            raise BudgetError(f"a slowdown budget is at least 1.0x (the unmanaged step), got {self.text or self.value!r}")
 
     @classmethod
     def parse(cls, spec: "Budget | int | str | Any", *, max_percent: float = MAX_BUDGET_PERCENT) -> "Budget":
@@ -410,6 +414,8 @@ class Budget:
             raise BudgetError(f"malformed budget {spec!r}: {_BUDGET_HELP}")
         t = spec.strip()
         low = t.lower()
+        if low.endswith("x") and low[:-1].replace(".", "", 1).isdigit():
+            return cls("slowdown", float(low[:-1]), text=t)
         for suffix, kind in (("%act", "activations"), ("%", "peak")):
             if low.endswith(suffix):
                 try:
@@ -441,7 +447,7 @@ class Budget:
             return max(1, int(unmanaged_peak * self.value))
         if self.kind == "activations":
             return max(1, int(unmanaged_peak - (1.0 - self.value) * activation_peak))
-        raise BudgetError("a callable budget needs a trace: use Budget.resolve(trace)")
+        raise BudgetError(f"a {self.kind} budget needs a trace: use Budget.resolve(trace)")
 
     def resolve(self, trace: Any) -> int:
         """Bytes for one trace (`trace.observed_peak`, `trace.activation_peak`)."""
@@ -451,6 +457,8 @@ class Budget:
                 raise BudgetError(f"budget callable returned {n!r} for a step whose unmanaged peak is "
                                   f"{format_size(trace.observed_peak)}; it must be > 0 bytes")
             return int(n)
+        if self.kind == "slowdown":
+            raise BudgetError("a slowdown budget is resolved by planning: memstrata.plan.least_budget_within")
         act = trace.activation_peak if self.kind == "activations" else 0
         return self.resolve_peaks(int(trace.observed_peak), int(act))
 
@@ -459,10 +467,13 @@ class Budget:
             return format_size(self.value)
         if self.kind == "callable":
             return f"callable {self.text}"
+        if self.kind == "slowdown":
+            return self.text or f"{self.value:g}x"
         return self.text or f"{self.value * 100:g}%{'act' if self.kind == 'activations' else ''}"
 
 
-_BUDGET_HELP = "expected a size such as 12GiB, a percentage of the unmanaged peak such as 50%, or 50%act"
+_BUDGET_HELP = ("expected a size such as 12GiB, a percentage of the unmanaged peak such as 50%, 50%act "
+                "(half of the activations), or a slowdown such as 1.1x")
 
 
 def format_size(nbytes: float) -> str:

@@ -181,9 +181,16 @@ class Manager:
 
     Args:
         model: the module being trained (already on its device).
-        budget: tier-0 bytes allowed: an int, a size ("12GiB") or a percentage
-            of the unmanaged peak measured by the trace ("50%"), or a callable
-            `budget(trace) -> bytes` evaluated once per input shape after tracing.
+        budget: tier-0 bytes allowed (`hardware.Budget`): "50%act" (the
+            default: keep half of the saved activations, the part memstrata
+            moves), an int or a size ("12GiB"), a percentage of the unmanaged
+            peak ("50%": parameters, gradients and optimizer states count too),
+            a slowdown ("1.1x": the least memory predicted to cost at most 10%
+            step time), or a callable `budget(trace) -> bytes`; resolved once
+            per input shape after tracing.
+        fallback: "raise" (default): a budget below the smallest feasible one
+            raises `InfeasibleBudgetError` naming the minimum and why;
+            "minimum": run at the minimum instead (said in the report).
         nvme_dir: directory for NVMe-tier files (None: no NVMe tier).
         hierarchy: the memory hierarchy to plan against (default: a profile
             for the model's device, see `default_hierarchy`; no probing).
@@ -210,7 +217,7 @@ class Manager:
     def __init__(
         self,
         model: nn.Module,
-        budget: int | str = "50%",
+        budget: int | str = "50%act",
         *,
         nvme_dir: str | os.PathLike | None = None,
         hierarchy: Hierarchy | None = None,
@@ -226,6 +233,7 @@ class Manager:
         rank: int | None = None,
         world_size: int | None = None,
         agree_plans: bool = True,
+        fallback: str = "raise",
     ) -> None:
         self.model = model
         self.root = _unwrap(model)  # what units, the trace and the runtime's hooks are found in
@@ -234,6 +242,9 @@ class Manager:
         self.budget = Budget.parse(budget, max_percent=100.0)  # above 100% of the peak nothing is managed
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.agree_plans = bool(agree_plans)
+        if fallback not in ("raise", "minimum"):
+            raise ValueError(f"fallback must be 'raise' or 'minimum', got {fallback!r}")
+        self.fallback = fallback
         # Activation modules run out of place while managed (same values; lets
         # selective recompute keep normalisation outputs), restored by close().
         # See [Note: why memstrata runs activations out of place] in trace/units.py.
@@ -449,13 +460,33 @@ class Manager:
         rec.seconds = time.perf_counter() - t0
         self._steps.append(rec)
 
+    def _resolve_budget(self, trace: Trace) -> int:
+        if self.budget.kind == "slowdown":
+            from .plan.api import least_budget_within
+
+            return least_budget_within(trace, self.hierarchy, self.budget.value,
+                                       planner=self.planner if isinstance(self.planner, str) else "auto")
+        return self.budget.resolve(trace)
+
     def _plan(self, st: _ShapeState, trace: Trace) -> None:
         """Plan for `trace` and build the runtime; raises before any managed step runs."""
         st.trace = trace
-        budget = self.budget.resolve(trace)
-        st.budget = budget
+        budget = self._resolve_budget(trace)
         t0 = time.perf_counter()
-        plan = self._agreed(self._make_plan(trace, budget, None))
+        try:
+            plan = self._make_plan(trace, budget, None)
+        except InfeasibleBudgetError as e:
+            if self.fallback != "minimum":
+                raise InfeasibleBudgetError(
+                    e.budget, e.minimum_budget,
+                    f"{str(e).split(': ', 1)[-1]}; pass budget={e.minimum_budget} or more, a relative budget such "
+                    f"as '50%act', or fallback='minimum' to run at the smallest feasible budget") from None
+            st.notes.append(f"budget {format_size(budget)} is below the smallest feasible "
+                            f"{format_size(e.minimum_budget)}: running at that minimum (fallback='minimum')")
+            budget = e.minimum_budget
+            plan = self._make_plan(trace, budget, None)
+        st.budget = budget
+        plan = self._agreed(plan)
         st.plan_seconds = time.perf_counter() - t0
         st.trials, st.pending, st.chosen = [], [], None
         self._install(st, "planned", plan, budget, None)

@@ -162,9 +162,13 @@ def parse_budget(text: str) -> "Budget":
     from memstrata.hardware import Budget
 
     try:
-        return Budget.parse(text, max_percent=1000.0)
+        b = Budget.parse(text, max_percent=1000.0)
     except ValueError as e:
         raise BenchInputError(str(e)) from None
+    if b.kind == "slowdown":
+        raise BenchInputError(f"--budget {text!r}: the bench compares contenders at one memory budget; "
+                              "give a size or a percentage")
+    return b
 
 
 def _classification_models() -> list[str]:

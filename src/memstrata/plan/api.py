@@ -188,3 +188,33 @@ def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "aut
              f"predicted step {res.step_time * 1e3:.3f} ms vs unmanaged {ix.step_time * 1e3:.3f} ms "
              f"({res.step_time / ix.step_time:.3f}x); peak {res.peak(0)} <= budget {budget}")
     return to_plan(trace, hierarchy, budget, st, res, planner, notes)
+
+
+def least_budget_within(trace: Trace, hierarchy: Hierarchy, slowdown: float, *, planner: str = "auto", tiers=None,
+                        rel_tol: float = 0.02) -> int:
+    """The least tier-0 budget whose plan is predicted to run within `slowdown` x the unmanaged step.
+
+    Bisection between `minimum_budget` and the unmanaged peak on the planner's predictions (a plan's
+    predicted step falls, not always strictly, as the budget grows; the answer is the smallest budget
+    found whose plan meets the target, to within `rel_tol` of the peak).
+    """
+    if slowdown < 1.0:
+        raise ValueError(f"slowdown must be >= 1.0, got {slowdown}")
+    peak = int(trace_index(trace).base_occ.max())
+    target = slowdown * trace.step_time
+    lo = minimum_budget(trace, hierarchy, tiers=tiers)
+
+    def ok(b: int) -> bool:
+        p = plan(trace, hierarchy, b, planner=planner, tiers=tiers)
+        return p.predicted_step_time is not None and p.predicted_step_time <= target * (1 + 1e-9)
+
+    if ok(lo):
+        return lo
+    hi = peak  # the unmanaged step fits: predicted = unmanaged <= target
+    while hi - lo > max(1, int(rel_tol * peak)):
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
