@@ -160,7 +160,7 @@ def test_misaligned_step_keeps_everything_and_retraces(tmp_path):
 def test_budget_below_minimum_fails_before_any_managed_step(tmp_path):
     model = tiny()
     x, y = data()
-    mgr = Manager(model, budget=1000, nvme_dir=tmp_path, warmup_steps=0)
+    mgr = Manager(model, budget=1000, nvme_dir=tmp_path, warmup_steps=0, fallback="raise")
     with pytest.raises(InfeasibleBudgetError) as ei:
         train_steps(model, x, y, steps=3, step_ctx=lambda: mgr.step(x))
     err = ei.value
@@ -418,7 +418,7 @@ def test_first_use_default_and_slowdown_budgets_just_work(tmp_path, budget):
 
 def test_infeasible_budget_names_the_minimum_and_the_way_out(tmp_path):
     model, x, y = _first_use_model()
-    mgr = Manager(model, budget="5%", nvme_dir=tmp_path, warmup_steps=0)
+    mgr = Manager(model, budget="5%", nvme_dir=tmp_path, warmup_steps=0, fallback="raise")
     with pytest.raises(InfeasibleBudgetError) as ei:
         train_steps(model, x, y, steps=1, step_ctx=lambda: mgr.step(x))
     msg = str(ei.value)
@@ -427,8 +427,9 @@ def test_infeasible_budget_names_the_minimum_and_the_way_out(tmp_path):
     assert "\n" not in msg
     mgr.close()
     model, x, y = _first_use_model()
-    mgr = Manager(model, budget="5%", nvme_dir=tmp_path, warmup_steps=0, fallback="minimum")
-    train_steps(model, x, y, steps=2, step_ctx=lambda: mgr.step(x))
+    mgr = Manager(model, budget="5%", nvme_dir=tmp_path, warmup_steps=0)  # fallback="minimum" is the default
+    with pytest.warns(UserWarning, match="smallest feasible"):
+        train_steps(model, x, y, steps=2, step_ctx=lambda: mgr.step(x))
     shape = next(iter(mgr.report()["shapes"].values()))
     assert shape["budget_bytes"] == minimum_budget(mgr.trace, mgr.hierarchy)
     assert any("fallback='minimum'" in n for n in shape["notes"])

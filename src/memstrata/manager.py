@@ -43,6 +43,7 @@ without room for the plan (`NVMeDirectoryError`) at the end of the trace step.
 from __future__ import annotations
 
 import contextlib
+import warnings
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -188,9 +189,11 @@ class Manager:
             a slowdown ("1.1x": the least memory predicted to cost at most 10%
             step time), or a callable `budget(trace) -> bytes`; resolved once
             per input shape after tracing.
-        fallback: "raise" (default): a budget below the smallest feasible one
-            raises `InfeasibleBudgetError` naming the minimum and why;
-            "minimum": run at the minimum instead (said in the report).
+        fallback: "minimum" (default): a budget below the smallest feasible
+            one runs at that minimum, with a warning and a note in the report
+            (the fastest plan within the budget, else the least memory);
+            "raise": `InfeasibleBudgetError` naming the minimum, what could
+            not be freed and what to pass.
         nvme_dir: directory for NVMe-tier files (None: no NVMe tier).
         hierarchy: the memory hierarchy to plan against (default: a profile
             for the model's device, see `default_hierarchy`; no probing).
@@ -233,7 +236,7 @@ class Manager:
         rank: int | None = None,
         world_size: int | None = None,
         agree_plans: bool = True,
-        fallback: str = "raise",
+        fallback: str = "minimum",
     ) -> None:
         self.model = model
         self.root = _unwrap(model)  # what units, the trace and the runtime's hooks are found in
@@ -481,8 +484,11 @@ class Manager:
                     e.budget, e.minimum_budget,
                     f"{str(e).split(': ', 1)[-1]}; pass budget={e.minimum_budget} or more, a relative budget such "
                     f"as '50%act', or fallback='minimum' to run at the smallest feasible budget") from None
-            st.notes.append(f"budget {format_size(budget)} is below the smallest feasible "
-                            f"{format_size(e.minimum_budget)}: running at that minimum (fallback='minimum')")
+            note = (f"budget {self.budget} ({format_size(budget)}) is below the smallest feasible "
+                    f"{format_size(e.minimum_budget)} for input {_key_str(st.key)}: running at that minimum "
+                    "(fallback='minimum'; pass fallback='raise' to make it an error)")
+            st.notes.append(note)
+            warnings.warn(f"memstrata: {note}", stacklevel=4)
             budget = e.minimum_budget
             plan = self._make_plan(trace, budget, None)
         st.budget = budget

@@ -373,7 +373,7 @@ class _Producer:
             self._put(e)
 
     def _progress(self):
-        from .synth import _progress
+        from .progress import progress_bar as _progress
 
         L = self.L
         building = L.progress and L.rank == 0 and L.store.count_complete() < L.n

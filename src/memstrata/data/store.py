@@ -802,7 +802,7 @@ def build_store(root, out=None, *, max_side: int = 160, on_corrupt: str = "raise
 def _build(store: SampleStore, t0: float, workers, progress: bool, group: int, verify: bool) -> BuildReport:
     from concurrent.futures import ThreadPoolExecutor
 
-    from .synth import _progress
+    from .progress import progress_bar as _progress
 
     n = store.n
     store.count_complete()  # what other processes finished while this one waited

@@ -25,6 +25,8 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from .progress import progress_bar as _progress
+
 import numpy as np
 
 __all__ = ["synth_imagefolder", "synth_image", "class_name"]
@@ -176,36 +178,3 @@ def synth_imagefolder(root, images: int, classes: int, seed: int = 0, progress: 
     return root
 
 
-class _NullBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def advance(self, n: int = 1) -> None:
-        pass
-
-
-class _RichBar:
-    def __init__(self, total: int, description: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TimeRemainingColumn(), transient=False)
-        self._total, self._desc = total, description
-
-    def __enter__(self):
-        self._p.__enter__()
-        self._task = self._p.add_task(self._desc, total=self._total)
-        return self
-
-    def __exit__(self, *a):
-        return self._p.__exit__(*a)
-
-    def advance(self, n: int = 1) -> None:
-        self._p.advance(self._task, n)
-
-
-def _progress(enabled: bool, total: int, description: str):
-    return _RichBar(total, description) if enabled else _NullBar()
