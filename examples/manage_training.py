@@ -23,6 +23,7 @@ x, y = torch.randn(32, 3, 64, 64, device=device), torch.randint(0, 10, (32,), de
 
 
 def train(net, mgr=None, steps=4):
+    torch.manual_seed(1)  # same dropout masks in both runs
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     for _ in range(steps):
         ctx = mgr.step(x) if mgr is not None else torch.enable_grad()

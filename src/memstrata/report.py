@@ -476,7 +476,8 @@ class Report(dict):
             for k, v in p["counts"].items():
                 d.add_row(k, str(v))
             console.print(d)
-            for n in list(p.get("notes", ())) + list((sh.get("runtime") or {}).get("notes", ()))[:8]:
+            for n in list(sh.get("notes", ())) + list(p.get("notes", ())) + \
+                    list((sh.get("runtime") or {}).get("notes", ()))[:8]:
                 console.print(f"  {n}")
             tun = sh.get("tuning")
             if tun:
