@@ -8,7 +8,9 @@ resolution, profile a100-80gb), then report
 * min/peak: `memstrata.plan.minimum_budget` over the unmanaged peak
   (`Trace.observed_peak`, what `--budget 100%` means),
 * slowdown@50%: the greedy plan's predicted step time at half the unmanaged
-  peak over the unmanaged step time ("infeasible" when 50% < minimum).
+  peak over the unmanaged step time ("infeasible" when 50% < minimum), planned
+  with `--time-limit` seconds (default 20: greedy's deadlines otherwise make
+  the result depend on how loaded the box is).
 
 The default resolution is the model's own input size where it has one
 (ViT's `image_size`, MaxViT's 224), else the crop size of its default
@@ -57,7 +59,7 @@ def default_resolution(name: str) -> int:
     return 224
 
 
-def measure(name: str) -> dict:
+def measure(name: str, time_limit: float = 20.0) -> dict:
     res = default_resolution(name)
     h = profile(PROFILE)
     t0 = time.perf_counter()
@@ -71,7 +73,7 @@ def measure(name: str) -> dict:
            "min_over_peak": mb / peak, "trace_s": round(t_trace, 2), "min_s": round(t_min, 2)}
     t0 = time.perf_counter()
     try:
-        p = plan(tr, h, peak // 2, planner="greedy")
+        p = plan(tr, h, peak // 2, planner="greedy", time_limit=time_limit)
         row["slowdown_at_50"] = p.predicted_step_time / tr.step_time
     except InfeasibleBudgetError:
         row["slowdown_at_50"] = None
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for all_models_min_budget.{json,md}")
     ap.add_argument("--models", default="", help="comma-separated subset (default: all)")
+    ap.add_argument("--time-limit", type=float, default=20.0,
+                    help="greedy's time limit per plan, seconds (its deadlines make a loaded box change results)")
     a = ap.parse_args(argv)
     names = [n for n in a.models.split(",") if n] or classification_models()
     os.makedirs(a.out, exist_ok=True)
@@ -111,11 +115,12 @@ def main(argv=None) -> int:
     except Exception:  # pragma: no cover
         commit = "unknown"
     meta = {"commit": commit, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "batch": BATCH, "profile": PROFILE}
+            "python": platform.python_version(), "batch": BATCH, "profile": PROFILE,
+            "greedy_time_limit_s": a.time_limit}
     rows = []
     for n in names:
         try:
-            r = measure(n)
+            r = measure(n, a.time_limit)
         except Exception as e:  # a model that cannot be traced is reported, not skipped
             r = {"model": n, "res": default_resolution(n), "error": f"{type(e).__name__}: {str(e)[:120]}"}
         rows.append(r)

@@ -305,7 +305,10 @@ def test_forced_per_layer_recompute_bit_exact(model_name, kind, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("model_name", SMALL + FULL)
+# Not vit_b_16 at 32 px: 5 tokens a sample, so its peak is the end of the backward (parameters and all their
+# gradients, 2 x 344 MB) and the minimum budget equals the peak: there is nothing to plan.  The small ViT runs
+# the same torchvision Encoder / EncoderBlock code with activations that matter.
+@pytest.mark.parametrize("model_name", SMALL + FULL[1:])
 def test_planned_bit_exact(model_name, tmp_path):
     """The Manager's own trace and plan, at a budget halfway between the minimum and the peak."""
     base, x, y, ref, trace = setup_model(model_name)
