@@ -156,7 +156,8 @@ def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "aut
          time_limit: float = 4.0) -> Plan:
     """Decide where every saved activation lives and which units are recomputed, within `budget` tier-0 bytes.
 
-    planner: "greedy" (fast heuristic), "milp" (exact over a small decision menu, for small graphs) or
+    planner: "greedy" (fast heuristic), "milp" (exact for stated restricted problems, never worse than greedy;
+    see [Note: what "exact" means here] in milp.py) or
     "auto" (milp when there are <= 60 candidate storages + units, else greedy).  `tiers` restricts the
     lower tiers used for offload (names; default all).  The returned plan carries the simulator's
     predicted step time and per-tier peaks.  Raises InfeasibleBudgetError below minimum_budget().
@@ -177,8 +178,10 @@ def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "aut
     if planner == "auto":
         n_cand = int(decision_space(trace).offloadable.sum()) + len(_greedy.unit_modes(ix, hierarchy))
         planner = "milp" if n_cand <= AUTO_MILP_MAX else "greedy"
+    exactness = ()
     if planner == "milp":
-        st, res = _milp.milp_state(ix, hierarchy, budget, ti, time_limit=max(time_limit, 10.0))
+        mr = _milp.milp_solve(ix, hierarchy, budget, ti, time_limit=max(time_limit, 10.0))
+        st, res, exactness = mr.state, mr.result, (mr.note,)
     else:
         st, res = _greedy.greedy_state(ix, hierarchy, budget, ti, time_limit=time_limit)
     if not res.feasible:  # pragma: no cover - the planners only return feasible states
@@ -186,7 +189,7 @@ def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "aut
     dt = time.perf_counter() - t0
     notes = (f"{planner}: {len(st.offloads)} offloads, {len(st.units)} recomputed units, planned in {dt * 1e3:.0f} ms",
              f"predicted step {res.step_time * 1e3:.3f} ms vs unmanaged {ix.step_time * 1e3:.3f} ms "
-             f"({res.step_time / ix.step_time:.3f}x); peak {res.peak(0)} <= budget {budget}")
+             f"({res.step_time / ix.step_time:.3f}x); peak {res.peak(0)} <= budget {budget}") + exactness
     return to_plan(trace, hierarchy, budget, st, res, planner, notes)
 
 
