@@ -435,3 +435,33 @@ def test_infeasible_budget_names_the_minimum_and_the_way_out(tmp_path):
     assert any("fallback='minimum'" in n for n in shape["notes"])
     assert mgr.report()["steps"][-1]["mode"] == "managed"
     mgr.close()
+
+
+def test_budget_watch_corrects_on_cpu_and_stops_at_the_minimum(tmp_path):
+    """[Note: budget watch]: a measured peak over budget + slack re-plans lower (CPU too); at the most frugal
+    plan it says so instead of trying again; values stay exact throughout."""
+    from memstrata.manager import StepRecord
+
+    model, x, y, _, mgr = _resnet18_case(tmp_path, frac=0.85)
+    ref = train_steps(train_steps(copy.deepcopy(model), x, y, steps=2), x, y, steps=4)
+    train_steps(model, x, y, steps=2, step_ctx=lambda: mgr.step(x))  # warm-up, trace + plan
+    st = mgr._current
+    budget, first = st.budget, st.plan_budget
+    st.recalibrated = True  # look at the peak rule only
+    over = int(0.06 * budget)  # above the 5% CPU slack
+    for _ in range(mgr.WATCH_STEPS):
+        mgr._watch(st, StepRecord(0, "-", "managed", 0.1, peak_bytes=budget + over))
+    assert st.plan_budget == int(first - over - 0.02 * budget)
+    assert st.predicted_peak <= st.plan_budget and any("re-planned" in n for n in st.notes)
+    small = int(0.04 * budget)  # within the slack: let be
+    for _ in range(mgr.WATCH_STEPS):
+        mgr._watch(st, StepRecord(0, "-", "managed", 0.1, peak_bytes=budget + small))
+    assert st.corrections == 1
+    lo = minimum_budget(st.trace, mgr.hierarchy)
+    huge = budget * 3  # a correction below the minimum ends at the minimum, then stops
+    for _ in range(2 * mgr.WATCH_STEPS):
+        mgr._watch(st, StepRecord(0, "-", "managed", 0.1, peak_bytes=huge))
+    assert st.plan_budget >= lo and st.corrections == mgr.MAX_CORRECTIONS
+    train_steps(model, x, y, steps=4, step_ctx=lambda: mgr.step(x))
+    assert state_mismatches(ref, model) == []
+    mgr.close()

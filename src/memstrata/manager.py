@@ -162,6 +162,7 @@ class _ShapeState:
     predicted_peak: int | None = None
     plan_seconds: float = 0.0
     plan_budget: int | None = None  # the budget the current plan was made for (the budget, or a corrected one)
+    minimum_budget: int | None = None  # the smallest feasible budget, once a plan had to be refused for it
     warmup_seconds: float | None = None  # wall time of the fastest plain (untraced) step of this shape
     time_scale: float = 1.0  # untraced / traced step time, applied to the trace's op durations
     # [Note: measured plan tuning] in plan/tuning.py
@@ -489,7 +490,7 @@ class Manager:
                     "(fallback='minimum'; pass fallback='raise' to make it an error)")
             st.notes.append(note)
             warnings.warn(f"memstrata: {note}", stacklevel=4)
-            budget = e.minimum_budget
+            budget = st.minimum_budget = e.minimum_budget
             plan = self._make_plan(trace, budget, None)
         st.budget = budget
         plan = self._agreed(plan)
@@ -640,11 +641,26 @@ class Manager:
         if not changed:
             return
         st.trace = trace
+        if target < st.plan_budget and st.minimum_budget is not None and target < st.minimum_budget:
+            if st.plan_budget <= st.minimum_budget:  # already the most frugal plan: nothing left to correct with
+                st.corrections = self.MAX_CORRECTIONS
+                st.notes[-1] = (f"measured peak {format_size(peak)} > budget {format_size(budget)}, and the plan is "
+                                "already the most frugal one: not corrected (copies or frees ran later here "
+                                "than the planner predicted)")
+                return
+            target = st.minimum_budget
         try:
             plan = self._make_plan(trace, target, None)
         except InfeasibleBudgetError as e:
-            st.notes.append(f"could not re-plan below the budget: {e}")
-            return
+            st.minimum_budget = e.minimum_budget
+            st.corrections = self.MAX_CORRECTIONS
+            if e.minimum_budget >= (st.plan_budget or 0):
+                st.notes.append(f"the plan is already at the smallest feasible budget "
+                                f"{format_size(e.minimum_budget)}: not corrected further")
+                return
+            target = e.minimum_budget
+            plan = self._make_plan(trace, target, None)
+            st.notes.append(f"re-planned at the smallest feasible budget {format_size(target)} instead")
         self._install(st, "planned (watched)", self._agreed(plan), target, None, record=False)
 
 
