@@ -465,3 +465,35 @@ def test_budget_watch_corrects_on_cpu_and_stops_at_the_minimum(tmp_path):
     train_steps(model, x, y, steps=4, step_ctx=lambda: mgr.step(x))
     assert state_mismatches(ref, model) == []
     mgr.close()
+
+
+class _Shifty(nn.Module):
+    """Runs one more layer from its third call on: managed steps no longer match the trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.extra = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.body(x)
+        if self.calls >= 3:
+            h = torch.relu(self.extra(h))
+        return self.head(h)
+
+
+def test_a_step_that_does_not_match_its_trace_says_so_once(tmp_path):
+    torch.manual_seed(0)
+    model = _Shifty()
+    x, y = data(8, 32)
+    mgr = Manager(model, budget="100%", nvme_dir=tmp_path, warmup_steps=1, max_retraces=0,
+                  planner=lambda tr, h, b: forced_plan(tr, "host", h))
+    with pytest.warns(UserWarning, match="kept every activation") as rec:
+        train_steps(model, x, y, steps=5, step_ctx=lambda: mgr.step(x))
+    assert sum("kept every activation" in str(w.message) for w in rec) == 1
+    shape = next(iter(mgr.report()["shapes"].values()))
+    assert any("did not follow its trace" in n for n in shape["notes"])
+    mgr.close()

@@ -174,6 +174,7 @@ class _ShapeState:
     watch_seconds: list[float] = field(default_factory=list)
     watch_peaks: list[int] = field(default_factory=list)
     recalibrated: bool = False
+    warned_misaligned: bool = False
     corrections: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -241,6 +242,7 @@ class Manager:
     ) -> None:
         self.model = model
         self.root = _unwrap(model)  # what units, the trace and the runtime's hooks are found in
+        self._compiled = _is_compiled(model)
         self.enabled = (not disabled_by_env()) if enabled is None else bool(enabled)
         self.budget_spec = budget
         self.budget = Budget.parse(budget, max_percent=100.0)  # above 100% of the peak nothing is managed
@@ -379,6 +381,14 @@ class Manager:
                 self._tune(st, rec)
             elif not s.misaligned:
                 self._watch(st, rec)
+            if s.misaligned and not st.warned_misaligned:
+                st.warned_misaligned = True
+                why = ("torch.compile'd code saves other tensors than the eager trace saw; compiled models are "
+                       "not managed yet" if self._compiled else "the step did not follow its trace")
+                msg = (f"memstrata: step {index} ({_key_str(st.key)}) kept every activation (exact, no memory "
+                       f"saved): {why} ({s.misaligned})")
+                st.notes.append(msg.split(": ", 1)[1])
+                warnings.warn(msg, stacklevel=3)
             if s.misaligned and st.traces <= self.max_retraces:
                 # The step did not follow its trace (it kept everything: exact).  Trace again next time.
                 st.runtime.close()
@@ -662,6 +672,11 @@ class Manager:
             plan = self._make_plan(trace, target, None)
             st.notes.append(f"re-planned at the smallest feasible budget {format_size(target)} instead")
         self._install(st, "planned (watched)", self._agreed(plan), target, None, record=False)
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """A torch.compile'd module (or one holding one): its saved tensors are the compiled graph's."""
+    return any(type(m).__name__ == "OptimizedModule" for m in [model, *_unwrap(model).modules()])
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
