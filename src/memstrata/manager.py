@@ -54,7 +54,7 @@ from torch import nn
 
 from .decisions import InfeasibleBudgetError, Plan
 from .hardware import Budget, Hierarchy, format_size, profile
-from .plan.tuning import Correct, Keep, Measure, Trial, TryNext, next_step
+from .plan.tuning import Correct, Keep, Measure, Trial, TryNext, next_step, watch_verdict
 from .report import Report
 from .runtime.activations import ActivationRuntime
 from .runtime.nvme import check_directory
@@ -625,43 +625,31 @@ class Manager:
             st.watch_peaks.append(int(rec.peak_bytes))
         if len(st.watch_seconds) < self.WATCH_STEPS:
             return
-        budget = int(st.budget or 0)
         seconds, st.watch_seconds = min(st.watch_seconds), []
         peak = max(st.watch_peaks) if st.watch_peaks else None
         st.watch_peaks = []
-        slack = 0.0 if self._cuda else self.CPU_PEAK_SLACK
-        trace = st.trace
-        assert trace is not None
-        target = st.plan_budget or budget
-        changed = False
-        if not st.recalibrated and st.predicted_seconds and \
-                abs(seconds / st.predicted_seconds - 1.0) > self.RECALIBRATE_ABOVE:
-            k = seconds / st.predicted_seconds
-            st.recalibrated = changed = True
-            trace, _ = calibrate_durations(trace, trace.step_time * k, allow_slower=True)
-            st.time_scale *= k
-            st.notes.append(f"re-timed the trace: managed steps took {seconds * 1e3:.0f} ms against "
-                            f"{st.predicted_seconds * 1e3:.0f} ms predicted (x{k:.2f})")
-        if peak is not None and peak > budget * (1.0 + slack) and st.corrections < self.MAX_CORRECTIONS:
-            st.corrections += 1
-            changed = True
-            target = int(target - (peak - budget) - 0.02 * budget)
-            st.notes.append(f"measured peak {format_size(peak)} > budget {format_size(budget)}: the plan did not "
-                            f"free what it predicted here; re-planned at {format_size(target)}")
-        if not changed:
+        budget = int(st.budget or 0)
+        v = watch_verdict(seconds, peak, predicted_seconds=st.predicted_seconds, budget=budget,
+                          plan_budget=int(st.plan_budget or budget), minimum_budget=st.minimum_budget,
+                          recalibrated=st.recalibrated, corrections=st.corrections,
+                          max_corrections=self.MAX_CORRECTIONS, slack=0.0 if self._cuda else self.CPU_PEAK_SLACK,
+                          recalibrate_above=self.RECALIBRATE_ABOVE)
+        st.notes.extend(v.notes)
+        if v.stop:
+            st.corrections = self.MAX_CORRECTIONS
+        if not v.replan:
             return
-        st.trace = trace
-        if target < st.plan_budget and st.minimum_budget is not None and target < st.minimum_budget:
-            if st.plan_budget <= st.minimum_budget:  # already the most frugal plan: nothing left to correct with
-                st.corrections = self.MAX_CORRECTIONS
-                st.notes[-1] = (f"measured peak {format_size(peak)} > budget {format_size(budget)}, and the plan is "
-                                "already the most frugal one: not corrected (copies or frees ran later here "
-                                "than the planner predicted)")
-                return
-            target = st.minimum_budget
+        assert st.trace is not None and v.target is not None
+        if v.time_scale is not None:
+            st.recalibrated = True
+            st.trace, _ = calibrate_durations(st.trace, st.trace.step_time * v.time_scale, allow_slower=True)
+            st.time_scale *= v.time_scale
+        if v.target != st.plan_budget:
+            st.corrections += 1
+        target = v.target
         try:
-            plan = self._make_plan(trace, target, None)
-        except InfeasibleBudgetError as e:
+            plan = self._make_plan(st.trace, target, None)
+        except InfeasibleBudgetError as e:  # the minimum moved with the re-timed trace: plan there, then stop
             st.minimum_budget = e.minimum_budget
             st.corrections = self.MAX_CORRECTIONS
             if e.minimum_budget >= (st.plan_budget or 0):
@@ -669,7 +657,7 @@ class Manager:
                                 f"{format_size(e.minimum_budget)}: not corrected further")
                 return
             target = e.minimum_budget
-            plan = self._make_plan(trace, target, None)
+            plan = self._make_plan(st.trace, target, None)
             st.notes.append(f"re-planned at the smallest feasible budget {format_size(target)} instead")
         self._install(st, "planned (watched)", self._agreed(plan), target, None, record=False)
 

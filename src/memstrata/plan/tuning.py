@@ -99,3 +99,49 @@ def next_step(trials: list[Trial], budget: int, *, tune_steps: int, max_correcti
     if fitting:
         return Keep(min(fitting, key=lambda t: min(t.seconds)))
     return Keep(min(done, key=lambda t: max(t.peaks) if t.peaks else 0))
+
+
+# ----------------------------------------------------------------------------- the budget watch
+@dataclass(frozen=True)
+class WatchVerdict:
+    """What the budget watch asks for after a window of managed steps ([Note: budget watch] in manager.py)."""
+
+    time_scale: float | None = None  # re-time the trace's ops by this factor
+    target: int | None = None  # re-plan at this budget
+    notes: tuple[str, ...] = ()
+    stop: bool = False  # no further peak corrections (the plan is already the most frugal one)
+
+    @property
+    def replan(self) -> bool:
+        return self.time_scale is not None or self.target is not None
+
+
+def watch_verdict(seconds: float, peak: int | None, *, predicted_seconds: float | None, budget: int,
+                  plan_budget: int, minimum_budget: int | None, recalibrated: bool, corrections: int,
+                  max_corrections: int, slack: float, recalibrate_above: float) -> WatchVerdict:
+    """Pure policy: re-time when measured and predicted step differ by more than `recalibrate_above`; re-plan
+    lower when the measured peak exceeds the budget by more than `slack` (never below `minimum_budget`)."""
+    from ..hardware import format_size
+
+    scale, target, notes, stop = None, None, [], False
+    if not recalibrated and predicted_seconds and abs(seconds / predicted_seconds - 1.0) > recalibrate_above:
+        scale = seconds / predicted_seconds
+        notes.append(f"re-timed the trace: managed steps took {seconds * 1e3:.0f} ms against "
+                     f"{predicted_seconds * 1e3:.0f} ms predicted (x{scale:.2f})")
+    if peak is not None and peak > budget * (1.0 + slack) and corrections < max_corrections:
+        want = int(plan_budget - (peak - budget) - 0.02 * budget)
+        if minimum_budget is not None and want < minimum_budget:
+            if plan_budget <= minimum_budget:
+                stop = True
+                notes.append(f"measured peak {format_size(peak)} > budget {format_size(budget)}, and the plan is "
+                             "already the most frugal one: not corrected (copies or frees ran later here than the "
+                             "planner predicted)")
+            else:
+                want = minimum_budget
+        if not stop:
+            target = want
+            notes.append(f"measured peak {format_size(peak)} > budget {format_size(budget)}: the plan did not free "
+                         f"what it predicted here; re-planned at {format_size(target)}")
+    if scale is not None and target is None:
+        target = plan_budget
+    return WatchVerdict(scale, target, tuple(notes), stop)
