@@ -7,7 +7,7 @@
 # times out is recorded in env.json, its partial JSON kept, and the script goes on.
 #
 # Usage (from anywhere; runs against the checkout it lives in, no install needed):
-#   OUT=/some/dir bench/gpu_check.sh
+#   OUT=/some/dir bench/gpu_check.sh [PART ...]      parts: tests probe bench check bench2 data recipe
 # Without OUT, results go to bench/results/<date>-<gpu>/.
 #
 # Files written (at most 8, the device runner brings back only 8):
@@ -46,6 +46,22 @@ export PYTHONUNBUFFERED=1
 REPEATS="${REPEATS:-2}"; REPEATS2="${REPEATS2:-1}"; STEPS="${STEPS:-8}"; WARMUP="${WARMUP:-2}"
 BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
 T_TESTS="${T_TESTS:-60}"; T_PROBE="${T_PROBE:-20}"; T_BENCH="${T_BENCH:-210}"; T_BENCH2="${T_BENCH2:-120}"; T_DATA="${T_DATA:-0}"; T_CHECK="${T_CHECK:-40}"
+T_RECIPE="${T_RECIPE:-0}"
+# Parts as arguments: `bench/gpu_check.sh tests bench recipe` runs only those (names: tests probe bench check
+# bench2 data recipe); without arguments the defaults above apply (data and recipe off).  A part asked for
+# by name whose T_* is 0 gets its sized default (data 150 s, recipe 240 s).
+if [ "$#" -gt 0 ]; then
+    want=" $* "
+    for p in tests probe bench check bench2 data recipe; do
+        case "$want" in *" $p "*) ;; *) case "$p" in
+            tests) T_TESTS=0;; probe) T_PROBE=0;; bench) T_BENCH=0;; check) T_CHECK=0;;
+            bench2) T_BENCH2=0;; data) T_DATA=0;; recipe) T_RECIPE=0;; esac;; esac
+    done
+    case "$want" in *" data "*) [ "$T_DATA" = 0 ] && T_DATA=150;; esac
+    case "$want" in *" recipe "*) [ "$T_RECIPE" = 0 ] && T_RECIPE=240;; esac
+    for a in "$@"; do case " tests probe bench check bench2 data recipe " in *" $a "*) ;; *)
+        echo "gpu_check: unknown part '$a' (tests probe bench check bench2 data recipe)" >&2; exit 2;; esac; done
+fi
 MAX_RUN_S="${MAX_RUN_S:-3}"; RUN_TIMEOUT="${RUN_TIMEOUT:-50}"
 CONTENDERS="${CONTENDERS:-unmanaged,memstrata,checkpoint,selective_checkpoint,save_on_cpu,microbatch}"
 CONTENDERS2="${CONTENDERS2:-unmanaged,memstrata,checkpoint,selective_checkpoint}"
@@ -165,6 +181,12 @@ bench_model efficientnet_b0 "$T_BENCH2" "$CONTENDERS2" "$REPEATS2"
 part data_train "$T_DATA" "$OUT/gpu_tests.log" \
     "${BENCH[@]}" --scenario data-train --device "${DEVICE:-cuda}" --epochs 2 --images 2048 --quiet \
     --json "$OUT/data_train.json"
+
+# 5. The whole job (issue: the recipe): `memstrata train` vs `--baseline`, ResNet-50, bf16, channels_last,
+#    two epochs over a synthetic set, the machine's cores as workers (not measured on GPU yet: size it there).
+part recipe "$T_RECIPE" "$OUT/gpu_tests.log" \
+    "${BENCH[@]}" --scenario recipe --device "${DEVICE:-cuda}" --model resnet50 --res 224 --epochs 2 \
+    --images 8192 --repeats 1 --quiet --json "$OUT/recipe.json"
 
 tar -czf "$OUT/worker_logs.tar.gz" -C "$LOGS" . 2>/dev/null || true
 write_env
