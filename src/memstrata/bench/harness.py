@@ -376,14 +376,16 @@ def choose_microbatches(batch: int, unmanaged_peak: int, param_bytes: int, budge
 class BenchProgress:
     """rich progress bar (or nothing with --quiet / no terminal support); shared by the data scenarios."""
 
-    def __init__(self, total: int, quiet: bool, label: str = "bench") -> None:
+    def __init__(self, total: int, quiet: bool, label: str = "bench", *, stderr: bool = False) -> None:
         self.quiet = quiet
         self._p = None
         if not quiet:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._p = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(),
-                               TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
+                               TextColumn("{task.description}"), TimeElapsedColumn(), transient=False,
+                               console=Console(stderr=True) if stderr else None)
             self._task = self._p.add_task("", total=total)
 
     def __enter__(self):
@@ -403,6 +405,11 @@ class BenchProgress:
         if self._p is not None:
             self._p.console.print(line, highlight=False)
             self._p.advance(self._task)
+
+    def tick(self, n: int = 1) -> None:
+        """Advance without printing a line (e.g. one training step)."""
+        if self._p is not None:
+            self._p.advance(self._task, n)
 
 
 def _summary_line(rep: int, name: str, r: dict[str, Any], wall: float) -> str:
