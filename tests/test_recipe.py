@@ -17,12 +17,17 @@ from memstrata.recipe.optim import build_model, lr_factor, param_groups
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    from memstrata.data import synth_imagefolder
+    from memstrata.recipe.synth import synth_recipe_root
 
-    r = tmp_path_factory.mktemp("recipe-data")
-    synth_imagefolder(r / "train", 32, 2, seed=0, progress=False, size=(64, 48), workers=1)
-    synth_imagefolder(r / "val", 16, 2, seed=1, progress=False, size=(64, 48), workers=1)
-    return r
+    return synth_recipe_root(tmp_path_factory.mktemp("recipe-data"), 32, 16, 2, progress=False, size=(64, 48),
+                             workers=1)
+
+
+def test_synth_root_val_is_disjoint_from_train_same_classes(root):
+    tr = sorted(p.name for p in (root / "train").rglob("*.jpg"))
+    va = sorted(p.name for p in (root / "val").rglob("*.jpg"))
+    assert len(tr) == 32 and len(va) == 16 and not set(tr) & set(va)
+    assert sorted(p.name for p in (root / "val").iterdir()) == sorted(p.name for p in (root / "train").iterdir())
 
 
 def _cfg(root, tmp_path, **kw) -> RecipeConfig:
