@@ -121,15 +121,22 @@ def test_train_json_fields_checkpoint_and_plot(root, tmp_path, capsys):
     assert plot.stat().st_size > 0
 
 
-@pytest.mark.parametrize("baseline", [False, True], ids=["memstrata", "baseline"])
-def test_resume_continues_exactly(root, tmp_path, baseline, one_torch_thread):
-    """2 epochs straight == 1 epoch, stop, resume 1 epoch: parameters and buffers torch.equal."""
-    straight = train(_cfg(root, tmp_path, baseline=baseline, checkpoint=str(tmp_path / "a")), progress=False)
-    first = train(_cfg(root, tmp_path, baseline=baseline, checkpoint=str(tmp_path / "b")), progress=False,
-                  stop_after=1)
+EXTRAS = dict(auto_augment="ta_wide", random_erase=0.25, mixup_alpha=0.2, cutmix_alpha=1.0)
+
+
+@pytest.mark.parametrize("baseline, extras", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["memstrata", "baseline", "memstrata-extras", "baseline-extras"])
+def test_resume_continues_exactly(root, tmp_path, baseline, extras, one_torch_thread):
+    """2 epochs straight == 1 epoch, stop, resume 1 epoch: parameters and buffers torch.equal.
+
+    With the extras (TrivialAugment, RandomErasing, MixUp/CutMix: global-RNG draws in memstrata's consumer
+    thread, in the baseline's DataLoader workers) too.
+    """
+    kw = dict(baseline=baseline, **(EXTRAS if extras else {}))
+    straight = train(_cfg(root, tmp_path, checkpoint=str(tmp_path / "a"), **kw), progress=False)
+    first = train(_cfg(root, tmp_path, checkpoint=str(tmp_path / "b"), **kw), progress=False, stop_after=1)
     assert first["epochs"] == 1
-    resumed = train(_cfg(root, tmp_path, baseline=baseline, checkpoint=str(tmp_path / "b"), resume=True),
-                    progress=False)
+    resumed = train(_cfg(root, tmp_path, checkpoint=str(tmp_path / "b"), resume=True, **kw), progress=False)
     assert resumed["resumed_at_epoch"] == 1 and resumed["epochs"] == 2
     a, b = _params(straight["_model"]), _params(resumed["_model"])
     assert a.keys() == b.keys()
@@ -154,6 +161,14 @@ def test_baseline_and_memstrata_read_the_same_order_and_learn(root, tmp_path, on
     g.manual_seed(0)
     ref = list(torch.utils.data.RandomSampler(range(32), generator=g))
     assert epoch_order(32, seed=0, epoch=0).tolist() == ref  # the order both pipelines read in epoch 1
+
+
+def test_extras_change_the_training_batches(root, tmp_path, one_torch_thread):
+    plain = train(_cfg(root, tmp_path, epochs=1), progress=False)
+    extra = train(_cfg(root, tmp_path, epochs=1, **EXTRAS), progress=False)
+    assert math.isfinite(extra["per_epoch"][0]["loss"])
+    assert extra["per_epoch"][0]["loss"] != plain["per_epoch"][0]["loss"]
+    assert extra["config"]["auto_augment"] == "ta_wide" and extra["config"]["cutmix_alpha"] == 1.0
 
 
 def test_train_with_budget_uses_the_manager_and_changes_no_value(root, tmp_path, one_torch_thread):

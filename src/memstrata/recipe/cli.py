@@ -58,6 +58,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=_float, default=None,
                    help="linear warm-up epochs (default: 5, at most a fifth of the run)")
     p.add_argument("--warmup-decay", type=_float, default=0.01, help="warm-up start factor of the lr (default 0.01)")
+    p.add_argument("--auto-augment", default=None, choices=("ta_wide", "autoaugment", "randaugment"),
+                   help="auto-augmentation policy (default: none; the new recipe uses ta_wide)")
+    p.add_argument("--random-erase", type=_float, default=0.0, help="RandomErasing probability (default 0; new recipe 0.1)")
+    p.add_argument("--mixup-alpha", type=_float, default=0.0, help="MixUp alpha (default 0: off; new recipe 0.2)")
+    p.add_argument("--cutmix-alpha", type=_float, default=0.0, help="CutMix alpha (default 0: off; new recipe 1.0)")
     p.add_argument("--workers", type=_nonneg_int, default=None, help="loader workers (default: the usable cores)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of init, order and augmentation (default 0)")
     p.add_argument("--baseline", action="store_true",
@@ -105,7 +110,8 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
         warmup_epochs=args.warmup_epochs, warmup_decay=args.warmup_decay, workers=args.workers, seed=args.seed,
         baseline=args.baseline, budget=args.budget, nvme_dir=args.nvme_dir, store=args.store,
         max_side=args.max_side, device=args.device, compile=args.compile, checkpoint=args.checkpoint,
-        resume=args.resume, world_size=dist_context().world_size,
+        resume=args.resume, world_size=dist_context().world_size, auto_augment=args.auto_augment,
+        random_erase=args.random_erase, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha,
     )
 
 

@@ -15,7 +15,10 @@ Defaults follow torchvision's reference classification recipe
 * cross-entropy with label smoothing 0.1;
 * RandomResizedCrop(res) + horizontal flip for training, Resize(res x 256/224) +
   CenterCrop(res) for validation;
-* bf16 autocast and channels_last on CUDA.
+* bf16 autocast and channels_last on CUDA;
+* off by default, the new recipe's extras: ``auto_augment`` (ta_wide, autoaugment,
+  randaugment), ``random_erase`` (probability), ``mixup_alpha`` / ``cutmix_alpha``
+  (the reference's 0.2 / 1.0; one of the two per batch, at random).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # Settings a checkpoint must agree with to resume exactly (the rest -- workers, paths, display -- may change).
 RESUME_KEYS = ("model", "epochs", "batch", "res", "lr", "momentum", "weight_decay", "norm_weight_decay",
                "label_smoothing", "warmup_epochs", "warmup_decay", "seed", "baseline", "max_side", "budget",
-               "world_size")
+               "world_size", "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha")
+AUTO_AUGMENTS = ("ta_wide", "autoaugment", "randaugment")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,10 @@ class RecipeConfig:
     checkpoint: str | None = None
     resume: bool = False
     world_size: int = 1
+    auto_augment: str | None = None
+    random_erase: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
     def __post_init__(self):
         def need(ok: bool, msg: str) -> None:
@@ -105,6 +113,12 @@ class RecipeConfig:
         need(not (self.compile and self.budget), "--compile and --budget cannot be combined yet "
                                                  "(the Manager traces the eager model)")
         need(not (self.resume and not self.checkpoint), "--resume needs --checkpoint DIR (where checkpoint.pt is)")
+        need(self.auto_augment is None or self.auto_augment in AUTO_AUGMENTS,
+             f"auto_augment must be one of {', '.join(AUTO_AUGMENTS)}, got {self.auto_augment!r}")
+        need(0 <= self.random_erase <= 1, f"random_erase must be a probability in [0, 1], got {self.random_erase}")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v >= 0, f"{name} must be >= 0, got {v}")
         need(self.nvme_dir is None or self.budget is not None, "--nvme-dir only applies with --budget")
 
     # ------------------------------------------------------------------ derived values

@@ -30,6 +30,10 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def find_classes(d: Path) -> list[str]:
+    return sorted(p.name for p in Path(d).iterdir() if p.is_dir())
+
+
 def check_root(root: str) -> tuple[Path, Path]:
     """ROOT/train and ROOT/val, each with at least one class folder (ValueError otherwise)."""
     r = Path(root).expanduser()
@@ -137,11 +141,18 @@ def _memstrata(cfg, train_dir, val_dir, workers, device, rank, world_size, local
                                  progress=rank == 0).directory
         torch.distributed.barrier()
     cl = device.type == "cuda"
+    train_dir_n = len(find_classes(train_dir))
+    from .augment import MemstrataCollate, MixCut, auto_augment, random_erasing
+
+    mix = MixCut(train_dir_n, cfg.mixup_alpha, cfg.cutmix_alpha)
+    erase = random_erasing(cfg)
+    hooks = dict(transform=auto_augment(cfg),
+                 collate=MemstrataCollate(erase, mix) if (erase is not None or mix.t is not None) else None)
     common = dict(seed=cfg.seed, max_side=cfg.max_side, num_workers=workers, progress=False,
                   device=device, rank=rank, world_size=world_size)
     train = TieredLoader(str(train_dir), cfg.batch, epochs=cfg.epochs, shuffle=True,
                          sampler="distributed" if dist else "random",
-                         augment=TrainAugment(size=cfg.res, channels_last=cl), store_dir=st_train, **common)
+                         augment=TrainAugment(size=cfg.res, channels_last=cl), store_dir=st_train, **hooks, **common)
     val = TieredLoader(str(val_dir), cfg.batch, epochs=1, shuffle=False,
                        sampler="distributed" if dist else "random",
                        augment=CenterCropAugment(size=cfg.res, channels_last=cl, crop_fraction=cfg.res / cfg.val_resize),
@@ -155,9 +166,14 @@ def _memstrata(cfg, train_dir, val_dir, workers, device, rank, world_size, local
 def _baseline(cfg, train_dir, val_dir, workers, cuda, rank, world_size) -> Pipelines:
     from torchvision import datasets, transforms
 
+    from .augment import BaselineCollate, MixCut, auto_augment, random_erasing
+
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    tr = datasets.ImageFolder(str(train_dir), transforms.Compose([
-        transforms.RandomResizedCrop(cfg.res), transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm]))
+    aa, erase = auto_augment(cfg), random_erasing(cfg)
+    tr = datasets.ImageFolder(str(train_dir), transforms.Compose(
+        [transforms.RandomResizedCrop(cfg.res), transforms.RandomHorizontalFlip()] + ([aa] if aa is not None else [])
+        + [transforms.ToTensor(), norm] + ([erase] if erase is not None else [])))
+    mix = MixCut(len(tr.classes), cfg.mixup_alpha, cfg.cutmix_alpha)
     va = datasets.ImageFolder(str(val_dir), transforms.Compose([
         transforms.Resize(cfg.val_resize), transforms.CenterCrop(cfg.res), transforms.ToTensor(), norm]))
     gen = None
@@ -175,7 +191,8 @@ def _baseline(cfg, train_dir, val_dir, workers, cuda, rank, world_size) -> Pipel
     # the reference's loaders: no persistent workers (each epoch starts its workers, seeded from the global RNG)
     kw = dict(num_workers=workers, pin_memory=cuda)
     DL = torch.utils.data.DataLoader
-    train = DL(tr, batch_size=cfg.batch, sampler=tsampler, **kw)
+    train = DL(tr, batch_size=cfg.batch, sampler=tsampler, collate_fn=BaselineCollate(mix) if mix.t is not None else None,
+               **kw)
     val = DL(va, batch_size=cfg.batch, sampler=vsampler, **kw)
     return Pipelines(train, val, len(tr.classes), len(tr), len(va), "baseline", sampler_generator=gen,
                      train_sampler=tsampler if world_size > 1 else None)
