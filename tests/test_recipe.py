@@ -206,3 +206,65 @@ def test_resume_with_other_settings_is_refused(root, tmp_path, capsys):
     assert main(common + ["--epochs", "3", "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert "other settings" in err and "epochs" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------ torchrun: 2 ranks, gloo
+def _torchrun(root, tmp_path, *extra, nproc=2, timeout=240):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "memstrata", "train", str(root), "--model", "mobilenet_v3_small", "--epochs", "2", "--batch", "4",
+           "--res", "32", "--workers", "1", "--json", "--quiet", *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_gloo_order_store_once_and_resume(root, tmp_path):
+    """DDP over gloo: per-rank order == DistributedSampler's (memstrata and baseline), the store is built once
+    per node (local rank 0, before training: no rank decodes a JPEG afterwards), and --resume is exact."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    store = str(tmp_path / "store")
+    m = _torchrun(root, tmp_path, "--store", store, "--checkpoint", str(tmp_path / "ck"))
+    b = _torchrun(root, tmp_path, "--baseline")
+    assert m["world_size"] == b["world_size"] == 2 and m["config"]["global_batch"] == 8
+    assert m["store_built_by_ranks"] == [0] and b["store_built_by_ranks"] == []
+    assert [s["source_reads"] for s in m["loader_stats"]] == [0, 0]  # both ranks read the prebuilt store
+    assert all(s["store_hits"] == 2 * 16 for s in m["loader_stats"])  # 32 images / 2 ranks, 2 epochs
+    import hashlib
+
+    import numpy as np
+
+    for e in range(2):
+        want = []
+        for r in range(2):
+            s = DistributedSampler(range(32), num_replicas=2, rank=r, shuffle=True, seed=0)
+            s.set_epoch(e)
+            want.append(hashlib.sha1(np.asarray(list(s), dtype=np.int64).tobytes()).hexdigest())
+        assert [d["sha1"] for d in m["per_epoch"][e]["rank_orders"]] == want
+        assert [d["sha1"] for d in b["per_epoch"][e]["rank_orders"]] == want
+        assert m["per_epoch"][e]["images_all_ranks"] == 32 and m["per_epoch"][e]["images"] == 16
+    assert 0 <= m["top1"] <= 1 and m["per_epoch"][0]["val_images"] == 16
+    # exact resume under DDP: 1 epoch, stop, resume -> the same final loss and top-1 as straight
+    r1 = _torchrun(root, tmp_path, "--store", store, "--checkpoint", str(tmp_path / "ck2"), "--stop-after", "1")
+    r2 = _torchrun(root, tmp_path, "--store", store, "--checkpoint", str(tmp_path / "ck2"), "--resume")
+    assert r1["epochs"] == 1 and r2["resumed_at_epoch"] == 1
+    assert r2["per_epoch"][1]["loss"] == m["per_epoch"][1]["loss"] and r2["top1"] == m["top1"]
+    a = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)["model"]
+    c = torch.load(tmp_path / "ck2" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_budget_under_torchrun_is_refused_in_one_line(root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", str(root), "--budget", "50%", "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--budget under torchrun is not supported yet" in err and len(err.splitlines()) == 1, err

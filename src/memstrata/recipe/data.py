@@ -95,6 +95,7 @@ class Pipelines:
     sampler_generator: torch.Generator | None = None  # baseline, single process: the persistent sampler generator
     train_sampler: object | None = None  # baseline under torchrun: DistributedSampler (set_epoch)
     store_dirs: tuple[str, str] | None = None
+    built_here: bool = False  # under torchrun: this rank built the node's stores ahead of training
 
     def set_epoch(self, epoch: int) -> None:
         if self.kind == "memstrata":
@@ -131,6 +132,7 @@ def _memstrata(cfg, train_dir, val_dir, workers, device, rank, world_size, local
 
     st_train, st_val = _store_dirs(cfg)
     dist = world_size > 1
+    built = False
     if dist:
         # [Note: one store per node] the node's local rank 0 builds both stores ahead of training while the
         # other ranks wait at the barrier; then every rank opens the same files (the page cache is shared).
@@ -139,6 +141,7 @@ def _memstrata(cfg, train_dir, val_dir, workers, device, rank, world_size, local
                                    progress=rank == 0).directory
             st_val = build_store(val_dir, st_val, max_side=cfg.max_side, workers=workers or 1,
                                  progress=rank == 0).directory
+            built = True
         torch.distributed.barrier()
     cl = device.type == "cuda"
     train_dir_n = len(find_classes(train_dir))
@@ -160,7 +163,7 @@ def _memstrata(cfg, train_dir, val_dir, workers, device, rank, world_size, local
     classes = train.store.source.classes if hasattr(train.store.source, "classes") else None
     n_classes = len(classes) if classes is not None else int(max(train.labels) + 1)
     return Pipelines(train, val, n_classes, train.n, val.n, "memstrata",
-                     store_dirs=(str(train.store.dir), str(val.store.dir)))
+                     store_dirs=(str(train.store.dir), str(val.store.dir)), built_here=built)
 
 
 def _baseline(cfg, train_dir, val_dir, workers, cuda, rank, world_size) -> Pipelines:

@@ -181,6 +181,7 @@ def train(cfg: RecipeConfig, *, log: Callable[[str], None] | None = None, progre
         return _train(cfg, dc, device, t_start, log or (lambda s: None), progress and dc.rank == 0, plot, stop_after)
     finally:
         if dc.started:
+            dc.barrier()  # every rank is done with collectives (and checkpoint files) before the group goes
             torch.distributed.destroy_process_group()
 
 
@@ -303,10 +304,24 @@ def _train_epoch(cfg, dc, device, pipes, model, opt, sched, crit, amp, mgr, epoc
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
     tot_loss, tot_seen = dc.all_sum([float(loss_sum), float(seen)], device)
-    return {"epoch": epoch + 1, "train_s": dt, "images": seen, "images_all_ranks": int(tot_seen),
+    orders = dc.gather(_order_digest(pipes, epoch)) if dc.active else None
+    return {"epoch": epoch + 1, "rank_orders": orders, "train_s": dt, "images": seen, "images_all_ranks": int(tot_seen),
             "samples_per_s": tot_seen / dt if dt > 0 else None, "data_wait_s": wait,
             "data_wait_fraction": wait / dt if dt > 0 else None, "loss": tot_loss / tot_seen if tot_seen else None,
             "lr": sched.get_last_lr()[0]}
+
+
+def _order_digest(pipes, epoch: int) -> dict[str, Any] | None:
+    """This rank's sample order of `epoch` (sha1 of the int64 indices, length, first ones), to compare across runs."""
+    import hashlib
+
+    if pipes.kind == "memstrata":
+        o = np.asarray(pipes.train.order(epoch), dtype=np.int64)
+    elif pipes.train_sampler is not None:  # DistributedSampler, already set_epoch'ed (iterating draws nothing global)
+        o = np.asarray(list(pipes.train_sampler), dtype=np.int64)
+    else:
+        return None  # single-process RandomSampler: iterating it would advance its generator
+    return {"n": int(len(o)), "sha1": hashlib.sha1(o.tobytes()).hexdigest(), "head": o[:8].tolist()}
 
 
 @torch.no_grad()
@@ -346,6 +361,8 @@ def _summary(cfg, dc, device, pipes, history, wall, setup_s, start_epoch) -> dic
         "per_epoch": history, "setup_s": setup_s, "resumed_at_epoch": start_epoch if cfg.resume else None,
         "device": str(device), "world_size": dc.world_size, "train_images": pipes.train_images,
         "val_images": pipes.val_images, "classes": pipes.num_classes, "store": pipes.store_dirs,
+        "store_built_by_ranks": [r for r, b in enumerate(dc.gather(pipes.built_here)) if b],
+        "loader_stats": dc.gather(dict(pipes.train.stats) if pipes.kind == "memstrata" else None),
         "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0], "torch": torch.__version__,
         "config": cfg.to_dict(),
     }
