@@ -19,7 +19,7 @@ def _run(name, rep, wall, sps, wait, top1):
 
 def test_summary_takes_medians_and_ratios_to_the_baseline():
     cfg = dict(model="m", epochs=2, device="cpu", cores=2, workers=2, batch=8, res=32, images=64, val_images=32,
-               classes=4, seed=0)
+               classes=4, seed=0, threads=None)
     runs = {"baseline": [_run("baseline", 1, 100, 10, 0.5, 0.50), _run("baseline", 2, 120, 12, 0.6, 0.52),
                          _run("baseline", 3, 110, 11, 0.4, 0.54)],
             "memstrata": [_run("memstrata", 1, 50, 30, 0.1, 0.53), _run("memstrata", 2, 70, 20, 0.2, 0.51),

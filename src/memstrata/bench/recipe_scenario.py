@@ -80,6 +80,7 @@ def recipe_config(args) -> dict[str, Any]:
     cfg["run_timeout"] = float(_int("run-timeout", int(float(g("run_timeout") or 900))))
     cfg["quiet"] = bool(g("quiet", False))
     cfg["log_dir"] = g("log_dir")
+    cfg["threads"] = _int("threads", g("threads")) if g("threads") is not None else None
     cfg["extra"] = []
     data = g("data")
     if data is not None and Path(data).exists() and not Path(data).is_dir():
@@ -109,6 +110,8 @@ def _argv(cfg: dict[str, Any], name: str, root: Path, store: str) -> list[str]:
          "--batch", str(cfg["batch"]), "--res", str(cfg["res"]), "--workers", str(cfg["workers"]),
          "--seed", str(cfg["seed"]), "--max-side", str(cfg["max_side"]), "--device", cfg["device"],
          "--json", "--quiet"]
+    if cfg["threads"] is not None:
+        a += ["--threads", str(cfg["threads"])]
     if name == "baseline":
         a.append("--baseline")
     else:
@@ -190,7 +193,8 @@ def summarise_recipe(cfg: dict[str, Any], runs: dict[str, list[dict[str, Any]]])
             "epoch1_s_values": [r["per_epoch"][0]["train_s"] for r in ok],
             "device": cfg["device"], "cores": cfg["cores"], "workers": cfg["workers"], "batch": cfg["batch"],
             "res": cfg["res"], "images": cfg["images"], "val_images": cfg["val_images"], "classes": cfg["classes"],
-            "seed": cfg["seed"],
+            "seed": cfg["seed"], "torch_threads": cfg["threads"],
+            "process_wall_s": _med([r.get("process_wall_s") for r in ok]),
             "runs": [{k: r.get(k) for k in ("repeat", "status", "reason", "wall_s", "samples_per_s",
                                             "data_wait_fraction", "top1", "per_epoch", "process_wall_s", "log")}
                      for r in rs],
@@ -212,7 +216,8 @@ def print_table(console, cfg, rows, elapsed) -> None:
 
     t = Table(title=(f"recipe · {cfg['model']} · {cfg['images']} train / {cfg['val_images']} val images · "
                      f"{cfg['classes']} classes · batch {cfg['batch']} · {cfg['res']} px · {cfg['epochs']} epochs · "
-                     f"{cfg['device']} · {cfg['workers']} workers on {cfg['cores']} cores"),
+                     f"{cfg['device']} · {cfg['workers']} workers on {cfg['cores']} cores · "
+                     f"{cfg['threads'] or 'default'} torch thread(s)"),
               caption=(f"medians of {cfg['repeats']} alternating (ABBA) repeats, one process each, same seed; "
                        f"wall = whole run incl. memstrata's store build (cold every repeat) and validation; "
                        f"images/s = training, epochs 2..; bench wall {elapsed:.0f} s"))

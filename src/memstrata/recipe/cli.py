@@ -74,6 +74,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="sample stores under DIR/train and DIR/val (default: memstrata's cache directory)")
     p.add_argument("--max-side", type=_pos_int, default=160, help="stored short side in pixels (default 160)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--threads", type=_pos_int, default=None,
+                   help="torch intra-op threads of the training process (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="write DIR/checkpoint.pt after every epoch")
     p.add_argument("--resume", action="store_true", help="continue exactly from DIR/checkpoint.pt (--checkpoint DIR)")
@@ -127,6 +129,10 @@ def run_train(cfg: RecipeConfig, args: argparse.Namespace) -> dict[str, Any]:
         if not quiet:
             print(line, file=stream, flush=True)
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)  # a process setting, not a hyperparameter: not in the config
     out = train(cfg, log=log, progress=not quiet, plot=args.plot, stop_after=args.stop_after)
     out.pop("_model", None)
     if rank0:
