@@ -29,7 +29,10 @@ def plot_top1(path: str, runs: list[dict[str, Any]], title: str | None = None) -
     ax.set_xlabel("wall-clock time since start (s), store build and validation included")
     ax.set_ylabel("validation top-1 (%)")
     first = runs[0] if runs else {}
-    ax.set_title(title or f"{first.get('model', '')}: validation top-1 vs wall time")
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title or f"{first.get('model', '')}: validation top-1 vs wall time", 70)),
+                 fontsize=10)
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     if labelled:
