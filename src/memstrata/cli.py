@@ -273,6 +273,10 @@ def _setup_bench(p: argparse.ArgumentParser) -> Handler:
     add_data_bench_arguments(p)
 
     def handler(args: argparse.Namespace) -> int:
+        if getattr(args, "scenario", None) == "recipe":  # the whole training recipe: bench/recipe_scenario.py
+            from .bench.recipe_scenario import run_recipe_scenario
+
+            return run_recipe_scenario(args)
         if getattr(args, "scenario", None) in DATA_SCENARIOS:
             return run_data_scenario(args)
         return run_bench(args)
@@ -286,13 +290,37 @@ def _setup_data(p: argparse.ArgumentParser) -> Handler:
     return setup_data(p)
 
 
+def _setup_train(p: argparse.ArgumentParser) -> Handler:
+    # the end-to-end ImageNet recipe (memstrata.recipe); under torchrun: torchrun -m memstrata train ...
+    from .data.errors import DataError
+    from .recipe.cli import add_train_arguments, config_from_args, run_train
+    from .recipe.config import RecipeInputError
+
+    add_train_arguments(p)
+
+    def handler(args: argparse.Namespace) -> int:
+        with usage_errors():
+            cfg = config_from_args(args)
+        try:
+            run_train(cfg, args)
+        except DataError as e:  # a corrupt JPEG, a store built from other settings, a full disk
+            raise UsageError(str(e)) from e
+        except RecipeInputError as e:  # found once running: a checkpoint from other settings, no CUDA, ...
+            raise UsageError(str(e)) from e
+        return 0
+
+    return handler
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {
     "probe": ("measure this machine's memory hierarchy", _setup_probe),
     "plan": ("trace a torchvision model on meta, plan it at a budget and simulate the plan", _setup_plan),
     "demo": ("run the embedded default job", _setup_demo),
-    "bench": ("run training steps side by side: memstrata vs unmanaged vs peers (or --scenario loader|data-train|cache-policy)",
+    "bench": ("run training steps side by side: memstrata vs unmanaged vs peers (or --scenario loader|data-train|cache-policy|recipe)",
               _setup_bench),
     "data": ("tiered training-data store: synth a dataset, build a sample store", _setup_data),
+    "train": ("train a torchvision model on an ImageFolder with the reference recipe (memstrata or --baseline)",
+              _setup_train),
 }
 
 

@@ -48,7 +48,7 @@ from .harness import BenchInputError, BenchProgress, _int, check_output_paths, r
 __all__ = ["DATA_SCENARIOS", "add_data_bench_arguments", "run_data_scenario", "gpu_check", "main",
            "DataBenchInputError"]
 
-DATA_SCENARIOS = ("loader", "data-train", "cache-policy")
+DATA_SCENARIOS = ("loader", "data-train", "cache-policy", "recipe")  # recipe: see recipe_scenario.py
 CAPACITY_FRACTIONS = (0.25, 0.5, 1.0)
 DEVICE_SHARE = 0.25  # of the fast capacity, held by the device tier (the rest by host DRAM)
 
@@ -94,6 +94,7 @@ def add_data_bench_arguments(parser: argparse.ArgumentParser) -> None:
       help="data scenario: " + " | ".join(DATA_SCENARIOS) + " (default: the model benchmark)")
     a("--data", default=None, metavar="DIR",
       help="ImageFolder root (generated with synth if missing or empty; default ~/.cache/memstrata/synth-N-C)")
+    a("--val-images", default=None, help="recipe: validation images of the generated set (default 256 on CPU)")
     a("--images", default=None, help="images of the generated set (default: 1024 on CPU, 8192 on CUDA)")
     a("--classes", default=None, help="classes of the generated set (default: 10 on CPU, 100 on CUDA)")
     a("--epochs", default=None, help="epochs per run (loader: timed from the 2nd on; data-train: 3)")

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from .contenders import CONTENDERS, REPORTED_APART, skip_reason
 from .peak import EXACT_ENV
 from .spec import RunSpec
+from ..progress import BenchProgress  # noqa: F401  (one progress bar for benches and the recipe)
 
 if TYPE_CHECKING:
     from memstrata.hardware import Budget
@@ -386,41 +387,6 @@ def choose_microbatches(batch: int, unmanaged_peak: int, param_bytes: int, budge
         if act / k + fixed <= budget:
             return k, True
     return ks[-1], False
-
-
-class BenchProgress:
-    """rich progress bar (or nothing with --quiet / no terminal support); shared by the data scenarios."""
-
-    def __init__(self, total: int, quiet: bool, label: str = "bench") -> None:
-        self.quiet = quiet
-        self._p = None
-        if not quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            from memstrata.cli_args import stdout_console  # per-run lines whole in a log ([Note: console width])
-
-            self._p = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(),
-                               TextColumn("{task.description}"), TimeElapsedColumn(), transient=False,
-                               console=stdout_console())
-            self._task = self._p.add_task("", total=total)
-
-    def __enter__(self):
-        if self._p is not None:
-            self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._p is not None:
-            self._p.__exit__(*exc)
-
-    def describe(self, text: str) -> None:
-        if self._p is not None:
-            self._p.update(self._task, description=text)
-
-    def advance(self, line: str) -> None:
-        if self._p is not None:
-            self._p.console.print(line, highlight=False)
-            self._p.advance(self._task)
 
 
 def _summary_line(rep: int, name: str, r: dict[str, Any], wall: float) -> str:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..hardware import Hierarchy, parse_size
-from .augment import OutputPool, TrainAugment
+from .augment import OutputPool, TrainAugment, resized_crop_loop
 from .order import _resolve, epoch_length, epoch_order
 from .policy import NEVER, BeladyCache, next_use
 from .store import SampleStore
@@ -151,6 +151,12 @@ class TieredLoader:
     budget: DataBudget (or dict); hierarchy: a Hierarchy for default capacities.
     num_workers: decode threads for samples not yet stored (0 = inline).
     prefetch: batches prepared ahead by a background thread (0 = synchronous).
+    transform: a per-sample callable (e.g. a torchvision v2 transform such as
+        ``v2.TrivialAugmentWide()``) on each uint8 CHW crop after the augment's
+        crop + flip and before normalisation; it must return a uint8 CHW tensor.
+    collate: a callable ``(images, labels) -> (images, labels)`` on each
+        normalised batch, e.g. ``v2.RandomChoice([v2.MixUp(...), v2.CutMix(...)])``
+        or per-sample ``v2.RandomErasing``.  See [Note: transform and collate hooks].
     """
 
     def __init__(self, data, batch_size: int, *, seed: int = 0, epochs: int = 1, shuffle: bool = True,
@@ -158,7 +164,8 @@ class TieredLoader:
                  local_world_size: int | None = None, device=None, augment: TrainAugment | None = TrainAugment(),
                  store_dir=None, budget: DataBudget | dict | None = None, hierarchy: Hierarchy | None = None,
                  max_side: int = 160, num_workers: int | None = None, prefetch: int = 2, drop_last: bool = False,
-                 on_corrupt: str = "raise", verify: str = "first", progress: bool = True, impl: str = "auto"):
+                 on_corrupt: str = "raise", verify: str = "first", progress: bool = True, impl: str = "auto",
+                 transform=None, collate=None):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         if epochs <= 0:
@@ -186,6 +193,12 @@ class TieredLoader:
         self.batch_size, self.seed, self.epochs, self.shuffle = int(batch_size), int(seed), int(epochs), shuffle
         self.augment, self.drop_last, self.progress, self.impl = augment, drop_last, progress, impl
         self.prefetch = int(prefetch)
+        for name, fn in (("transform", transform), ("collate", collate)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
+        if transform is not None and augment is None:
+            raise ValueError("transform applies to the augment's crops: pass an augment (a TrainAugment) too")
+        self.transform, self.collate = transform, collate
         self.num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
         if isinstance(budget, dict):
             budget = DataBudget(**budget)
@@ -447,6 +460,8 @@ class _Producer:
         hs = [int(a.shape[0]) for a in imgs]
         ws = [int(a.shape[1]) for a in imgs]
         boxes, flips = L.augment.params(L.seed, self.epoch, idx, hs, ws)
+        if not on_cuda and L.transform is not None:  # uint8 crops; transform + normalise run in __next__
+            return resized_crop_loop(imgs, boxes, flips, L.augment.out_size).permute(0, 3, 1, 2), y, None
         if not on_cuda:
             scratch = getattr(self._tls, "scratch", None)
             if scratch is None and L.impl == "loop-u8":  # only the two-stage reference path stages uint8 batches
@@ -486,7 +501,11 @@ class _Producer:
             for k, a in enumerate(imgs):
                 if isinstance(a, torch.Tensor):
                     padded[k, : a.shape[0], : a.shape[1]] = a
-            x = L.augment.apply_padded(padded, boxes, flips)
+            if L.transform is None:
+                x = L.augment.apply_padded(padded, boxes, flips)
+            else:  # uint8 crops for the transform (normalised in __next__)
+                x = _unnormalised(L.augment).apply_padded(padded, boxes, flips)
+                x = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
             yd = y.to(dev, non_blocking=True)
             # device tier: admit by next use (Belady), evict the farthest
             if dev_next is not None:
@@ -572,7 +591,7 @@ class _EpochIterator:
             x.record_stream(cur)
             y.record_stream(cur)
         self._k += 1
-        return x, y
+        return _apply_hooks(self.L, x, y)
 
     def close(self, wait: bool = True) -> None:
         """End this epoch early: stop the background thread (waiting for it unless `wait=False`), free batches."""
@@ -584,3 +603,40 @@ class _EpochIterator:
         if wait and t is not None and t is not threading.current_thread():
             t.join()
             self._p.stop()  # what it queued before it saw the stop
+
+
+# [Note: transform and collate hooks]
+# torchvision v2 transforms and MixUp/CutMix draw from torch's global RNG.  They run in the consumer's
+# thread, inside __next__, in batch order: batches are built by several producer threads, and the global
+# generator is process-wide, so drawing there would make the values depend on thread timing (and would
+# interleave with the training thread's own draws, e.g. dropout).  In the consumer they are reproducible
+# for a torch.manual_seed and restorable with torch's RNG state, exactly like a DataLoader with
+# num_workers=0 -- at the price of running on the training thread.  The crop + flip stays in the
+# producers (a function of seed, epoch, sample); with a `transform` the producers hand over uint8 crops
+# and the normalisation (the augment's mean/std, dtype, channels_last) follows the transform here.
+def _unnormalised(aug):
+    import dataclasses
+
+    return dataclasses.replace(aug, normalize=False, channels_last=False, dtype=torch.float32)
+
+
+def _apply_hooks(L: TieredLoader, x, y):
+    if L.transform is not None:
+        x = torch.stack([L.transform(s) for s in x])
+        if x.dtype != torch.uint8:
+            raise TypeError(f"transform must return uint8 CHW tensors, got {x.dtype}")
+        aug = L.augment
+        out = x.to(torch.float32)
+        if aug.normalize:
+            mean = torch.tensor(aug.mean, dtype=torch.float32, device=out.device).view(1, 3, 1, 1) * 255.0
+            std = torch.tensor(aug.std, dtype=torch.float32, device=out.device).view(1, 3, 1, 1) * 255.0
+            out = out.sub_(mean).div_(std)
+        else:
+            out = out.mul_(1.0 / 255.0)
+        if aug.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        x = out.to(aug.dtype)
+    if L.collate is not None:
+        x, y = L.collate(x, y)
+    return x, y
+

@@ -1,0 +1,278 @@
+"""`memstrata bench --scenario recipe`: the whole recipe, `memstrata train` vs `memstrata train --baseline`.
+
+Each repeat of each contender is its own process (``python -m memstrata train
+ROOT --json``), contenders alternating in ABBA order (rep 1: baseline, memstrata;
+rep 2: memstrata, baseline; ...) with the same seed, so slow drift of a shared
+machine and any order effect hit both alike.  memstrata starts from a cold,
+empty store every repeat: building it is part of its time (it happens during
+its first epoch).  Reported per contender (medians over repeats): ``wall_s``
+(the whole run: set-up, store build, every epoch's training and validation),
+``samples_per_s`` (training images / s over epochs >= 2), ``data_wait_fraction``
+(over the same epochs; see [Note: what is measured] in recipe/loop.py) and
+``top1`` (validation top-1 after the last epoch), plus the ratios to the baseline.
+
+The dataset is `synth_recipe_root` (train/ and val/ from one generator) under
+``--data DIR`` or ``~/.cache/memstrata/recipe-N-V-C[-sS]``; an existing
+ImageFolder root with train/ and val/ under --data is used as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .harness import BenchInputError, BenchProgress, _int, check_output_paths, resolve_device
+
+__all__ = ["run_recipe_scenario", "recipe_config", "summarise_recipe", "CONTENDERS"]
+
+CONTENDERS = ("baseline", "memstrata")
+DEFAULTS = {
+    "cpu": dict(images=1024, val_images=256, classes=10, batch=64, res=64, epochs=3, repeats=3,
+                model="mobilenet_v3_small"),
+    "cuda": dict(images=8192, val_images=1024, classes=100, batch=256, res=224, epochs=2, repeats=1,
+                 model="resnet50"),
+}
+
+
+class RecipeBenchInputError(BenchInputError):
+    """Bad command-line input: one line on stderr, exit status 2."""
+
+
+def recipe_config(args) -> dict[str, Any]:
+    g = lambda k, d=None: getattr(args, k, d)  # noqa: E731
+    device = resolve_device(g("device"), RecipeBenchInputError)
+    d = DEFAULTS[device]
+    cfg: dict[str, Any] = {"scenario": "recipe", "device": device}
+    for k in ("images", "classes", "batch", "res", "epochs", "repeats"):
+        cfg[k] = _int(k, g(k) or d[k])
+    cfg["val_images"] = _int("val-images", g("val_images") or d["val_images"])
+    cfg["seed"] = _int("seed", g("seed") if g("seed") is not None else 0, lo=0)
+    cfg["max_side"] = _int("max-side", g("max_side") or 160, lo=8)
+    if cfg["classes"] > min(cfg["images"], cfg["val_images"]):
+        raise RecipeBenchInputError(f"--classes {cfg['classes']} exceeds --images or --val-images")
+    from .data_scenarios import usable_cores
+
+    cfg["cores"] = usable_cores()
+    cfg["workers"] = _int("workers", g("workers"), lo=0) if g("workers") is not None else cfg["cores"]
+    cfg["model"] = g("model") or d["model"]
+    from ..recipe.optim import known_models
+
+    if cfg["model"] not in known_models():
+        raise RecipeBenchInputError(f"unknown torchvision classification model {cfg['model']!r}")
+    names = list(CONTENDERS)
+    if g("contenders"):
+        names = [c.strip() for c in str(g("contenders")).split(",") if c.strip()]
+        bad = [c for c in names if c not in CONTENDERS]
+        if bad or not names:
+            raise RecipeBenchInputError(f"unknown contender {bad[0] if bad else ''!r} for --scenario recipe: "
+                                        f"choose from {', '.join(CONTENDERS)}")
+    cfg["contenders"] = names
+    check_output_paths(g("json_path"), g("plot_path"), RecipeBenchInputError)
+    cfg["json_path"], cfg["plot_path"] = g("json_path"), g("plot_path")
+    cfg["run_timeout"] = float(_int("run-timeout", int(float(g("run_timeout") or 900))))
+    cfg["quiet"] = bool(g("quiet", False))
+    cfg["log_dir"] = g("log_dir")
+    cfg["threads"] = _int("threads", g("threads")) if g("threads") is not None else None
+    cfg["extra"] = []
+    data = g("data")
+    if data is not None and Path(data).exists() and not Path(data).is_dir():
+        raise RecipeBenchInputError(f"--data {data!r} is not a directory")
+    base = Path(os.environ.get("MEMSTRATA_CACHE", Path.home() / ".cache" / "memstrata"))
+    name = f"recipe-{cfg['images']}-{cfg['val_images']}-{cfg['classes']}" + (f"-s{cfg['seed']}" if cfg["seed"] else "")
+    cfg["data"] = str(Path(data).expanduser().resolve()) if data else str(base / name)
+    cfg["data_given"] = data is not None
+    return cfg
+
+
+def ensure_root(cfg: dict[str, Any], console=None) -> Path:
+    from ..recipe.synth import synth_recipe_root
+
+    root = Path(cfg["data"])
+    if cfg["data_given"] and (root / "train").is_dir() and (root / "val").is_dir():
+        return root
+    if console is not None and not cfg["quiet"]:
+        console.print(f"dataset: {cfg['images']} + {cfg['val_images']} synthetic images in {cfg['classes']} classes "
+                      f"-> {root}", highlight=False)
+    return synth_recipe_root(root, cfg["images"], cfg["val_images"], cfg["classes"], seed=cfg["seed"],
+                             progress=not cfg["quiet"])
+
+
+def _argv(cfg: dict[str, Any], name: str, root: Path, store: str) -> list[str]:
+    a = [sys.executable, "-m", "memstrata", "train", str(root), "--model", cfg["model"], "--epochs", str(cfg["epochs"]),
+         "--batch", str(cfg["batch"]), "--res", str(cfg["res"]), "--workers", str(cfg["workers"]),
+         "--seed", str(cfg["seed"]), "--max-side", str(cfg["max_side"]), "--device", cfg["device"],
+         "--json", "--quiet"]
+    if cfg["threads"] is not None:
+        a += ["--threads", str(cfg["threads"])]
+    if name == "baseline":
+        a.append("--baseline")
+    else:
+        a += ["--store", store]
+    return a + list(cfg["extra"])
+
+
+def _run_one(cfg, name, rep, root, workdir) -> dict[str, Any]:
+    store = tempfile.mkdtemp(prefix=f"memstrata-recipe-store-rep{rep}-")  # cold: built during this run
+    shutil.rmtree(store)  # the loader creates it; an empty directory would be just as cold
+    tag = f"recipe-{name}-rep{rep}"
+    log = os.path.join(workdir, tag + ".log")
+    src = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.perf_counter()
+    try:
+        with open(log, "w") as err:
+            p = subprocess.run(_argv(cfg, name, root, store), stdout=subprocess.PIPE, stderr=err, env=env,
+                               timeout=cfg["run_timeout"], text=True)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            tail = Path(log).read_text().strip().splitlines()[-1:] or [""]
+            return {"name": name, "repeat": rep, "status": "error", "reason": f"exit {p.returncode}: {tail[0]}"[:500],
+                    "log": log, "process_wall_s": wall}
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        r.update(status="ok", reason="", repeat=rep, process_wall_s=wall)
+        return r
+    except subprocess.TimeoutExpired:
+        return {"name": name, "repeat": rep, "status": "error", "reason": f"timed out after {cfg['run_timeout']:g} s",
+                "log": log}
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def run_repeats(cfg: dict[str, Any], root: Path) -> dict[str, list[dict[str, Any]]]:
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in cfg["contenders"]}
+    workdir = cfg["log_dir"] or tempfile.mkdtemp(prefix="memstrata-recipebench-")
+    os.makedirs(workdir, exist_ok=True)
+    with BenchProgress(cfg["repeats"] * len(cfg["contenders"]), cfg["quiet"], "recipe") as bar:
+        for rep in range(1, cfg["repeats"] + 1):
+            order = cfg["contenders"] if rep % 2 else list(reversed(cfg["contenders"]))  # ABBA
+            for name in order:
+                bar.describe(f"rep {rep} {name}")
+                r = _run_one(cfg, name, rep, root, workdir)
+                runs[name].append(r)
+                if r["status"] == "ok":
+                    line = (f"  rep {rep}  {name:<10} wall {r['wall_s']:7.1f} s  {r['samples_per_s']:7.1f} images/s  "
+                            f"data wait {100 * r['data_wait_fraction']:3.0f}%  top-1 {100 * r['top1']:5.1f}%")
+                else:
+                    line = f"  rep {rep}  {name:<10} {r['status']}: {r['reason']}"
+                bar.advance(line)
+    if not cfg["log_dir"] and all(r["status"] == "ok" for rs in runs.values() for r in rs):
+        shutil.rmtree(workdir, ignore_errors=True)
+    return runs
+
+
+def _med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarise_recipe(cfg: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, rs in runs.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        bad = [r for r in rs if r["status"] != "ok"]
+        row = {
+            "name": name, "scenario": "recipe", "status": "ok" if ok else (bad[0]["status"] if bad else "skipped"),
+            "reason": (f"{len(bad)} of {len(rs)} repeats failed: {bad[0]['reason']}" if bad else ""),
+            "model": cfg["model"], "epochs": cfg["epochs"], "repeats": len(ok),
+            "wall_s": _med([r["wall_s"] for r in ok]),
+            "samples_per_s": _med([r["samples_per_s"] for r in ok]),
+            "samples_per_s_stat": "median over repeats of training images / s over epochs 2..",
+            "data_wait_fraction": _med([r["data_wait_fraction"] for r in ok]),
+            "top1": _med([r["top1"] for r in ok]),
+            "wall_s_values": [r["wall_s"] for r in ok], "samples_per_s_values": [r["samples_per_s"] for r in ok],
+            "top1_values": [r["top1"] for r in ok], "data_wait_values": [r["data_wait_fraction"] for r in ok],
+            "epoch1_s_values": [r["per_epoch"][0]["train_s"] for r in ok],
+            "device": cfg["device"], "cores": cfg["cores"], "workers": cfg["workers"], "batch": cfg["batch"],
+            "res": cfg["res"], "images": cfg["images"], "val_images": cfg["val_images"], "classes": cfg["classes"],
+            "seed": cfg["seed"], "torch_threads": cfg["threads"],
+            "process_wall_s": _med([r.get("process_wall_s") for r in ok]),
+            "runs": [{k: r.get(k) for k in ("repeat", "status", "reason", "wall_s", "samples_per_s",
+                                            "data_wait_fraction", "top1", "per_epoch", "process_wall_s", "log")}
+                     for r in rs],
+        }
+        rows.append(row)
+    base = next((r for r in rows if r["name"] == "baseline" and r["status"] == "ok"), None)
+    for r in rows:
+        if base is None or r["status"] != "ok":
+            r["samples_per_s_ratio"] = r["wall_s_ratio"] = r["top1_delta_points"] = None
+            continue
+        r["samples_per_s_ratio"] = r["samples_per_s"] / base["samples_per_s"]
+        r["wall_s_ratio"] = r["wall_s"] / base["wall_s"]
+        r["top1_delta_points"] = 100 * (r["top1"] - base["top1"])
+    return rows
+
+
+def print_table(console, cfg, rows, elapsed) -> None:
+    from rich.table import Table
+
+    t = Table(title=(f"recipe · {cfg['model']} · {cfg['images']} train / {cfg['val_images']} val images · "
+                     f"{cfg['classes']} classes · batch {cfg['batch']} · {cfg['res']} px · {cfg['epochs']} epochs · "
+                     f"{cfg['device']} · {cfg['workers']} workers on {cfg['cores']} cores · "
+                     f"{cfg['threads'] or 'default'} torch thread(s)"),
+              caption=(f"medians of {cfg['repeats']} alternating (ABBA) repeats, one process each, same seed; "
+                       f"wall = whole run incl. memstrata's store build (cold every repeat) and validation; "
+                       f"images/s = training, epochs 2..; bench wall {elapsed:.0f} s"))
+    for c in ("contender", "wall s", "vs baseline", "images/s", "vs baseline", "data wait", "top-1", "Δ top-1",
+              "repeats (wall s / images/s)"):
+        t.add_column(c, justify="left" if c in ("contender", "repeats (wall s / images/s)") else "right")
+    for r in rows:
+        if r["status"] != "ok":
+            t.add_row(r["name"], "-", "-", "-", "-", "-", "-", "-", f"{r['status']}: {r['reason']}")
+            continue
+        reps = ", ".join(f"{w:.0f}/{s:.1f}" for w, s in zip(r["wall_s_values"], r["samples_per_s_values"]))
+        t.add_row(r["name"], f"{r['wall_s']:.1f}", _x(r["wall_s_ratio"]), f"{r['samples_per_s']:.1f}",
+                  _x(r["samples_per_s_ratio"]), f"{100 * r['data_wait_fraction']:.0f}%", f"{100 * r['top1']:.1f}%",
+                  "-" if r["top1_delta_points"] is None else f"{r['top1_delta_points']:+.1f}", reps)
+    console.print(t)
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def write_plot(path: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    from ..recipe.report import plot_top1
+
+    runs = [dict(rr, name=r["name"]) for r in rows for rr in r["runs"] if rr.get("status") == "ok"]
+    plot_top1(path, runs, title=(f"{cfg['model']} {cfg['res']} px, {cfg['images']} images, {cfg['epochs']} epochs, "
+                                 f"{cfg['workers']} workers: top-1 vs wall time ({cfg['repeats']} repeats)"))
+
+
+def run_recipe_scenario(args) -> int:
+    from .data_scenarios import _console, _error
+
+    try:
+        cfg = recipe_config(args)
+    except BenchInputError as e:
+        return _error(str(e))
+    console = _console()
+    t0 = time.perf_counter()
+    try:
+        try:
+            root = ensure_root(cfg, console)
+        except (ValueError, OSError) as e:
+            return _error(f"dataset {cfg['data']}: {e}")
+        if not cfg["quiet"]:
+            console.print(f"[bold]memstrata bench --scenario recipe[/]  {root}  {cfg['model']}  {cfg['device']}  "
+                          f"batch {cfg['batch']}  {cfg['res']} px  {cfg['workers']} workers on {cfg['cores']} cores  "
+                          f"{cfg['epochs']} epochs  {cfg['repeats']} repeat(s)", highlight=False)
+        rows = summarise_recipe(cfg, run_repeats(cfg, root))
+    except KeyboardInterrupt:
+        print("memstrata bench: interrupted", file=sys.stderr)
+        return 130
+    print_table(console, cfg, rows, time.perf_counter() - t0)
+    if cfg["json_path"]:
+        with open(cfg["json_path"], "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+    if cfg["plot_path"]:
+        write_plot(cfg["plot_path"], cfg, rows)
+    return 1 if any(r["status"] == "error" for r in rows) else 0

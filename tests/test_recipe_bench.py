@@ -1,0 +1,64 @@
+"""`memstrata bench --scenario recipe`: summary arithmetic, input checks, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memstrata.bench.recipe_scenario import summarise_recipe
+from memstrata.cli import main
+
+
+def _run(name, rep, wall, sps, wait, top1):
+    return {"name": name, "repeat": rep, "status": "ok", "reason": "", "wall_s": wall, "samples_per_s": sps,
+            "data_wait_fraction": wait, "top1": top1, "process_wall_s": wall + 5,
+            "per_epoch": [{"epoch": 1, "train_s": wall / 2, "wall_s": wall / 2, "top1": top1 / 2},
+                          {"epoch": 2, "train_s": wall / 3, "wall_s": wall, "top1": top1}]}
+
+
+def test_summary_takes_medians_and_ratios_to_the_baseline():
+    cfg = dict(model="m", epochs=2, device="cpu", cores=2, workers=2, batch=8, res=32, images=64, val_images=32,
+               classes=4, seed=0, threads=None)
+    runs = {"baseline": [_run("baseline", 1, 100, 10, 0.5, 0.50), _run("baseline", 2, 120, 12, 0.6, 0.52),
+                         _run("baseline", 3, 110, 11, 0.4, 0.54)],
+            "memstrata": [_run("memstrata", 1, 50, 30, 0.1, 0.53), _run("memstrata", 2, 70, 20, 0.2, 0.51),
+                          {"name": "memstrata", "repeat": 3, "status": "error", "reason": "exit 1: boom"}]}
+    base, ms = summarise_recipe(cfg, runs)
+    assert base["wall_s"] == 110 and base["samples_per_s"] == 11 and base["top1"] == 0.52
+    assert base["samples_per_s_ratio"] == 1.0 and base["top1_delta_points"] == 0.0
+    assert ms["wall_s"] == 60 and ms["samples_per_s"] == 25 and ms["repeats"] == 2
+    assert ms["wall_s_ratio"] == pytest.approx(60 / 110) and ms["samples_per_s_ratio"] == pytest.approx(25 / 11)
+    assert ms["top1_delta_points"] == pytest.approx(100 * (0.52 - 0.52))
+    assert "1 of 3 repeats failed: exit 1: boom" in ms["reason"] and ms["status"] == "ok"
+    assert ms["data_wait_fraction"] == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--contenders", "memstrata,peer"], "unknown contender 'peer'"),
+    (["--model", "nosuchnet"], "unknown torchvision classification model"),
+    (["--classes", "100", "--images", "10"], "exceeds"),
+    (["--plot", "x.jpg"], ".png"),
+])
+def test_bad_input_is_one_line(argv, msg, capsys):
+    assert main(["bench", "--scenario", "recipe", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_recipe_scenario_end_to_end(tmp_path):
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["bench", "--scenario", "recipe", "--images", "32", "--val-images", "16", "--classes", "2",
+               "--epochs", "2", "--repeats", "1", "--res", "32", "--batch", "8", "--workers", "1",
+               "--model", "mobilenet_v3_small", "--data", str(tmp_path / "data"), "--json", str(js),
+               "--plot", str(png), "--quiet"])
+    assert rc == 0
+    rows = json.loads(js.read_text())
+    assert [r["name"] for r in rows] == ["baseline", "memstrata"]
+    for r in rows:
+        assert r["status"] == "ok" and r["epochs"] == 2 and r["repeats"] == 1
+        for k in ("wall_s", "samples_per_s", "data_wait_fraction", "top1"):
+            assert r[k] is not None
+        assert len(r["runs"][0]["per_epoch"]) == 2
+    assert rows[1]["samples_per_s_ratio"] > 0 and png.stat().st_size > 0
