@@ -192,7 +192,7 @@ def test_train_with_budget_uses_the_manager_and_changes_no_value(root, tmp_path,
     (["train", "{tmp}"], "has no class folders"),
 ])
 def test_user_errors_are_one_line(root, tmp_path, capsys, argv, msg):
-    argv = [a.format(root=root, tmp=tmp_path) for a in argv]
+    argv = [a.format(root=root, tmp=tmp_path) for a in argv] + ["--store", str(tmp_path / "store")]
     assert main(argv + ["--quiet", "--epochs", "1"] if "--epochs" not in argv else argv + ["--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1, err

@@ -99,7 +99,8 @@ def synth_image(seed: int, index: int, classes: int, base_size: tuple[int, int] 
     return np.clip(img, 0, 255).astype(np.uint8), c
 
 
-def _write_one(args) -> int:
+def write_one_image(args) -> int:
+    """Render and write one synthetic JPEG: args = (root, seed, index, classes, quality, size); returns its bytes."""
     root, seed, index, classes, quality, size = args
     from PIL import Image
 
@@ -167,13 +168,13 @@ def synth_imagefolder(root, images: int, classes: int, seed: int = 0, progress: 
     with it_progress as bar:
         if workers <= 1 or images < 64:
             for j in jobs:
-                _write_one(j)
+                write_one_image(j)
                 bar.advance()
         else:
             import multiprocessing as mp
 
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-                for _ in ex.map(_write_one, jobs, chunksize=16):
+                for _ in ex.map(write_one_image, jobs, chunksize=16):
                     bar.advance()
     return root
 

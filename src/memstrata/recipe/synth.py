@@ -17,7 +17,8 @@ __all__ = ["synth_recipe_root"]
 def synth_recipe_root(root, train: int, val: int, classes: int, seed: int = 0, progress: bool = True,
                       size: tuple[int, int] = (500, 375), workers: int | None = None) -> Path:
     """Write (or complete) ROOT/train and ROOT/val; returns ROOT."""
-    from ..data.synth import _progress, _write_one, class_name, synth_imagefolder
+    from ..data.progress import progress_bar
+    from ..data.synth import class_name, synth_imagefolder, write_one_image
 
     if val <= 0 or val < classes:
         raise ValueError(f"val must hold at least one image per class: val={val} < classes={classes}")
@@ -27,8 +28,8 @@ def synth_recipe_root(root, train: int, val: int, classes: int, seed: int = 0, p
     for c in range(classes):
         (vroot / class_name(c, classes)).mkdir(parents=True, exist_ok=True)
     jobs = [(str(vroot), seed, i, classes, 90, tuple(size)) for i in range(train, train + val)]
-    with _progress(progress, len(jobs), f"synth {val} validation images -> {vroot}") as bar:
+    with progress_bar(progress, len(jobs), f"synth {val} validation images -> {vroot}") as bar:
         for j in jobs:
-            _write_one(j)
+            write_one_image(j)
             bar.advance()
     return root
