@@ -262,9 +262,17 @@ def test_torchrun_two_ranks_gloo_order_store_once_and_resume(root, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_budget_under_torchrun_is_refused_in_one_line(root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    assert main(["train", str(root), "--budget", "50%", "--epochs", "1", "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--budget under torchrun is not supported yet" in err and len(err.splitlines()) == 1, err
+@pytest.mark.slow
+def test_budget_under_torchrun_runs_the_manager_and_changes_no_value(root, tmp_path):
+    """DDP + the Manager (every rank runs rank 0's plan): the same model as plain DDP, bit for bit."""
+    store = str(tmp_path / "store")
+    plain = _torchrun(root, tmp_path, "--store", store, "--checkpoint", str(tmp_path / "a"), "--epochs", "1")
+    managed = _torchrun(root, tmp_path, "--store", store, "--checkpoint", str(tmp_path / "b"), "--epochs", "1",
+                        "--budget", "50%act", "--nvme-dir", str(tmp_path))
+    assert managed["per_epoch"][0]["loss"] == plain["per_epoch"][0]["loss"]
+    assert not plain.get("manager")
+    plans = [sh["plan"]["counts"] for sh in managed["manager"]["shapes"].values() if sh.get("plan")]
+    assert plans and any(sum(c.values()) > 0 for c in plans), plans  # the Manager really moved something
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -659,7 +659,9 @@ class Manager:
             target = e.minimum_budget
             plan = self._make_plan(st.trace, target, None)
             st.notes.append(f"re-planned at the smallest feasible budget {format_size(target)} instead")
-        self._install(st, "planned (watched)", self._agreed(plan), target, None, record=False)
+        # Not agreed across ranks: only this rank measured the overshoot, and a collective here could hang.
+        # Ranks may then run different plans, which changes where bytes live, never the values.
+        self._install(st, "planned (watched)", plan, target, None, record=False)
 
 
 def _is_compiled(model: nn.Module) -> bool:

@@ -173,8 +173,6 @@ def train(cfg: RecipeConfig, *, log: Callable[[str], None] | None = None, progre
     dc = dist_context()
     if dc.world_size != cfg.world_size:
         raise RecipeInputError(f"config says world_size={cfg.world_size} but the environment has WORLD_SIZE={dc.world_size}")
-    if dc.active and cfg.budget:
-        raise RecipeInputError("--budget under torchrun is not supported yet (the Manager is not rank-aware in this release)")
     device = resolve_device(cfg, dc)
     dc.init(device)
     try:
@@ -220,7 +218,7 @@ def _train(cfg, dc, device, t_start, log, progress, plot, stop_after):
         if cfg.budget:
             from ..manager import Manager
 
-            mgr = Manager(net, budget=cfg.budget, nvme_dir=cfg.nvme_dir, model_name=cfg.model)
+            mgr = Manager(model, budget=cfg.budget, nvme_dir=cfg.nvme_dir, model_name=cfg.model)  # DDP: its module
         amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
         setup_s = time.perf_counter() - t_start
 
