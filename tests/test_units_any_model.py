@@ -323,7 +323,7 @@ def test_planned_bit_exact(model_name, tmp_path):
         modes = [s["mode"] for s in mgr.report()["steps"]]
         assert modes == ["trace"] + ["managed"] * (STEPS - 1)
         assert len(mgr.plan.storages) + len(mgr.plan.units) > 0, mgr.plan.notes
-        assert mgr.runtime.last_stats.misaligned is None
+        assert [r["stats"]["misaligned"] for r in mgr.report()["steps"][1:]] == [None] * (STEPS - 1)
         assert state_mismatches(ref, model) == []
     finally:
         mgr.close()

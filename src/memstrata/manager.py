@@ -553,6 +553,7 @@ class Manager:
             nvme_dir=self.nvme_dir, io_workers=self.io_workers,
         )
         if st.runtime is not None:
+            runtime.last_stats = st.runtime.last_stats  # the latest step's stats stay readable after a re-plan
             st.runtime.close()
         st.runtime = runtime
         if record:
