@@ -11,29 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli_args import nonneg_int, positive_int
 from .config import RecipeConfig
 
 __all__ = ["add_train_arguments", "config_from_args", "run_train"]
-
-
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def _float(text: str) -> float:
@@ -46,9 +27,9 @@ def _float(text: str) -> float:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help="ImageFolder root holding train/ and val/ class folders")
     p.add_argument("--model", default="resnet18", help="torchvision classification model (default resnet18)")
-    p.add_argument("--epochs", type=_pos_int, default=90, help="epochs (default 90)")
-    p.add_argument("--batch", type=_pos_int, default=64, help="batch size per process (default 64)")
-    p.add_argument("--res", type=_pos_int, default=224, help="training crop / validation crop size (default 224)")
+    p.add_argument("--epochs", type=positive_int, default=90, help="epochs (default 90)")
+    p.add_argument("--batch", type=positive_int, default=64, help="batch size per process (default 64)")
+    p.add_argument("--res", type=positive_int, default=224, help="training crop / validation crop size (default 224)")
     p.add_argument("--lr", type=_float, default=None, help="peak learning rate (default 0.1 x global batch / 256)")
     p.add_argument("--momentum", type=_float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=_float, default=1e-4, help="weight decay (default 1e-4)")
@@ -63,8 +44,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-erase", type=_float, default=0.0, help="RandomErasing probability (default 0; new recipe 0.1)")
     p.add_argument("--mixup-alpha", type=_float, default=0.0, help="MixUp alpha (default 0: off; new recipe 0.2)")
     p.add_argument("--cutmix-alpha", type=_float, default=0.0, help="CutMix alpha (default 0: off; new recipe 1.0)")
-    p.add_argument("--workers", type=_nonneg_int, default=None, help="loader workers (default: the usable cores)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of init, order and augmentation (default 0)")
+    p.add_argument("--workers", type=nonneg_int, default=None, help="loader workers (default: the usable cores)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of init, order and augmentation (default 0)")
     p.add_argument("--baseline", action="store_true",
                    help="the reference pipeline: DataLoader(ImageFolder) with PIL transforms, no memstrata")
     p.add_argument("--budget", default=None,
@@ -72,14 +53,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nvme-dir", default=None, metavar="DIR", help="with --budget: directory of the NVMe tier")
     p.add_argument("--store", default=None, metavar="DIR",
                    help="sample stores under DIR/train and DIR/val (default: memstrata's cache directory)")
-    p.add_argument("--max-side", type=_pos_int, default=160, help="stored short side in pixels (default 160)")
+    p.add_argument("--max-side", type=positive_int, default=160, help="stored short side in pixels (default 160)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    p.add_argument("--threads", type=_pos_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads of the training process (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="write DIR/checkpoint.pt after every epoch")
     p.add_argument("--resume", action="store_true", help="continue exactly from DIR/checkpoint.pt (--checkpoint DIR)")
-    p.add_argument("--stop-after", type=_pos_int, default=None, metavar="EPOCHS",
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="EPOCHS",
                    help="stop after this many epochs in this run (the schedule still spans --epochs; --resume later)")
     p.add_argument("--json", action="store_true", help="print one JSON object (stdout) instead of the table")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write validation top-1 vs wall time here")
