@@ -322,3 +322,95 @@ def test_close_keeps_states_in_the_plain_optimizer(tmp_path):
 def test_buckets_by_size():
     assert buckets_by_size([4, 4, 4, 10, 1], 8) == ((0, 1), (2,), (3,), (4,))
     assert buckets_by_size([], 8) == ()
+
+
+# ---------------------------------------------------------------------------------------------- the planner side
+from itertools import combinations  # noqa: E402
+
+from memstrata.decisions import InfeasibleBudgetError  # noqa: E402
+from memstrata.hardware import profile  # noqa: E402
+from memstrata.plan.states import WINDOW, plan_states  # noqa: E402
+
+
+def test_plan_keeps_everything_when_it_fits():
+    p = plan_states([1000, 2000], state_bytes_per_element=8, fast_budget=24_000, hierarchy=profile("cpu"))
+    assert set(p.tiers) == {"keep"} and p.nvme_bytes == 0 and p.stall_seconds == 0 and p.fast_bytes == 24_000
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_fits_budget_with_fewest_nvme_bytes(seed):
+    """Against brute force over every subset of buckets (one bucket size): within budget, least NVMe bytes."""
+    g = torch.Generator().manual_seed(seed)
+    numels = [int(n) for n in torch.randint(100, 5000, (13,), generator=g)]
+    sizes = [n * 8 for n in numels]
+    total = sum(sizes)
+    budget = int(total * (0.55 + 0.07 * seed))
+    best = None
+    for k in range(len(sizes) + 1):
+        for c in combinations(range(len(sizes)), k):
+            nb = sum(sizes[i] for i in c)
+            fast = total - nb + min(nb, WINDOW * max((sizes[i] for i in c), default=0))
+            if fast <= budget and (best is None or nb < best):
+                best = nb
+    # One parameter per bucket; no latency, so predicted time grows with NVMe bytes alone.
+    kw = dict(state_bytes_per_element=8, fast_budget=budget, read_bandwidth=1e9, write_bandwidth=1e9,
+              step_seconds=0.0, bucket_bytes=1, bucket_splits=0)
+    if best is None:  # the window of the largest parameters alone exceeds the budget
+        with pytest.raises(InfeasibleBudgetError):
+            plan_states(numels, **kw)
+        return
+    p = plan_states(numels, **kw)
+    assert p.fast_bytes <= budget
+    assert best <= p.nvme_bytes <= best * 1.15  # the greedy cover is close to the exact one
+    assert p.nvme_bytes == sum(s for s, t in zip(p.bucket_state_bytes, p.tiers) if t == "nvme")
+
+
+def test_plan_smaller_buckets_shrink_the_window_and_stall_is_modelled():
+    h = profile("cpu")
+    big = plan_states([1 << 17] * 64, state_bytes_per_element=8, fast_budget=40 << 20, hierarchy=h,
+                      bucket_bytes=8 << 20, bucket_splits=0)
+    auto = plan_states([1 << 17] * 64, state_bytes_per_element=8, fast_budget=40 << 20, hierarchy=h,
+                       bucket_bytes=8 << 20)
+    assert auto.nvme_bytes < big.nvme_bytes and auto.predicted_seconds < big.predicted_seconds
+    nv = h.nvme_tier()
+    io = sum(s / nv.read_bandwidth + s / nv.write_bandwidth + 2 * nv.latency
+             for s, t in zip(auto.bucket_state_bytes, auto.tiers) if t == "nvme")
+    assert auto.io_seconds == pytest.approx(io)
+    assert auto.stall_seconds == pytest.approx(max(0.0, io - auto.step_seconds))
+    hidden = plan_states([1 << 17] * 64, state_bytes_per_element=8, fast_budget=40 << 20, hierarchy=h,
+                         bucket_bytes=8 << 20, overlap_seconds=1.0)
+    assert hidden.stall_seconds == 0
+
+
+def test_plan_infeasible_budget_is_one_line():
+    with pytest.raises(InfeasibleBudgetError, match="window of 3 NVMe buckets") as ei:
+        plan_states([1 << 20] * 4, state_bytes_per_element=8, fast_budget=1 << 20, hierarchy=profile("cpu"))
+    assert "\n" not in str(ei.value) and ei.value.minimum_budget == 3 * (8 << 20)
+    with pytest.raises(ValueError, match="NVMe bandwidths"):
+        plan_states([10], state_bytes_per_element=8, fast_budget=0)
+
+
+def test_planned_placement_runs_within_its_budget(tmp_path):
+    """plan_states -> StatePlacement.from_plan -> TieredOptimizer: kept states + the measured window <= budget."""
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(12)])  # 24 params
+    numels = [p.numel() for p in model.parameters()]
+    total = sum(numels) * 8
+    budget = int(total * 0.7)
+    plan = plan_states(numels, state_bytes_per_element=8, fast_budget=budget, hierarchy=profile("cpu"),
+                       bucket_bytes=2 * 32 * 33 * 8)
+    assert "nvme" in plan.tiers and "keep" in plan.tiers
+    ref = nn.Sequential(*[nn.Linear(32, 32) for _ in range(12)])
+    ref.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = TieredOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), StatePlacement.from_plan(plan),
+                          nvme_dir=tmp_path)
+    for s in range(3):
+        x = torch.randn(4, 32, generator=torch.Generator().manual_seed(s))
+        for m, o in ((ref, ref_opt), (model, opt)):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    kept = sum(numels[i] * 8 for b, t in zip(plan.buckets, plan.tiers) if t == "keep" for i in b)
+    assert kept + opt.stats.peak_resident_bytes <= budget
+    assert_same_params(ref, model)
+    opt.close()
