@@ -1,0 +1,678 @@
+"""Optimizer states off tier 0: read ahead before the step, written behind after it.
+
+`TieredOptimizer` wraps any `torch.optim` optimizer whose state is per-parameter
+tensors (AdamW / Adam: ``exp_avg``, ``exp_avg_sq``; SGD: ``momentum_buffer``;
+Adagrad: ``sum``; ...).  Between steps the states of chosen buckets of
+parameters live on a lower tier (`Placement.HOST`: a host buffer; `Placement.NVME`:
+a file of the NVMe store); `step()` brings them back bucket by bucket, runs the
+wrapped optimizer's own step on that bucket only, and sends them down again,
+through the tier mover (mover.py).  Gradients and parameters stay on tier 0.
+
+>>> import tempfile, torch
+>>> from memstrata.runtime.states import StatePlacement, TieredOptimizer
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+>>> inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+>>> with tempfile.TemporaryDirectory() as d:
+...     # params 0, 1 (first Linear) keep their states on tier 0; params 2, 3 keep theirs in NVMe files
+...     opt = TieredOptimizer(inner, placement=StatePlacement(((0, 1), (2, 3)), ("keep", "nvme")), nvme_dir=d)
+...     model(torch.randn(4, 8)).sum().backward()
+...     opt.step()
+...     sorted(opt.inner.state[model[1].weight])        # exp_avg, exp_avg_sq: in a file, not in RAM
+...     sorted(opt.state_dict()["state"][2])            # the standard format, states materialised
+...     opt.close()
+['step']
+['exp_avg', 'exp_avg_sq', 'step']
+
+[Note: per-bucket steps are the full step]
+`step()` restricts every param group's ``params`` to one bucket and calls the
+wrapped optimizer's `step()` once per bucket.  For optimizers whose update of a
+parameter reads only that parameter's gradient and state (every torch.optim
+optimizer except LBFGS), and with the single-tensor kernels (``foreach=False``,
+the default on CPU), that is the same arithmetic on the same values as one full
+step: bit-identical.  The foreach / fused kernels group tensors by device and
+dtype and apply the same per-tensor formula, so a smaller list changes nothing
+either (checked on CPU with ``foreach=True`` in tests/test_states.py); where a
+kernel choice depends on the list (``_default_to_fused_or_foreach`` looks at the
+tensors' devices only), pin ``foreach=`` / ``fused=`` explicitly on both arms of
+a comparison.  Scalar (0-dim) states such as ``step`` stay in the wrapped
+optimizer's ``state`` all the time; every state with ``dim() > 0`` of a tiered
+bucket is tiered.  LR schedulers see the wrapped optimizer's ``param_groups``
+(the same list), so a schedule changes ``lr`` for every bucket alike.
+
+[Note: the state window]
+Buckets are stepped in a fixed order: the kept buckets first (their compute
+hides the first NVMe reads), then the host and NVMe buckets.  While bucket k is
+stepped, bucket k+1 (up to ``prefetch_depth`` buckets) is being read and bucket
+k-1 is being written; the write of bucket k-2 is waited for before bucket k
+starts.  So at most ``prefetch_depth + 2`` tiered buckets are on tier 0 at any
+time (`stats.peak_resident_bytes`); the writes of the last two buckets overlap
+the next forward/backward and are waited for at the start of the next `step()`
+(or in `state_dict()`, `flush()`, `close()`).  A tiered bucket whose write is
+still in flight when it is needed again is used from memory (no read).
+
+[Note: no state is ever lost]
+A state's bytes are always complete in at least one place.  Every write goes to
+a new file (the store never overwrites a file); the previous file is removed
+only after its bytes are back on tier 0 (the read job removes it), and the
+tier-0 tensor is dropped only after the new file was written completely.  So
+when the NVMe directory fills up mid-run, the failed write removes its partial
+file, the tensor it was writing stays on tier 0, the step that produced it
+finishes for every bucket (a write failure does not stop the step half way),
+and `step()` then raises a one-line `NVMeIOError`.  Parameters and states are
+then exactly those after that step: `state_dict()` returns them, and the next
+`step()` tries the write again.  A failed *read* is different (the file was the
+only copy): it raises at once and names the parameter.  A rename-based scheme
+buys nothing here, since the files are not a checkpoint: a crashed process's
+files are garbage (`remove_stale_stores` deletes them at the next start).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import re
+import shutil
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..hardware import format_size
+from .errors import NVMeIOError
+from .mover import Placement, Resident, TierMover
+from .nvme import NVMeStore
+from .pool import HostBufferPool, round_up
+from .streams import CopyContext
+
+DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024  # parameter bytes per bucket when the placement is one tier for all
+
+
+def _as_placement(tier: Placement | str | int) -> Placement:
+    if isinstance(tier, Placement):
+        return tier
+    if isinstance(tier, str):
+        try:
+            return Placement[tier.upper()]
+        except KeyError:
+            raise ValueError(f"unknown state tier {tier!r}: use 'keep', 'host' or 'nvme'") from None
+    return Placement(int(tier))
+
+
+def buckets_by_size(nbytes: Sequence[int], bucket_bytes: int) -> tuple[tuple[int, ...], ...]:
+    """Consecutive indices grouped so that each group holds about `bucket_bytes` (at least one index each)."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    out: list[tuple[int, ...]] = []
+    cur: list[int] = []
+    acc = 0
+    for i, n in enumerate(nbytes):
+        if cur and acc + int(n) > bucket_bytes:
+            out.append(tuple(cur))
+            cur, acc = [], 0
+        cur.append(i)
+        acc += int(n)
+    if cur:
+        out.append(tuple(cur))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class StatePlacement:
+    """Where each bucket of parameters keeps its optimizer states between steps.
+
+    `buckets` are tuples of parameter indices (the optimizer's numbering: param
+    groups in order, parameters in order, as in `Optimizer.state_dict()`);
+    `tiers[i]` is bucket i's `Placement` ('keep', 'host' or 'nvme').  Parameters
+    in no bucket keep their states on tier 0.  `plan.states.plan_states`
+    returns `buckets` and `tiers` in this form.
+    """
+
+    buckets: tuple[tuple[int, ...], ...]
+    tiers: tuple[Placement, ...]
+    prefetch_depth: int = 1  # tiered buckets read ahead of the one being stepped
+
+    def __post_init__(self) -> None:
+        buckets = tuple(tuple(int(i) for i in b) for b in self.buckets)
+        tiers = tuple(_as_placement(t) for t in self.tiers)
+        if len(buckets) != len(tiers):
+            raise ValueError(f"StatePlacement: {len(buckets)} buckets but {len(tiers)} tiers")
+        seen: set[int] = set()
+        for b in buckets:
+            if not b:
+                raise ValueError("StatePlacement: empty bucket")
+            for i in b:
+                if i < 0 or i in seen:
+                    raise ValueError(f"StatePlacement: parameter index {i} is negative or in two buckets")
+                seen.add(i)
+        if self.prefetch_depth < 1:
+            raise ValueError(f"StatePlacement: prefetch_depth must be >= 1, got {self.prefetch_depth}")
+        object.__setattr__(self, "buckets", buckets)
+        object.__setattr__(self, "tiers", tiers)
+
+    @classmethod
+    def uniform(cls, param_nbytes: Sequence[int], tier: Placement | str,
+                bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> "StatePlacement":
+        """Every parameter's states on `tier`, in buckets of about `bucket_bytes` parameter bytes."""
+        b = buckets_by_size(param_nbytes, bucket_bytes)
+        return cls(b, (tier,) * len(b))
+
+    @classmethod
+    def from_plan(cls, plan: Any, prefetch_depth: int = 1) -> "StatePlacement":
+        """From any record with `buckets` and `tiers` (e.g. `plan.states.StatePlan`)."""
+        return cls(tuple(plan.buckets), tuple(plan.tiers), prefetch_depth)
+
+    def tier_of(self, index: int) -> Placement:
+        for b, t in zip(self.buckets, self.tiers):
+            if index in b:
+                return t
+        return Placement.KEEP
+
+
+class _Slot:
+    """One tiered state tensor (param, key): on tier 0 (`tensor`), below (`rec`), or both while written."""
+
+    __slots__ = ("key", "dtype", "shape", "stride", "offset", "nbytes", "tensor", "rec", "serial")
+
+    def __init__(self, key: str, t: torch.Tensor, serial: int) -> None:
+        self.key = key
+        self.serial = serial  # the mover's storage tag (file names)
+        self.tensor: torch.Tensor | None = None
+        self.rec: Resident | None = None
+        self.adopt(t)
+
+    def adopt(self, t: torch.Tensor) -> None:
+        ust = t.untyped_storage()
+        dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+        if not dense or ust.nbytes() > round_up(t.numel() * t.element_size()):
+            t = t.clone(memory_format=torch.contiguous_format)  # evict exactly this tensor's bytes
+        self.dtype, self.shape, self.stride, self.offset = t.dtype, t.shape, t.stride(), t.storage_offset()
+        self.nbytes = t.untyped_storage().nbytes()
+        self.tensor = t
+
+    def rebuild(self, u8: torch.Tensor, base: int) -> torch.Tensor:
+        """The state tensor over restored bytes (`u8`'s storage, data at byte `base`), in a compact storage."""
+        flat = torch.empty(0, dtype=torch.uint8, device=u8.device).set_(u8.untyped_storage(), base, (self.nbytes,))
+        if u8.untyped_storage().nbytes() != self.nbytes or base % 64:
+            # A read-back buffer is rounded up to 4 KiB (plus alignment slack): wrap exactly our bytes
+            # (CPU: no copy), so the next eviction moves the same bytes and the storage never grows.
+            flat = torch.frombuffer(flat.numpy(), dtype=torch.uint8) if flat.device.type == "cpu" else flat.clone()
+        out = torch.empty(0, dtype=self.dtype, device=u8.device)
+        out.set_(flat.untyped_storage(), self.offset, self.shape, self.stride)
+        return out
+
+
+def _going_up(rec: Resident) -> bool:
+    return rec.read is not None or rec.restored is not None
+
+
+class _ParamStates:
+    """One parameter's record: its tier and its tiered state tensors."""
+
+    __slots__ = ("param", "index", "placement", "slots")
+
+    def __init__(self, param: torch.Tensor, index: int, placement: Placement) -> None:
+        self.param = param
+        self.index = index
+        self.placement = placement
+        self.slots: dict[str, _Slot] = {}
+
+    def reading(self) -> bool:
+        return any(s.rec is not None and s.tensor is None for s in self.slots.values())
+
+    def writes(self) -> list[_Slot]:
+        return [s for s in self.slots.values() if s.rec is not None and s.tensor is not None]
+
+
+@dataclass
+class StateStats:
+    """What the state tier did (cumulative since construction; `steps` counts `step()` calls)."""
+
+    steps: int = 0
+    bytes_written: int = 0  # bytes sent down (host copies and NVMe writes)
+    bytes_read: int = 0  # bytes brought back up
+    reads_waited_s: float = 0.0  # host time blocked on NVMe reads inside step()
+    writes_waited_s: float = 0.0  # host time blocked on the write window inside step()
+    demand_fetches: int = 0  # states restored with no read-ahead started
+    resident_bytes: int = 0  # tiered state bytes on tier 0 now
+    peak_resident_bytes: int = 0
+    write_failures: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+
+
+_STALE = re.compile(r"^memstrata-(\d+)-")
+
+
+def remove_stale_stores(directory: str | os.PathLike) -> list[str]:
+    """Delete `memstrata-<pid>-*` store directories under `directory` whose process is gone.
+
+    A killed process (SIGKILL, power loss) cannot remove its NVMe store; the
+    next one calls this at start.  A directory whose pid is alive (this process,
+    or another job sharing the disk) is left alone.  Returns the removed paths.
+    """
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = _STALE.match(name)
+        path = os.path.join(directory, name)
+        if not m or not os.path.isdir(path):
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or not ours to judge)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+class _ExitCloser:
+    """At interpreter exit (KeyboardInterrupt after SIGINT included): `close(keep_states=False)`."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: "weakref.ReferenceType[TieredOptimizer]") -> None:
+        self.ref = ref
+
+    def __call__(self) -> None:
+        opt = self.ref()
+        if opt is not None:
+            opt.close(keep_states=False)
+
+
+class TieredOptimizer(torch.optim.Optimizer):
+    """`optimizer` with its per-parameter states on the tiers `placement` names.
+
+    * `placement`: a `StatePlacement`, or one tier for every state ('keep',
+      'host', 'nvme'; buckets of `bucket_bytes` parameter bytes).
+    * `nvme_dir`: directory for the NVMe store (needed for NVMe buckets unless
+      `mover` brings a store); the store is a private subdirectory removed by
+      `close()` (and at exit).
+    * `mover`: an existing `TierMover` (shares its streams, pool and store);
+      by default one is made for the parameters' device.
+
+    Use it where the optimizer was used: `step()`, `zero_grad()`,
+    `state_dict()` / `load_state_dict()` (standard torch format), LR schedulers,
+    `clip_grad_norm_` on the parameters.  `inner.state` holds only the states
+    on tier 0 between steps; `state_dict()` has them all.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, placement: StatePlacement | Placement | str = "nvme", *,
+                 nvme_dir: str | os.PathLike | None = None, mover: TierMover | None = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, io_workers: int | None = None) -> None:
+        if isinstance(optimizer, TieredOptimizer):
+            raise ValueError("TieredOptimizer: the optimizer is already tiered")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"TieredOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if type(optimizer).__name__ == "LBFGS":
+            raise ValueError("TieredOptimizer: LBFGS keeps one state for all parameters; it cannot be tiered")
+        self.inner = optimizer
+        # torch.optim.Optimizer's bookkeeping, shared with the wrapped optimizer where it is state.
+        self.defaults = optimizer.defaults
+        self.param_groups = optimizer.param_groups  # the same list: LR schedulers write through it
+        self.state = optimizer.state
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if isinstance(placement, (str, Placement)):
+            placement = StatePlacement.uniform([p.numel() * p.element_size() for p in params], placement, bucket_bytes)
+        if not isinstance(placement, StatePlacement):
+            raise ValueError(f"TieredOptimizer: placement must be a StatePlacement or a tier, got {placement!r}")
+        bad = [i for b in placement.buckets for i in b if i >= len(params)]
+        if bad:
+            raise ValueError(f"StatePlacement names parameter {bad[0]}, the optimizer has {len(params)}")
+        self.placement = placement
+        self.stats = StateStats()
+        self._records = [_ParamStates(p, i, placement.tier_of(i)) for i, p in enumerate(params)]
+        # Step order ([Note: the state window]): kept parameters first, then the tiered buckets.
+        listed = {i for b in placement.buckets for i in b}
+        kept = [i for i in range(len(params)) if i not in listed or placement.tier_of(i) == Placement.KEEP]
+        tiered = [b for b, t in zip(placement.buckets, placement.tiers) if t != Placement.KEEP]
+        self._order: list[tuple[int, ...]] = ([tuple(kept)] if kept else []) + [tuple(b) for b in tiered]
+        self._serial = itertools.count()
+        self.closed = False
+
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(f"TieredOptimizer: parameters on several devices {sorted(map(str, devices))}")
+        device = devices.pop()
+        needs_nvme = any(t == Placement.NVME for t in placement.tiers)
+        self._own_mover = mover is None
+        if mover is None:
+            copy = CopyContext(device)
+            pool = HostBufferPool(pin=copy.cuda)
+            store = None
+            if needs_nvme:
+                if nvme_dir is None:
+                    raise ValueError("TieredOptimizer: NVMe state buckets need nvme_dir=")
+                remove_stale_stores(nvme_dir)
+                store = NVMeStore(nvme_dir, required_bytes=self._expected_nvme_bytes(), workers=io_workers,
+                                  pool=pool if copy.asynchronous else None)
+            mover = TierMover(device, copy, pool, store)
+        elif needs_nvme and mover.store is None:
+            raise ValueError("TieredOptimizer: NVMe state buckets need a mover with an NVMe store")
+        self.mover = mover
+        self._atexit = _ExitCloser(weakref.ref(self))
+        atexit.register(self._atexit)
+        # States that exist already (Adagrad makes them at construction, or a resumed optimizer).
+        self._adopt_all()
+
+    # ------------------------------------------------------------------ sizes
+    def _expected_nvme_bytes(self) -> int:
+        """Bytes the NVMe buckets will hold: parameter bytes x the optimizer's per-parameter state tensors."""
+        per = expected_state_tensors(self.inner)
+        return sum(r.param.numel() * r.param.element_size() * per for r in self._records if r.placement == Placement.NVME)
+
+    # ------------------------------------------------------------------ moving one record
+    def _adopt(self, rec: _ParamStates) -> None:
+        """Take the wrapped optimizer's tensor states of `rec` into slots (they are on tier 0 now)."""
+        st = self.inner.state.get(rec.param)
+        if not st or rec.placement == Placement.KEEP:
+            return
+        for key, v in list(st.items()):
+            if not torch.is_tensor(v) or v.dim() == 0:
+                continue
+            slot = rec.slots.get(key)
+            if slot is None:
+                slot = rec.slots[key] = _Slot(key, v, next(self._serial))
+                self._count_resident(slot.nbytes)
+            elif slot.tensor is not v:  # the optimizer replaced the tensor (SGD's first momentum_buffer)
+                if slot.rec is not None:
+                    self.mover.release(slot.rec)
+                    slot.rec = None
+                was = slot.tensor is not None
+                slot.adopt(v)
+                if not was:
+                    self._count_resident(slot.nbytes)
+            if slot.tensor is not v:  # adopt() compacted it: the optimizer must use the compact copy
+                st[key] = slot.tensor
+
+    def _adopt_all(self) -> None:
+        for rec in self._records:
+            self._adopt(rec)
+            if rec.placement != Placement.KEEP:
+                self._evict(rec)
+
+    def _count_resident(self, n: int) -> None:
+        s = self.stats
+        s.resident_bytes += n
+        s.peak_resident_bytes = max(s.peak_resident_bytes, s.resident_bytes)
+
+    def _evict(self, rec: _ParamStates) -> None:
+        """Send `rec`'s tier-0 states down; drop them from the wrapped optimizer's `state`."""
+        st = self.inner.state[rec.param]
+        for slot in rec.slots.values():
+            st.pop(slot.key, None)
+            if slot.tensor is None or slot.rec is not None:
+                continue
+            slot.rec = self.mover.evict(slot.serial, rec.placement, slot.tensor.untyped_storage())
+            self.stats.bytes_written += slot.nbytes
+            if rec.placement == Placement.HOST:  # the host buffer is the copy now ([Note: stream hand-offs])
+                self._drop(slot)
+
+    def _drop(self, slot: _Slot) -> None:
+        slot.tensor = None
+        self.stats.resident_bytes -= slot.nbytes
+
+    def _prefetch(self, rec: _ParamStates) -> None:
+        for slot in rec.slots.values():
+            if slot.tensor is None and slot.rec is not None and not _going_up(slot.rec):
+                self._count_resident(slot.nbytes)  # the read-back buffer is on tier 0 from now on
+                self.mover.prefetch(slot.rec)
+
+    def _materialise(self, rec: _ParamStates) -> None:
+        """Every state of `rec` on tier 0 and in the wrapped optimizer's `state`."""
+        st = self.inner.state[rec.param]
+        for slot in rec.slots.values():
+            if slot.tensor is None:
+                if not _going_up(slot.rec):
+                    self._count_resident(slot.nbytes)
+                try:
+                    got = self.mover.restore(slot.rec)
+                except NVMeIOError as e:
+                    raise NVMeIOError(f"optimizer state {slot.key!r} of parameter {rec.index} is lost: {e}") from None
+                self.stats.reads_waited_s += got.waited_seconds
+                self.stats.demand_fetches += int(got.demand_fetch)
+                self.stats.bytes_read += slot.nbytes
+                slot.tensor = slot.rebuild(got.tensor, got.base)
+            if slot.rec is not None:  # bytes below are stale from here on (the step updates them in place)
+                self.mover.release(slot.rec)
+                slot.rec = None
+            st[slot.key] = slot.tensor
+
+    def _settle(self, rec: _ParamStates, *, block: bool, failures: list[str]) -> bool:
+        """Drop tier-0 copies whose write finished; True when no write of `rec` is in flight."""
+        clear = True
+        for slot in rec.writes():
+            fut = slot.rec.write
+            if fut is None:  # pragma: no cover - HOST slots are dropped at eviction
+                self._drop(slot)
+                continue
+            if not fut.done():
+                if not block:
+                    clear = False
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    fut.exception()
+                finally:
+                    self.stats.writes_waited_s += time.perf_counter() - t0
+            err = fut.exception()
+            if err is None:
+                self._drop(slot)
+                continue
+            # [Note: no state is ever lost]: the tensor stays; the next step writes it again.
+            self.mover.release(slot.rec)
+            slot.rec = None
+            self.stats.write_failures += 1
+            failures.append(f"{err}")
+        return clear
+
+    def _raise_failures(self, failures: list[str]) -> None:
+        if not failures:
+            return
+        first = failures[0]
+        full = any(re.search(r"No space left|quota", f, re.I) for f in failures)
+        where = self.mover.store.directory if self.mover.store is not None else "?"
+        why = f"the NVMe directory {where} is full" if full else f"an NVMe write under {where} failed"
+        raise NVMeIOError(
+            f"{why}: {len(failures)} optimizer state write(s) failed ({first}); the states after the last step "
+            f"are intact in memory: save them with state_dict() or free space and step again"
+        )
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One optimizer step, bucket by bucket ([Note: per-bucket steps are the full step])."""
+        self._check_open()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t0 = time.perf_counter()
+        failures: list[str] = []
+        recs = self._records
+        for r in recs:  # the last step's final writes had the whole forward/backward to land
+            self._settle(r, block=True, failures=failures)
+        order = self._order
+        depth = self.placement.prefetch_depth
+        groups = self.inner.param_groups
+        full = [g["params"] for g in groups]
+        owner = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
+        for k, bucket in enumerate(order):
+            if k >= 2:  # the write window ([Note: the state window])
+                for i in order[k - 2]:
+                    self._settle(recs[i], block=True, failures=failures)
+            for j in range(k, min(len(order), k + 1 + depth)):
+                for i in order[j]:
+                    self._prefetch(recs[i])
+            for i in bucket:
+                self._materialise(recs[i])
+            sub: list[list[torch.Tensor]] = [[] for _ in groups]
+            for i in bucket:
+                p = recs[i].param
+                sub[owner[id(p)]].append(p)
+            try:
+                for g, ps in zip(groups, sub):
+                    g["params"] = ps
+                self.inner.step()
+            finally:
+                for g, ps in zip(groups, full):
+                    g["params"] = ps
+            for i in bucket:
+                self._adopt(recs[i])
+                if recs[i].placement != Placement.KEEP:
+                    self._evict(recs[i])
+        self.stats.steps += 1
+        self.stats.step_seconds.append(time.perf_counter() - t0)
+        self._raise_failures(failures)
+        return loss
+
+    # ------------------------------------------------------------------ whole-state operations
+    def flush(self) -> None:
+        """Wait for every write in flight; raise `NVMeIOError` (one line) if any failed."""
+        self._raise_failures(self._settle_all())
+
+    def _settle_all(self) -> list[str]:
+        failures: list[str] = []
+        for r in self._records:
+            self._settle(r, block=True, failures=failures)
+        return failures
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's `state_dict()`, every state materialised (standard torch format).
+
+        The tensors are snapshots: the next `step()` works on copies read back
+        from the lower tiers, so the returned dict does not change under it.
+        """
+        self._check_open()
+        self._settle_all()  # a failed write left its tensor on tier 0: nothing to raise, nothing lost
+        for r in self._records:
+            self._prefetch(r)
+        for r in self._records:
+            self._materialise(r)
+        try:
+            sd = self.inner.state_dict()
+            sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        finally:
+            for r in self._records:
+                if r.placement != Placement.KEEP:
+                    self._evict(r)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a standard torch optimizer state dict (from this class or from the plain optimizer)."""
+        self._check_open()
+        self._settle_all()
+        for r in self._records:
+            for slot in r.slots.values():
+                if slot.rec is not None:
+                    self.mover.release(slot.rec)
+                if slot.tensor is not None:
+                    self.stats.resident_bytes -= slot.nbytes
+            r.slots.clear()
+        self.inner.load_state_dict(state_dict)
+        self.state = self.inner.state  # torch replaces both; LR schedulers read them through this object
+        self.param_groups = self.inner.param_groups
+        self._adopt_all()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise ValueError("TieredOptimizer: add param groups to the optimizer before wrapping it")
+
+    def describe(self) -> str:
+        by = {t: 0 for t in Placement}
+        for r in self._records:
+            by[r.placement] += sum(s.nbytes for s in r.slots.values())
+        parts = ", ".join(f"{t.label} {format_size(n)}" for t, n in by.items() if n)
+        return f"optimizer states: {parts or 'none yet'}; {len(self._order)} buckets"
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("TieredOptimizer: used after close()")
+
+    def close(self, *, keep_states: bool = True) -> None:
+        """Remove the NVMe store; with `keep_states`, first bring every state back into the wrapped optimizer.
+
+        After `close()` the wrapped optimizer (`inner`) is a plain, complete
+        optimizer again (or, with ``keep_states=False``, one without the
+        tiered states, e.g. at the end of a run).
+        """
+        if self.closed:
+            return
+        try:
+            if keep_states:
+                self._settle_all()
+                for r in self._records:
+                    self._prefetch(r)
+                for r in self._records:
+                    self._materialise(r)
+                    for slot in r.slots.values():
+                        self._drop(slot)
+                    r.slots.clear()
+            else:
+                if self.mover.store is not None:
+                    self.mover.store.drain()
+                for r in self._records:
+                    for slot in r.slots.values():
+                        if slot.rec is not None:
+                            self.mover.release(slot.rec)
+                            slot.rec = None
+                    r.slots.clear()
+        finally:
+            self.closed = True
+            atexit.unregister(self._atexit)
+            if self._own_mover:
+                self.mover.close(own_store=True)
+
+    def __enter__(self) -> "TieredOptimizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(keep_states=exc[0] is None)
+
+    def __repr__(self) -> str:
+        return f"TieredOptimizer({type(self.inner).__name__}, {self.describe()})"
+
+
+_STATE_TENSORS = {"Adam": 2, "AdamW": 2, "NAdam": 3, "RAdam": 2, "Adamax": 2, "SGD": 1, "Adagrad": 1,
+                  "RMSprop": 1, "Adadelta": 2, "Rprop": 2, "ASGD": 2, "SparseAdam": 2}
+
+
+def expected_state_tensors(optimizer: torch.optim.Optimizer) -> int:
+    """Parameter-sized state tensors `optimizer` keeps per parameter (a table for torch.optim; 2 otherwise)."""
+    name = type(optimizer).__name__
+    n = _STATE_TENSORS.get(name, 2)
+    g = optimizer.defaults
+    if name in ("Adam", "AdamW") and g.get("amsgrad"):
+        n += 1
+    if name == "SGD" and not g.get("momentum"):
+        n = 0
+    if name == "RMSprop":
+        n += int(bool(g.get("momentum"))) + int(bool(g.get("centered")))
+    return n
+
+
+__all__ = ["TieredOptimizer", "StatePlacement", "StateStats", "buckets_by_size", "remove_stale_stores",
+           "expected_state_tensors", "DEFAULT_BUCKET_BYTES"]
