@@ -72,7 +72,6 @@ import atexit
 import itertools
 import os
 import re
-import shutil
 import time
 import weakref
 from collections import OrderedDict
@@ -84,7 +83,7 @@ import torch
 from ..hardware import format_size
 from .errors import NVMeIOError
 from .mover import Placement, Resident, TierMover
-from .nvme import NVMeStore
+from .nvme import NVMeStore, remove_stale_stores  # noqa: F401  (re-exported)
 from .pool import HostBufferPool, round_up
 from .streams import CopyContext
 
@@ -243,41 +242,6 @@ class StateStats:
     step_seconds: list[float] = field(default_factory=list)
 
 
-_STALE = re.compile(r"^memstrata-(\d+)-")
-
-
-def remove_stale_stores(directory: str | os.PathLike) -> list[str]:
-    """Delete `memstrata-<pid>-*` store directories under `directory` whose process is gone.
-
-    A killed process (SIGKILL, power loss) cannot remove its NVMe store; the
-    next one calls this at start.  A directory whose pid is alive (this process,
-    or another job sharing the disk) is left alone.  Returns the removed paths.
-    """
-    removed = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        m = _STALE.match(name)
-        path = os.path.join(directory, name)
-        if not m or not os.path.isdir(path):
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # alive (or not ours to judge)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # someone else's live process
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
 class _ExitCloser:
     """At interpreter exit (KeyboardInterrupt after SIGINT included): `close(keep_states=False)`."""
 
@@ -364,7 +328,7 @@ class TieredOptimizer(torch.optim.Optimizer):
             if needs_nvme:
                 if nvme_dir is None:
                     raise ValueError("TieredOptimizer: NVMe state buckets need nvme_dir=")
-                remove_stale_stores(nvme_dir)
+                # NVMeStore removes the stores of dead processes first (nvme.remove_stale_stores)
                 store = NVMeStore(nvme_dir, required_bytes=self._expected_nvme_bytes(), workers=io_workers,
                                   pool=pool if copy.asynchronous else None)
             mover = TierMover(device, copy, pool, store)
