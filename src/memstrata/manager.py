@@ -7,7 +7,7 @@ memory and CUDA copy streams)::
     >>> from memstrata.manager import Manager      # also memstrata.Manager
     >>> model = torchvision.models.mobilenet_v3_small(num_classes=10)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    >>> mgr = Manager(model, budget="80%", nvme_dir=tempfile.mkdtemp())
+    >>> mgr = Manager(model, budget="80%", nvme_dir=tempfile.mkdtemp())   # default: "50%act"
     >>> for _ in range(4):
     ...     x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
     ...     with mgr.step(x):          # step 0: warm-up, 1: trace + plan, 2..: under the plan
@@ -35,9 +35,12 @@ triggers a re-trace.  `MEMSTRATA_DISABLE=1` in the environment (or
 `enabled=False`) makes `step()` a no-op for side-by-side comparisons.
 
 Errors surface before any managed step runs: a malformed budget or a missing /
-unwritable `nvme_dir` in the constructor; a budget below the minimum
-(`InfeasibleBudgetError`, with the smallest feasible budget) or an `nvme_dir`
-without room for the plan (`NVMeDirectoryError`) at the end of the trace step.
+unwritable `nvme_dir` in the constructor; with `fallback="raise"`, a budget below
+the minimum (`InfeasibleBudgetError`, naming the smallest feasible budget and what
+could not be freed; the default `fallback="minimum"` runs at that minimum with a
+warning instead) or an `nvme_dir` without room for the plan (`NVMeDirectoryError`)
+at the end of the trace step.  Afterwards the budget watch ([Note: budget watch])
+re-plans when measured peaks or step times disagree with the plan's.
 """
 
 from __future__ import annotations
