@@ -9,8 +9,6 @@ after 5 SGD-momentum steps are torch.equal to plain training from the same seed.
 from __future__ import annotations
 
 import copy
-import os
-from dataclasses import replace
 
 import pytest
 import torch
@@ -23,7 +21,8 @@ from memstrata.plan.api import minimum_budget
 from memstrata.plan.forced import forced_plan
 from memstrata.runtime import ActivationRuntime
 from memstrata.runtime.check import state_mismatches, train_steps
-from memstrata.trace.record import trace_step
+
+from runtime_cases import cpu_hierarchy, setup_case
 
 STEPS = 5
 
@@ -79,26 +78,10 @@ MODELS = {
     "rng_net": (rng_net, 16),
 }
 
-_CACHE: dict[str, tuple] = {}
-
-
 def setup_model(name: str):
     """(initial model, x, y, reference after STEPS plain steps, trace) — built once per model."""
-    if name not in _CACHE:
-        make, res = MODELS[name]
-        torch.manual_seed(0)
-        base = make()
-        x = torch.randn(4, 3, res, res)
-        y = torch.randint(0, 10, (4,))
-        ref = train_steps(copy.deepcopy(base), x, y, steps=STEPS)
-        trace = trace_step(copy.deepcopy(base), x, y)
-        _CACHE[name] = (base, x, y, ref, trace)
-    return _CACHE[name]
-
-
-def cpu_hierarchy(nvme_dir):
-    h = profile("cpu")
-    return replace(h, tiers=tuple(replace(t, path=str(nvme_dir)) if t.kind == "nvme" else t for t in h.tiers))
+    make, res = MODELS[name]
+    return setup_case(name, make, res, STEPS)
 
 
 @pytest.mark.parametrize("kind", KINDS)

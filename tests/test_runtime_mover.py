@@ -12,7 +12,6 @@ import re
 from collections import Counter
 
 import pytest
-import torch
 
 from memstrata.plan.api import minimum_budget, plan as make_plan
 from memstrata.plan.forced import forced_plan

@@ -10,7 +10,6 @@ bit-identical to plain training (params, grads, buffers after 5 SGD steps).
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
@@ -23,8 +22,10 @@ from memstrata.plan.api import minimum_budget
 from memstrata.plan.forced import forced_plan
 from memstrata.runtime import ActivationRuntime
 from memstrata.runtime.check import state_mismatches, train_steps
-from memstrata.trace.record import trace_model, trace_step
+from memstrata.trace.record import trace_model
 from memstrata.trace.units import find_units, is_chain_module
+
+from runtime_cases import cpu_hierarchy, setup_case
 
 STEPS = 5
 
@@ -257,25 +258,9 @@ FULL = [pytest.param(n, marks=pytest.mark.slow) for n in ("vit_b_16", "swin_t", 
 # the modules that must be recomputed as per-layer units when every unit is forced to recompute
 LAYER_TYPES = ("EncoderBlock", "SwinTransformerBlock", "SwinTransformerBlockV2", "CNBlock")
 
-_CACHE: dict[str, tuple] = {}
-
-
 def setup_model(name: str):
-    if name not in _CACHE:
-        make, res = MODELS[name]
-        torch.manual_seed(0)
-        base = make()
-        x = torch.randn(4, 3, res, res)
-        y = torch.randint(0, 10, (4,))
-        ref = train_steps(copy.deepcopy(base), x, y, steps=STEPS)
-        trace = trace_step(copy.deepcopy(base), x, y)
-        _CACHE[name] = (base, x, y, ref, trace)
-    return _CACHE[name]
-
-
-def cpu_hierarchy(nvme_dir):
-    h = profile("cpu")
-    return replace(h, tiers=tuple(replace(t, path=str(nvme_dir)) if t.kind == "nvme" else t for t in h.tiers))
+    make, res = MODELS[name]
+    return setup_case(name, make, res, STEPS)
 
 
 @pytest.fixture(autouse=True)
