@@ -52,7 +52,8 @@ def _memstrata_batch(root, tmp):
 
 
 # FFCV JIT-compiles its pipeline with numba on the first epoch (~15 CPU-s, minutes on a busy box): slow tier
-@pytest.mark.parametrize("name", [pytest.param(p, marks=pytest.mark.slow) if p == "ffcv" else p for p in PEERS])
+@pytest.mark.parametrize("name", [pytest.param(p, marks=pytest.mark.slow) if p.startswith("ffcv") else p
+                                  for p in PEERS])
 def test_peer_yields_what_memstrata_yields(name, tiny, tmp_path):
     # torchvision-v2 in-process (workers=0): its worker processes are torch's DataLoader, not the peer's code
     workers = 0 if name == "torchvision-v2" else 1

@@ -595,15 +595,25 @@ def annotate_loader_rows(rows: list[dict[str, Any]], gpu=H200_RESNET50, cores=WA
     mem = next((r for r in rows if r["name"] == "memstrata" and r["samples_per_s"]), None)
     peers = [r for r in rows if r["name"] != "memstrata" and r["samples_per_s"]]
     fastest = max(peers, key=lambda r: r["samples_per_s"]) if peers else None
+    by_cpu = [r for r in peers if r.get("samples_per_cpu_s")]
+    fastest_cpu = max(by_cpu, key=lambda r: r["samples_per_cpu_s"]) if by_cpu else None
     for r in rows:
         pc = r["samples_per_s_per_core"]
         r["gpu_reference"] = {"label": gpu.label, "images_per_s": gpu.images_per_s, "source": gpu.source}
         r["gpu_wait_fraction"] = {str(c): wait_fraction(pc, c, gpu.images_per_s) for c in cores}
         r["gpu_wait_formula"] = "max(0, 1 - images_per_s_per_core * cores / gpu_images_per_s); linear in cores"
         r["cores_to_feed_gpu"] = cores_to_feed(pc, gpu.images_per_s)
+        # the same from images per CPU-second used: what one core delivers when the loader has it to
+        # itself (on a shared box "per usable core" also counts the time other programs took)
+        pcpu = r.get("samples_per_cpu_s")
+        r["gpu_wait_fraction_per_cpu_s"] = {str(c): wait_fraction(pcpu, c, gpu.images_per_s) for c in cores}
+        r["cores_to_feed_gpu_per_cpu_s"] = cores_to_feed(pcpu, gpu.images_per_s)
         r["memstrata_vs_this"] = (mem["samples_per_s"] / r["samples_per_s"]) if mem and r["samples_per_s"] else None
         r["fastest_peer"] = fastest["name"] if fastest else None
         r["memstrata_vs_fastest_peer"] = (mem["samples_per_s"] / fastest["samples_per_s"]) if mem and fastest else None
+        r["fastest_peer_per_cpu_s"] = fastest_cpu["name"] if fastest_cpu else None
+        r["memstrata_vs_fastest_peer_per_cpu_s"] = (mem["samples_per_cpu_s"] / fastest_cpu["samples_per_cpu_s"]
+                                                    if mem and mem.get("samples_per_cpu_s") and fastest_cpu else None)
 
 
 # ------------------------------------------------------------------ cache policy (in process, pure simulation)
@@ -694,7 +704,7 @@ def print_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]], elapse
         gpu = rows[0]["gpu_reference"] if rows else {"label": H200_RESNET50.label}
         for c in WAIT_CORES:
             t.add_column(f"{gpu['label']} waits, {c} cores", justify="right")
-        t.add_column("cores to feed it", justify="right")
+        t.add_column("cores to feed it (per core / per CPU-s)", justify="right")
         t.add_column("status")
         for r in rows:
             vals = ", ".join(f"{v:.0f}" for v in r["samples_per_s_values"])
@@ -703,14 +713,16 @@ def print_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]], elapse
             t.add_row(r["name"], _f(r["samples_per_s"]), _f(r["samples_per_s_per_core"]), _f(r.get("samples_per_cpu_s")),
                       vals or "-", "-" if r["ratio_to_torchvision"] is None else f"{r['ratio_to_torchvision']:.1f}x",
                       "-" if r.get("memstrata_vs_this") is None else f"{r['memstrata_vs_this']:.1f}x",
-                      *waits, _f(r.get("cores_to_feed_gpu")),
+                      *waits, f"{_f(r.get('cores_to_feed_gpu'))} / {_f(r.get('cores_to_feed_gpu_per_cpu_s'))}",
                       r["status"] + (f": {r['reason']}" if r["reason"] else ""))
         console.print(t)
         fastest = next((r for r in rows if r.get("fastest_peer")), None)
         if fastest and fastest.get("memstrata_vs_fastest_peer"):
             console.print(f"memstrata / fastest peer ({fastest['fastest_peer']}): "
-                          f"{fastest['memstrata_vs_fastest_peer']:.2f}x images/s per core at the same cores",
-                          highlight=False)
+                          f"{fastest['memstrata_vs_fastest_peer']:.2f}x images/s per core at the same cores"
+                          + (f"; per CPU-second used ({fastest['fastest_peer_per_cpu_s']}): "
+                             f"{fastest['memstrata_vs_fastest_peer_per_cpu_s']:.2f}x"
+                             if fastest.get("memstrata_vs_fastest_peer_per_cpu_s") else ""), highlight=False)
         console.print(f"GPU wait = max(0, 1 - per core x cores / {gpu.get('images_per_s', H200_RESNET50.images_per_s):,.0f} "
                       f"images/s), assuming linear scaling in cores and host cores as fast as this box's; "
                       f"{gpu.get('source', H200_RESNET50.source)}", highlight=False)

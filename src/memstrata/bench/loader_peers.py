@@ -28,6 +28,8 @@ JPEGs, with the same number of workers (processes or threads, each peer's own un
                     fastest mode) -- then `Loader(order=RANDOM, num_workers=workers)` with
                     RandomResizedCropRGBImageDecoder -> RandomHorizontalFlip -> NormalizeImage(float32)
                     -> ToTensor -> ToTorchImage.  Its batches are channels-last views (FFCV's default).
+``ffcv-jpeg``       the same FFCV loader over a file of JPEGs (`write_mode="jpg"`, quality 90, the
+                    images' full size): it decodes every epoch, as the other peers do.
 
 Sample order: torchvision-v2 and spdl draw the order `RandomSampler` draws with a generator seeded
 once (what memstrata and the torchvision contender use); DALI and FFCV use their own seeded
@@ -46,9 +48,9 @@ from typing import Any, Iterator
 
 __all__ = ["PEERS", "PEER_PACKAGES", "PeerNotInstalled", "build_peer", "peer_extra"]
 
-PEERS = ("torchvision-v2", "spdl", "dali", "ffcv")
+PEERS = ("torchvision-v2", "spdl", "dali", "ffcv", "ffcv-jpeg")
 # the pip names of each peer (pyproject's `peers` extra lists them)
-PEER_PACKAGES = {"torchvision-v2": "torchvision", "spdl": "spdl", "dali": "nvidia-dali-cuda130", "ffcv": "ffcv"}
+PEER_PACKAGES = {"torchvision-v2": "torchvision", "spdl": "spdl", "dali": "nvidia-dali-cuda130", "ffcv": "ffcv", "ffcv-jpeg": "ffcv"}
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 
@@ -231,28 +233,36 @@ class DaliLoader:
 
 
 # ------------------------------------------------------------------ FFCV
-def ffcv_beton(root: str, max_side: int, cache: str | None = None) -> str:
-    """The FFCV file of `root` (decoded pixels, long side <= max_side * 4/3), written once and reused."""
+def ffcv_beton(root: str, max_side: int, cache: str | None = None, mode: str = "raw") -> str:
+    """The FFCV file of `root`, written once and reused.
+
+    mode "raw": decoded pixels, long side <= max_side * 4/3 (what memstrata's store keeps for 4:3 images);
+    mode "jpg": JPEG quality 90 at the images' own size (long side <= 4096).
+    """
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     from torchvision.datasets import ImageFolder
 
-    max_res = math.ceil(max_side * 4 / 3)  # memstrata's store: short side max_side, so ~4:3 images' long side
-    key = hashlib.sha1(f"{Path(root).resolve()}|{max_res}|raw".encode()).hexdigest()[:12]
+    if mode not in ("raw", "jpg"):
+        raise ValueError(f"mode must be 'raw' or 'jpg', got {mode!r}")
+    # memstrata's store: short side max_side, so ~4:3 images' long side
+    max_res = math.ceil(max_side * 4 / 3) if mode == "raw" else 4096
+    key = hashlib.sha1(f"{Path(root).resolve()}|{max_res}|{mode}".encode()).hexdigest()[:12]
     base = Path(cache or os.environ.get("MEMSTRATA_CACHE", Path.home() / ".cache" / "memstrata")) / "ffcv"
     base.mkdir(parents=True, exist_ok=True)
     path = base / f"{Path(root).name}-{key}.beton"
     if not path.exists():
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         ds = ImageFolder(root)
-        writer = DatasetWriter(str(tmp), {"image": RGBImageField(write_mode="raw", max_resolution=max_res),
+        field = RGBImageField(write_mode=mode, max_resolution=max_res, jpeg_quality=90)
+        writer = DatasetWriter(str(tmp), {"image": field,
                                           "label": IntField()}, num_workers=max(1, os.cpu_count() or 1))
         writer.from_indexed_dataset(ds)
         os.replace(tmp, path)
     return str(path)
 
 
-def _ffcv(spec: dict[str, Any]):
+def _ffcv(spec: dict[str, Any], mode: str = "raw"):
     try:
         import numpy as np
         from ffcv.fields.basics import IntDecoder
@@ -262,7 +272,7 @@ def _ffcv(spec: dict[str, Any]):
     except ImportError as e:
         raise _missing("ffcv", e) from None
     mean, std = _mean_std()
-    beton = ffcv_beton(spec["root"], spec["max_side"], spec.get("ffcv_cache"))
+    beton = ffcv_beton(spec["root"], spec["max_side"], spec.get("ffcv_cache"), mode)
     image = [RandomResizedCropRGBImageDecoder((spec["res"], spec["res"]), scale=SCALE, ratio=RATIO),
              RandomHorizontalFlip(), NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32),
              ToTensor(), ToTorchImage()]
@@ -283,5 +293,7 @@ def build_peer(name: str, spec: dict[str, Any]):
         lo = DaliLoader(spec)
         return lo, lo.n
     if name == "ffcv":
-        return _ffcv(spec)
+        return _ffcv(spec, "raw")
+    if name == "ffcv-jpeg":
+        return _ffcv(spec, "jpg")
     raise ValueError(f"unknown loader peer {name!r}: choose from {', '.join(PEERS)}")
