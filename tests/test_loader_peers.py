@@ -42,9 +42,11 @@ def _epoch(loader):
     return xs, ys
 
 
-def _memstrata_batch(root, tmp):
-    lo = TieredLoader(str(root), BATCH, seed=0, epochs=1, device="cpu", augment=TrainAugment(size=RES),
-                      store_dir=str(tmp / "store"), max_side=48, num_workers=1, progress=False)
+@pytest.fixture(scope="module")
+def memstrata_batch(tiny, tmp_path_factory):
+    """What memstrata's TieredLoader + TrainAugment yields on CPU for the same set: the reference."""
+    lo = TieredLoader(str(tiny), BATCH, seed=0, epochs=1, device="cpu", augment=TrainAugment(size=RES),
+                      store_dir=str(tmp_path_factory.mktemp("store")), max_side=48, num_workers=1, progress=False)
     try:
         return next(iter(lo))
     finally:
@@ -54,7 +56,7 @@ def _memstrata_batch(root, tmp):
 # FFCV JIT-compiles its pipeline with numba on the first epoch (~15 CPU-s, minutes on a busy box): slow tier
 @pytest.mark.parametrize("name", [pytest.param(p, marks=pytest.mark.slow) if p.startswith("ffcv") else p
                                   for p in PEERS])
-def test_peer_yields_what_memstrata_yields(name, tiny, tmp_path):
+def test_peer_yields_what_memstrata_yields(name, tiny, tmp_path, memstrata_batch):
     # torchvision-v2 in-process (workers=0): its worker processes are torch's DataLoader, not the peer's code
     workers = 0 if name == "torchvision-v2" else 1
     try:
@@ -62,7 +64,7 @@ def test_peer_yields_what_memstrata_yields(name, tiny, tmp_path):
     except PeerNotInstalled as e:
         pytest.skip(f"{name} not installed here: {e}")
     assert n == IMAGES
-    ref_x, ref_y = _memstrata_batch(tiny, tmp_path)
+    ref_x, ref_y = memstrata_batch
     lo = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
     hi = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
     try:

@@ -15,7 +15,8 @@ Scenarios (contenders in the JSON list, one object each, like the model benchmar
                  (ImageFolder + DataLoader, PIL, RandomResizedCrop + flip + ToTensor +
                  Normalize) and the peers users pick instead (`loader_peers`:
                  ``torchvision-v2`` decode_jpeg + transforms.v2, ``spdl``, ``dali`` CPU
-                 pipeline, ``ffcv``), same augmentation, batch size, workers and cores.  A
+                 pipeline, ``ffcv`` over decoded pixels, ``ffcv-jpeg`` over JPEGs), same
+                 augmentation, batch size, workers and cores.  A
                  peer that cannot run here is a row "not installed: <reason>".  Each row also
                  says what its rate means for a GPU: the fraction of its time an H200 training
                  ResNet-50 (measured rate, `gpu_wait`) would wait with 2, 16 or 32 such cores.
@@ -767,7 +768,7 @@ def write_plot(path: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> No
     sc = cfg["scenario"]
     color = {"memstrata": "#1f77b4", "belady": "#1f77b4", "torchvision": "#ff7f0e", "lru": "#ff7f0e",
              "synthetic": "#999999", "torchvision-v2": "#ffbb78", "spdl": "#2ca02c", "dali": "#76b900",
-             "ffcv": "#9467bd"}
+             "ffcv": "#9467bd", "ffcv-jpeg": "#c5b0d5"}
     if sc == "cache-policy":
         fig, ax = plt.subplots(figsize=(8, 4.5))
         keys = list(rows[0]["hit_rate"]) if rows else []

@@ -13,6 +13,8 @@ JPEGs, with the same number of workers (processes or threads, each peer's own un
 ``torchvision-v2``  `torchvision.io.decode_jpeg` + `transforms.v2` (RandomResizedCrop(antialias) ->
                     RandomHorizontalFlip -> ToDtype(float32, scale) -> Normalize), per sample in a
                     `DataLoader` with `workers` processes; torchvision's reference recipe's v2 path.
+                    (torchvision 0.29 deprecates `torchvision.io`'s decoders in favour of TorchCodec:
+                    a DeprecationWarning, and a future peer.)
 ``spdl``            SPDL's thread pipeline (`spdl.pipeline.PipelineBuilder`): FFmpeg demux + decode
                     with a crop/scale/flip filter graph per image (crop parameters from
                     RandomResizedCrop.get_params on the image's size), `workers` decode threads, one
