@@ -60,11 +60,13 @@ from .hardware import Budget, Hierarchy, format_size, profile
 from .plan.tuning import Correct, Keep, Measure, Trial, TryNext, next_step, watch_verdict
 from .report import Report
 from .runtime.activations import ActivationRuntime
+from .runtime.managed_states import ManagedStates
 from .runtime.nvme import check_directory
 from .runtime.pool import HostBufferPool
 from .runtime.streams import CopyContext
 from .trace.calibrate import calibrate_durations
 from .trace.schema import Trace
+from .trace.states import planned_trace, with_optimizer_phase
 from .trace.units import out_of_place_activations, restore_inplace
 
 __all__ = ["Manager", "Report", "default_hierarchy", "disabled_by_env"]
@@ -159,6 +161,7 @@ class _ShapeState:
     traces: int = 0
     trace: Trace | None = None
     plan: Plan | None = None
+    planned: Trace | None = None  # the trace as tier 0 sees it under the plan's state decisions
     runtime: ActivationRuntime | None = None
     budget: int | None = None
     predicted_seconds: float | None = None
@@ -242,6 +245,7 @@ class Manager:
         world_size: int | None = None,
         agree_plans: bool = True,
         fallback: str = "minimum",
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.model = model
         self.root = _unwrap(model)  # what units, the trace and the runtime's hooks are found in
@@ -287,6 +291,14 @@ class Manager:
         self.tune = self._cuda if tune is None else bool(tune)
         self._copy: CopyContext | None = None
         self._pool: HostBufferPool | None = None
+        # [Note: states in the plan] (plan/joint.py): the optimizer's states are planned with the activations.
+        self.states: ManagedStates | None = None
+        if optimizer is not None and self.enabled:
+            self._copy = CopyContext(self.device)
+            self._pool = HostBufferPool(pin=self._copy.cuda)
+            self.states = ManagedStates(optimizer, device=self.device, copy=self._copy, pool=self._pool,
+                                        nvme_dir=self.nvme_dir, io_workers=io_workers)
+        self.optimizer = self.states.optimizer if self.states is not None else optimizer
         self._states: dict[tuple, _ShapeState] = {}
         self._steps: list[StepRecord] = []
         self._current: _ShapeState | None = None
@@ -363,6 +375,9 @@ class Manager:
                 rec.peak_bytes = None
             st.traces += 1
             trace, st.time_scale = calibrate_durations(r.trace(), st.warmup_seconds)
+            if self.states is not None:  # the optimizer step runs after the block: its records come from here
+                trace = with_optimizer_phase(trace, self.states.state_bytes(),
+                                             self.states.trace_step_seconds(self.hierarchy), self.states.dtypes())
             self._plan(st, trace)
             self._steps[-1].peak_bytes = st.trace.observed_peak
             self._steps[-1].peak_source = "tracer (all storages, observed)"
@@ -377,7 +392,7 @@ class Manager:
             if not self._cuda and s.heap_peak_bytes is not None:
                 # one basis with the budget and the prediction: what was there at the step's start, plus growth
                 rec.peak_above_start_bytes = s.heap_peak_bytes
-                rec.peak_bytes = st.trace.bytes_at_start + s.heap_peak_bytes
+                rec.peak_bytes = (st.planned or st.trace).bytes_at_start + s.heap_peak_bytes
                 rec.peak_source = CPU_PEAK_SOURCE
             if st.tuning and not s.misaligned:
                 rec.mode = "managed (tuning)"
@@ -422,6 +437,8 @@ class Manager:
                                "trials": [t.summary(int(st.budget or 0)) for t in st.trials]}
             if st.runtime is not None:
                 d["runtime"] = st.runtime.describe()
+            if self.states is not None:
+                d["states"] = self.states.describe()
             if st.notes:
                 d["notes"] = list(st.notes)
             shapes[_key_str(key)] = d
@@ -444,6 +461,8 @@ class Manager:
             if st.runtime is not None:
                 st.runtime.close()
                 st.runtime = None
+        if self.states is not None:
+            self.states.close()
         if self._pool is not None:
             self._pool.clear()
         restore_inplace(self._out_of_place)
@@ -529,6 +548,10 @@ class Manager:
     def _make_plan(self, trace: Trace, budget: int, tiers: Any) -> Plan:
         if callable(self.planner):
             return self.planner(trace, self.hierarchy, budget)
+        if self.states is not None:
+            from .plan.joint import joint_plan
+
+            return joint_plan(trace, self.hierarchy, budget, planner=self.planner, tiers=tiers)
         from .plan.api import plan as make_plan
 
         return make_plan(trace, self.hierarchy, budget, planner=self.planner, tiers=tiers)
@@ -551,8 +574,11 @@ class Manager:
         if self._copy is None:
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
+        st.planned = planned_trace(trace, plan, self.hierarchy) if plan.states else trace
+        if self.states is not None:
+            self.states.apply(plan.states, self.hierarchy)
         runtime = ActivationRuntime(
-            self.root, trace, plan, self.hierarchy, device=self.device, copy=self._copy, pool=self._pool,
+            self.root, st.planned, plan, self.hierarchy, device=self.device, copy=self._copy, pool=self._pool,
             nvme_dir=self.nvme_dir, io_workers=self.io_workers,
         )
         if st.runtime is not None:

@@ -59,6 +59,11 @@ def _tier_indices(hierarchy: Hierarchy, tiers) -> tuple[int, ...]:
     return out
 
 
+def offload_tier_indices(hierarchy: Hierarchy, tiers=None) -> tuple[int, ...]:
+    """Indices of the lower tiers named by `tiers` (default: every lower tier); ValueError for unknown ones."""
+    return _tier_indices(hierarchy, tiers)
+
+
 def minimum_budget(trace: Trace, hierarchy: Hierarchy, *, tiers=None) -> int:
     """The smallest tier-0 budget memstrata can plan for; see [Note: minimum budget]."""
     ix = trace_index(trace)

@@ -559,6 +559,39 @@ class TieredOptimizer(torch.optim.Optimizer):
         self.param_groups = self.inner.param_groups
         self._adopt_all()
 
+    def set_placement(self, placement: StatePlacement) -> None:
+        """Move to a new placement between steps: every state comes back to tier 0, then the new tiers apply.
+
+        Values do not change (states are only moved); NVMe buckets need a mover with a store.
+        """
+        self._check_open()
+        if not isinstance(placement, StatePlacement):
+            raise ValueError(f"TieredOptimizer: placement must be a StatePlacement, got {placement!r}")
+        if placement == self.placement:
+            return
+        n = len(self._records)
+        bad = [i for b in placement.buckets for i in b if i >= n]
+        if bad:
+            raise ValueError(f"StatePlacement names parameter {bad[0]}, the optimizer has {n}")
+        if any(t == Placement.NVME for t in placement.tiers) and self.mover.store is None:
+            raise ValueError("TieredOptimizer: NVMe state buckets need a mover with an NVMe store")
+        self._raise_failures(self._settle_all())
+        for r in self._records:
+            self._prefetch(r)
+        for r in self._records:
+            self._materialise(r)
+            for slot in r.slots.values():
+                self._drop(slot)
+            r.slots.clear()
+        self.placement = placement
+        for r in self._records:
+            r.placement = placement.tier_of(r.index)
+        listed = {i for b in placement.buckets for i in b}
+        kept = [i for i in range(n) if i not in listed or placement.tier_of(i) == Placement.KEEP]
+        tiered = [b for b, t in zip(placement.buckets, placement.tiers) if t != Placement.KEEP]
+        self._order = ([tuple(kept)] if kept else []) + [tuple(b) for b in tiered]
+        self._adopt_all()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 

@@ -1,0 +1,203 @@
+"""Optimizer states in the plan (plan/joint.py, trace/states.py, runtime/managed_states.py): the Manager plans
+them with the activations in one budget, executes them through TieredOptimizer, and training stays bit-exact."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from memstrata import Manager
+from memstrata.decisions import InfeasibleBudgetError, Plan, StateDecision
+from memstrata.hardware import profile
+from memstrata.plan.joint import joint_minimum_budget, joint_plan, state_decisions
+from memstrata.plan import minimum_budget
+from memstrata.runtime.mover import Placement
+from memstrata.simulate import simulate
+from memstrata.trace import trace_model
+from memstrata.trace.states import planned_trace, state_buckets, with_optimizer_phase
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STEPS, ACCUM, CLIP = 5, 2, 0.5
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(12, 32), nn.Tanh()), nn.Sequential(nn.Linear(32, 32), nn.Tanh()),
+                         nn.Sequential(nn.Linear(32, 32), nn.Tanh()), nn.Linear(32, 3))  # 8 parameters
+
+
+def batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    return torch.randn(16, 12, generator=g), torch.randn(16, 3, generator=g)
+
+
+def make_opt(kind: str, params) -> torch.optim.Optimizer:
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=3e-2, weight_decay=0.1, foreach=False)
+    return torch.optim.SGD(params, lr=5e-2, momentum=0.9, foreach=False)
+
+
+def train(model, opt, step_ctx=None, kind="adamw"):
+    """AdamW: 2-step accumulation, clipping, an LR schedule; SGD momentum: plain steps."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
+    accum = ACCUM if kind == "adamw" else 1
+    for step in range(STEPS):
+        for micro in range(accum):
+            x, y = batch(step, micro)
+            with (step_ctx(x) if step_ctx else _null()):
+                (nn.functional.mse_loss(model(x), y) / accum).backward()
+        if kind == "adamw":
+            nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        if kind == "adamw":
+            sched.step()
+        opt.zero_grad()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def mixed(tr, h):
+    n = len(state_buckets(tr))
+    return [("nvme", None, "dram")[i % 3] for i in range(n)]
+
+
+FORCED = {"kept": "keep", "host": "dram", "nvme": "nvme", "mixed": mixed}
+
+
+def assert_same(ref_model, ref_opt, model, opt):
+    for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), n
+    sa, sb = ref_opt.state_dict(), opt.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for i in sa["state"]:
+        for k, v in sa["state"][i].items():
+            w = sb["state"][i][k]
+            assert torch.equal(v, w) if torch.is_tensor(v) else v == w, (i, k)
+
+
+@pytest.mark.parametrize("placement", sorted(FORCED))
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_manager_with_states_in_the_plan_is_bit_exact(kind, placement, tmp_path):
+    ref_model = make_model()
+    ref_opt = make_opt(kind, ref_model.parameters())
+    train(ref_model, ref_opt, kind=kind)
+
+    model = make_model()
+    spec = FORCED[placement]
+    planner = lambda tr, h, b: joint_plan(tr, h, b, states=spec(tr, h) if callable(spec) else spec)
+    mgr = Manager(model, budget="100%", nvme_dir=tmp_path, optimizer=make_opt(kind, model.parameters()),
+                  planner=planner)
+    train(model, mgr.optimizer, step_ctx=mgr.step, kind=kind)
+    assert_same(ref_model, ref_opt, model, mgr.optimizer)
+    plan = mgr.plan
+    assert Plan.from_json(plan.to_json()) == plan
+    tiers = {d.tier for d in plan.states}
+    want = {"kept": {None}, "host": {"dram"}, "nvme": {"nvme"}, "mixed": {None, "nvme", "dram"}}[placement]
+    assert tiers == want
+    opt = mgr.optimizer
+    tiered = [r for r in opt._records if r.placement != Placement.KEEP]
+    if placement != "kept":
+        assert tiered and opt.stats.bytes_written > 0 and opt.stats.bytes_read > 0
+    if placement in ("nvme", "mixed"):
+        assert opt.mover.store.bytes_written > 0
+    assert "states" in mgr.report()["shapes"][next(iter(mgr.report()["shapes"]))]
+    mgr.close()
+    assert os.listdir(tmp_path) == []
+    # after close, the user's optimizer is complete again
+    assert_same(ref_model, ref_opt, model, opt.inner)
+
+
+def test_the_objective_picks_the_split_and_the_runtime_follows(tmp_path):
+    """A budget below params + grads + states + activations: the plan sends states down (not a user fraction),
+    its predicted peak fits, and training under it is still bit-exact."""
+    ref_model = make_model()
+    ref_opt = make_opt("adamw", ref_model.parameters())
+    train(ref_model, ref_opt)
+    model = make_model()
+    mgr = Manager(model, budget="75%", nvme_dir=tmp_path, optimizer=make_opt("adamw", model.parameters()))
+    train(model, mgr.optimizer, step_ctx=mgr.step)
+    plan = mgr.plan
+    assert any(d.tier == "nvme" for d in plan.states), plan.notes
+    assert dict(plan.predicted_peaks)["dram"] <= plan.budget
+    tl = simulate(mgr.trace, plan, mgr.hierarchy)
+    assert tl.peaks["dram"] <= plan.budget and tl.step_time == pytest.approx(plan.predicted_step_time)
+    assert_same(ref_model, ref_opt, model, mgr.optimizer)
+    mgr.close()
+    assert os.listdir(tmp_path) == []
+
+
+def _toy_trace():
+    """A Manager trace of the toy model with its optimizer phase appended (as the Manager builds it)."""
+    from memstrata.trace.record import record_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), *(nn.Sequential(nn.Tanh(), nn.Linear(32, 32)) for _ in range(8)),
+                          nn.Linear(32, 3))
+    x, y = batch(0, 0)
+    with record_step(model) as r:
+        nn.functional.mse_loss(model(x), y).backward()
+    sizes = [[p.numel() * 4] * 2 for p in model.parameters()]
+    return with_optimizer_phase(r.trace(), sizes, 1e-4), model
+
+
+def test_joint_plan_keeps_states_when_everything_fits_and_tiers_them_when_not():
+    h = profile("cpu")
+    tr, model = _toy_trace()
+    states = sum(s.nbytes for s in tr.storages if s.kind == "optimizer_state")
+    assert states == 2 * sum(p.numel() * 4 for p in model.parameters())
+    loose = joint_plan(tr, h, tr.observed_peak)
+    assert loose.states and all(d.tier is None for d in loose.states)  # nothing moved when it all fits
+    tight = joint_plan(tr, h, tr.observed_peak - states // 2)
+    assert sum(d.nbytes for d in tight.states if d.tier == "nvme") >= states // 2 - 1
+    assert dict(tight.predicted_peaks)["dram"] <= tight.budget
+    assert tight.predicted_step_time > loose.predicted_step_time  # the NVMe I/O is charged
+    assert Plan.from_json(tight.to_json()) == tight
+    # below what even every state on NVMe leaves: one-line error naming the joint minimum
+    least = joint_minimum_budget(tr, h)
+    assert least < minimum_budget(tr, h)
+    with pytest.raises(InfeasibleBudgetError) as e:
+        joint_plan(tr, h, least - 1)
+    assert e.value.minimum_budget == least and "\n" not in str(e.value)
+    joint_plan(tr, h, least)  # the minimum itself is plannable
+
+
+def test_planned_trace_models_the_state_window():
+    h = profile("cpu")
+    tr, _ = _toy_trace()
+    dec = state_decisions(tr, h, "nvme")
+    total = sum(d.nbytes for d in dec)
+    pt = planned_trace(tr, dec, h)
+    opt_ev = next(op.index for op in tr.ops if op.phase == "optimizer")
+    win = [s for s in pt.storages[len(tr.storages):] if s.producer == opt_ev]
+    sizes = [d.nbytes for d in dec]
+    assert len(win) == 1 and win[0].nbytes == max(sum(sizes[max(0, k - 1):k + 2]) for k in range(len(sizes)))
+    assert pt.bytes_at_start < tr.bytes_at_start - total + win[0].nbytes
+    with pytest.raises(ValueError, match="unknown tier"):
+        state_decisions(tr, h, "hbm")
+
+
+def test_plan_json_without_states_still_loads():
+    d = Plan("greedy", "cpu", 10).to_dict()
+    d.pop("states")
+    assert Plan.from_dict(d).states == ()
+    p = Plan("greedy", "cpu", 10, states=(StateDecision((0, 1), "nvme", (3, 4), 64),))
+    assert Plan.from_json(p.to_json()) == p and p.counts()["states:nvme"] == 1
+
+
+def test_meta_trace_minimum_drops_with_states_in_the_plan():
+    """vit_b_32 (issue 9's table: minimum 71% of the peak): with its optimizer states in the plan, lower."""
+    h = profile("a100-80gb")
+    tr = trace_model("vit_b_32", 4, 224, h)
+    assert all(s.param_index is not None for s in tr.storages if s.kind == "optimizer_state")
+    assert joint_minimum_budget(tr, h) < 0.9 * minimum_budget(tr, h)
