@@ -117,3 +117,16 @@ class ManagedStates:
         self._handles = []
         self.optimizer.close(keep_states=True)
         self.mover.close(own_store=True)
+
+
+# [Note: sharded states]
+# Under FSDP2 (`torch.distributed.fsdp.fully_shard`) parameters and their
+# optimizer states are DTensors sharded across ranks; each rank's optimizer
+# updates its own shard.  `TieredOptimizer` tiers what this rank holds: a
+# DTensor state's local shard is what is evicted, read back and rebuilt into
+# a DTensor with the same mesh, placements, global shape and stride
+# (runtime/states.py `_Slot`), so the wrapped optimizer and `state_dict()`
+# see DTensors as without memstrata.  Under DDP every rank holds full
+# states; gradients are all-reduced inside backward, before the optimizer
+# step that reads them, so nothing of the reduction changes.  Budgets, plans
+# and NVMe files are per rank (rank 0's plan is broadcast: Manager._agreed).

@@ -274,6 +274,12 @@ class StepRecorder:
     def _make_pre(self, name: str, is_unit: bool, is_root: bool) -> Callable:
         def pre(module, args, kwargs):
             self._module_stack.append(name)
+            # The module's own parameters as it runs: under FSDP2 these are the unsharded parameters its
+            # pre-forward hook (registered before ours) has just gathered; they are parameters, not inputs.
+            for p in module.parameters(recurse=False):
+                s = self._sid(p, None)
+                if s is not None and s.role in (None, "input") and s.producer is None:
+                    s.role = "parameter"
             tensors: list[torch.Tensor] = []
             if is_unit or (is_root and self._input_shape is None):
                 _flat_tensors(args, tensors)
