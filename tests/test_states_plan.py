@@ -201,3 +201,39 @@ def test_meta_trace_minimum_drops_with_states_in_the_plan():
     tr = trace_model("vit_b_32", 4, 224, h)
     assert all(s.param_index is not None for s in tr.storages if s.kind == "optimizer_state")
     assert joint_minimum_budget(tr, h) < 0.9 * minimum_budget(tr, h)
+
+
+def test_disabled_manager_hands_back_the_plain_optimizer(tmp_path):
+    model = make_model()
+    opt = make_opt("adamw", model.parameters())
+    mgr = Manager(model, optimizer=opt, enabled=False)
+    assert mgr.optimizer is opt and mgr.states is None
+    mgr.close()
+
+
+def test_state_dict_of_the_managed_optimizer_resumes_a_plain_one(tmp_path):
+    """Saved mid-run from the Manager's tiered optimizer (states on NVMe), loaded into a plain optimizer: the
+    rest of the run equals the unmanaged run; a second input shape gets its own plan over the same states."""
+    ref_model = make_model()
+    ref_opt = make_opt("adamw", ref_model.parameters())
+    train(ref_model, ref_opt)
+    train(ref_model, ref_opt)
+
+    model = make_model()
+    mgr = Manager(model, budget="100%", nvme_dir=tmp_path, optimizer=make_opt("adamw", model.parameters()),
+                  planner=lambda tr, h, b: joint_plan(tr, h, b, states="nvme"))
+    train(model, mgr.optimizer, step_ctx=mgr.step)
+    sd = mgr.optimizer.state_dict()
+    x2 = torch.randn(4, 12)  # another shape: traced and planned too, states stay exact
+    with mgr.step(x2):
+        model(x2).sum().mul(0).backward()
+    with mgr.step(x2):
+        model(x2).sum().mul(0).backward()
+    mgr.optimizer.zero_grad()
+    assert len(mgr.report()["shapes"]) == 2 and all(d.tier == "nvme" for d in mgr.plan.states)
+    mgr.close()
+    assert os.listdir(tmp_path) == []
+    fresh = make_opt("adamw", model.parameters())
+    fresh.load_state_dict(sd)
+    train(model, fresh)
+    assert_same(ref_model, ref_opt, model, fresh)

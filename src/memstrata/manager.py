@@ -19,8 +19,11 @@ memory and CUDA copy streams)::
     >>> print(mgr.report())            # doctest: +SKIP
     >>> mgr.close()                    # removes the NVMe files and directory
 
-Where tensors live: parameters, gradients, optimizer states and the batch stay
-where you put them.  Tensors autograd saves for backward follow the plan: kept
+Where tensors live: parameters, gradients and the batch stay where you put
+them; optimizer states too, unless the optimizer is given (`optimizer=opt`:
+then the plan places its per-parameter states, kept or on host / NVMe between
+steps, and you step `mgr.optimizer`; see [Note: states in the plan] in
+plan/joint.py).  Tensors autograd saves for backward follow the plan: kept
 in tier 0 (GPU memory, or host RAM on a CPU box), copied to pinned host memory
 or to files under `nvme_dir` during the forward and back during the backward,
 or dropped and recomputed (whole recompute units, or all but their expensive
@@ -220,6 +223,12 @@ class Manager:
             0 and 1).  With world_size > 1 and an initialized process group,
             every rank runs rank 0's plan for a shape (`agree_plans`), so ranks
             of one DDP job recompute and offload the same storages.
+
+        optimizer: the model's `torch.optim` optimizer: its per-parameter
+            states join the plan (one budget, one objective with the
+            activations); `self.optimizer` is then a `TieredOptimizer` over it
+            that the training loop steps (None: the Manager does not touch the
+            optimizer; with memstrata disabled `self.optimizer` is `optimizer`).
 
     A model wrapped in DistributedDataParallel (or DataParallel) is managed
     through the module it wraps: units, trace and hooks are the inner model's.

@@ -2,10 +2,11 @@
 
 >>> from memstrata.hardware import profile
 >>> from memstrata.trace import trace_model
->>> tr = trace_model("alexnet", 32, 224, "a100-80gb")             # doctest: +SKIP
->>> p = joint_plan(tr, profile("a100-80gb"), tr.observed_peak // 2)  # doctest: +SKIP
->>> p.counts()                                                       # doctest: +SKIP
-{'offload:dram': 9, 'recompute_units': 3, 'states:dram': 16}
+>>> h = profile("a100-80gb")
+>>> tr = trace_model("vit_b_32", 32, 224, h)                                  # doctest: +SKIP
+>>> p = joint_plan(tr, h, int(0.6 * tr.observed_peak), planner="greedy")      # doctest: +SKIP (~3 s)
+>>> p.counts()             # 14 of 19 state buckets in host DRAM, the activations planned for the rest
+{'offload:dram': 18, 'recompute_units': 7, 'states:dram': 14}
 
 [Note: states in the plan]
 The optimizer's per-parameter states are records of the trace (kind
@@ -21,7 +22,8 @@ live during the optimizer phase) within the same budget, so the activations
 get exactly the budget the states leave; the candidate's predicted step time
 is the activation plan's simulated step plus the states' exposed I/O
 (`state_stall_seconds`).  The least predicted step wins (ties: fewer tiered
-bytes, then a shallower tier); a budget no candidate fits raises
+bytes, then a shallower tier; a candidate whose state I/O alone exceeds the
+best so far is skipped: its activations cannot beat the unmanaged step); a budget no candidate fits raises
 `InfeasibleBudgetError` with the least minimum over the candidates.
 Candidates: everything kept, and, per lower tier that frees tier 0 (not
 tier 0's own host copy on a CPU box), the largest 1, 1/4, 1/2, 3/4 and all
@@ -122,7 +124,12 @@ def joint_plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str 
              else _candidates(trace, hierarchy, tiers, bucket_bytes))
     best: tuple | None = None
     least = None
-    for dec in cands:
+    # Cheapest state I/O first; a candidate whose states alone cost more than the best plan so far (its
+    # activations cannot beat the unmanaged step) is not planned.
+    stalls = [state_stall_seconds(trace, hierarchy, _moved(hierarchy, dec))[0] for dec in cands]
+    for stall, dec in sorted(zip(stalls, cands), key=lambda sd: sd[0]):
+        if best is not None and trace.step_time + stall > best[0][0]:
+            continue
         derived = planned_trace(trace, dec, hierarchy)
         try:
             p = plan(derived, hierarchy, budget, planner=planner, tiers=tiers, time_limit=time_limit)
