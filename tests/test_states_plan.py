@@ -237,3 +237,32 @@ def test_state_dict_of_the_managed_optimizer_resumes_a_plain_one(tmp_path):
     fresh.load_state_dict(sd)
     train(model, fresh)
     assert_same(ref_model, ref_opt, model, fresh)
+
+
+def test_each_shape_runs_under_its_own_state_placement(tmp_path):
+    """Two input shapes whose plans place the states differently: each managed step moves the states to its
+    shape's placement first (between optimizer steps), and training stays exact."""
+    def steps(model, opt, ctx=None):
+        for i in range(6):
+            x, y = batch(i, 0)
+            x, y = (x, y) if i % 2 else (x[:8], y[:8])
+            with (ctx(x) if ctx else _null()):
+                nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if ctx:
+                placed.append(tuple(t.label for t in opt.placement.tiers))
+
+    placed: list = []
+    ref = make_model()
+    ref_opt = make_opt("adamw", ref.parameters())
+    steps(ref, ref_opt)
+    model = make_model()
+    mgr = Manager(model, budget="100%", nvme_dir=tmp_path, optimizer=make_opt("adamw", model.parameters()),
+                  warmup_steps=0,
+                  planner=lambda tr, h, b: joint_plan(tr, h, b, states="nvme" if tr.batch_size == 8 else "keep"))
+    steps(model, mgr.optimizer, mgr.step)
+    assert_same(ref, ref_opt, model, mgr.optimizer)
+    # steps 0, 1: traces (planned at their end); 2..5 managed, alternating NVMe / kept
+    assert [bool(p) and set(p) == {"nvme"} for p in placed[2:]] == [True, False, True, False]
+    mgr.close()

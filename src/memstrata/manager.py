@@ -393,6 +393,8 @@ class Manager:
             self._steps[-1].budget_bytes = st.budget
         else:
             rt = st.runtime
+            if self.states is not None and st.plan is not None:  # this shape's plan placed the states its way
+                self.states.apply(st.plan.states, self.hierarchy)
             with self._measure(index, st, "managed") as rec:
                 with rt.step() as stats:
                     yield

@@ -29,8 +29,9 @@ Candidates: everything kept, and, per lower tier that frees tier 0 (not
 tier 0's own host copy on a CPU box), the largest 1, 1/4, 1/2, 3/4 and all
 of the buckets on that tier.  So the split between states and activations is
 chosen by predicted step time, not by a user fraction; what it does not
-search: per-bucket mixes of two lower tiers, and the lower tiers' capacity
-for states (a host tier is assumed to hold them).  Parameters and gradients
+search: per-bucket mixes of two lower tiers; a lower tier's capacity is
+checked against the states alone (the activations offloaded there share it:
+not yet counted together).  Parameters and gradients
 stay in tier 0 (their access times are in the trace, but the runtime does
 not move them yet).  `Plan.states` carries the decisions (JSON round trip);
 the Manager executes them through `runtime.states.TieredOptimizer`.
@@ -92,6 +93,8 @@ def _candidates(trace: Trace, hierarchy: Hierarchy, tiers, bucket_bytes) -> list
     for ti in _state_tier_names(hierarchy, tiers):
         for k in counts:
             chosen = set(order[:k])
+            if ti >= 1 and sum(sum(g.nbytes for g in buckets[i]) for i in chosen) > hierarchy.tiers[ti].capacity:
+                continue  # the tier cannot hold them
             out.append(state_decisions(trace, hierarchy, [names[ti] if i in chosen else None for i in range(n)],
                                        bucket_bytes))
     return out
