@@ -33,6 +33,7 @@ from ..hardware import Hierarchy
 from ..simulate import SimResult, run
 from ..trace.index import trace_index
 from ..trace.space import decision_space
+from ..trace.states import STATE_WINDOW_MODULE
 from ..trace.schema import Trace
 from ..decisions import InfeasibleBudgetError, Plan, StorageDecision, UnitDecision
 from . import greedy as _greedy
@@ -114,6 +115,8 @@ def explain_minimum(trace: Trace, hierarchy: Hierarchy, *, tiers=None) -> str:
                 u = trace.units[res.dropped[sid]]
                 key = (f"activations re-created by recomputing {u.module or '<top>'} during its backward "
                        f"(one unit of {u.last_op - u.first_op + 1} ops: smaller units would hold less)")
+            elif st.module == STATE_WINDOW_MODULE:
+                key = "optimizer states of tiered buckets on their way through tier 0 (the state window)"
             elif st.kind != "activation":
                 key = f"{_KIND_NAMES.get(st.kind, st.kind)} (not moved by memstrata)"
             elif not st.saved:

@@ -108,7 +108,10 @@ class ManagedStates:
         self.optimizer.set_placement(placement)
 
     def describe(self) -> str:
-        return self.optimizer.describe()
+        st = self.optimizer.stats
+        last = f"; last step {st.step_seconds[-1] * 1e3:.2f} ms" if st.step_seconds else ""
+        return (f"{self.optimizer.describe()}{last}; moved {st.bytes_written} B down, {st.bytes_read} B up; "
+                f"waited {st.reads_waited_s * 1e3:.2f} ms on reads, {st.writes_waited_s * 1e3:.2f} ms on writes")
 
     def close(self) -> None:
         """Every state back in the wrapped optimizer; NVMe files removed."""

@@ -45,11 +45,12 @@ from ..hardware import Hierarchy
 from .schema import OpRecord, StorageRecord, Trace
 
 __all__ = ["StateGroup", "state_groups", "state_buckets", "optimizer_span", "with_optimizer_phase", "tier_states",
-           "state_stall_seconds", "planned_trace", "PER_BUCKET_SECONDS", "MAX_STATE_BUCKET_BYTES"]
+           "state_stall_seconds", "planned_trace", "STATE_WINDOW_MODULE", "PER_BUCKET_SECONDS", "MAX_STATE_BUCKET_BYTES"]
 
 WRITE_BEHIND = 2  # buckets whose writes overlap the next forward
 PER_BUCKET_SECONDS = 50e-6  # Python / launch overhead of one bucket's step (as plan/states.py)
 MAX_STATE_BUCKET_BYTES = 64 * 1024 * 1024
+STATE_WINDOW_MODULE = "<optimizer state window>"  # the module name of tier_states' window records
 MIN_BUCKETS = 16  # state buckets at least (when there are that many parameters): a small window
 
 
@@ -172,10 +173,10 @@ def tier_states(trace: Trace, tiered: Sequence[Sequence[int]], *,
     tail = sum(sz for sz, w in list(zip(sizes, behind))[-WRITE_BEHIND:] if w)
     nid = len(sts)
     sts.append(StorageRecord(id=nid, nbytes=win, dtype="uint8", shape=(win,), kind="optimizer_state",
-                             producer=span[0], last_use=span[1], freed_after=span[1]))
+                             producer=span[0], last_use=span[1], freed_after=span[1], module=STATE_WINDOW_MODULE))
     if tail:
         sts.append(StorageRecord(id=nid + 1, nbytes=tail, dtype="uint8", shape=(tail,), kind="temporary",
-                                 producer=None, last_use=0, freed_after=0))
+                                 producer=None, last_use=0, freed_after=0, module=STATE_WINDOW_MODULE))
     out = replace(trace, storages=tuple(sts))
     return replace(out, observed_peak=_all_keep_peak(out))
 
