@@ -24,15 +24,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS, ACCUM, CLIP = 5, 2, 0.5
 
 
-def make_model() -> nn.Module:
+def make_model(device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Sequential(nn.Linear(12, 32), nn.Tanh()), nn.Sequential(nn.Linear(32, 32), nn.Tanh()),
-                         nn.Sequential(nn.Linear(32, 32), nn.Tanh()), nn.Linear(32, 3))  # 8 parameters
+                         nn.Sequential(nn.Linear(32, 32), nn.Tanh()), nn.Linear(32, 3)).to(device)  # 8 parameters
 
 
-def batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int, micro: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * step + micro)
-    return torch.randn(16, 12, generator=g), torch.randn(16, 3, generator=g)
+    return torch.randn(16, 12, generator=g).to(device), torch.randn(16, 3, generator=g).to(device)
 
 
 def make_opt(kind: str, params) -> torch.optim.Optimizer:
@@ -45,9 +45,10 @@ def train(model, opt, step_ctx=None, kind="adamw"):
     """AdamW: 2-step accumulation, clipping, an LR schedule; SGD momentum: plain steps."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
     accum = ACCUM if kind == "adamw" else 1
+    device = next(model.parameters()).device.type
     for step in range(STEPS):
         for micro in range(accum):
-            x, y = batch(step, micro)
+            x, y = batch(step, micro, device)
             with (step_ctx(x) if step_ctx else _null()):
                 (nn.functional.mse_loss(model(x), y) / accum).backward()
         if kind == "adamw":
@@ -86,14 +87,12 @@ def assert_same(ref_model, ref_opt, model, opt):
             assert torch.equal(v, w) if torch.is_tensor(v) else v == w, (i, k)
 
 
-@pytest.mark.parametrize("placement", sorted(FORCED))
-@pytest.mark.parametrize("kind", ["adamw", "sgd"])
-def test_manager_with_states_in_the_plan_is_bit_exact(kind, placement, tmp_path):
-    ref_model = make_model()
+def check_bit_exact(kind: str, placement: str, tmp_path, device: str = "cpu") -> None:
+    ref_model = make_model(device)
     ref_opt = make_opt(kind, ref_model.parameters())
     train(ref_model, ref_opt, kind=kind)
 
-    model = make_model()
+    model = make_model(device)
     spec = FORCED[placement]
     planner = lambda tr, h, b: joint_plan(tr, h, b, states=spec(tr, h) if callable(spec) else spec)
     mgr = Manager(model, budget="100%", nvme_dir=tmp_path, optimizer=make_opt(kind, model.parameters()),
@@ -104,7 +103,7 @@ def test_manager_with_states_in_the_plan_is_bit_exact(kind, placement, tmp_path)
     assert Plan.from_json(plan.to_json()) == plan
     tiers = {d.tier for d in plan.states}
     want = {"kept": {None}, "host": {"dram"}, "nvme": {"nvme"}, "mixed": {None, "nvme", "dram"}}[placement]
-    assert tiers == want
+    assert tiers == want, plan.states
     opt = mgr.optimizer
     tiered = [r for r in opt._records if r.placement != Placement.KEEP]
     if placement != "kept":
@@ -116,6 +115,20 @@ def test_manager_with_states_in_the_plan_is_bit_exact(kind, placement, tmp_path)
     assert os.listdir(tmp_path) == []
     # after close, the user's optimizer is complete again
     assert_same(ref_model, ref_opt, model, opt.inner)
+
+
+@pytest.mark.parametrize("placement", sorted(FORCED))
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_manager_with_states_in_the_plan_is_bit_exact(kind, placement, tmp_path):
+    check_bit_exact(kind, placement, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("placement", ["host", "nvme", "mixed"])
+def test_gpu_manager_with_states_in_the_plan_is_bit_exact(placement, tmp_path):
+    """The same on CUDA: pinned host buffers ('dram' is the host tier below HBM there), copy streams."""
+    check_bit_exact("adamw", placement, tmp_path, device="cuda")
 
 
 def test_the_objective_picks_the_split_and_the_runtime_follows(tmp_path):
