@@ -279,3 +279,26 @@ def test_each_shape_runs_under_its_own_state_placement(tmp_path):
     # steps 0, 1: traces (planned at their end); 2..5 managed, alternating NVMe / kept
     assert [bool(p) and set(p) == {"nvme"} for p in placed[2:]] == [True, False, True, False]
     mgr.close()
+
+
+@pytest.mark.filterwarnings("ignore:memstrata")
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.1),  # no per-parameter state at all
+                                  lambda p: torch.optim.Adagrad(p, lr=0.1),  # states made at construction
+                                  lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9)],
+                         ids=["sgd-plain", "adagrad", "rmsprop"])
+def test_other_optimizers_through_the_manager(make, tmp_path):
+    ref = make_model()
+    ref_opt = make(ref.parameters())
+    train(ref, ref_opt, kind="sgd")
+    model = make_model()
+    mgr = Manager(model, budget="80%", nvme_dir=tmp_path, optimizer=make(model.parameters()))
+    train(model, mgr.optimizer, step_ctx=mgr.step, kind="sgd")
+    assert_same(ref, ref_opt, model, mgr.optimizer)  # also: no empty state entries for stateless parameters
+    mgr.close()
+
+
+def test_lbfgs_is_refused_in_one_line():
+    model = make_model()
+    with pytest.raises(ValueError, match="LBFGS") as e:
+        Manager(model, optimizer=torch.optim.LBFGS(model.parameters()))
+    assert "\n" not in str(e.value)

@@ -437,6 +437,8 @@ class TieredOptimizer(torch.optim.Optimizer):
 
     def _materialise(self, rec: _ParamStates) -> None:
         """Every state of `rec` on tier 0 and in the wrapped optimizer's `state`."""
+        if not rec.slots:  # nothing tiered (a kept parameter, or one without states): do not create a state entry
+            return
         st = self.inner.state[rec.param]
         for slot in rec.slots.values():
             if slot.tensor is None:
