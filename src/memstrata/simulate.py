@@ -92,7 +92,7 @@ live there.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import numpy as np
@@ -102,6 +102,7 @@ from .hardware import Hierarchy, format_size
 from .trace.index import TraceIndex, UnitEffect, occupancy, trace_index
 from .trace.schema import Trace
 from .trace.space import decision_space
+from .trace.states import planned_trace, state_stall_seconds
 
 __all__ = ["simulate", "Timeline", "InfeasiblePlanError", "SimResult", "Phase", "run", "try_run", "plan_to_dicts",
            "TraceIndex", "trace_index"]
@@ -503,7 +504,15 @@ def simulate(trace: Trace, plan: Plan, hierarchy: Hierarchy, *, check: bool = Tr
     """Replay `plan` on `trace` over `hierarchy` (tier-0 capacity = `plan.budget`); see [Note: simulation semantics].
 
     Raises ValueError for malformed plans and InfeasiblePlanError (when check) if a tier overflows.
+    A plan with optimizer-state decisions is replayed on the trace as tier 0 sees it under them, and its
+    step time includes their exposed I/O ([Note: optimizer states as trace records] in trace/states.py).
     """
+    if plan.states:
+        names = [t.name for t in hierarchy.tiers]
+        stall, _ = state_stall_seconds(trace, hierarchy, [(names.index(d.tier), d.nbytes) for d in plan.states
+                                                          if d.tier is not None])
+        tl = simulate(planned_trace(trace, plan, hierarchy), replace(plan, states=()), hierarchy, check=check)
+        return replace(tl, step_time=tl.step_time + stall, stall_time=tl.stall_time + stall)
     ix = trace_index(trace)
     offloads, units = plan_to_dicts(plan, hierarchy, trace)
     res = run(ix, hierarchy, plan.budget, offloads, units)
