@@ -102,6 +102,7 @@ def test_missing_peer_is_a_row_not_a_crash(tiny, tmp_path, monkeypatch, capsys):
     (fake / "ffcv").mkdir(parents=True)
     (fake / "ffcv" / "__init__.py").write_text("raise ImportError('simulated: ffcv is not here')\n")
     monkeypatch.setenv("PYTHONPATH", str(fake))  # the worker process imports this ffcv first
+    monkeypatch.setenv("COLUMNS", "240")  # a wide table: under pytest-xdist there is no terminal to size it by
     out = tmp_path / "r.json"
     rc = bench_main(["--scenario", "loader", "--data", str(tiny), "--batch", str(BATCH), "--res", str(RES),
                      "--epochs", "2", "--repeats", "2", "--workers", "1", "--contenders", "ffcv",
