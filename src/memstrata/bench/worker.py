@@ -49,7 +49,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
     from .peak import (PeakMeter, anon_rss, exact_host_allocator_active, trim_host_allocator,
                        use_default_host_allocator)
 
-    result: dict[str, Any] = {"name": spec.contender, "spec": asdict(spec), "status": "error", "reason": ""}
+    result: dict[str, Any] = {"name": spec.contender, "setting": spec.setting, "spec": asdict(spec), "status": "error",
+                              "reason": ""}
     result["torch"] = torch.__version__
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -82,7 +83,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     ctx = contenders.StepContext(
         model=model, optimizer=opt, x=x, y=y, device=device, amp_dtype=amp_dtype, scaler=scaler,
         budget_bytes=spec.budget_bytes, microbatches=spec.microbatches, nvme_dir=spec.nvme_dir,
-        unmanaged_peak_bytes=spec.unmanaged_peak_bytes,
+        unmanaged_peak_bytes=spec.unmanaged_peak_bytes, memory_budget_fraction=spec.memory_budget_fraction,
     )
     result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
 
