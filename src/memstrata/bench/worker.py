@@ -56,6 +56,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
         torch.set_num_threads(spec.threads)
     result["threads"] = torch.get_num_threads()
     result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    # every arm inherits the harness's environment: the same CUDA allocator settings for all (recorded to show it)
+    result["cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
     device = torch.device(spec.device)
     if device.type == "cuda":
         if device.index is None:  # set_device and the memory stats want an index
