@@ -209,6 +209,7 @@ def test_pareto_tiny_run_one_object_per_contender_and_setting(tmp_path, capsys):
         assert r["status"] == "ok", (r["name"], r["reason"], _log(r))
         assert r["samples_per_s"] > 0 and r["peak_bytes"] > 0 and r["repeats"] == 1
         assert set(r["fits_budgets"]) == {"50%act", "90%act"}
+        assert [b["text"] for b in r["budgets"]] == ["50%act", "90%act"]
         assert r["losses_match_unmanaged"] is True, r["name"]
     m50, m90 = rows[1], rows[2]
     assert m50["budget_text"] == "50%act" and m90["budget_text"] == "90%act"

@@ -713,6 +713,7 @@ def summarise(cfg: BenchConfig, arms: list[Arm], runs: dict[str, list[dict[str, 
         }
         if cfg.pareto:
             row["fits_budgets"] = {t: (max(peaks) <= b) if peaks else None for t, b in zip(cfg.budget_texts, budgets)}
+            row["budgets"] = [{"text": t, "bytes": b} for t, b in zip(cfg.budget_texts, budgets)]
         if name == "microbatch" and not arm.skip:
             row["notes"] = {**row["notes"], "microbatches": arm.microbatches, "estimated_to_fit": arm.microbatches_fit,
                             "caveat": "BatchNorm sees micro-batches: statistics differ from the full batch"}

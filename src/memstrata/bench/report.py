@@ -83,6 +83,10 @@ def print_table(console, rows: list[dict[str, Any]], cfg, meta: dict[str, Any], 
         if r["reported_apart"]:
             k = r.get("notes", {}).get("microbatches")
             name += f" k={k}" if k else ""
+        if r.get("compiled"):
+            name += " *"
+            if r["name"] == "compile_memory_budget" and r.get("setting"):
+                name += f" ({r['setting'].replace('activation_memory_budget=', 'amb=')})"
         fits = {True: "yes", False: "[red]no[/]", None: "-"}[r.get("within_budget")]
         cells = [
             name,
@@ -100,6 +104,9 @@ def print_table(console, rows: list[dict[str, Any]], cfg, meta: dict[str, Any], 
     console.print(t)
     if apart:
         console.print("below the line: reported apart (BatchNorm sees micro-batches, so the math differs)", highlight=False)
+    if any(r.get("compiled") for r in rows):
+        console.print("*: torch.compile (generated kernels: losses close to, not bitwise equal to, eager's; amb = "
+                      "activation_memory_budget)", highlight=False)
     for i, n in enumerate(notes, 1):
         console.print(f"[{i}] {n}", highlight=False, markup=False)
     line = memstrata_line(rows)
