@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .contenders import BUDGET_KNOBS, COMPILED, CONTENDERS, FIXED_SETTINGS, REPORTED_APART, skip_reason
@@ -194,13 +194,13 @@ def parse_budget_list(text: str) -> list[str]:
         raise BenchInputError("--budgets is empty: give budgets separated by commas (30%act,50%act,70%act)")
     if not all(items):
         raise BenchInputError(f"--budgets {text!r} has an empty item")
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, float], str] = {}
     for t in items:
         b = parse_budget(t)
         same = (b.kind, round(b.value, 9))
-        if str(same) in seen:
-            raise BenchInputError(f"--budgets {text!r}: {t!r} repeats {seen[str(same)]!r}")
-        seen[str(same)] = t
+        if same in seen:
+            raise BenchInputError(f"--budgets {text!r}: {t!r} repeats {seen[same]!r}")
+        seen[same] = t
     return items
 
 
@@ -446,7 +446,7 @@ def _summary_line(rep: int, name: str, r: dict[str, Any], wall: float) -> str:
 # smaller budget.  Every other contender has one arm.  With one budget every
 # contender has exactly one arm, so the JSON has one object per contender as
 # it always had.
-@dataclass
+@dataclass(frozen=True)
 class Arm:
     name: str  # the contender
     budget_index: int | None = None  # the budget it is set from (BUDGET_KNOBS), else None
@@ -501,29 +501,33 @@ def memory_budget_fraction(text: str, budget_bytes: int, unmanaged_peak: int | N
     return None
 
 
+def _settle(arm: Arm, cfg: BenchConfig, budgets: list[int], unmanaged_peak: int | None,
+            param_bytes: int | None) -> Arm:
+    if arm.budget_index is None:
+        return arm
+    i = arm.budget_index
+    if arm.name == "microbatch":
+        if cfg.microbatches is not None:
+            k, fits = cfg.microbatches, True
+        elif unmanaged_peak is None or param_bytes is None:
+            return replace(arm, skip="micro-batch count needs the unmanaged peak (unmanaged did not run); "
+                                     "give --microbatches")
+        else:
+            k, fits = choose_microbatches(cfg.batch, unmanaged_peak, param_bytes, budgets[i])
+        return replace(arm, microbatches=k, microbatches_fit=fits, setting=f"k={k}")
+    if arm.name == "compile_memory_budget":
+        f = memory_budget_fraction(cfg.budget_texts[i], budgets[i], unmanaged_peak)
+        if f is None:
+            return replace(arm, skip="activation_memory_budget for a size budget needs the unmanaged peak "
+                                     "(unmanaged did not run)")
+        return replace(arm, fraction=f, setting=f"activation_memory_budget={f:g}")
+    return arm
+
+
 def settle_arms(arms: list[Arm], cfg: BenchConfig, budgets: list[int], unmanaged_peak: int | None,
                 param_bytes: int | None) -> list[Arm]:
     """Set every knobbed arm from its budget; drop arms whose setting repeats one at a smaller budget."""
-    for arm in arms:
-        if arm.budget_index is None:
-            continue
-        i = arm.budget_index
-        if arm.name == "microbatch":
-            if cfg.microbatches is not None:
-                arm.microbatches, arm.microbatches_fit = cfg.microbatches, True
-            elif unmanaged_peak is None or param_bytes is None:
-                arm.skip = "micro-batch count needs the unmanaged peak (unmanaged did not run); give --microbatches"
-                continue
-            else:
-                arm.microbatches, arm.microbatches_fit = choose_microbatches(cfg.batch, unmanaged_peak, param_bytes,
-                                                                             budgets[i])
-            arm.setting = f"k={arm.microbatches}"
-        elif arm.name == "compile_memory_budget":
-            arm.fraction = memory_budget_fraction(cfg.budget_texts[i], budgets[i], unmanaged_peak)
-            if arm.fraction is None:
-                arm.skip = "activation_memory_budget for a size budget needs the unmanaged peak (unmanaged did not run)"
-                continue
-            arm.setting = f"activation_memory_budget={arm.fraction:g}"
+    arms = [_settle(arm, cfg, budgets, unmanaged_peak, param_bytes) for arm in arms]
     kept: dict[tuple[str, str], Arm] = {}
     for arm in sorted(arms, key=lambda a: budgets[a.budget_index] if a.budget_index is not None else -1):
         if arm.name in ("microbatch", "compile_memory_budget") and not arm.skip:
