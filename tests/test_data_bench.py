@@ -44,6 +44,7 @@ def test_loader_scenario_json(tmp_path, capsys):
     out = tmp_path / "loader.json"
     rc = bench_main(["--scenario", "loader", "--data", str(tmp_path / "d"), "--images", "12", "--classes", "3",
                      "--batch", "4", "--res", "32", "--epochs", "2", "--repeats", "1", "--workers", "1",
+                     "--contenders", "memstrata,torchvision",  # the peers: tests/test_loader_peers.py
                      "--store", str(tmp_path / "store"), "--json", str(out), "--quiet"])
     rows = json.loads(out.read_text())
     assert rc == 0, rows
@@ -63,8 +64,8 @@ def test_bench_bad_input_one_line(capsys):
     assert "loader" in DATA_SCENARIOS
     line = _one_line_error(capsys, bench_main(["--scenario", "nope"]))
     assert "--scenario" in line
-    line = _one_line_error(capsys, bench_main(["--scenario", "loader", "--contenders", "dali"]))
-    assert "dali" in line
+    line = _one_line_error(capsys, bench_main(["--scenario", "loader", "--contenders", "webdataset"]))
+    assert "webdataset" in line
     line = _one_line_error(capsys, bench_main(["--scenario", "loader", "--images", "x"]))
     assert "--images" in line
 

@@ -79,6 +79,24 @@ class UnitDecision:
 
 
 @dataclass(frozen=True)
+class StateDecision:
+    """One bucket of parameters whose optimizer states live on `tier` between optimizer steps.
+
+    `params` are the optimizer's parameter indices (param groups in order, as in
+    `Optimizer.state_dict()`); `tier` is a lower tier's name (on a CPU hierarchy
+    also tier 0's own name: a host-buffer copy), None for states kept in tier 0.
+    The runtime carries it out with `runtime.states.TieredOptimizer`: read back
+    before the bucket's update, written down after it ([Note: states in the plan]
+    in plan/joint.py).
+    """
+
+    params: tuple[int, ...]
+    tier: str | None = None
+    storages: tuple[int, ...] = ()  # trace storage ids of these states
+    nbytes: int = 0  # state bytes of the bucket
+
+
+@dataclass(frozen=True)
 class Plan:
     planner: str  # which planner made it
     hierarchy: str  # Hierarchy.name
@@ -88,6 +106,7 @@ class Plan:
     predicted_step_time: float | None = None  # seconds, from the simulator
     predicted_peaks: tuple[tuple[str, int], ...] = ()  # (tier name, peak bytes)
     notes: tuple[str, ...] = ()
+    states: tuple[StateDecision, ...] = ()  # optimizer-state buckets (empty: the optimizer is not managed)
 
     def decision_for(self, storage: int) -> StorageDecision:
         for d in self.storages:
@@ -105,6 +124,10 @@ class Plan:
             key = d.action if d.action == "keep" else f"offload:{d.tier}"
             out[key] = out.get(key, 0) + 1
         out["recompute_units"] = len(self.units)
+        for d in self.states:
+            if d.tier is not None:
+                key = f"states:{d.tier}"
+                out[key] = out.get(key, 0) + 1
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +143,8 @@ class Plan:
         d["units"] = tuple(UnitDecision(u["unit"], tuple(u["save_ops"])) for u in d["units"])
         d["predicted_peaks"] = tuple((str(n), int(b)) for n, b in d["predicted_peaks"])
         d["notes"] = tuple(d["notes"])
+        d["states"] = tuple(StateDecision(tuple(x["params"]), x.get("tier"), tuple(x.get("storages", ())),
+                                          int(x.get("nbytes", 0))) for x in d.get("states", ()))
         return cls(**d)
 
     @classmethod

@@ -19,8 +19,11 @@ memory and CUDA copy streams)::
     >>> print(mgr.report())            # doctest: +SKIP
     >>> mgr.close()                    # removes the NVMe files and directory
 
-Where tensors live: parameters, gradients, optimizer states and the batch stay
-where you put them.  Tensors autograd saves for backward follow the plan: kept
+Where tensors live: parameters, gradients and the batch stay where you put
+them; optimizer states too, unless the optimizer is given (`optimizer=opt`:
+then the plan places its per-parameter states, kept or on host / NVMe between
+steps, and you step `mgr.optimizer`; see [Note: states in the plan] in
+plan/joint.py).  Tensors autograd saves for backward follow the plan: kept
 in tier 0 (GPU memory, or host RAM on a CPU box), copied to pinned host memory
 or to files under `nvme_dir` during the forward and back during the backward,
 or dropped and recomputed (whole recompute units, or all but their expensive
@@ -60,11 +63,13 @@ from .hardware import Budget, Hierarchy, format_size, profile
 from .plan.tuning import Correct, Keep, Measure, Trial, TryNext, next_step, watch_verdict
 from .report import Report
 from .runtime.activations import ActivationRuntime
+from .runtime.managed_states import ManagedStates
 from .runtime.nvme import check_directory
 from .runtime.pool import HostBufferPool
 from .runtime.streams import CopyContext
 from .trace.calibrate import calibrate_durations
 from .trace.schema import Trace
+from .trace.states import planned_trace, with_optimizer_phase
 from .trace.units import out_of_place_activations, restore_inplace
 
 __all__ = ["Manager", "Report", "default_hierarchy", "disabled_by_env"]
@@ -159,6 +164,7 @@ class _ShapeState:
     traces: int = 0
     trace: Trace | None = None
     plan: Plan | None = None
+    planned: Trace | None = None  # the trace as tier 0 sees it under the plan's state decisions
     runtime: ActivationRuntime | None = None
     budget: int | None = None
     predicted_seconds: float | None = None
@@ -218,6 +224,12 @@ class Manager:
             every rank runs rank 0's plan for a shape (`agree_plans`), so ranks
             of one DDP job recompute and offload the same storages.
 
+        optimizer: the model's `torch.optim` optimizer: its per-parameter
+            states join the plan (one budget, one objective with the
+            activations); `self.optimizer` is then a `TieredOptimizer` over it
+            that the training loop steps (None: the Manager does not touch the
+            optimizer; with memstrata disabled `self.optimizer` is `optimizer`).
+
     A model wrapped in DistributedDataParallel (or DataParallel) is managed
     through the module it wraps: units, trace and hooks are the inner model's.
     """
@@ -242,6 +254,7 @@ class Manager:
         world_size: int | None = None,
         agree_plans: bool = True,
         fallback: str = "minimum",
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.model = model
         self.root = _unwrap(model)  # what units, the trace and the runtime's hooks are found in
@@ -287,6 +300,14 @@ class Manager:
         self.tune = self._cuda if tune is None else bool(tune)
         self._copy: CopyContext | None = None
         self._pool: HostBufferPool | None = None
+        # [Note: states in the plan] (plan/joint.py): the optimizer's states are planned with the activations.
+        self.states: ManagedStates | None = None
+        if optimizer is not None and self.enabled:
+            self._copy = CopyContext(self.device)
+            self._pool = HostBufferPool(pin=self._copy.cuda)
+            self.states = ManagedStates(optimizer, device=self.device, copy=self._copy, pool=self._pool,
+                                        nvme_dir=self.nvme_dir, io_workers=io_workers)
+        self.optimizer = self.states.optimizer if self.states is not None else optimizer
         self._states: dict[tuple, _ShapeState] = {}
         self._steps: list[StepRecord] = []
         self._current: _ShapeState | None = None
@@ -363,12 +384,17 @@ class Manager:
                 rec.peak_bytes = None
             st.traces += 1
             trace, st.time_scale = calibrate_durations(r.trace(), st.warmup_seconds)
+            if self.states is not None:  # the optimizer step runs after the block: its records come from here
+                trace = with_optimizer_phase(trace, self.states.state_bytes(),
+                                             self.states.trace_step_seconds(self.hierarchy), self.states.dtypes())
             self._plan(st, trace)
             self._steps[-1].peak_bytes = st.trace.observed_peak
             self._steps[-1].peak_source = "tracer (all storages, observed)"
             self._steps[-1].budget_bytes = st.budget
         else:
             rt = st.runtime
+            if self.states is not None and st.plan is not None:  # this shape's plan placed the states its way
+                self.states.apply(st.plan.states, self.hierarchy)
             with self._measure(index, st, "managed") as rec:
                 with rt.step() as stats:
                     yield
@@ -377,7 +403,7 @@ class Manager:
             if not self._cuda and s.heap_peak_bytes is not None:
                 # one basis with the budget and the prediction: what was there at the step's start, plus growth
                 rec.peak_above_start_bytes = s.heap_peak_bytes
-                rec.peak_bytes = st.trace.bytes_at_start + s.heap_peak_bytes
+                rec.peak_bytes = (st.planned or st.trace).bytes_at_start + s.heap_peak_bytes
                 rec.peak_source = CPU_PEAK_SOURCE
             if st.tuning and not s.misaligned:
                 rec.mode = "managed (tuning)"
@@ -422,6 +448,8 @@ class Manager:
                                "trials": [t.summary(int(st.budget or 0)) for t in st.trials]}
             if st.runtime is not None:
                 d["runtime"] = st.runtime.describe()
+            if self.states is not None:
+                d["states"] = self.states.describe()
             if st.notes:
                 d["notes"] = list(st.notes)
             shapes[_key_str(key)] = d
@@ -444,6 +472,8 @@ class Manager:
             if st.runtime is not None:
                 st.runtime.close()
                 st.runtime = None
+        if self.states is not None:
+            self.states.close()
         if self._pool is not None:
             self._pool.clear()
         restore_inplace(self._out_of_place)
@@ -529,6 +559,10 @@ class Manager:
     def _make_plan(self, trace: Trace, budget: int, tiers: Any) -> Plan:
         if callable(self.planner):
             return self.planner(trace, self.hierarchy, budget)
+        if self.states is not None:
+            from .plan.joint import joint_plan
+
+            return joint_plan(trace, self.hierarchy, budget, planner=self.planner, tiers=tiers)
         from .plan.api import plan as make_plan
 
         return make_plan(trace, self.hierarchy, budget, planner=self.planner, tiers=tiers)
@@ -551,8 +585,11 @@ class Manager:
         if self._copy is None:
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
+        st.planned = planned_trace(trace, plan, self.hierarchy) if plan.states else trace
+        if self.states is not None:
+            self.states.apply(plan.states, self.hierarchy)
         runtime = ActivationRuntime(
-            self.root, trace, plan, self.hierarchy, device=self.device, copy=self._copy, pool=self._pool,
+            self.root, st.planned, plan, self.hierarchy, device=self.device, copy=self._copy, pool=self._pool,
             nvme_dir=self.nvme_dir, io_workers=self.io_workers,
         )
         if st.runtime is not None:

@@ -73,7 +73,9 @@ and the step time equals `trace.step_time`.
   durations.  The transient memory of the re-run (its non-dropped outputs:
   temporaries, and the unit's output recomputed afresh) is counted at event fb
   as the peak they reached together in the original forward of the unit.
-  Outputs of S ops are kept as in the unmanaged run.  A storage that is
+  Outputs of S ops are kept as in the unmanaged run and, where that run did
+  not save them, held until fb (SAC caches them: [Note: SAC holds what it
+  caches] in trace/index.py).  A storage that is
   produced inside a recomputed unit and has an offload decision is rejected
   (ValueError), as are recomputes of units with no backward.
 * lower tiers: a time interval [a, b) occupies every event whose time span
@@ -90,7 +92,7 @@ live there.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import numpy as np
@@ -100,6 +102,7 @@ from .hardware import Hierarchy, format_size
 from .trace.index import TraceIndex, UnitEffect, occupancy, trace_index
 from .trace.schema import Trace
 from .trace.space import decision_space
+from .trace.states import planned_trace, state_stall_seconds
 
 __all__ = ["simulate", "Timeline", "InfeasiblePlanError", "SimResult", "Phase", "run", "try_run", "plan_to_dicts",
            "TraceIndex", "trace_index"]
@@ -233,8 +236,8 @@ def _apply_recomputes(ix: TraceIndex, effects: dict[int, UnitEffect]) -> _Recomp
     for u, eff in effects.items():
         fb_units.setdefault(eff.fb, []).append(u)
     r = _Recompute(effects, dropped, fb_units, ix.start.copy(), ix.end.copy())
-    for u, eff in effects.items():  # inputs of recomputed units live until fb
-        for sid in ix.units[u].inputs:
+    for u, eff in effects.items():  # inputs of recomputed units, and what SAC caches, live until fb
+        for sid in (*ix.units[u].inputs, *eff.held):
             if r.end[sid] < eff.fb:
                 r.end[sid] = eff.fb
     for sid, u in dropped.items():  # a dropped storage: forward life, then again from fb
@@ -501,7 +504,15 @@ def simulate(trace: Trace, plan: Plan, hierarchy: Hierarchy, *, check: bool = Tr
     """Replay `plan` on `trace` over `hierarchy` (tier-0 capacity = `plan.budget`); see [Note: simulation semantics].
 
     Raises ValueError for malformed plans and InfeasiblePlanError (when check) if a tier overflows.
+    A plan with optimizer-state decisions is replayed on the trace as tier 0 sees it under them, and its
+    step time includes their exposed I/O ([Note: optimizer states as trace records] in trace/states.py).
     """
+    if plan.states:
+        names = [t.name for t in hierarchy.tiers]
+        stall, _ = state_stall_seconds(trace, hierarchy, [(names.index(d.tier), d.nbytes) for d in plan.states
+                                                          if d.tier is not None])
+        tl = simulate(planned_trace(trace, plan, hierarchy), replace(plan, states=()), hierarchy, check=check)
+        return replace(tl, step_time=tl.step_time + stall, stall_time=tl.stall_time + stall)
     ix = trace_index(trace)
     offloads, units = plan_to_dicts(plan, hierarchy, trace)
     res = run(ix, hierarchy, plan.budget, offloads, units)

@@ -13,7 +13,13 @@ Scenarios (contenders in the JSON list, one object each, like the model benchmar
 ``loader``       the loader alone, epoch 2 onwards, images/s and images/s per core:
                  ``memstrata`` (TieredLoader over the store) against ``torchvision``
                  (ImageFolder + DataLoader, PIL, RandomResizedCrop + flip + ToTensor +
-                 Normalize), same batch size, same number of workers, same cores.
+                 Normalize) and the peers users pick instead (`loader_peers`:
+                 ``torchvision-v2`` decode_jpeg + transforms.v2, ``spdl``, ``dali`` CPU
+                 pipeline, ``ffcv`` over decoded pixels, ``ffcv-jpeg`` over JPEGs), same
+                 augmentation, batch size, workers and cores.  A
+                 peer that cannot run here is a row "not installed: <reason>".  Each row also
+                 says what its rate means for a GPU: the fraction of its time an H200 training
+                 ResNet-50 (measured rate, `gpu_wait`) would wait with 2, 16 or 32 such cores.
 ``data-train``   a small torchvision model trained for 3 epochs from each loader: wall time,
                  images/s, loss and train accuracy per epoch.  On CUDA (ResNet-50 by default)
                  a third contender, ``synthetic``, trains on tensors already on the GPU: the
@@ -43,7 +49,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .gpu_wait import H200_RESNET50, WAIT_CORES, cores_to_feed, wait_fraction
 from .harness import BenchInputError, BenchProgress, _int, check_output_paths, resolve_device
+from .loader_peers import PEERS, PeerNotInstalled, build_peer
 
 __all__ = ["DATA_SCENARIOS", "add_data_bench_arguments", "run_data_scenario", "gpu_check", "main",
            "DataBenchInputError"]
@@ -63,7 +71,7 @@ DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("cache-policy", "cpu"): dict(images=10000, classes=10, epochs=5, repeats=1),
 }
 DEFAULTS[("cache-policy", "cuda")] = DEFAULTS[("cache-policy", "cpu")]
-CONTENDERS = {"loader": ("memstrata", "torchvision"), "data-train": ("memstrata", "torchvision", "synthetic"),
+CONTENDERS = {"loader": ("memstrata", "torchvision") + PEERS, "data-train": ("memstrata", "torchvision", "synthetic"),
               "cache-policy": ("belady", "lru")}
 
 
@@ -292,6 +300,8 @@ def worker_loader(spec: dict[str, Any]) -> dict[str, Any]:
     t_setup = time.perf_counter()
     if name == "memstrata":
         loader, n = _memstrata_loader(spec)
+    elif name in PEERS:
+        loader, n = build_peer(name, spec)  # PeerNotInstalled: the row says so
     else:
         loader, n = _torchvision_loader(spec)
     setup_s = time.perf_counter() - t_setup
@@ -417,6 +427,8 @@ def _worker_main(spec_path: str, out_path: str) -> int:
     try:
         fn = worker_loader if spec["scenario"] == "loader" else worker_train
         result.update(fn(spec))
+    except PeerNotInstalled as e:
+        result.update(status="not installed", reason=str(e))
     except BaseException as e:  # noqa: BLE001 - reported in the result, traceback in the log
         traceback.print_exc()
         msg = str(e).strip().splitlines()
@@ -484,6 +496,10 @@ def run_processes(cfg: dict[str, Any], root: Path, store_for) -> dict[str, list[
     with BenchProgress(total, cfg["quiet"], cfg["scenario"]) as bar:
         for rep in range(1, cfg["repeats"] + 1):
             for name in cfg["contenders"]:
+                if runs[name] and runs[name][0].get("status") == "not installed":
+                    runs[name].append(dict(runs[name][0], repeat=rep, process_wall_s=0.0))  # not tried again
+                    bar.advance(f"  rep {rep}  {name:<14} not installed")
+                    continue
                 bar.describe(f"rep {rep} {name}")
                 spec = _spec(cfg, name, rep, root, store_for(name, rep))
                 r, wall = _run_process(spec, workdir, f"{cfg['scenario']}-{name}-rep{rep}", cfg["run_timeout"])
@@ -567,7 +583,38 @@ def summarise(cfg: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> lis
     for r in rows:
         if base and base["samples_per_s"] and r["samples_per_s"]:
             r["ratio_to_torchvision"] = r["samples_per_s"] / base["samples_per_s"]
+    if cfg["scenario"] == "loader":
+        annotate_loader_rows(rows)
     return rows
+
+
+def annotate_loader_rows(rows: list[dict[str, Any]], gpu=H200_RESNET50, cores=WAIT_CORES) -> None:
+    """Add memstrata's ratio to each row and to the fastest peer, and what each rate means for `gpu`.
+
+    See [Note: GPU wait from a CPU loader rate] in gpu_wait.py for the formula and its assumptions.
+    """
+    mem = next((r for r in rows if r["name"] == "memstrata" and r["samples_per_s"]), None)
+    peers = [r for r in rows if r["name"] != "memstrata" and r["samples_per_s"]]
+    fastest = max(peers, key=lambda r: r["samples_per_s"]) if peers else None
+    by_cpu = [r for r in peers if r.get("samples_per_cpu_s")]
+    fastest_cpu = max(by_cpu, key=lambda r: r["samples_per_cpu_s"]) if by_cpu else None
+    for r in rows:
+        pc = r["samples_per_s_per_core"]
+        r["gpu_reference"] = {"label": gpu.label, "images_per_s": gpu.images_per_s, "source": gpu.source}
+        r["gpu_wait_fraction"] = {str(c): wait_fraction(pc, c, gpu.images_per_s) for c in cores}
+        r["gpu_wait_formula"] = "max(0, 1 - images_per_s_per_core * cores / gpu_images_per_s); linear in cores"
+        r["cores_to_feed_gpu"] = cores_to_feed(pc, gpu.images_per_s)
+        # the same from images per CPU-second used: what one core delivers when the loader has it to
+        # itself (on a shared box "per usable core" also counts the time other programs took)
+        pcpu = r.get("samples_per_cpu_s")
+        r["gpu_wait_fraction_per_cpu_s"] = {str(c): wait_fraction(pcpu, c, gpu.images_per_s) for c in cores}
+        r["cores_to_feed_gpu_per_cpu_s"] = cores_to_feed(pcpu, gpu.images_per_s)
+        r["memstrata_vs_this"] = (mem["samples_per_s"] / r["samples_per_s"]) if mem and r["samples_per_s"] else None
+        r["fastest_peer"] = fastest["name"] if fastest else None
+        r["memstrata_vs_fastest_peer"] = (mem["samples_per_s"] / fastest["samples_per_s"]) if mem and fastest else None
+        r["fastest_peer_per_cpu_s"] = fastest_cpu["name"] if fastest_cpu else None
+        r["memstrata_vs_fastest_peer_per_cpu_s"] = (mem["samples_per_cpu_s"] / fastest_cpu["samples_per_cpu_s"]
+                                                    if mem and mem.get("samples_per_cpu_s") and fastest_cpu else None)
 
 
 # ------------------------------------------------------------------ cache policy (in process, pure simulation)
@@ -653,14 +700,33 @@ def print_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]], elapse
         t.add_column("per core", justify="right")
         t.add_column("per CPU-s", justify="right")
         t.add_column("repeats", justify="right")
-        t.add_column("vs torchvision", justify="right", style="bold")
+        t.add_column("vs torchvision", justify="right")
+        t.add_column("memstrata / this", justify="right", style="bold")
+        gpu = rows[0]["gpu_reference"] if rows else {"label": H200_RESNET50.label}
+        for c in WAIT_CORES:
+            t.add_column(f"{gpu['label']} waits, {c} cores", justify="right")
+        t.add_column("cores to feed it (per core / per CPU-s)", justify="right")
         t.add_column("status")
         for r in rows:
             vals = ", ".join(f"{v:.0f}" for v in r["samples_per_s_values"])
+            waits = [("-" if r.get("gpu_wait_fraction", {}).get(str(c)) is None
+                      else f"{r['gpu_wait_fraction'][str(c)]:.0%}") for c in WAIT_CORES]
             t.add_row(r["name"], _f(r["samples_per_s"]), _f(r["samples_per_s_per_core"]), _f(r.get("samples_per_cpu_s")),
                       vals or "-", "-" if r["ratio_to_torchvision"] is None else f"{r['ratio_to_torchvision']:.1f}x",
+                      "-" if r.get("memstrata_vs_this") is None else f"{r['memstrata_vs_this']:.1f}x",
+                      *waits, f"{_f(r.get('cores_to_feed_gpu'))} / {_f(r.get('cores_to_feed_gpu_per_cpu_s'))}",
                       r["status"] + (f": {r['reason']}" if r["reason"] else ""))
         console.print(t)
+        fastest = next((r for r in rows if r.get("fastest_peer")), None)
+        if fastest and fastest.get("memstrata_vs_fastest_peer"):
+            console.print(f"memstrata / fastest peer ({fastest['fastest_peer']}): "
+                          f"{fastest['memstrata_vs_fastest_peer']:.2f}x images/s per core at the same cores"
+                          + (f"; per CPU-second used ({fastest['fastest_peer_per_cpu_s']}): "
+                             f"{fastest['memstrata_vs_fastest_peer_per_cpu_s']:.2f}x"
+                             if fastest.get("memstrata_vs_fastest_peer_per_cpu_s") else ""), highlight=False)
+        console.print(f"GPU wait = max(0, 1 - per core x cores / {gpu.get('images_per_s', H200_RESNET50.images_per_s):,.0f} "
+                      f"images/s), assuming linear scaling in cores and host cores as fast as this box's; "
+                      f"{gpu.get('source', H200_RESNET50.source)}", highlight=False)
         return
     t = Table(title=(f"training {cfg['model']} · {next((r['images'] for r in rows if r.get('images')), '?')} images · {cfg['classes']} classes · "
                      f"batch {cfg['batch']} · {cfg['res']}x{cfg['res']} · {cfg['device']} · {cfg['workers']} workers"),
@@ -701,7 +767,8 @@ def write_plot(path: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> No
 
     sc = cfg["scenario"]
     color = {"memstrata": "#1f77b4", "belady": "#1f77b4", "torchvision": "#ff7f0e", "lru": "#ff7f0e",
-             "synthetic": "#999999"}
+             "synthetic": "#999999", "torchvision-v2": "#ffbb78", "spdl": "#2ca02c", "dali": "#76b900",
+             "ffcv": "#9467bd", "ffcv-jpeg": "#c5b0d5"}
     if sc == "cache-policy":
         fig, ax = plt.subplots(figsize=(8, 4.5))
         keys = list(rows[0]["hit_rate"]) if rows else []
@@ -721,22 +788,27 @@ def write_plot(path: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> No
     elif sc == "loader":
         from matplotlib.lines import Line2D
 
-        fig, ax = plt.subplots(figsize=(6.5, 4.8))
-        top = max([v for r in rows for v in r["samples_per_s_values"]] + [r["samples_per_s"] or 0 for r in rows],
-                  default=0) or 1.0
+        fig, ax = plt.subplots(figsize=(max(6.5, 1.4 * len(rows)), 4.8))
+        cores = max(1, cfg["cores"])
+        top = max([v / cores for r in rows for v in r["samples_per_s_values"]], default=0) or 1.0
         for i, r in enumerate(rows):
-            vals = r["samples_per_s_values"]
-            ax.bar(i, r["samples_per_s"] or 0, color=color.get(r["name"]), width=0.6)
+            vals = [v / cores for v in r["samples_per_s_values"]]
+            pc = r["samples_per_s_per_core"]
+            if pc is None:  # not installed / failed: say so where the bar would be
+                ax.annotate(f"{r['status']}", (i, 0), xytext=(0, 6), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=8, rotation=90, color="#aa0000")
+                continue
+            ax.bar(i, pc, color=color.get(r["name"], "#8c8c8c"), width=0.6)
             ax.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
             # the label sits above the highest dot of its bar, never on a dot
-            label = f"{r['samples_per_s'] or 0:.0f}/s" + (f"\n{r['ratio_to_torchvision']:.1f}x torchvision"
-                                                         if r["ratio_to_torchvision"] else "")
-            ax.annotate(label, (i, max(vals + [r["samples_per_s"] or 0])), xytext=(0, 6), textcoords="offset points",
-                        ha="center", va="bottom", fontsize=9)
-        ax.set_ylim(0, top * 1.25)
+            label = f"{pc:.0f}/s/core" + ("" if r["name"] == "memstrata" or not r.get("memstrata_vs_this")
+                                          else f"\nmemstrata {r['memstrata_vs_this']:.1f}x")
+            ax.annotate(label, (i, max(vals + [pc])), xytext=(0, 6), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, top * 1.3)
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([r["name"] for r in rows])
-        ax.set_ylabel("images/s over epochs 2..")
+        ax.set_xticklabels([r["name"] for r in rows], fontsize=8)
+        ax.set_ylabel(f"images/s per core over epochs 2.. ({cores} cores)")
         ax.legend(handles=[Line2D([], [], ls="none", marker="s", markersize=9, color="#777777", label="bar: median"),
                            Line2D([], [], ls="none", marker="o", markersize=4, color="k", label="dots: each repeat")],
                   loc="upper right", fontsize=8)
@@ -826,7 +898,7 @@ def run_data_scenario(args: argparse.Namespace) -> int:
         write_plot(cfg["plot_path"], cfg, rows)
         if not cfg["quiet"]:
             console.print(f"chart: {cfg['plot_path']}")
-    return 1 if any(r["status"] == "error" for r in rows) else 0
+    return 1 if any(r["status"] == "error" for r in rows) else 0  # "not installed" is a finding, not a failure
 
 
 def gpu_check(json_path: str = "gpu-data-train.json", images: int = 8192, classes: int = 100, epochs: int = 2,

@@ -33,6 +33,7 @@ from ..hardware import Hierarchy
 from ..simulate import SimResult, run
 from ..trace.index import trace_index
 from ..trace.space import decision_space
+from ..trace.states import STATE_WINDOW_MODULE
 from ..trace.schema import Trace
 from ..decisions import InfeasibleBudgetError, Plan, StorageDecision, UnitDecision
 from . import greedy as _greedy
@@ -57,6 +58,11 @@ def _tier_indices(hierarchy: Hierarchy, tiers) -> tuple[int, ...]:
             out.append(i)
         out = tuple(sorted(set(out)))
     return out
+
+
+def offload_tier_indices(hierarchy: Hierarchy, tiers=None) -> tuple[int, ...]:
+    """Indices of the lower tiers named by `tiers` (default: every lower tier); ValueError for unknown ones."""
+    return _tier_indices(hierarchy, tiers)
 
 
 def minimum_budget(trace: Trace, hierarchy: Hierarchy, *, tiers=None) -> int:
@@ -109,6 +115,8 @@ def explain_minimum(trace: Trace, hierarchy: Hierarchy, *, tiers=None) -> str:
                 u = trace.units[res.dropped[sid]]
                 key = (f"activations re-created by recomputing {u.module or '<top>'} during its backward "
                        f"(one unit of {u.last_op - u.first_op + 1} ops: smaller units would hold less)")
+            elif st.module == STATE_WINDOW_MODULE:
+                key = "optimizer states of tiered buckets on their way through tier 0 (the state window)"
             elif st.kind != "activation":
                 key = f"{_KIND_NAMES.get(st.kind, st.kind)} (not moved by memstrata)"
             elif not st.saved:

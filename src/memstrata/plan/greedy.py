@@ -174,7 +174,7 @@ def _expensive_ops(ix: TraceIndex, u: UnitRecord, theta: float) -> tuple[int, ..
 
 def unit_modes(ix: TraceIndex, hierarchy: Hierarchy) -> dict[int, list[tuple[int, ...]]]:
     """Recompute options per unit: full (), selective with compute-bound ops saved, and 'light' selective
-    (only the outputs of cheap ops dropped); deduplicated, most bytes dropped first."""
+    (only the outputs of cheap ops dropped); deduplicated, most bytes freed first (dropped less held)."""
     out: dict[int, list[tuple[int, ...]]] = {}
     space = decision_space(ix.trace)
     for u in ix.units:
@@ -201,14 +201,21 @@ def unit_modes(ix: TraceIndex, hierarchy: Hierarchy) -> dict[int, list[tuple[int
         # runtime re-runs the others, so the plan must charge their time too.
         cacheable = space.cacheable_ops(u.index)
         cands = list(dict.fromkeys(tuple(j for j in m if j in cacheable) for m in cands))
-        seen: dict[tuple[int, ...], tuple[tuple[int, ...], int, float]] = {}  # dropped set -> (mode, bytes, time)
+        # Each mode also without the save ops whose outputs the unmanaged step never saved: SAC would hold
+        # those until the re-run ([Note: SAC holds what it caches] in trace/index.py).
+        saved = ix.trace.storages
+        cands += [t for t in (tuple(j for j in m if any(saved[s].saved for s in ix.trace.ops[j].outputs))
+                              for m in cands) if t not in cands]
+        # dropped set -> (mode, net bytes freed, time): the fastest mode per dropped set
+        seen: dict[tuple[int, ...], tuple[tuple[int, ...], int, float]] = {}
         for m in cands:
             eff = ix.unit_effect(u.index, m, frozenset(u.inputs))
-            if not eff.dropped:
+            net = int(sum(int(ix.nbytes[s]) for s in eff.dropped)) - int(sum(int(ix.nbytes[s]) for s in eff.held))
+            if not eff.dropped or net <= 0:
                 continue
             key = tuple(sorted(eff.dropped))
-            if key not in seen or eff.time < seen[key][2]:
-                seen[key] = (m, int(sum(int(ix.nbytes[s]) for s in eff.dropped)), eff.time)
+            if key not in seen or (eff.time, -net) < (seen[key][2], -seen[key][1]):
+                seen[key] = (m, net, eff.time)
         if seen:
             out[u.index] = [m for m, _, _ in sorted(seen.values(), key=lambda v: -v[1])]
     return out

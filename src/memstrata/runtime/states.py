@@ -174,7 +174,7 @@ class StatePlacement:
 class _Slot:
     """One tiered state tensor (param, key): on tier 0 (`tensor`), below (`rec`), or both while written."""
 
-    __slots__ = ("key", "dtype", "shape", "stride", "offset", "nbytes", "tensor", "rec", "serial")
+    __slots__ = ("key", "dtype", "shape", "stride", "offset", "nbytes", "tensor", "rec", "serial", "spec")
 
     def __init__(self, key: str, t: torch.Tensor, serial: int) -> None:
         self.key = key
@@ -184,13 +184,23 @@ class _Slot:
         self.adopt(t)
 
     def adopt(self, t: torch.Tensor) -> None:
-        ust = t.untyped_storage()
-        dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-        if not dense or ust.nbytes() > round_up(t.numel() * t.element_size()):
-            t = t.clone(memory_format=torch.contiguous_format)  # evict exactly this tensor's bytes
-        self.dtype, self.shape, self.stride, self.offset = t.dtype, t.shape, t.stride(), t.storage_offset()
-        self.nbytes = t.untyped_storage().nbytes()
+        # A DTensor state (FSDP2's sharded parameters): this rank's shard is what moves; the DTensor is
+        # rebuilt over it on the way back ([Note: sharded states] in runtime/managed_states.py).
+        self.spec = _dtensor_spec(t)
+        local = _local(t)
+        ust = local.untyped_storage()
+        dense = local.is_contiguous() or local.is_contiguous(memory_format=torch.channels_last)
+        if not dense or ust.nbytes() > round_up(local.numel() * local.element_size()):
+            local = local.clone(memory_format=torch.contiguous_format)  # evict exactly this tensor's bytes
+            t = _wrap(local, self.spec) if self.spec is not None else local
+        self.dtype, self.shape, self.stride, self.offset = local.dtype, local.shape, local.stride(), local.storage_offset()
+        self.nbytes = local.untyped_storage().nbytes()
         self.tensor = t
+
+    def storage(self) -> torch.UntypedStorage:
+        """The bytes that move: the tensor's storage (a DTensor's: its local shard's)."""
+        assert self.tensor is not None
+        return _local(self.tensor).untyped_storage()
 
     def rebuild(self, u8: torch.Tensor, base: int) -> torch.Tensor:
         """The state tensor over restored bytes (`u8`'s storage, data at byte `base`), in a compact storage."""
@@ -201,7 +211,29 @@ class _Slot:
             flat = torch.frombuffer(flat.numpy(), dtype=torch.uint8) if flat.device.type == "cpu" else flat.clone()
         out = torch.empty(0, dtype=self.dtype, device=u8.device)
         out.set_(flat.untyped_storage(), self.offset, self.shape, self.stride)
-        return out
+        return _wrap(out, self.spec) if self.spec is not None else out
+
+
+def _dtensor_spec(t: torch.Tensor) -> tuple | None:
+    """(mesh, placements, global shape, global stride) of a DTensor; None for a plain tensor."""
+    if type(t).__name__ != "DTensor":
+        return None
+    return (t.device_mesh, tuple(t.placements), t.shape, t.stride())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (over the same storage), or `t`."""
+    if type(t).__name__ != "DTensor":
+        return t
+    with torch.no_grad():
+        return t.to_local()
+
+
+def _wrap(local: torch.Tensor, spec: tuple) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    mesh, placements, shape, stride = spec
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
 def _going_up(rec: Resident) -> bool:
@@ -388,7 +420,7 @@ class TieredOptimizer(torch.optim.Optimizer):
             st.pop(slot.key, None)
             if slot.tensor is None or slot.rec is not None:
                 continue
-            slot.rec = self.mover.evict(slot.serial, rec.placement, slot.tensor.untyped_storage())
+            slot.rec = self.mover.evict(slot.serial, rec.placement, slot.storage())
             self.stats.bytes_written += slot.nbytes
             if rec.placement == Placement.HOST:  # the host buffer is the copy now ([Note: stream hand-offs])
                 self._drop(slot)
@@ -405,6 +437,8 @@ class TieredOptimizer(torch.optim.Optimizer):
 
     def _materialise(self, rec: _ParamStates) -> None:
         """Every state of `rec` on tier 0 and in the wrapped optimizer's `state`."""
+        if not rec.slots:  # nothing tiered (a kept parameter, or one without states): do not create a state entry
+            return
         st = self.inner.state[rec.param]
         for slot in rec.slots.values():
             if slot.tensor is None:
@@ -557,6 +591,39 @@ class TieredOptimizer(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict)
         self.state = self.inner.state  # torch replaces both; LR schedulers read them through this object
         self.param_groups = self.inner.param_groups
+        self._adopt_all()
+
+    def set_placement(self, placement: StatePlacement) -> None:
+        """Move to a new placement between steps: every state comes back to tier 0, then the new tiers apply.
+
+        Values do not change (states are only moved); NVMe buckets need a mover with a store.
+        """
+        self._check_open()
+        if not isinstance(placement, StatePlacement):
+            raise ValueError(f"TieredOptimizer: placement must be a StatePlacement, got {placement!r}")
+        if placement == self.placement:
+            return
+        n = len(self._records)
+        bad = [i for b in placement.buckets for i in b if i >= n]
+        if bad:
+            raise ValueError(f"StatePlacement names parameter {bad[0]}, the optimizer has {n}")
+        if any(t == Placement.NVME for t in placement.tiers) and self.mover.store is None:
+            raise ValueError("TieredOptimizer: NVMe state buckets need a mover with an NVMe store")
+        self._raise_failures(self._settle_all())
+        for r in self._records:
+            self._prefetch(r)
+        for r in self._records:
+            self._materialise(r)
+            for slot in r.slots.values():
+                self._drop(slot)
+            r.slots.clear()
+        self.placement = placement
+        for r in self._records:
+            r.placement = placement.tier_of(r.index)
+        listed = {i for b in placement.buckets for i in b}
+        kept = [i for i in range(n) if i not in listed or placement.tier_of(i) == Placement.KEEP]
+        tiered = [b for b, t in zip(placement.buckets, placement.tiers) if t != Placement.KEEP]
+        self._order = ([tuple(kept)] if kept else []) + [tuple(b) for b in tiered]
         self._adopt_all()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -123,6 +123,7 @@ class _Storage:
     pack_indices: list[int] = field(default_factory=list)
     backward_reads: list[int] = field(default_factory=list)
     role: str | None = None  # parameter / buffer / input / gradient / optimizer_state, when known
+    param_index: int | None = None  # optimizer states: their parameter's index in the optimizer
 
 
 @dataclass(eq=False)
@@ -273,6 +274,12 @@ class StepRecorder:
     def _make_pre(self, name: str, is_unit: bool, is_root: bool) -> Callable:
         def pre(module, args, kwargs):
             self._module_stack.append(name)
+            # The module's own parameters as it runs: under FSDP2 these are the unsharded parameters its
+            # pre-forward hook (registered before ours) has just gathered; they are parameters, not inputs.
+            for p in module.parameters(recurse=False):
+                s = self._sid(p, None)
+                if s is not None and s.role in (None, "input") and s.producer is None:
+                    s.role = "parameter"
             tensors: list[torch.Tensor] = []
             if is_unit or (is_root and self._input_shape is None):
                 _flat_tensors(args, tensors)
@@ -328,13 +335,16 @@ class StepRecorder:
         self._mark_optimizer_state(optimizer)
 
     def _mark_optimizer_state(self, optimizer) -> None:
-        for state in optimizer.state.values():
+        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        for param, state in optimizer.state.items():
             ts: list[torch.Tensor] = []
             _flat_tensors(state, ts)
             for t in ts:
                 s = self._sid(t, None)
                 if s is not None and s.role is None:
                     s.role = "optimizer_state"
+                if s is not None and s.role == "optimizer_state" and t.dim() > 0:
+                    s.param_index = index.get(id(param))
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if self._phase() == "forward":
@@ -559,6 +569,7 @@ class StepRecorder:
             module=s.module,
             unit=s.unit,
             freed_after=s.freed_after,
+            param_index=s.param_index if role == "optimizer_state" else None,
         )
 
     def _unit_records(self, storages: tuple[StorageRecord, ...], ops: tuple[OpRecord, ...]) -> tuple[UnitRecord, ...]:
