@@ -7,7 +7,7 @@
 # times out is recorded in env.json, its partial JSON kept, and the script goes on.
 #
 # Usage (from anywhere; runs against the checkout it lives in, no install needed):
-#   OUT=/some/dir bench/gpu_check.sh [PART ...]      parts: tests probe bench check bench2 data recipe
+#   OUT=/some/dir bench/gpu_check.sh [PART ...]      parts: tests probe bench check bench2 data recipe peers
 # Without OUT, results go to bench/results/<date>-<gpu>/.
 #
 # Files written (at most 8, the device runner brings back only 8):
@@ -19,6 +19,8 @@
 #   resnet50.json, efficientnet_b0.json   bench result lists
 #   resnet50.png            bar chart
 #   data_train.json         (T_DATA > 0) loader vs torchvision vs synthetic-on-GPU, ResNet-50 epoch-2 images/s
+#   resnet50_peers.json, resnet50_peers.png   (T_PEERS > 0) the compile and TRL peers next to memstrata: ResNet-50
+#                           at PEER_BUDGETS (default 50%; a list such as 30%,50%,70% gives the Pareto table and chart)
 #   worker_logs.tar.gz      every bench run's spec, result and log (tracebacks of failed runs)
 #
 # Knobs (environment): PYTHON (default: the first of python3, python, .venv/bin/python with torch),
@@ -27,7 +29,11 @@
 # EfficientNet-B0), T_DATA (0 s: off; give it ~150 s: 60 s was too short on the H200), MAX_RUN_S (3: cap on one run's timed steps),
 # RUN_TIMEOUT (50 s per run), CONTENDERS (ResNet-50's: all but disk_offload_hooks, since on a GPU save_on_cpu is
 # the offload peer), CONTENDERS2 (EfficientNet-B0's: unmanaged, memstrata and the two checkpointing peers),
-# DEVICE (cuda; cpu for a smoke test).  A part whose T_* is 0 is skipped.
+# DEVICE (cuda; cpu for a smoke test), T_PEERS (0 s: off; 300 s when `peers` is named: every compile run compiles
+# ResNet-50 forward and backward first, ~1-2 min, untimed), PEER_BUDGETS (50%), PEER_CONTENDERS (unmanaged,
+# memstrata, checkpoint, compile, compile_memory_budget, trl_offload), PEER_RUN_TIMEOUT (150 s per run).
+# trl_offload needs `trl` importable (pip install trl; it does not change torch); without it the row says
+# "not installed".  A part whose T_* is 0 is skipped.
 set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -46,25 +52,28 @@ export PYTHONUNBUFFERED=1
 REPEATS="${REPEATS:-2}"; REPEATS2="${REPEATS2:-1}"; STEPS="${STEPS:-8}"; WARMUP="${WARMUP:-2}"
 BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
 T_TESTS="${T_TESTS:-60}"; T_PROBE="${T_PROBE:-20}"; T_BENCH="${T_BENCH:-210}"; T_BENCH2="${T_BENCH2:-120}"; T_DATA="${T_DATA:-0}"; T_CHECK="${T_CHECK:-40}"
-T_RECIPE="${T_RECIPE:-0}"
+T_RECIPE="${T_RECIPE:-0}"; T_PEERS="${T_PEERS:-0}"
 # Parts as arguments: `bench/gpu_check.sh tests bench recipe` runs only those (names: tests probe bench check
 # bench2 data recipe); without arguments the defaults above apply (data and recipe off).  A part asked for
 # by name whose T_* is 0 gets its sized default (data 150 s, recipe 240 s).
 if [ "$#" -gt 0 ]; then
     want=" $* "
-    for p in tests probe bench check bench2 data recipe; do
+    for p in tests probe bench check bench2 data recipe peers; do
         case "$want" in *" $p "*) ;; *) case "$p" in
             tests) T_TESTS=0;; probe) T_PROBE=0;; bench) T_BENCH=0;; check) T_CHECK=0;;
-            bench2) T_BENCH2=0;; data) T_DATA=0;; recipe) T_RECIPE=0;; esac;; esac
+            bench2) T_BENCH2=0;; data) T_DATA=0;; recipe) T_RECIPE=0;; peers) T_PEERS=0;; esac;; esac
     done
     case "$want" in *" data "*) [ "$T_DATA" = 0 ] && T_DATA=150;; esac
     case "$want" in *" recipe "*) [ "$T_RECIPE" = 0 ] && T_RECIPE=240;; esac
-    for a in "$@"; do case " tests probe bench check bench2 data recipe " in *" $a "*) ;; *)
-        echo "gpu_check: unknown part '$a' (tests probe bench check bench2 data recipe)" >&2; exit 2;; esac; done
+    case "$want" in *" peers "*) [ "$T_PEERS" = 0 ] && T_PEERS=300;; esac
+    for a in "$@"; do case " tests probe bench check bench2 data recipe peers " in *" $a "*) ;; *)
+        echo "gpu_check: unknown part '$a' (tests probe bench check bench2 data recipe peers)" >&2; exit 2;; esac; done
 fi
 MAX_RUN_S="${MAX_RUN_S:-3}"; RUN_TIMEOUT="${RUN_TIMEOUT:-50}"
 CONTENDERS="${CONTENDERS:-unmanaged,memstrata,checkpoint,selective_checkpoint,save_on_cpu,microbatch}"
 CONTENDERS2="${CONTENDERS2:-unmanaged,memstrata,checkpoint,selective_checkpoint}"
+PEER_CONTENDERS="${PEER_CONTENDERS:-unmanaged,memstrata,checkpoint,compile,compile_memory_budget,trl_offload}"
+PEER_BUDGETS="${PEER_BUDGETS:-50%}"; PEER_RUN_TIMEOUT="${PEER_RUN_TIMEOUT:-150}"
 
 GPU_NAME="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu")' 2>/dev/null || echo unknown)"
 if [ -z "${OUT:-}" ]; then
@@ -187,6 +196,16 @@ part data_train "$T_DATA" "$OUT/gpu_tests.log" \
 part recipe "$T_RECIPE" "$OUT/gpu_tests.log" \
     "${BENCH[@]}" --scenario recipe --device "${DEVICE:-cuda}" --model resnet50 --res 224 --epochs 2 \
     --images 8192 --repeats 1 --quiet --json "$OUT/recipe.json"
+
+# 6. The compile and TRL peers (issue 10): torch.compile unmanaged, torch.compile with activation_memory_budget
+#    at the budgets' fractions, TRL's stream-overlapped offload, next to memstrata and checkpoint; the same
+#    allocator settings for every arm (each worker inherits this environment, PYTORCH_CUDA_ALLOC_CONF included).
+#    Compilation happens in untimed setup steps.
+part bench_peers "$T_PEERS" "$OUT/bench.log" \
+    "${BENCH[@]}" --model resnet50 --batch "$BATCH" --res "$RES" --amp bf16 --device "${DEVICE:-cuda}" \
+    --budgets "$PEER_BUDGETS" --repeats 1 --steps "$STEPS" --warmup "$WARMUP" --contenders "$PEER_CONTENDERS" \
+    --max-seconds "$MAX_RUN_S" --run-timeout "$PEER_RUN_TIMEOUT" --nvme "$NVME" --quiet \
+    --log-dir "$LOGS/resnet50_peers" --json "$OUT/resnet50_peers.json" --plot "$OUT/resnet50_peers.png"
 
 tar -czf "$OUT/worker_logs.tar.gz" -C "$LOGS" . 2>/dev/null || true
 write_env

@@ -40,6 +40,11 @@ class BenchProgress:
             self._p.console.print(line, highlight=False)
             self._p.advance(self._task)
 
+    def set_total(self, total: int) -> None:
+        """Change the number of items (the bench learns its run count once the budgets are resolved)."""
+        if self._p is not None:
+            self._p.update(self._task, total=total)
+
     def tick(self, n: int = 1) -> None:
         """Advance without printing a line (e.g. one training step)."""
         if self._p is not None:

@@ -25,6 +25,19 @@ What each peer does with the budget (the knob, where it has one):
   smallest divisor of the batch whose estimated peak fits the budget (chosen
   by the harness from the unmanaged run).  Reported apart: BatchNorm sees
   batches of batch/k samples, so the math is not the same.
+- ``compile``: ``torch.compile(model)`` (inductor, default mode), otherwise
+  unmanaged.  Its compilation happens in untimed setup steps.
+- ``compile_memory_budget``: the same with
+  ``torch._functorch.config.activation_memory_budget`` set to a fraction (the
+  harness passes the budget's fraction: 0.5 for ``50%act`` or ``50%``): the
+  min-cut partitioner then saves about that fraction of the activation bytes
+  and recomputes the rest (its own knob).  Both compile peers run generated
+  kernels, so their losses are close to, not bitwise equal to, eager's.
+- ``trl_offload``: TRL's stream-overlapped saved-tensor offload
+  (``trl.models.activation_offloading.get_act_offloading_ctx_manager``, the
+  maintained copy of torchtune's ``OffloadActivations``) around the forward.
+  CUDA only; imported at run time ("not installed" when trl is missing).  No
+  knob (its defaults: pinned memory, a second stream, 1 KiB minimum size).
 
 [Note: BatchNorm under recomputation] Re-running a block's forward in
 training mode would update BatchNorm running statistics a second time, so a
@@ -54,8 +67,24 @@ CONTENDERS = (
     "save_on_cpu",
     "disk_offload_hooks",
     "microbatch",
+    "compile",
+    "compile_memory_budget",
+    "trl_offload",
 )
 REPORTED_APART = ("microbatch",)
+COMPILED = ("compile", "compile_memory_budget")  # generated kernels: same model, not bit-identical losses
+# Contenders with a knob the harness sets from each budget (one run per budget, fewer when two budgets
+# give the same setting); the others have one setting, named here for the table and JSON.
+BUDGET_KNOBS = ("memstrata", "microbatch", "compile_memory_budget")
+FIXED_SETTINGS = {
+    "unmanaged": "eager",
+    "checkpoint": "every block",
+    "selective_checkpoint": "every block, save conv/mm",
+    "save_on_cpu": "pinned host",
+    "disk_offload_hooks": "torch.save per tensor",
+    "compile": "inductor",
+    "trl_offload": "streams, pinned host",
+}
 
 
 @dataclass
@@ -73,6 +102,7 @@ class StepContext:
     microbatches: int = 1
     nvme_dir: str | None = None
     unmanaged_peak_bytes: int | None = None  # measured peak above baseline of the unmanaged run
+    memory_budget_fraction: float | None = None  # compile_memory_budget's activation_memory_budget
     loss_fn: Callable = field(default_factory=nn.CrossEntropyLoss)
 
     def autocast(self):
@@ -332,6 +362,88 @@ class Microbatch(Contender):
         return {"microbatches": self._k, "microbatch_size": self._xs[0].shape[0]}
 
 
+# --------------------------------------------------------------- torch.compile
+class Compiled(Contender):
+    """``torch.compile`` of the model (inductor); the first steps compile, untimed.
+
+    Two setup steps: the first traces and compiles forward and backward, the
+    second would show a recompilation (a guard that failed on the first run);
+    the bench's warm-up steps follow, then the timed ones.
+    """
+
+    name = "compile"
+    setup_steps = 2
+
+    def _configure(self, ctx: StepContext) -> None:
+        pass
+
+    def prepare(self, ctx: StepContext) -> None:
+        import torch._inductor.config as inductor_config
+
+        if ctx.device.type == "cpu":
+            # one compile worker: no pool of compiler processes next to the measured one on a small box
+            inductor_config.compile_threads = 1
+        self._configure(ctx)
+        ctx.model = torch.compile(ctx.model)
+
+    def notes(self) -> dict[str, Any]:
+        return {"backend": "inductor", "mode": "default"}
+
+
+class CompiledMemoryBudget(Compiled):
+    """``torch.compile`` with ``torch._functorch.config.activation_memory_budget`` = the fraction."""
+
+    name = "compile_memory_budget"
+
+    def _configure(self, ctx: StepContext) -> None:
+        import torch._functorch.config as functorch_config
+
+        f = ctx.memory_budget_fraction
+        if f is None or not 0.0 <= f <= 1.0:
+            raise ValueError(f"compile_memory_budget needs a fraction in [0, 1], got {f!r}")
+        functorch_config.activation_memory_budget = float(f)
+        self._fraction = float(f)
+
+    def notes(self) -> dict[str, Any]:
+        return {**super().notes(), "activation_memory_budget": self._fraction}
+
+
+# --------------------------------------------------------------- TRL offload
+_TRL_NEEDS_CUDA = "trl's activation offload moves saved tensors to pinned host memory on a side stream: needs CUDA"
+
+
+class TrlOffload(Contender):
+    """TRL's `OffloadActivations` (streams, pinned memory) around the forward, as TRL's trainer uses it."""
+
+    name = "trl_offload"
+
+    def prepare(self, ctx: StepContext) -> None:
+        if ctx.device.type != "cuda":
+            raise SkipContender(_TRL_NEEDS_CUDA)
+        try:
+            from trl.models.activation_offloading import get_act_offloading_ctx_manager
+        except ImportError as e:
+            raise SkipContender(f"not installed: trl ({e}); pip install trl") from None
+        # no output head of the kinds it looks for (output, lm_head, ...) on a torchvision model: no warning
+        self._offload = get_act_offloading_ctx_manager(ctx.model, warn_if_no_head=False)
+        try:
+            import trl
+
+            self._version = getattr(trl, "__version__", "?")
+        except ImportError:  # pragma: no cover -- imported just above
+            self._version = "?"
+
+    def step(self, ctx: StepContext):
+        with self._offload:
+            loss = ctx.forward_loss(ctx.x, ctx.y)
+        ctx.backward(loss)
+        ctx.optimizer_step()
+        return loss.detach()
+
+    def notes(self) -> dict[str, Any]:
+        return {"trl": self._version, "use_streams": True, "use_pin_memory": True, "min_offload_size": 1024}
+
+
 # --------------------------------------------------------------- memstrata
 class Memstrata(Contender):
     """`memstrata.manager.Manager` at the bench budget.
@@ -427,7 +539,8 @@ class Memstrata(Contender):
 
 
 _BY_NAME: dict[str, type[Contender]] = {
-    c.name: c for c in (Unmanaged, Memstrata, Checkpoint, SelectiveCheckpoint, SaveOnCpu, DiskOffloadHooks, Microbatch)
+    c.name: c for c in (Unmanaged, Memstrata, Checkpoint, SelectiveCheckpoint, SaveOnCpu, DiskOffloadHooks, Microbatch,
+                        Compiled, CompiledMemoryBudget, TrlOffload)
 }
 
 
@@ -435,6 +548,8 @@ def skip_reason(name: str, device: str) -> str | None:
     """Why `name` does not apply on `device` (known without starting a worker), or None."""
     if name == "save_on_cpu" and device != "cuda":
         return _SAVE_ON_CPU_SKIP
+    if name == "trl_offload" and device != "cuda":
+        return _TRL_NEEDS_CUDA
     return None
 
 

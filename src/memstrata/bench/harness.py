@@ -23,10 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .contenders import CONTENDERS, REPORTED_APART, skip_reason
+from .contenders import BUDGET_KNOBS, COMPILED, CONTENDERS, FIXED_SETTINGS, REPORTED_APART, skip_reason
 from .peak import EXACT_ENV
 from .spec import RunSpec
 from ..progress import BenchProgress  # noqa: F401  (one progress bar for benches and the recipe)
@@ -71,6 +71,12 @@ class BenchConfig:
     seed: int = 0
     quiet: bool = False
     budget_of_activations: bool = False  # "50%act": the fraction is of the activation peak, see [Note: budgets]
+    budget_texts: list[str] = field(default_factory=list)  # every budget (--budgets); [budget_text] for --budget
+
+    @property
+    def pareto(self) -> bool:
+        """Several budgets (--budgets a,b,...): the Pareto table and chart instead of the one-budget ones."""
+        return len(self.budget_texts) > 1
 
 
 # ------------------------------------------------------------------ arguments
@@ -84,8 +90,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     a("--model", default=None, help="torchvision classification model (default: resnet18 on CPU, resnet50 on CUDA)")
     a("--batch", default=None, help="batch size (default: 64 on CPU, 256 on CUDA)")
     a("--res", default=None, help="input resolution in pixels (default: 112 on CPU, 224 on CUDA)")
-    a("--budget", default=DEFAULT_BUDGET, help="memory budget above the baseline: a size (512MiB, 12GiB), a percentage of "
+    a("--budget", default=None, help="memory budget above the baseline: a size (512MiB, 12GiB), a percentage of "
       "the unmanaged peak (50%%), or P%%act: the unmanaged peak less (100-P)%% of its activation peak (default 50%%act)")
+    a("--budgets", default=None, metavar="B1,B2,...",
+      help="several budgets, comma-separated (30%%act,50%%act,70%%act): memstrata at each, every peer at each of its "
+      "settings; a Pareto table and chart (samples/s against measured peak). Instead of --budget")
     a("--repeats", default="3", help="alternating repeats per contender (default 3)")
     a("--steps", default=None, help="timed steps per run (default: 3 on CPU, 10 on CUDA)")
     a("--warmup", default=None, help="untimed warm-up steps per run (default: 1 on CPU, 3 on CUDA)")
@@ -172,6 +181,29 @@ def parse_budget(text: str) -> "Budget":
     return b
 
 
+def parse_budget_list(text: str) -> list[str]:
+    """--budgets "30%act,50%act,70%act" -> the budget texts, each checked by `parse_budget`.
+
+    BenchInputError (one line) for an empty list or item, a malformed budget or a repeated one.
+
+    >>> parse_budget_list(" 30%act, 50%act ,1GiB")
+    ['30%act', '50%act', '1GiB']
+    """
+    items = [t.strip() for t in str(text).split(",")]
+    if not any(items):
+        raise BenchInputError("--budgets is empty: give budgets separated by commas (30%act,50%act,70%act)")
+    if not all(items):
+        raise BenchInputError(f"--budgets {text!r} has an empty item")
+    seen: dict[tuple[str, float], str] = {}
+    for t in items:
+        b = parse_budget(t)
+        same = (b.kind, round(b.value, 9))
+        if same in seen:
+            raise BenchInputError(f"--budgets {text!r}: {t!r} repeats {seen[same]!r}")
+        seen[same] = t
+    return items
+
+
 def _classification_models() -> list[str]:
     import torchvision
 
@@ -241,7 +273,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     else:
         names = list(CONTENDERS)
 
-    budget_text = str(g("budget", DEFAULT_BUDGET) or DEFAULT_BUDGET).strip()
+    if g("budget") is not None and g("budgets") is not None:
+        raise BenchInputError("give --budget or --budgets, not both")
+    if g("budgets") is not None:
+        budget_texts = parse_budget_list(g("budgets"))
+    else:
+        budget_texts = [str(g("budget") or DEFAULT_BUDGET).strip()]
+    budget_text = budget_texts[0]
     budget_spec = parse_budget(budget_text)
     of_activations = budget_spec.kind == "activations"
     fraction = budget_spec.value if budget_spec.kind in ("peak", "activations") else None
@@ -274,6 +312,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         repeats=_int("repeats", g("repeats") or 3),
         amp=amp,
         budget_text=budget_text,
+        budget_texts=budget_texts,
         budget_of_activations=of_activations,
         budget_fraction=fraction,
         budget_bytes=size,
@@ -398,86 +437,205 @@ def _summary_line(rep: int, name: str, r: dict[str, Any], wall: float) -> str:
     return f"  rep {rep}  {name:<21} {r.get('status')}: {r.get('reason', '')}"
 
 
+# [Note: arms] One *arm* is one (contender, setting) pair: what one row of the
+# table, one object of the JSON and one point of the Pareto chart stand for.
+# Contenders with a knob (`BUDGET_KNOBS`) get one arm per budget: memstrata the
+# budget itself, microbatch the k chosen for it, compile_memory_budget the
+# budget's fraction as `activation_memory_budget`.  Two budgets that give the
+# same setting (the same k, the same fraction) share one arm, labelled with the
+# smaller budget.  Every other contender has one arm.  With one budget every
+# contender has exactly one arm, so the JSON has one object per contender as
+# it always had.
+@dataclass(frozen=True)
+class Arm:
+    name: str  # the contender
+    budget_index: int | None = None  # the budget it is set from (BUDGET_KNOBS), else None
+    setting: str = ""
+    microbatches: int = 1
+    microbatches_fit: bool = True  # microbatch: the estimate says k fits the budget
+    fraction: float | None = None  # compile_memory_budget
+    skip: str | None = None  # why it cannot run, known before starting a worker
+
+    def key(self, pareto: bool) -> str:
+        return f"{self.name}@{self.budget_index}" if pareto and self.budget_index is not None else self.name
+
+
+def initial_arms(cfg: BenchConfig) -> list[Arm]:
+    """Arms in run order: contenders in canonical order (unmanaged first), knobbed ones once per budget."""
+    arms: list[Arm] = []
+    for name in cfg.contenders:
+        if name in BUDGET_KNOBS:
+            arms += [Arm(name, i, setting=f"budget {t}") for i, t in enumerate(cfg.budget_texts)]
+        else:
+            arms.append(Arm(name, setting=FIXED_SETTINGS.get(name, "")))
+    return arms
+
+
+def resolve_budgets(cfg: BenchConfig, unmanaged_peak: int | None) -> tuple[list[int], int | None]:
+    """Each budget in bytes (and the activation peak when a P%act budget needed it)."""
+    act = None
+    if any(parse_budget(t).kind == "activations" for t in cfg.budget_texts):
+        act = activation_peak_bytes(cfg)
+    out = []
+    for t in cfg.budget_texts:
+        b = parse_budget(t)
+        if b.kind != "bytes" and unmanaged_peak is None:
+            raise _BudgetUnresolved(t)
+        out.append(b.resolve_peaks(unmanaged_peak or 0, act or 0))
+    return out, act
+
+
+def memory_budget_fraction(text: str, budget_bytes: int, unmanaged_peak: int | None) -> float | None:
+    """compile_memory_budget's `activation_memory_budget` for one bench budget.
+
+    "P%act" and "P%" give P/100 (capped at 1): compile's knob is the fraction of
+    the activation bytes its default partition saves, the closest thing to
+    "keep P% of the saved activations".  A size gives size / unmanaged peak
+    (None when that peak is unknown).
+    """
+    b = parse_budget(text)
+    if b.kind in ("peak", "activations"):
+        return min(1.0, float(b.value))
+    if unmanaged_peak:
+        return min(1.0, budget_bytes / unmanaged_peak)
+    return None
+
+
+def _settle(arm: Arm, cfg: BenchConfig, budgets: list[int], unmanaged_peak: int | None,
+            param_bytes: int | None) -> Arm:
+    if arm.budget_index is None:
+        return arm
+    i = arm.budget_index
+    if arm.name == "microbatch":
+        if cfg.microbatches is not None:
+            k, fits = cfg.microbatches, True
+        elif unmanaged_peak is None or param_bytes is None:
+            return replace(arm, skip="micro-batch count needs the unmanaged peak (unmanaged did not run); "
+                                     "give --microbatches")
+        else:
+            k, fits = choose_microbatches(cfg.batch, unmanaged_peak, param_bytes, budgets[i])
+        return replace(arm, microbatches=k, microbatches_fit=fits, setting=f"k={k}")
+    if arm.name == "compile_memory_budget":
+        f = memory_budget_fraction(cfg.budget_texts[i], budgets[i], unmanaged_peak)
+        if f is None:
+            return replace(arm, skip="activation_memory_budget for a size budget needs the unmanaged peak "
+                                     "(unmanaged did not run)")
+        return replace(arm, fraction=f, setting=f"activation_memory_budget={f:g}")
+    return arm
+
+
+def settle_arms(arms: list[Arm], cfg: BenchConfig, budgets: list[int], unmanaged_peak: int | None,
+                param_bytes: int | None) -> list[Arm]:
+    """Set every knobbed arm from its budget; drop arms whose setting repeats one at a smaller budget."""
+    arms = [_settle(arm, cfg, budgets, unmanaged_peak, param_bytes) for arm in arms]
+    kept: dict[tuple[str, str], Arm] = {}
+    for arm in sorted(arms, key=lambda a: budgets[a.budget_index] if a.budget_index is not None else -1):
+        if arm.name in ("microbatch", "compile_memory_budget") and not arm.skip:
+            kept.setdefault((arm.name, arm.setting), arm)
+    return [a for a in arms if a.name not in ("microbatch", "compile_memory_budget") or a.skip
+            or kept[(a.name, a.setting)] is a]
+
+
+def _tag(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
 def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run every contender `cfg.repeats` times, alternating; returns (summary list, meta)."""
+    """Run every arm `cfg.repeats` times, alternating; returns (summary list, meta)."""
     workdir = cfg.log_dir or tempfile.mkdtemp(prefix="memstrata-bench-")
     os.makedirs(workdir, exist_ok=True)
     nvme_dir = cfg.nvme_dir or tempfile.mkdtemp(prefix="memstrata-bench-nvme-")
-    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.contenders}
+    arms = initial_arms(cfg)
+    runs: dict[str, list[dict[str, Any]]] = {}
     meta: dict[str, Any] = {"budget_source": "size" if cfg.budget_bytes is not None else "percentage"}
-    budget = cfg.budget_bytes
+    budgets: list[int] | None = None
+    act_peak: int | None = None
     unmanaged_peak: int | None = None
     param_bytes: int | None = None
-    microbatches = cfg.microbatches
-    mb_fits = True
 
-    def spec_for(name: str, steps: int | None = None, warmup: int | None = None) -> RunSpec:
+    def spec_for(arm: Arm, steps: int | None = None, warmup: int | None = None) -> RunSpec:
+        if arm.budget_index is not None and budgets:
+            budget = budgets[arm.budget_index]
+        else:  # one budget: every contender is told it (as before); several: no knob, no budget
+            budget = budgets[0] if budgets and not cfg.pareto else None
         return RunSpec(
-            contender=name, model=cfg.model, batch=cfg.batch, res=cfg.res, device=cfg.device,
+            contender=arm.name, model=cfg.model, batch=cfg.batch, res=cfg.res, device=cfg.device,
             steps=steps or cfg.steps, warmup=cfg.warmup if warmup is None else warmup,
             num_classes=cfg.num_classes, amp=cfg.amp, channels_last=cfg.channels_last, seed=cfg.seed,
-            budget_bytes=budget, microbatches=microbatches or 1, nvme_dir=nvme_dir,
+            budget_bytes=budget, microbatches=arm.microbatches, nvme_dir=nvme_dir,
             unmanaged_peak_bytes=unmanaged_peak,
             max_seconds=cfg.max_seconds, threads=cfg.threads, cpu_peak=cfg.cpu_peak,
+            setting=arm.setting, memory_budget_fraction=arm.fraction,
         )
 
-    need_calibration = "unmanaged" not in cfg.contenders and (
-        budget is None or ("microbatch" in cfg.contenders and microbatches is None))
-    total = cfg.repeats * len(cfg.contenders) + (1 if need_calibration else 0)
+    def settle() -> None:
+        nonlocal budgets, act_peak, arms
+        budgets, act_peak = resolve_budgets(cfg, unmanaged_peak)
+        arms = settle_arms(arms, cfg, budgets, unmanaged_peak, param_bytes)
+
+    def summary() -> list[dict[str, Any]]:
+        return summarise(cfg, [a for a in arms if runs.get(a.key(cfg.pareto))], runs, budgets or [])
+
+    kinds = [parse_budget(t).kind for t in cfg.budget_texts]
+    needs_peak = any(k != "bytes" for k in kinds) or (
+        cfg.microbatches is None and "microbatch" in cfg.contenders) or (
+        "compile_memory_budget" in cfg.contenders and "bytes" in kinds)
+    need_calibration = "unmanaged" not in cfg.contenders and needs_peak
     try:
-        with BenchProgress(total, cfg.quiet) as progress:
+        with BenchProgress(cfg.repeats * len(arms) + (1 if need_calibration else 0), cfg.quiet) as progress:
             if need_calibration:
                 progress.describe("calibrating: unmanaged peak")
-                r, wall = run_worker(spec_for("unmanaged", steps=1, warmup=1), workdir, "calibrate-unmanaged", cfg.run_timeout)
+                r, wall = run_worker(spec_for(Arm("unmanaged"), steps=1, warmup=1), workdir, "calibrate-unmanaged",
+                                     cfg.run_timeout)
                 progress.advance(_summary_line(0, "unmanaged (calibration)", r, wall))
                 meta["calibration"] = {k: r.get(k) for k in ("status", "reason", "peak_bytes", "samples_per_s")}
                 if r.get("status") == "ok":
                     unmanaged_peak, param_bytes = r["peak_bytes"], r.get("param_bytes")
+                elif any(k != "bytes" for k in kinds):
+                    raise _BudgetUnresolved(cfg.budget_text, r.get("status"), r.get("reason"))
             for rep in range(1, cfg.repeats + 1):
-                for name in cfg.contenders:
-                    why = skip_reason(name, cfg.device)
+                i = 0
+                while i < len(arms):
+                    if budgets is None and arms[i].name != "unmanaged":
+                        settle()  # [Note: arms]: unmanaged (index 0) has run, or a calibration run stood in
+                        progress.set_total(cfg.repeats * len(arms) + (1 if need_calibration else 0))
+                    arm = arms[i]
+                    i += 1
+                    key = arm.key(cfg.pareto)
+                    label = key if not cfg.pareto else f"{arm.name} {arm.setting}".strip()
+                    why = skip_reason(arm.name, cfg.device) or arm.skip
                     if why:
-                        r = {"name": name, "status": "skipped", "reason": why, "repeat": rep}
-                        runs[name].append(r)
-                        progress.advance(_summary_line(rep, name, r, 0.0))
+                        r = {"name": arm.name, "setting": arm.setting, "status": "skipped", "reason": why, "repeat": rep}
+                        runs.setdefault(key, []).append(r)
+                        progress.advance(_summary_line(rep, label, r, 0.0))
                         continue
-                    if budget is None and name != "unmanaged":
-                        if unmanaged_peak is None:
-                            raise _BudgetUnresolved(cfg.budget_text)
-                        act = 0
-                        if cfg.budget_of_activations:
-                            act = activation_peak_bytes(cfg)
-                            meta["activation_peak_bytes"] = act
-                        budget = parse_budget(cfg.budget_text).resolve_peaks(unmanaged_peak, act)
-                    if name == "microbatch" and microbatches is None:
-                        if unmanaged_peak is None or param_bytes is None:
-                            r = {"name": name, "status": "skipped",
-                                 "reason": "micro-batch count needs the unmanaged peak (unmanaged did not run); give --microbatches"}
-                            runs[name].append(r)
-                            progress.advance(_summary_line(rep, name, r, 0.0))
-                            continue
-                        microbatches, mb_fits = choose_microbatches(cfg.batch, unmanaged_peak, param_bytes, budget)
-                    progress.describe(f"rep {rep}/{cfg.repeats} · {name}")
-                    r, wall = run_worker(spec_for(name), workdir, f"rep{rep}-{name}", cfg.run_timeout)
+                    progress.describe(f"rep {rep}/{cfg.repeats} · {label}")
+                    r, wall = run_worker(spec_for(arm), workdir, _tag(f"rep{rep}-{key}"), cfg.run_timeout)
                     r["repeat"] = rep
                     r["wall_s"] = wall
-                    runs[name].append(r)
-                    if name == "unmanaged" and unmanaged_peak is None and r.get("status") == "ok":
+                    runs.setdefault(key, []).append(r)
+                    if arm.name == "unmanaged" and unmanaged_peak is None and r.get("status") == "ok":
                         unmanaged_peak, param_bytes = r["peak_bytes"], r.get("param_bytes")
-                    progress.advance(_summary_line(rep, name, r, wall))
+                    progress.advance(_summary_line(rep, label, r, wall))
+                    if budgets is None and arm.name == "unmanaged" and unmanaged_peak is None and needs_peak:
+                        if any(k != "bytes" for k in kinds):
+                            raise _BudgetUnresolved(cfg.budget_text, r.get("status"), r.get("reason"))
                     if cfg.json_path:  # partial results survive an interrupted run
-                        _write_json(cfg.json_path, summarise(cfg, {k: v for k, v in runs.items() if v},
-                                                             budget, microbatches, mb_fits))
-                    if budget is None and name == "unmanaged" and unmanaged_peak is None:
-                        raise _BudgetUnresolved(cfg.budget_text, r.get("status"), r.get("reason"))
+                        _write_json(cfg.json_path, summary())
+            if budgets is None:  # only unmanaged ran
+                settle()
     finally:
         if not cfg.log_dir:
             shutil.rmtree(workdir, ignore_errors=True)
         if not cfg.nvme_dir:
             shutil.rmtree(nvme_dir, ignore_errors=True)
-    meta.update(nvme_dir=cfg.nvme_dir or "(temporary)", budget_bytes=budget, unmanaged_peak_first=unmanaged_peak, microbatches=microbatches,
-                microbatches_fit=mb_fits, log_dir=cfg.log_dir)
-    return summarise(cfg, runs, budget, microbatches, mb_fits), meta
+    mb = next((a for a in arms if a.name == "microbatch" and not a.skip), None)
+    meta.update(nvme_dir=cfg.nvme_dir or "(temporary)", budget_bytes=(budgets or [None])[0],
+                budgets=[{"text": t, "bytes": b} for t, b in zip(cfg.budget_texts, budgets or [])],
+                activation_peak_bytes=act_peak, unmanaged_peak_first=unmanaged_peak,
+                microbatches=mb.microbatches if mb else cfg.microbatches,
+                microbatches_fit=mb.microbatches_fit if mb else True, log_dir=cfg.log_dir)
+    return summary(), meta
 
 
 class _BudgetUnresolved(RuntimeError):
@@ -487,10 +645,13 @@ class _BudgetUnresolved(RuntimeError):
 
 
 # ------------------------------------------------------------------ summary
-def summarise(cfg: BenchConfig, runs: dict[str, list[dict[str, Any]]], budget: int | None,
-              microbatches: int | None, mb_fits: bool) -> list[dict[str, Any]]:
+def summarise(cfg: BenchConfig, arms: list[Arm], runs: dict[str, list[dict[str, Any]]],
+              budgets: list[int]) -> list[dict[str, Any]]:
+    """One row per arm (see [Note: arms]), in run order."""
     rows: list[dict[str, Any]] = []
-    for name, rs in runs.items():
+    for arm in arms:
+        name = arm.name
+        rs = runs.get(arm.key(cfg.pareto), [])
         ok = [r for r in rs if r.get("status") == "ok"]
         statuses = [r.get("status") for r in rs]
         if ok and len(ok) == len(rs):
@@ -507,8 +668,16 @@ def summarise(cfg: BenchConfig, runs: dict[str, list[dict[str, Any]]], budget: i
             status, reason = first.get("status", "error"), first.get("reason", "")
         sps = [r["samples_per_s"] for r in ok]
         peaks = [r["peak_bytes"] for r in ok]
+        if arm.budget_index is not None and budgets:
+            budget: int | None = budgets[arm.budget_index]
+            budget_text: str | None = cfg.budget_texts[arm.budget_index]
+        elif budgets and not cfg.pareto:
+            budget, budget_text = budgets[0], cfg.budget_texts[0]
+        else:
+            budget, budget_text = None, None
         row: dict[str, Any] = {
             "name": name,
+            "setting": arm.setting,
             "status": status,
             "reason": reason,
             "samples_per_s": statistics.median(sps) if sps else None,
@@ -524,11 +693,14 @@ def summarise(cfg: BenchConfig, runs: dict[str, list[dict[str, Any]]], budget: i
             "baseline_bytes": statistics.median([r["baseline_bytes"] for r in ok]) if ok else None,
             "peak_method": ok[0].get("peak_method") if ok else None,
             "omp_wait_policy": ok[0].get("omp_wait_policy") if ok else None,
+            "cuda_alloc_conf": ok[0].get("cuda_alloc_conf") if ok else None,
             "repeats": len(ok),
             "repeats_run": len(rs),
             "budget_bytes": budget,
+            "budget_text": budget_text,
             "within_budget": (max(peaks) <= budget) if (peaks and budget) else None,
             "reported_apart": name in REPORTED_APART,
+            "compiled": name in COMPILED,
             "ratio_to_unmanaged": None,
             "peak_ratio_to_unmanaged": None,
             "ratio_to_checkpoint": None,
@@ -543,15 +715,23 @@ def summarise(cfg: BenchConfig, runs: dict[str, list[dict[str, Any]]], budget: i
                 for r in rs
             ],
         }
-        if name == "microbatch" and microbatches:
-            row["notes"] = {**row["notes"], "microbatches": microbatches, "estimated_to_fit": mb_fits,
+        if cfg.pareto:
+            row["fits_budgets"] = {t: (max(peaks) <= b) if peaks else None for t, b in zip(cfg.budget_texts, budgets)}
+            row["budgets"] = [{"text": t, "bytes": b} for t, b in zip(cfg.budget_texts, budgets)]
+        if name == "microbatch" and not arm.skip:
+            row["notes"] = {**row["notes"], "microbatches": arm.microbatches, "estimated_to_fit": arm.microbatches_fit,
                             "caveat": "BatchNorm sees micro-batches: statistics differ from the full batch"}
+        if name == "compile_memory_budget" and arm.fraction is not None:
+            row["notes"] = {**row["notes"], "activation_memory_budget": arm.fraction}
         gpu = next((r.get("gpu") for r in ok if r.get("gpu")), None)
         if gpu:
             row["gpu"] = gpu
         rows.append(row)
-    by = {r["name"]: r for r in rows}
+    by = {}
     for r in rows:
+        by.setdefault(r["name"], r)  # unmanaged and checkpoint have one arm each
+    ref_runs = runs.get("unmanaged", [])
+    for arm, r in zip(arms, rows):
         for ref, key in (("unmanaged", "ratio_to_unmanaged"), ("checkpoint", "ratio_to_checkpoint")):
             base = by.get(ref)
             if base and base["samples_per_s"] and r["samples_per_s"]:
@@ -559,7 +739,7 @@ def summarise(cfg: BenchConfig, runs: dict[str, list[dict[str, Any]]], budget: i
         base = by.get("unmanaged")
         if base and base["peak_bytes"] and r["peak_bytes"] is not None:
             r["peak_ratio_to_unmanaged"] = r["peak_bytes"] / base["peak_bytes"]
-        r["losses_match_unmanaged"] = _losses_match(runs.get("unmanaged", []), runs.get(r["name"], []))
+        r["losses_match_unmanaged"] = _losses_match(ref_runs, runs.get(arm.key(cfg.pareto), []))
     return rows
 
 
@@ -591,7 +771,7 @@ def run_bench(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except BenchInputError as e:
         return _error(str(e))
-    from .report import make_console, print_header, print_table, write_plot
+    from .report import make_console, print_header, print_pareto_table, print_table, write_pareto_plot, write_plot
 
     console = make_console()
     if not cfg.quiet:
@@ -606,12 +786,12 @@ def run_bench(args: argparse.Namespace) -> int:
         print("memstrata bench: interrupted", file=sys.stderr)
         return 130
     elapsed = time.perf_counter() - t0
-    print_table(console, rows, cfg, meta, elapsed)
+    (print_pareto_table if cfg.pareto else print_table)(console, rows, cfg, meta, elapsed)
     if cfg.json_path:
         _write_json(cfg.json_path, rows)
         console.print(f"results: {cfg.json_path}")
     if cfg.plot_path:
-        write_plot(cfg.plot_path, rows, cfg, meta)
+        (write_pareto_plot if cfg.pareto else write_plot)(cfg.plot_path, rows, cfg, meta)
         console.print(f"chart: {cfg.plot_path}")
     if any(r["status"] == "error" for r in rows):
         return 1

@@ -27,6 +27,8 @@ class RunSpec:
     threads: int | None = None
     lr: float = 0.01
     cpu_peak: str = "exact"  # see [Note: allocator-held memory] in peak.py; "rss": the timed steps' RSS
+    setting: str = ""  # the contender's setting in this run, as the table and JSON name it ("k=4", ...)
+    memory_budget_fraction: float | None = None  # compile_memory_budget: torch._functorch activation_memory_budget
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunSpec":

@@ -49,12 +49,15 @@ def run(spec: RunSpec) -> dict[str, Any]:
     from .peak import (PeakMeter, anon_rss, exact_host_allocator_active, trim_host_allocator,
                        use_default_host_allocator)
 
-    result: dict[str, Any] = {"name": spec.contender, "spec": asdict(spec), "status": "error", "reason": ""}
+    result: dict[str, Any] = {"name": spec.contender, "setting": spec.setting, "spec": asdict(spec), "status": "error",
+                              "reason": ""}
     result["torch"] = torch.__version__
     if spec.threads:
         torch.set_num_threads(spec.threads)
     result["threads"] = torch.get_num_threads()
     result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    # every arm inherits the harness's environment: the same CUDA allocator settings for all (recorded to show it)
+    result["cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
     device = torch.device(spec.device)
     if device.type == "cuda":
         if device.index is None:  # set_device and the memory stats want an index
@@ -82,7 +85,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     ctx = contenders.StepContext(
         model=model, optimizer=opt, x=x, y=y, device=device, amp_dtype=amp_dtype, scaler=scaler,
         budget_bytes=spec.budget_bytes, microbatches=spec.microbatches, nvme_dir=spec.nvme_dir,
-        unmanaged_peak_bytes=spec.unmanaged_peak_bytes,
+        unmanaged_peak_bytes=spec.unmanaged_peak_bytes, memory_budget_fraction=spec.memory_budget_fraction,
     )
     result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
 
