@@ -132,7 +132,8 @@ def test_compiled_model_below_its_peak_recompiles_with_a_smaller_activation_budg
     assert steps[2]["stats"]["graphs"] == 1 and steps[2]["stats"]["eager_packs"] > 0
     assert steps[3]["stats"]["misaligned"] is None and steps[4]["stats"]["misaligned"] is None
     (shape,) = rep["shapes"].values()
-    assert shape["plan"]["fraction"] == 0.0 and not shape["plan"]["feasible"] and shape["notes"]
+    assert set(shape["measured_peaks"]) == {"1", "0"}  # 0 did not fit either: next, one graph per unit
+    assert shape["plan"]["split"] and any("one graph per recompute unit" in n for n in shape["notes"])
     mgr.close()
     assert cm.forward is mgr._compiled_life.runtime.budget.original[0]  # close() gives the user's forward back
 
@@ -193,3 +194,29 @@ def test_runtime_counts_saves_and_checks_them():
     assert s3.misaligned is not None
     with pytest.raises(ValueError):
         CompiledRuntime(model)  # not compiled
+
+
+@pytest.mark.slow  # compiles one graph per unit: ~50 s on the shared 2-core box
+def test_when_no_fraction_fits_it_splits_the_graph_at_units_then_settles_on_the_lowest_peak():
+    data = batches(8)
+    ref = make_model()
+    train(ref, torch.compile(ref), data)
+    model = make_model()
+    cm = torch.compile(model)
+    mgr = Manager(cm, budget="10%")  # below the parameters: nothing fits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, cm, data, mgr)
+    steps = mgr.report()["steps"]
+    assert [s["mode"] for s in steps][:7] == ["warmup", "trace", "compile (0)", "managed", "managed",
+                                              "compile (0 per unit)", "managed"]
+    assert steps[3]["stats"]["graphs"] == 1 and steps[6]["stats"]["graphs"] > 1  # one graph per unit
+    (shape,) = mgr.report()["shapes"].values()
+    assert set(shape["measured_peaks"]) == {"1", "0", "0 per unit"}
+    settled = [str(w.message) for w in caught if "no partitioner activation budget keeps" in str(w.message)]
+    assert len(settled) == 1 and "the lowest" in settled[0]
+    mgr.close()
+    assert not mgr._compiled_life.runtime.budget._hooks  # the graph breaks are gone
+    # Another graph: not bit-exact in general; the difference stays at rounding level.
+    for p, q in zip(ref.parameters(), model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)

@@ -9,7 +9,10 @@ checked against; its peak is not used: compiling allocates), then managed
 steps.  The budget watch: after `WATCH_STEPS` managed steps whose largest
 measured peak is above the budget (plus `CPU_PEAK_SLACK` on CPU, where the
 reading is a sampled heap), recompile at a smaller fraction from that
-measurement, at most `MAX_CORRECTIONS` times.  A step whose saves differ from
+measurement, at most `MAX_CORRECTIONS` times; when no fraction of one graph
+fits, once one graph per recompute unit at fraction 0 ([Note: one graph per
+unit] in runtime/compiled.py); when nothing fits, the setting with the lowest
+measured peak, with one warning.  A step whose saves differ from
 its trace (a graph break that went another way, a recompile we did not ask
 for) warns once per shape, says why, and the next step is traced again.
 
@@ -30,7 +33,7 @@ from torch import nn
 
 from .decisions import InfeasibleBudgetError
 from .hardware import Budget, format_size
-from .plan.compiled import CompiledPlan, correct_compiled, plan_compiled
+from .plan.compiled import CompiledPlan, correct_compiled, plan_compiled, split_plan
 from .runtime.compiled import CompiledRuntime, CompiledStepStats
 from .trace.compiled import CompiledTrace
 
@@ -65,10 +68,14 @@ class _Shape:
     plan: CompiledPlan | None = None
     budget: int | None = None
     fraction: float = 1.0
+    split: bool = False  # one graph per recompute unit
+    split_tried: bool = False
+    settled: bool = False  # nothing fits: running at the best measured setting
     recompile: bool = False  # the next step compiles at `fraction` (and becomes the trace)
     retrace: bool = False  # the next step becomes the trace (after a misaligned step)
     corrections: int = 0
     watch_peaks: list[int] = field(default_factory=list)
+    measured: dict[tuple[float, bool], int] = field(default_factory=dict)  # (fraction, split) -> largest peak
     warned_misaligned: bool = False
     misaligned_steps: int = 0
     notes: list[str] = field(default_factory=list)
@@ -102,14 +109,14 @@ class CompiledLifecycle:
         cs.steps += 1
         if cs.default is None and n < self.warmup_steps:
             out.mode = "warmup"
-            self.runtime.set_fraction(1.0)
+            self.runtime.set_fraction(1.0, False)
             t0 = time.perf_counter()
             yield out
             self._sync()
             out.seconds = time.perf_counter() - t0
             return
         rt = self.runtime
-        rt.set_fraction(cs.fraction)
+        rt.set_fraction(cs.fraction, cs.split)
         tracing = cs.default is None or cs.recompile or cs.retrace
         rt.expect(None if tracing else cs.trace)
         start = self._cuda_start()
@@ -129,7 +136,7 @@ class CompiledLifecycle:
             cs.default = cs.trace = trace
             self._plan(cs)
         elif cs.recompile:
-            out.mode = f"compile ({cs.fraction:g})"
+            out.mode = f"compile ({_setting(cs.fraction, cs.split)})"
             cs.recompile = False
             cs.trace = trace
             out.peak_source += "; this step also compiled (its peak includes the compiler's)"
@@ -177,6 +184,7 @@ class CompiledLifecycle:
             cs.budget = trace.observed_peak
         else:
             cs.budget = self.budget.resolve(trace)
+        cs.measured[(trace.fraction, False)] = trace.observed_peak
         plan = plan_compiled(trace, cs.budget)
         if not plan.feasible:
             if self.fallback == "raise":
@@ -192,33 +200,56 @@ class CompiledLifecycle:
     def _adopt(self, cs: _Shape, plan: CompiledPlan) -> None:
         cs.plan = plan
         cs.watch_peaks = []
-        if plan.fraction != cs.fraction:
-            cs.fraction = plan.fraction
+        if (plan.fraction, plan.split) != (cs.fraction, cs.split):
+            cs.fraction, cs.split = plan.fraction, plan.split
             cs.recompile = True
 
     def _watch(self, cs: _Shape, trace: CompiledTrace) -> None:
         cs.watch_peaks.append(trace.observed_peak)
         if len(cs.watch_peaks) < self.WATCH_STEPS or cs.budget is None or cs.default is None:
             return
-        if cs.fraction >= 1.0 and cs.default.observed_peak <= cs.budget:
+        if cs.fraction >= 1.0 and not cs.split and cs.default.observed_peak <= cs.budget:
             cs.watch_peaks = []
             return  # it fitted as compiled: nothing is managed (as the eager watch, which leaves empty plans be)
         peak, cs.watch_peaks = max(cs.watch_peaks), []
+        cs.measured[(cs.fraction, cs.split)] = peak
         slack = 0.0 if self.cuda else self.CPU_PEAK_SLACK
-        if peak <= cs.budget * (1.0 + slack) or cs.corrections >= self.MAX_CORRECTIONS:
+        if peak <= cs.budget * (1.0 + slack) or cs.settled:
             return
         measured = replace(trace, peak_above_start=peak - trace.bytes_at_start)
-        plan = correct_compiled(cs.default, measured, cs.budget)
+        plan = None if cs.split else correct_compiled(cs.default, measured, cs.budget)
         cs.corrections += 1
-        if plan is None:
-            cs.corrections = self.MAX_CORRECTIONS
-            note = (f"measured peak {format_size(peak)} > budget {format_size(cs.budget)} with everything "
-                    "recomputable recomputed (activation budget 0): not corrected further")
-            cs.notes.append(note)
-            warnings.warn(f"memstrata: {note}", stacklevel=5)
+        if plan is None or (plan.fraction, False) in cs.measured or cs.corrections >= self.MAX_CORRECTIONS:
+            self._settle(cs)
             return
         cs.notes.extend(plan.notes)
         self._adopt(cs, plan)
+
+    def _settle(self, cs: _Shape) -> None:
+        """No fraction fits: split the graph at units once; then run at the setting whose measured peak was
+        lowest, and say so (once)."""
+        if not cs.split_tried and self.runtime.budget.units:
+            cs.split_tried = True
+            assert cs.budget is not None
+            plan = split_plan(cs.budget)
+            cs.notes.extend(plan.notes)
+            self._adopt(cs, plan)
+            return
+        cs.settled = True
+        best = min(cs.measured, key=lambda k: (cs.measured[k], -k[0]))
+        tried = ", ".join(f"{_setting(*k)}: {format_size(p)}" for k, p in sorted(cs.measured.items(), reverse=True))
+        note = (f"no partitioner activation budget keeps the compiled step within {format_size(cs.budget)} "
+                f"(measured peaks by setting: {tried}): running at {_setting(*best)}, the lowest; the rest of "
+                "the peak is what recompute inside the graph cannot remove (the backward's working memory, "
+                "gradients, parameters, the batch)")
+        cs.notes.append(note)
+        warnings.warn(f"memstrata: {note}", stacklevel=6)
+        if best != (cs.fraction, cs.split):
+            cs.fraction, cs.split = best  # compiled already: no recompile, but its saves become the trace again
+            cs.retrace = True
+        if cs.plan is not None:
+            cs.plan = replace(cs.plan, fraction=best[0], split=best[1], predicted_peak=cs.measured[best],
+                              feasible=False)
 
     def _misaligned(self, cs: _Shape, stats: CompiledStepStats, _n: int, out: CompiledStepOutcome) -> None:
         cs.misaligned_steps += 1
@@ -238,8 +269,9 @@ class CompiledLifecycle:
     def describe(self, key: tuple) -> dict[str, Any]:
         cs = self.shapes[key]
         d: dict[str, Any] = {"steps": cs.steps, "traces": cs.traces, "compiled": True,
-                             "fraction": cs.fraction, "corrections": cs.corrections,
-                             "misaligned_steps": cs.misaligned_steps}
+                             "fraction": cs.fraction, "split_at_units": cs.split, "corrections": cs.corrections,
+                             "misaligned_steps": cs.misaligned_steps,
+                             "measured_peaks": {_setting(*k): p for k, p in cs.measured.items()}}
         if cs.default is not None:
             d["observed_peak"] = cs.default.observed_peak
             d["trace"] = cs.default.summary()
@@ -253,6 +285,10 @@ class CompiledLifecycle:
 
     def close(self) -> None:
         self.runtime.close()
+
+
+def _setting(fraction: float, split: bool) -> str:
+    return f"{fraction:g}{' per unit' if split else ''}"
 
 
 def _key(key: tuple) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from ..hardware import format_size
 from ..trace.compiled import CompiledTrace
 
-__all__ = ["CompiledPlan", "plan_compiled", "correct_compiled", "STEP"]
+__all__ = ["CompiledPlan", "plan_compiled", "correct_compiled", "split_plan", "STEP"]
 
 STEP = 0.05  # fractions the Manager compiles at are multiples of this
 
@@ -51,10 +51,20 @@ class CompiledPlan:
     minimum_peak: int  # predicted at fraction 0 (optimistic: see the note)
     feasible: bool  # the prediction at `fraction` fits the budget
     notes: tuple[str, ...] = ()
+    split: bool = False  # one graph per recompute unit ([Note: one graph per unit] in runtime/compiled.py)
 
     def to_dict(self) -> dict:
         return {"fraction": self.fraction, "budget": self.budget, "predicted_peak": self.predicted_peak,
-                "minimum_peak": self.minimum_peak, "feasible": self.feasible, "notes": list(self.notes)}
+                "minimum_peak": self.minimum_peak, "feasible": self.feasible, "split": self.split,
+                "notes": list(self.notes)}
+
+
+def split_plan(budget: int) -> CompiledPlan:
+    """When no fraction of one graph fits: one graph per unit, each at activation budget 0 (its peak is measured)."""
+    return CompiledPlan(0.0, budget, 0, 0, False,
+                        ("no activation budget of one graph fits: recompiling with one graph per recompute unit at "
+                         "activation budget 0 (unit-level activation checkpointing inside the compiled code)",),
+                        split=True)
 
 
 def _predict(base: CompiledTrace, default_activations: int, fraction: float) -> int:
