@@ -47,8 +47,8 @@ class CompiledPlan:
 
     fraction: float
     budget: int
-    predicted_peak: int
-    minimum_peak: int  # predicted at fraction 0 (optimistic: see the note)
+    predicted_peak: int | None  # None: not predicted (one graph per unit: measured instead)
+    minimum_peak: int | None  # predicted at fraction 0 (optimistic: see the note)
     feasible: bool  # the prediction at `fraction` fits the budget
     notes: tuple[str, ...] = ()
     split: bool = False  # one graph per recompute unit ([Note: one graph per unit] in runtime/compiled.py)
@@ -61,7 +61,7 @@ class CompiledPlan:
 
 def split_plan(budget: int) -> CompiledPlan:
     """When no fraction of one graph fits: one graph per unit, each at activation budget 0 (its peak is measured)."""
-    return CompiledPlan(0.0, budget, 0, 0, False,
+    return CompiledPlan(0.0, budget, None, None, False,
                         ("no activation budget of one graph fits: recompiling with one graph per recompute unit at "
                          "activation budget 0 (unit-level activation checkpointing inside the compiled code)",),
                         split=True)
