@@ -148,7 +148,7 @@ class CompiledLifecycle:
         else:
             out.mode = "managed"
             if stats.misaligned:
-                self._misaligned(cs, stats, len(self.shapes), out)
+                self._misaligned(cs, stats, out)
             else:
                 self._watch(cs, trace)
         out.budget_bytes = cs.budget
@@ -251,7 +251,7 @@ class CompiledLifecycle:
             cs.plan = replace(cs.plan, fraction=best[0], split=best[1], predicted_peak=cs.measured[best],
                               feasible=False)
 
-    def _misaligned(self, cs: _Shape, stats: CompiledStepStats, _n: int, out: CompiledStepOutcome) -> None:
+    def _misaligned(self, cs: _Shape, stats: CompiledStepStats, out: CompiledStepOutcome) -> None:
         cs.misaligned_steps += 1
         out.mode = "managed (misaligned)"
         if not cs.warned_misaligned:
