@@ -119,7 +119,7 @@ def test_compiled_model_below_its_peak_recompiles_with_a_smaller_activation_budg
     data = batches(5)
     model = make_model()
     cm = torch.compile(model)
-    mgr = Manager(cm, budget="10%")  # below anything recompute reaches: the most frugal graph, with a warning
+    mgr = Manager(cm, budget=1024)  # below the parameters: the most frugal graph, with a warning
     with pytest.warns(UserWarning, match="below what recompute inside the compiled graph can reach"):
         train(model, cm, data, mgr)
     rep = mgr.report()
@@ -203,7 +203,7 @@ def test_when_no_fraction_fits_it_splits_the_graph_at_units_then_settles_on_the_
     train(ref, torch.compile(ref), data)
     model = make_model()
     cm = torch.compile(model)
-    mgr = Manager(cm, budget="10%")  # below the parameters: nothing fits
+    mgr = Manager(cm, budget=1024)  # below the parameters: nothing fits
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(model, cm, data, mgr)
