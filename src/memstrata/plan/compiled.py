@@ -67,14 +67,20 @@ def split_plan(budget: int) -> CompiledPlan:
                         split=True)
 
 
+def _rest(base: CompiledTrace) -> int:
+    """The peak without the saved activations; never below what was there at the step's start (a sampled
+    heap can read less growth than the saves when the step reuses memory freed since its start)."""
+    return max(base.observed_peak - base.saved_activation_bytes, base.bytes_at_start)
+
+
 def _predict(base: CompiledTrace, default_activations: int, fraction: float) -> int:
-    return int(base.observed_peak - base.saved_activation_bytes + fraction * default_activations)
+    return int(_rest(base) + fraction * default_activations)
 
 
 def _fraction_for(base: CompiledTrace, default_activations: int, budget: int) -> float:
     if default_activations <= 0:
         return 0.0
-    exact = (budget - (base.observed_peak - base.saved_activation_bytes)) / default_activations
+    exact = (budget - _rest(base)) / default_activations
     return max(0.0, min(1.0, math.floor(exact / STEP + 1e-9) * STEP))
 
 
