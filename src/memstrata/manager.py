@@ -270,7 +270,8 @@ class Manager:
         # Activation modules run out of place while managed (same values; lets
         # selective recompute keep normalisation outputs), restored by close().
         # See [Note: why memstrata runs activations out of place] in trace/units.py.
-        self._out_of_place = out_of_place_activations(self.root) if self.enabled else []
+        # (not for a compiled model: its graph decides what it saves; see memstrata/compiled.py)
+        self._out_of_place = out_of_place_activations(self.root) if self.enabled and not self._compiled else []
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.warmup_steps = int(warmup_steps)
@@ -313,6 +314,13 @@ class Manager:
         self._current: _ShapeState | None = None
         self._closed = False
         self._in_step = False
+        self._compiled_life = None
+        if self._compiled and self.enabled:
+            from .compiled import CompiledLifecycle
+
+            self._compiled_life = CompiledLifecycle(self.root, self.budget, fallback=self.fallback,
+                                                    warmup_steps=self.warmup_steps, max_retraces=self.max_retraces,
+                                                    model_name=self.model_name, device=self.device)
 
     # ------------------------------------------------------------------ public
     MAX_CORRECTIONS = 2  # budget corrections per tuning candidate ([Note: measured plan tuning])
@@ -362,6 +370,15 @@ class Manager:
                                           time.perf_counter() - t0))
             return
         key = _shape_key(inputs, kw_inputs)
+        if self._compiled_life is not None:
+            with self._compiled_life.step(key, (inputs, kw_inputs)) as out:
+                yield
+            self._steps.append(StepRecord(index, _key_str(key), out.mode, out.seconds, peak_bytes=out.peak_bytes,
+                                          peak_source=out.peak_source,
+                                          peak_above_start_bytes=out.peak_above_start_bytes,
+                                          predicted_peak_bytes=out.predicted_peak_bytes,
+                                          budget_bytes=out.budget_bytes, stats=out.stats))
+            return
         st = self._states.get(key)
         if st is None:
             st = self._states[key] = _ShapeState(key)
@@ -412,8 +429,7 @@ class Manager:
                 self._watch(st, rec)
             if s.misaligned and not st.warned_misaligned:
                 st.warned_misaligned = True
-                why = ("torch.compile'd code saves other tensors than the eager trace saw; compiled models are "
-                       "not managed yet" if self._compiled else "the step did not follow its trace")
+                why = "the step did not follow its trace"
                 msg = (f"memstrata: step {index} ({_key_str(st.key)}) kept every activation (exact, no memory "
                        f"saved): {why} ({s.misaligned})")
                 st.notes.append(msg.split(": ", 1)[1])
@@ -453,6 +469,9 @@ class Manager:
             if st.notes:
                 d["notes"] = list(st.notes)
             shapes[_key_str(key)] = d
+        if self._compiled_life is not None:
+            for key in self._compiled_life.shapes:
+                shapes[_key_str(key)] = self._compiled_life.describe(key)
         return Report(
             enabled=self.enabled,
             device=str(self.device),
@@ -476,6 +495,8 @@ class Manager:
             self.states.close()
         if self._pool is not None:
             self._pool.clear()
+        if self._compiled_life is not None:
+            self._compiled_life.close()
         restore_inplace(self._out_of_place)
         self._out_of_place = []
         self._closed = True
@@ -706,8 +727,10 @@ class Manager:
 
 
 def _is_compiled(model: nn.Module) -> bool:
-    """A torch.compile'd module (or one holding one): its saved tensors are the compiled graph's."""
-    return any(type(m).__name__ == "OptimizedModule" for m in [model, *_unwrap(model).modules()])
+    """A torch.compile'd module (or one holding one): managed by memstrata/compiled.py."""
+    from .runtime.compiled import is_compiled
+
+    return is_compiled(_unwrap(model))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

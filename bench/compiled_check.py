@@ -1,0 +1,73 @@
+"""Compiled models under the Manager on this box (CPU inductor): peaks vs budget, step times, largest difference.
+
+    MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=1048576 OMP_NUM_THREADS=1 PYTHONPATH=src \
+        python bench/compiled_check.py resnet18 32 128 50% 9
+
+One process: the same model twice (same seed), one compiled and unmanaged, one compiled under the Manager,
+stepping alternately on the same batches.  Peaks: the Manager's reading (its basis: bytes at the step's start +
+sampled heap growth) and an independent one (VmHWM above the step's start, `bench/peak.py`; exact with the
+allocator settings above).  Prints one JSON line per step and a summary.
+"""
+import json, sys, time
+
+import torch
+import torchvision
+from torch import nn
+
+from memstrata import Manager
+from memstrata.bench.peak import PeakMeter, exact_host_allocator_active
+
+
+def build(name: str, res: int) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "vit":
+        from torchvision.models.vision_transformer import VisionTransformer
+        return VisionTransformer(image_size=res, patch_size=8, num_layers=4, num_heads=4, hidden_dim=128,
+                                 mlp_dim=512, num_classes=10)
+    return torchvision.models.get_model(name, num_classes=10)
+
+
+def main() -> None:
+    name, batch, res, budget, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    ref, model = build(name, res), build(name, res)
+    cref, cm = torch.compile(ref), torch.compile(model)
+    oref = torch.optim.SGD(ref.parameters(), lr=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mgr = Manager(cm, budget=budget)
+    g = torch.Generator().manual_seed(1)
+    meter = PeakMeter(torch.device("cpu"))
+    rows = []
+    for i in range(steps):
+        x, y = torch.randn(batch, 3, res, res, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        meter.start(); t0 = time.perf_counter()
+        nn.functional.cross_entropy(cref(x), y).backward()
+        t_ref = time.perf_counter() - t0; p_ref = meter.stop()
+        meter.start(); t0 = time.perf_counter()
+        with mgr.step(x):
+            nn.functional.cross_entropy(cm(x), y).backward()
+        t_mgr = time.perf_counter() - t0; p_mgr = meter.stop()
+        diff = max((a.grad - b.grad).abs().max().item() for a, b in zip(ref.parameters(), model.parameters()))
+        same = all(torch.equal(a.grad, b.grad) for a, b in zip(ref.parameters(), model.parameters()))
+        for o in (oref, opt):
+            o.step(); o.zero_grad()
+        s = mgr.report()["steps"][-1]
+        row = dict(step=i, mode=s["mode"], fraction=(s["stats"] or {}).get("fraction"),
+                   ref_s=round(t_ref, 3), mgr_s=round(t_mgr, 3),
+                   ref_peak_above_start_MiB=round(p_ref.peak_bytes / 2**20, 1),
+                   mgr_peak_above_start_MiB=round(p_mgr.peak_bytes / 2**20, 1),
+                   manager_reading_MiB=round((s["peak_bytes"] or 0) / 2**20, 1),
+                   budget_MiB=round((s["budget_bytes"] or 0) / 2**20, 1),
+                   bytes_at_start_MiB=round(((s["stats"] or {}).get("bytes_at_start") or 0) / 2**20, 1),
+                   saved_act_MiB=round(((s["stats"] or {}).get("saved_activation_bytes") or 0) / 2**20, 1),
+                   grads_bit_exact=same, grads_max_abs_diff=diff)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (shape,) = mgr.report()["shapes"].values()
+    print(json.dumps({"exact_allocator": exact_host_allocator_active(), "model": name, "batch": batch, "res": res,
+                      "budget": budget, "notes": shape.get("notes"), "plan": shape.get("plan"),
+                      "trace": shape.get("trace")}, default=str), flush=True)
+    mgr.close()
+
+
+if __name__ == "__main__":
+    main()

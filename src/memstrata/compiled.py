@@ -1,0 +1,295 @@
+"""The Manager's lifecycle for a torch.compile'd model (used by `manager.Manager`; one instance per Manager).
+
+Per input shape: `warmup_steps` plain steps (the first one compiles), one
+observed step at the user's compilation (the trace: what the graphs save, the
+measured peak), a plan (`plan/compiled.py`: the largest partitioner
+activation budget predicted to fit), then, when that fraction is below 1.0,
+one step that recompiles at it (its saves become the trace the later steps are
+checked against; its peak is not used: compiling allocates), then managed
+steps.  The budget watch: after `WATCH_STEPS` managed steps whose largest
+measured peak is above the budget (plus `CPU_PEAK_SLACK` on CPU, where the
+reading is a sampled heap), recompile at a smaller fraction from that
+measurement, at most `MAX_CORRECTIONS` times; when no fraction of one graph
+fits, once one graph per recompute unit at fraction 0 ([Note: one graph per
+unit] in runtime/compiled.py); when nothing fits, the setting with the lowest
+measured peak, with one warning.  A step whose saves differ from
+its trace (a graph break that went another way, a recompile we did not ask
+for) warns once per shape, says why, and the next step is traced again.
+
+What is managed and what is not: [Note: what memstrata can do under
+torch.compile] in runtime/compiled.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .decisions import InfeasibleBudgetError
+from .hardware import Budget, format_size
+from .plan.compiled import CompiledPlan, correct_compiled, plan_compiled, split_plan
+from .runtime.compiled import CompiledRuntime, CompiledStepStats
+from .trace.compiled import CompiledTrace
+
+__all__ = ["CompiledLifecycle", "CompiledStepOutcome"]
+
+PEAK_SOURCE_CPU = ("CPU: parameters, buffers, gradients and the batch at the step's start + glibc heap growth above "
+                   "the start (mallinfo2, a poller thread every 0.5 ms and every save/read)")
+PEAK_SOURCE_CUDA = "torch.cuda.max_memory_allocated (whole step, reset at step start)"
+
+
+@dataclass
+class CompiledStepOutcome:
+    """What one step of a compiled model did (the Manager turns it into a report row)."""
+
+    mode: str = ""
+    seconds: float = 0.0
+    peak_bytes: int | None = None
+    peak_above_start_bytes: int | None = None
+    peak_source: str = ""
+    predicted_peak_bytes: int | None = None
+    budget_bytes: int | None = None
+    stats: dict | None = None
+
+
+@dataclass
+class _Shape:
+    key: tuple
+    steps: int = 0
+    traces: int = 0
+    default: CompiledTrace | None = None  # the step as the user compiled it (fraction 1.0)
+    trace: CompiledTrace | None = None  # what the steps at the current fraction save
+    plan: CompiledPlan | None = None
+    budget: int | None = None
+    fraction: float = 1.0
+    split: bool = False  # one graph per recompute unit
+    split_tried: bool = False
+    settled: bool = False  # nothing fits: running at the best measured setting
+    recompile: bool = False  # the next step compiles at `fraction` (and becomes the trace)
+    retrace: bool = False  # the next step becomes the trace (after a misaligned step)
+    corrections: int = 0
+    watch_peaks: list[int] = field(default_factory=list)
+    measured: dict[tuple[float, bool], int] = field(default_factory=dict)  # (fraction, split) -> largest peak
+    warned_misaligned: bool = False
+    misaligned_steps: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class CompiledLifecycle:
+    WATCH_STEPS = 2
+    MAX_CORRECTIONS = 3
+    CPU_PEAK_SLACK = 0.05
+
+    def __init__(self, model: nn.Module, budget: Budget, *, fallback: str = "minimum", warmup_steps: int = 1,
+                 max_retraces: int = 2, model_name: str = "", device: torch.device | None = None) -> None:
+        self.runtime = CompiledRuntime(model)
+        self.budget = budget
+        self.fallback = fallback
+        self.warmup_steps = int(warmup_steps)
+        self.max_retraces = int(max_retraces)
+        self.model_name = model_name or type(model).__name__
+        self.device = torch.device(device) if device is not None else self.runtime.device
+        self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self.shapes: dict[tuple, _Shape] = {}
+
+    # ------------------------------------------------------------------ one step
+    @contextlib.contextmanager
+    def step(self, key: tuple, inputs: Any) -> Iterator[CompiledStepOutcome]:
+        cs = self.shapes.get(key)
+        if cs is None:
+            cs = self.shapes[key] = _Shape(key)
+        out = CompiledStepOutcome(budget_bytes=cs.budget)
+        n = cs.steps
+        cs.steps += 1
+        if cs.default is None and n < self.warmup_steps:
+            out.mode = "warmup"
+            self.runtime.set_fraction(1.0, False)
+            t0 = time.perf_counter()
+            yield out
+            self._sync()
+            out.seconds = time.perf_counter() - t0
+            return
+        rt = self.runtime
+        rt.set_fraction(cs.fraction, cs.split)
+        tracing = cs.default is None or cs.recompile or cs.retrace
+        rt.expect(None if tracing else cs.trace)
+        start = self._cuda_start()
+        t0 = time.perf_counter()
+        with rt.step(inputs) as stats:
+            yield out
+        self._sync()
+        out.seconds = time.perf_counter() - t0
+        trace = self._trace_of(stats, out.seconds, start)
+        out.peak_bytes = trace.observed_peak
+        out.peak_above_start_bytes = trace.peak_above_start
+        out.peak_source = PEAK_SOURCE_CUDA if self.cuda else PEAK_SOURCE_CPU
+        out.stats = {k: v for k, v in asdict(stats).items() if k != "pack_nbytes"}
+        if cs.default is None:
+            out.mode = "trace"
+            cs.traces += 1
+            cs.default = cs.trace = trace
+            self._plan(cs)
+        elif cs.recompile:
+            out.mode = f"compile ({_setting(cs.fraction, cs.split)})"
+            cs.recompile = False
+            cs.trace = trace
+            out.peak_source += "; this step also compiled (its peak includes the compiler's)"
+        elif cs.retrace:
+            out.mode = "trace"
+            cs.traces += 1
+            cs.retrace = False
+            cs.trace = trace
+        else:
+            out.mode = "managed"
+            if stats.misaligned:
+                self._misaligned(cs, stats, out)
+            else:
+                self._watch(cs, trace)
+        out.budget_bytes = cs.budget
+        out.predicted_peak_bytes = cs.plan.predicted_peak if cs.plan is not None else None
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _cuda_start(self) -> int | None:
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return int(torch.cuda.memory_allocated(self.device))
+
+    def _trace_of(self, stats: CompiledStepStats, seconds: float, cuda_start: int | None) -> CompiledTrace:
+        if cuda_start is not None:
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+            stats.bytes_at_start = cuda_start  # on CUDA the basis is everything allocated
+            return self.runtime.trace_of(stats, seconds, self.model_name, peak - cuda_start, PEAK_SOURCE_CUDA)
+        return self.runtime.trace_of(stats, seconds, self.model_name)
+
+    # ------------------------------------------------------------------ decisions
+    def _plan(self, cs: _Shape) -> None:
+        trace = cs.default
+        assert trace is not None
+        if self.budget.kind == "slowdown":
+            note = (f"a slowdown budget ({self.budget}) is not supported for compiled models: the compiled step "
+                    "runs as compiled (give a size or a percentage)")
+            cs.notes.append(note)
+            warnings.warn(f"memstrata: {note}", stacklevel=5)
+            cs.budget = trace.observed_peak
+        else:
+            cs.budget = self.budget.resolve(trace)
+        cs.measured[(trace.fraction, False)] = trace.observed_peak
+        plan = plan_compiled(trace, cs.budget)
+        if not plan.feasible:
+            if self.fallback == "raise":
+                raise InfeasibleBudgetError(
+                    cs.budget, plan.minimum_peak,
+                    "a compiled step can only save less (the partitioner's activation budget); parameters, "
+                    "gradients, the batch and the graph's working memory stay; pass a larger budget or "
+                    "fallback='minimum'")
+            warnings.warn(f"memstrata: {plan.notes[0]}", stacklevel=5)
+        cs.notes.extend(plan.notes)
+        self._adopt(cs, plan)
+
+    def _adopt(self, cs: _Shape, plan: CompiledPlan) -> None:
+        cs.plan = plan
+        cs.watch_peaks = []
+        if (plan.fraction, plan.split) != (cs.fraction, cs.split):
+            cs.fraction, cs.split = plan.fraction, plan.split
+            cs.recompile = True
+
+    def _watch(self, cs: _Shape, trace: CompiledTrace) -> None:
+        cs.watch_peaks.append(trace.observed_peak)
+        if len(cs.watch_peaks) < self.WATCH_STEPS or cs.budget is None or cs.default is None:
+            return
+        if cs.fraction >= 1.0 and not cs.split and cs.default.observed_peak <= cs.budget:
+            cs.watch_peaks = []
+            return  # it fitted as compiled: nothing is managed (as the eager watch, which leaves empty plans be)
+        peak, cs.watch_peaks = max(cs.watch_peaks), []
+        cs.measured[(cs.fraction, cs.split)] = peak
+        slack = 0.0 if self.cuda else self.CPU_PEAK_SLACK
+        if peak <= cs.budget * (1.0 + slack) or cs.settled:
+            return
+        measured = replace(trace, peak_above_start=peak - trace.bytes_at_start)
+        plan = None if cs.split else correct_compiled(cs.default, measured, cs.budget)
+        cs.corrections += 1
+        if plan is None or (plan.fraction, False) in cs.measured or cs.corrections >= self.MAX_CORRECTIONS:
+            self._settle(cs)
+            return
+        cs.notes.extend(plan.notes)
+        self._adopt(cs, plan)
+
+    def _settle(self, cs: _Shape) -> None:
+        """No fraction fits: split the graph at units once; then run at the setting whose measured peak was
+        lowest, and say so (once)."""
+        if not cs.split_tried and self.runtime.budget.units:
+            cs.split_tried = True
+            assert cs.budget is not None
+            plan = split_plan(cs.budget)
+            cs.notes.extend(plan.notes)
+            self._adopt(cs, plan)
+            return
+        cs.settled = True
+        best = min(cs.measured, key=lambda k: (cs.measured[k], -k[0]))
+        tried = ", ".join(f"{_setting(*k)}: {format_size(p)}" for k, p in sorted(cs.measured.items(), reverse=True))
+        note = (f"no partitioner activation budget keeps the compiled step within {format_size(cs.budget)} "
+                f"(measured peaks by setting: {tried}): running at {_setting(*best)}, the lowest; the rest of "
+                "the peak is what recompute inside the graph cannot remove (the backward's working memory, "
+                "gradients, parameters, the batch)")
+        cs.notes.append(note)
+        warnings.warn(f"memstrata: {note}", stacklevel=6)
+        if best != (cs.fraction, cs.split):
+            cs.fraction, cs.split = best  # compiled already: no recompile, but its saves become the trace again
+            cs.retrace = True
+        if cs.plan is not None:
+            cs.plan = replace(cs.plan, fraction=best[0], split=best[1], predicted_peak=cs.measured[best],
+                              feasible=False)
+
+    def _misaligned(self, cs: _Shape, stats: CompiledStepStats, out: CompiledStepOutcome) -> None:
+        cs.misaligned_steps += 1
+        out.mode = "managed (misaligned)"
+        if not cs.warned_misaligned:
+            cs.warned_misaligned = True
+            msg = (f"memstrata: a step of the compiled model ({_key(cs.key)}) saved other tensors than its trace "
+                   f"({stats.misaligned}): the compiled graph changed (a recompile or a graph break that went "
+                   "another way); its values are the compiled graph's (nothing was moved) but its peak is not "
+                   "the planned one; tracing again")
+            cs.notes.append(msg.split(": ", 1)[1])
+            warnings.warn(msg, stacklevel=5)
+        if cs.traces <= self.max_retraces:
+            cs.retrace = True
+
+    # ------------------------------------------------------------------ report
+    def describe(self, key: tuple) -> dict[str, Any]:
+        cs = self.shapes[key]
+        d: dict[str, Any] = {"steps": cs.steps, "traces": cs.traces, "compiled": True,
+                             "fraction": cs.fraction, "split_at_units": cs.split, "corrections": cs.corrections,
+                             "misaligned_steps": cs.misaligned_steps,
+                             "measured_peaks": {_setting(*k): p for k, p in cs.measured.items()}}
+        if cs.default is not None:
+            d["observed_peak"] = cs.default.observed_peak
+            d["trace"] = cs.default.summary()
+        if cs.plan is not None:
+            d["budget_bytes"] = cs.budget
+            d["plan"] = cs.plan.to_dict()
+        if cs.notes:
+            d["notes"] = list(cs.notes)
+        d["runtime"] = self.runtime.describe()
+        return d
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def _setting(fraction: float, split: bool) -> str:
+    return f"{fraction:g}{' per unit' if split else ''}"
+
+
+def _key(key: tuple) -> str:
+    return ", ".join("x".join(map(str, s)) + f" {dt}" for s, dt, _ in key) if key else "-"
