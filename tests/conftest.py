@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# rich sizes its tables by the terminal; pytest-xdist workers have none (80 columns), which wraps the words
+# the CLI tests look for.  One width for every worker and for a plain run.
+os.environ.setdefault("COLUMNS", "200")
 
 
 @pytest.fixture(scope="module")
