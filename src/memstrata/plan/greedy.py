@@ -875,7 +875,8 @@ def ratio_seed(ev_: Evaluator, modes) -> State:
     return st
 
 
-REPLAY_MIN_BYTES = 1 << 16  # smaller saved storages (BatchNorm statistics) are not worth a recipe
+REPLAY_MIN_BYTES = 1 << 16  # smaller saved storages (BatchNorm statistics) are not worth a recipe (tiny models:
+# 1/256 of the activation peak)
 
 
 def replay_seed(ev_: Evaluator) -> State:
@@ -883,9 +884,10 @@ def replay_seed(ev_: Evaluator) -> State:
     ix = ev_.ix
     space = decision_space(ix.trace)
     scored = []
+    floor = min(REPLAY_MIN_BYTES, ix.trace.activation_peak // 256)
     for sid in space.replayable_storages():
         b = int(ix.nbytes[sid])
-        if b < REPLAY_MIN_BYTES:
+        if b < floor:
             continue
         t = float(sum(ix.dur[j] for j in space.replay_chain(sid)))
         scored.append((b / max(t, 1e-12), sid))

@@ -37,22 +37,14 @@ from ..trace.schema import Trace, UnitRecord
 from ..trace.space import SAC_HIDDEN_OPS
 
 
-class _StepRef:
-    """An argument that is output `leaf` of an earlier chain step, seen through (size, stride, byte offset)."""
+class _Arg:
+    """A tensor argument of a recorded op, resolved when the recipe runs: output `leaf` of an earlier step of
+    the same recipe (seen through `geometry`), else the target of another recipe, else the held tensor."""
 
-    __slots__ = ("step", "leaf", "geometry")
+    __slots__ = ("step", "leaf", "recipe", "held", "geometry")
 
-    def __init__(self, step: "_Step", leaf: int, geometry: tuple | None) -> None:
-        self.step, self.leaf, self.geometry = step, leaf, geometry
-
-
-class _RecipeRef:
-    """An argument that is the target of another recipe (replayed itself)."""
-
-    __slots__ = ("recipe", "geometry")
-
-    def __init__(self, recipe: "Recipe", geometry: tuple) -> None:
-        self.recipe, self.geometry = recipe, geometry
+    def __init__(self, step, leaf, recipe, held, geometry) -> None:
+        self.step, self.leaf, self.recipe, self.held, self.geometry = step, leaf, recipe, held, geometry
 
 
 class _Step:
@@ -91,11 +83,15 @@ class Recipe:
             outs: dict[int, list] = {}
 
             def resolve(a):
-                if isinstance(a, _StepRef):
+                if not isinstance(a, _Arg):
+                    return a
+                if a.step is not None and id(a.step) in outs:
                     return _view(outs[id(a.step)][a.leaf], a.geometry)
-                if isinstance(a, _RecipeRef):
+                if a.recipe is not None:
                     return _view(a.recipe.materialize(), a.geometry)
-                return a
+                if a.held is None:
+                    raise RuntimeError("replay recipe: an argument was neither recorded nor held")
+                return a.held
 
             with torch.no_grad():
                 for s in self.steps:
@@ -150,24 +146,38 @@ class ReplayCapture(TorchDispatchMode):
         self.steps: dict[int, _Step] = {}  # op index -> step
         self.broken: str | None = None
 
-    def _arg(self, a: Any, write: bool):
+    def _arg(self, a: Any, write: bool, sid_of: dict[int, int]):
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._arg(x, write, sid_of) for x in a)
         if not isinstance(a, torch.Tensor):
             return a
         key = a.untyped_storage()._cdata
+        g = _geometry(a)
+        sid = sid_of.get(key)
+        s = self.trace.storages[sid] if sid is not None else None
+        if write or key in self.buffers or (s is not None and s.kind == "buffer"):
+            # a buffer the op may update (BatchNorm's running statistics, which native_batch_norm's schema
+            # does not even mark as written): the replay updates a snapshot, never the buffer
+            with _disable_current_modes():
+                return a.detach().clone()
+        step = leaf = recipe = held = None
+        geometry = g
         hit = self.step_out.get(key)
         if hit is not None and not hit[0].expired():
             _, step, leaf, geo = hit
-            g = _geometry(a)
-            return _StepRef(step, leaf, None if g == geo else g)
+            geometry = None if g == geo else g
         rec = self.recipes.get(key)
         if rec is not None and not rec[0].expired():
-            return _RecipeRef(rec[1], _geometry(a))
-        with _disable_current_modes():
-            if write or key in self.buffers:
-                # a buffer the op may update (BatchNorm's running statistics, which native_batch_norm's schema
-                # does not even mark as written): the replay updates a snapshot, never the buffer
-                return a.detach().clone()
-            return a.detach()
+            recipe = rec[1]
+        elif s is None or s.saved or s.kind in ("parameter", "input") or s.persistent:
+            # held: kept for backward (or a parameter) anyway, so the reference costs nothing; the plan prices
+            # the rest (trace/space.py, replay_inputs)
+            with _disable_current_modes():
+                held = a.detach()
+        elif step is None:  # an input made outside the unit, not saved: held (priced by the plan)
+            with _disable_current_modes():
+                held = a.detach()
+        return _Arg(step, leaf, recipe, held, geometry)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -188,8 +198,21 @@ class ReplayCapture(TorchDispatchMode):
             return func(*args, **kwargs)
         written = _written_args(func)  # the snapshot and detach below run with this mode disabled
         names = [a.name for a in func._schema.arguments]
-        rec_args = tuple(self._arg(a, i in written) for i, a in enumerate(args))
-        rec_kwargs = {k: self._arg(v, names.index(k) in written if k in names else False) for k, v in kwargs.items()}
+        # arg storage -> trace storage: the tracer lists an op's distinct input storages in argument order
+        flat, _ = tree_flatten((args, kwargs))
+        keys: list[int] = []
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                k = t.untyped_storage()._cdata
+                if k not in keys:
+                    keys.append(k)
+        if len(keys) != len(self.trace.ops[j].inputs):
+            self.broken = f"op {j}: {len(keys)} input storages, the trace has {len(self.trace.ops[j].inputs)}"
+            return func(*args, **kwargs)
+        sid_of = dict(zip(keys, self.trace.ops[j].inputs))
+        rec_args = tuple(self._arg(a, i in written, sid_of) for i, a in enumerate(args))
+        rec_kwargs = {k: self._arg(v, names.index(k) in written if k in names else False, sid_of)
+                      for k, v in kwargs.items()}
         step = _Step(func, rec_args, rec_kwargs)
         self.steps[j] = step
         out = func(*args, **kwargs)
