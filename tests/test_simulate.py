@@ -148,6 +148,30 @@ def test_selective_recompute_keeps_saved_op_outputs():
     assert tl.peaks["hbm"] >= simulate(tr, keep(tr), hier()).peaks["hbm"] - 0  # nothing dropped
 
 
+def test_selective_holds_cached_outputs_the_unmanaged_step_did_not_save():
+    """SAC keeps a save op's output until the unit's re-run even when nothing saved it (a linear feeding an add)."""
+    b = Builder()
+    x = b.storage(MB, "input")
+    b.begin_unit("u", (x,))
+    i0, (h,) = b.op("aten.addmm.default", (x,), [(8 * MB, "activation")], duration=1e-3); b.save(x)
+    i1, (y,) = b.op("aten.add.Tensor", (h, x), [(MB, "activation")], duration=1e-3)  # saves nothing
+    b.end_unit()
+    _, (z,) = b.op("aten.relu.default", (y,), [(MB, "activation")], duration=1e-3); b.save(z)
+    _, (loss,) = b.op("aten.sum.default", (z,), [(4, "activation")], duration=1e-3)
+    b.phase = "backward"
+    jr, (gz,) = b.op("aten.threshold_backward.default", (loss, z), [(MB, "temporary")], duration=1e-3)
+    j, _ = b.op("aten.addmm_backward.default", (gz, x), [(MB, "temporary")], duration=1e-3)
+    b.units[0]["bwd_ops"] = [j]
+    tr = b.build()
+    assert not tr.storages[h].saved
+    plain = simulate(tr, Plan("t", "t", 1 << 40, units=(UnitDecision(0),)), hier())
+    sel = simulate(tr, Plan("t", "t", 1 << 40, units=(UnitDecision(0, save_ops=(i0,)),)), hier())
+    occ_plain, occ_sel = plain.occupancy["hbm"][1], sel.occupancy["hbm"][1]
+    # from the add to the unit's first backward op, the cached 8 MB output is held; full recompute holds nothing
+    for ev in range(i1 + 1, j):
+        assert occ_sel[ev] - occ_plain[ev] == 8 * MB, ev
+
+
 def test_recompute_extends_inputs():
     """A unit's inputs live until its first backward op even if eager freed them earlier."""
     b = Builder()

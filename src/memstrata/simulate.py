@@ -73,7 +73,9 @@ and the step time equals `trace.step_time`.
   durations.  The transient memory of the re-run (its non-dropped outputs:
   temporaries, and the unit's output recomputed afresh) is counted at event fb
   as the peak they reached together in the original forward of the unit.
-  Outputs of S ops are kept as in the unmanaged run.  A storage that is
+  Outputs of S ops are kept as in the unmanaged run and, where that run did
+  not save them, held until fb (SAC caches them: [Note: SAC holds what it
+  caches] in trace/index.py).  A storage that is
   produced inside a recomputed unit and has an offload decision is rejected
   (ValueError), as are recomputes of units with no backward.
 * segment (`UnitDecision(u, save_ops, end_unit=v)`): exactly a recompute of
@@ -305,8 +307,8 @@ def _apply_recomputes(ix: TraceIndex, effects: dict[int, UnitEffect]) -> _Recomp
     for u, eff in effects.items():
         fb_units.setdefault(eff.fb, []).append(u)
     r = _Recompute(effects, dropped, fb_units, ix.start.copy(), ix.end.copy())
-    for u, eff in effects.items():  # inputs of recomputed units live until fb
-        for sid in ix.units[u].inputs:
+    for u, eff in effects.items():  # inputs of recomputed units, and what SAC caches, live until fb
+        for sid in (*ix.units[u].inputs, *eff.held):
             if r.end[sid] < eff.fb:
                 r.end[sid] = eff.fb
     for sid, u in dropped.items():  # a dropped storage: forward life, then again from fb

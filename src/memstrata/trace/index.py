@@ -172,6 +172,12 @@ class UnitEffect:
                 transient_ids.append(sid)
         self.dropped = tuple(dropped)
         self.fb = int(unit.first_backward_op)
+        # [Note: SAC holds what it caches] Selective recompute keeps the output of every save op until the
+        # unit's re-run consumes it at fb, whether or not the unmanaged step saved it for backward (a
+        # linear whose output only feeds an add is freed at once without checkpointing).  Such outputs
+        # live to fb here; without this the simulator under-counted Swin-T's selective plans by ~200 MiB.
+        self.held = tuple(sorted(sid for sid in kept
+                                 if not trace.storages[sid].saved and int(ix.end[sid]) < self.fb))
         self.last_op = unit.last_op
         self.time = float(sum(ix.dur[j] for j in range(unit.first_op, unit.last_op + 1) if j not in S))
         # transient: peak of non-dropped re-run outputs during the original forward of the unit
