@@ -879,7 +879,7 @@ REPLAY_MIN_BYTES = 1 << 16  # smaller saved storages (BatchNorm statistics) are 
 # 1/256 of the activation peak)
 
 
-def replay_seed(ev_: Evaluator) -> State:
+def replay_seed(ev_: Evaluator, deadline: float | None = None) -> State:
     """Replays of every replayable storage worth one, best bytes per second first, until tier 0 fits."""
     ix = ev_.ix
     space = decision_space(ix.trace)
@@ -893,7 +893,7 @@ def replay_seed(ev_: Evaluator) -> State:
         scored.append((b / max(t, 1e-12), sid))
     st = State()
     for _, sid in sorted(scored, reverse=True):
-        if ev_(st).peak(0) <= ev_.budget:
+        if ev_(st).peak(0) <= ev_.budget or (deadline is not None and time.perf_counter() > deadline):
             break
         trial = st.copy()
         trial.replays[sid] = space.replay_chain(sid)
@@ -947,12 +947,11 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
         pass
     # Replay seed: op-level recompute of every cheap-to-regenerate saved storage (best bytes per second
     # first, until the peak fits), then the peel above on top; unneeded replays are pruned.
-    try:
-        seed = replay_seed(ev_)
+    try:  # within the deadlines the other variants already have: planning time does not grow
+        seed = replay_seed(ev_, deadline=deadline) if time.perf_counter() < deadline else State()
         if seed.replays:
-            st, res = peel(ev_, seed, modes, deadline=deadline + 0.5 * time_limit, deep_first=True)
-            st, res = cleanup(ev_, st, res, modes, deadline=deadline + 0.75 * time_limit)
-            results.append(prune_replays(ev_, st, res, deadline=deadline + time_limit))
+            st, res = peel(ev_, seed, modes, deadline=deadline + 0.25 * time_limit, deep_first=True)
+            results.append(prune_replays(ev_, st, res, deadline=deadline + 0.5 * time_limit))
     except GreedyStuck:
         pass
     fr = frugal_state(ix, hierarchy, tiers, budget)
