@@ -85,8 +85,11 @@ def test_recompute_milp_is_exact(seed, frac):
     assert G.cost(rc[1]) == pytest.approx(best, rel=1e-12, abs=1e-15)
     with no_enumeration():
         mr = M.milp_solve(ix, h, budget, (), polish=False)
+    # greedy's incumbent may use segments / op-level replays, outside the menu: then it can only be better
     assert mr.exact == "recompute"
-    assert G.cost(mr.result) == pytest.approx(best, rel=1e-12, abs=1e-15)
+    assert G.cost(mr.result) <= best * (1 + 1e-12) + 1e-15
+    if not (mr.state.replays or any(u >= ix.num_units for u in mr.state.units)):
+        assert G.cost(mr.result) == pytest.approx(best, rel=1e-12, abs=1e-15)
 
 
 class _Relu(torch.nn.Module):

@@ -1,7 +1,7 @@
 """Execute stage, CPU tier: managed training is bit-identical to unmanaged training.
 
 For every decision kind forced on (keep, host, NVMe, full recompute, selective
-recompute, a deterministic mix of all of them) and for a plan from the planner,
+recompute, segments, op-level replay, a deterministic mix of all of them) and for a plan from the planner,
 parameters, gradients and buffers (BatchNorm running stats, num_batches_tracked)
 after 5 SGD-momentum steps are torch.equal to plain training from the same seed.
 """
@@ -29,7 +29,7 @@ STEPS = 5
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-KINDS = ("keep", "host", "nvme", "recompute", "selective", "mixed")
+KINDS = ("keep", "host", "nvme", "recompute", "selective", "segment", "replay", "mixed")
 
 
 class DropBlock(nn.Module):
@@ -101,6 +101,10 @@ def test_forced_kind_bit_exact(model_name, kind, tmp_path):
             assert stats.offloaded[kind] > 0 and stats.demand_fetches == 0
         if kind in ("recompute", "selective"):
             assert stats.recomputed_units > 0
+        if kind == "segment" and any(u.is_segment for u in plan.units):
+            assert stats.recomputed_segments == sum(u.is_segment for u in plan.units)
+        if kind == "replay":
+            assert plan.replays and stats.replayed > 0
         if kind == "mixed":
             assert stats.recomputed_units > 0 and stats.offloaded["host"] > 0 and stats.offloaded["nvme"] > 0
     finally:
@@ -122,7 +126,7 @@ def test_planner_plan_bit_exact(model_name, tmp_path):
         train_steps(model, x, y, steps=STEPS, step_ctx=lambda: mgr.step(x))
         modes = [s["mode"] for s in mgr.report()["steps"]]
         assert modes == ["trace"] + ["managed"] * (STEPS - 1)
-        assert len(mgr.plan.storages) + len(mgr.plan.units) > 0, mgr.plan.notes
+        assert len(mgr.plan.storages) + len(mgr.plan.units) + len(mgr.plan.replays) > 0, mgr.plan.notes
         assert [s["stats"]["misaligned"] for s in mgr.report()["steps"][1:]] == [None] * (STEPS - 1)
         assert state_mismatches(ref, model) == []
     finally:

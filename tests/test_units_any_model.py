@@ -307,7 +307,7 @@ def test_planned_bit_exact(model_name, tmp_path):
         train_steps(model, x, y, steps=STEPS, step_ctx=lambda: mgr.step(x))
         modes = [s["mode"] for s in mgr.report()["steps"]]
         assert modes == ["trace"] + ["managed"] * (STEPS - 1)
-        assert len(mgr.plan.storages) + len(mgr.plan.units) > 0, mgr.plan.notes
+        assert len(mgr.plan.storages) + len(mgr.plan.units) + len(mgr.plan.replays) > 0, mgr.plan.notes
         assert [r["stats"]["misaligned"] for r in mgr.report()["steps"][1:]] == [None] * (STEPS - 1)
         assert state_mismatches(ref, model) == []
     finally:

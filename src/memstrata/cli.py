@@ -99,6 +99,8 @@ def _setup_plan(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--planner", choices=("auto", "greedy", "milp"), default="auto", help="planner (default auto)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the model and its activations (default float32)")
+    p.add_argument("--fused-replay", action="store_true",
+                   help="price op-level replays as one fused (compiled) kernel each instead of the eager ops")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="write the memory timeline picture here")
     return cmd_plan
@@ -115,6 +117,7 @@ def run_plan(
     dtype: str = "float32",
     plot: str | None = None,
     nvme: str | None = None,
+    fused_replay: bool = False,
 ) -> tuple[dict[str, Any], Any]:
     """Trace, plan and simulate; returns (summary dict, rich renderable).
 
@@ -134,6 +137,10 @@ def run_plan(
     else:
         with usage_errors():
             hierarchy = profile(profile_name)
+    if fused_replay:
+        from dataclasses import replace
+
+        hierarchy = replace(hierarchy, fused_replay=True)
     with usage_errors():
         budget_spec = Budget.parse(budget)  # fail on a malformed budget before spending time tracing
     check_output_path("--plot", plot, ".png")  # before any work, not after planning
@@ -215,7 +222,7 @@ def run_plan(
 def cmd_plan(args: argparse.Namespace) -> int:
     summary, renderable = run_plan(
         args.model, args.batch, args.res, args.profile, args.budget,
-        planner=args.planner, dtype=args.dtype, plot=args.plot, nvme=args.nvme,
+        planner=args.planner, dtype=args.dtype, plot=args.plot, nvme=args.nvme, fused_replay=args.fused_replay,
     )
     if args.json:
         print(json.dumps(summary))

@@ -86,6 +86,9 @@ class Hierarchy:
     # rate on GPUs): PyTorch runs fp32 convolutions as TF32 on Ampere and Hopper,
     # at half the bf16 tensor-core rate.  1.0 on CPUs, where fp32 is the native rate.
     fp32_flops_fraction: float = 1.0
+    # Price op-level replays as one fused (compiled) kernel: one pass over their inputs and output at
+    # `fast_bandwidth` plus one launch, instead of the sum of the eager ops (simulate.py, replay).
+    fused_replay: bool = False
 
     def compute_rate(self, dtype: str | None) -> float:
         """Achievable FLOP/s for matmul/conv work in `dtype` ("float32", "bfloat16", ...)."""

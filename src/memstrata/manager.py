@@ -561,7 +561,7 @@ class Manager:
         st.plan_seconds = time.perf_counter() - t0
         st.trials, st.pending, st.chosen = [], [], None
         self._install(st, "planned", plan, budget, None)
-        st.tuning = self.tune and not callable(self.planner) and bool(plan.storages or plan.units)
+        st.tuning = self.tune and not callable(self.planner) and bool(plan.storages or plan.units or plan.replays)
         if st.tuning and any(d.action == "offload" for d in plan.storages):
             st.pending.append(("recompute-only", ()))  # also measure the plan that copies nothing
 
@@ -680,7 +680,7 @@ class Manager:
           machine as it runs now.
         Re-planning changes which storages move, never the values (every plan is exact).
         """
-        if st.plan is None or not (st.plan.storages or st.plan.units) or callable(self.planner):
+        if st.plan is None or not (st.plan.storages or st.plan.units or st.plan.replays) or callable(self.planner):
             return
         st.watch_seconds.append(rec.seconds)
         if rec.peak_bytes is not None:

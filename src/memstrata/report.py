@@ -109,16 +109,22 @@ def decision_summary(trace: Any, plan: Any) -> dict[str, dict[str, int]]:
         if d.action == "offload":
             add(f"offload:{d.tier}", 1, nbytes.get(d.storage, 0))
             handled.add(d.storage)
-    if plan.units:
+    for r in getattr(plan, "replays", ()):
+        add("replay", 1, nbytes.get(r.storage, 0))
+        handled.add(r.storage)
+    for kind, decs in (("recompute", [u for u in plan.units if not u.is_segment]),
+                       ("segment", [u for u in plan.units if u.is_segment])):
+        if not decs:
+            continue
         rec_bytes = 0
-        for ud in plan.units:
+        for ud in decs:
             keep_ops = set(ud.save_ops)
             for s in trace.storages:
-                if (s.saved and s.kind == "activation" and s.unit == ud.unit and s.producer not in keep_ops
-                        and s.id not in handled):
+                if (s.saved and s.kind == "activation" and s.unit is not None and ud.unit <= s.unit <= ud.last_unit
+                        and s.producer not in keep_ops and s.id not in handled):
                     rec_bytes += s.nbytes
                     handled.add(s.id)
-        add("recompute", len(plan.units), rec_bytes)
+        add(kind, len(decs), rec_bytes)
     kept = [s for s in trace.saved_storages() if s.id not in handled]
     out["keep"] = {"count": len(kept), "bytes": sum(s.nbytes for s in kept)}
     return out
@@ -250,8 +256,9 @@ def plan_summary(
     dec.add_column("of saved activations", justify="right")
     total = sum(d["decision_bytes"].values()) or 1
     for k in sorted(d["decision_bytes"], key=lambda k: (k != "keep", k)):
-        label = {"keep": f"keep in {tier0}", "recompute": "recompute"}.get(k, k.replace("offload:", "offload to "))
-        unit = " units" if k == "recompute" else ""
+        label = {"keep": f"keep in {tier0}", "recompute": "recompute", "segment": "recompute segments",
+                 "replay": "replay (op-level)"}.get(k, k.replace("offload:", "offload to "))
+        unit = {"recompute": " units", "segment": " runs", "replay": " storages"}.get(k, "")
         b = d["decision_bytes"][k]
         dec.add_row(label, f"{d['decisions'][k]}{unit}", format_size(b), f"{b / total:.0%}")
 

@@ -78,6 +78,19 @@ and the step time equals `trace.step_time`.
   caches] in trace/index.py).  A storage that is
   produced inside a recomputed unit and has an offload decision is rejected
   (ValueError), as are recomputes of units with no backward.
+* segment (`UnitDecision(u, save_ops, end_unit=v)`): exactly a recompute of
+  the span u..v read as one unit (ops [u.first_op, v.last_op], packs
+  [u.pack_start, v.pack_end), u's inputs, fb = the earliest first backward op
+  of its members); `trace.index.segment_spans`.
+* replay (`ReplayDecision(s, ops)`): s lives in the forward from its producer
+  to its last forward access, is absent until its *replay event* R (its first
+  backward read, or the replay event of a replay that reads it, whichever is
+  earlier), and is live again from R to its original end.  The storages the
+  replay holds (`DecisionSpace.replay_inputs`, not replayed themselves) live at
+  least until R.  At R, before op R, the chain re-runs: eager, the sum of its
+  ops' durations; with `Hierarchy.fused_replay` (a compiled, fused replay),
+  one pass over the held inputs and the output at `fast_bandwidth` plus one
+  `kernel_overhead`.  Its transient (the chain's other outputs) is counted at R.
 * lower tiers: a time interval [a, b) occupies every event whose time span
   [event_start[e], event_start[e+1]) meets it.
 
@@ -142,7 +155,7 @@ class Timeline:
     occupancy: Mapping[str, tuple[np.ndarray, np.ndarray]]
     busy: Mapping[str, tuple[tuple[float, float], ...]]
     stalls: tuple[tuple[int, float], ...]  # (event, seconds)
-    recomputes: tuple[tuple[int, int, float], ...]  # (unit, event, seconds)
+    recomputes: tuple[tuple[int, int, float], ...]  # (span, event, seconds); a replay of storage s: span -1 - s
     bytes_moved: Mapping[str, int]
     overflow: tuple[tuple[str, int, int, int], ...] = ()  # (tier, first event, occupancy, capacity) when check=False
 
@@ -186,6 +199,7 @@ class SimResult:
     traffic: int = 0
     recompute_starts: list[tuple[float, float]] = field(default_factory=list)  # (start time, seconds)
     down_end: dict[int, float] = field(default_factory=dict)  # offloaded sid -> time its whole down chain ends
+    replayed: dict[int, int] = field(default_factory=dict)  # replayed sid -> replay event
 
     def peak(self, tier: int = 0) -> int:
         return int(self.occ[tier].max()) if len(self.occ[tier]) else 0
@@ -211,11 +225,54 @@ class Phase(enum.IntEnum):
     WAIT_FOR_RECOMPUTE = 1  # compute waits for prefetches a recompute at this event reads
     RECOMPUTE = 2  # units whose first backward op is this event are re-run
     WAIT_FOR_OP = 3  # compute waits for prefetches the op itself reads
+    REPLAY = 4  # replays (op-level recompute) of storages first needed at this event re-run their chains
     EVICT = 5  # down-copies whose evict_after is this event are enqueued (at the op's end)
 
 
 _Step = tuple[int, int, int]  # (event, Phase, storage id or unit index): plain tuples, sorted in the hot loop
-_PREFETCH, _WAIT_RECOMPUTE, _RECOMPUTE, _WAIT_OP, _EVICT = (int(p) for p in Phase)
+_PREFETCH, _WAIT_RECOMPUTE, _RECOMPUTE, _WAIT_OP, _REPLAY, _EVICT = (int(p) for p in Phase)
+
+
+@dataclass(frozen=True)
+class ReplayEffect:
+    """What replaying one storage does ([Note: simulation semantics], replay)."""
+
+    storage: int
+    event: int  # R: the replay runs before this op
+    forward_end: int  # last forward access: the storage is freed after it
+    time: float
+    transient: int
+    held: tuple[int, ...]  # storages the recipe holds until R (not replayed themselves)
+
+
+def replay_effects(ix: TraceIndex, hierarchy: Hierarchy, replays: Mapping[int, tuple[int, ...]]
+                   ) -> dict[int, ReplayEffect]:
+    """Effects of legal replays (sid -> chain); the replay events propagate from readers to what they read."""
+    if not replays:
+        return {}
+    trace = ix.trace
+    space = decision_space(trace)
+    fe = trace.forward_end
+    R = {sid: min(trace.storages[sid].backward_reads) for sid in replays}
+    for sid in sorted(replays, key=lambda s: -replays[s][-1]):  # readers are produced after what they read
+        for x in space.replay_inputs(sid):
+            if x in R:
+                R[x] = min(R[x], R[sid])
+    out = {}
+    for sid, chain in replays.items():
+        held = tuple(x for x in space.replay_inputs(sid) if x not in replays)
+        chain_set = set(chain)
+        tmp = {o for j in chain for o in trace.ops[j].outputs
+               if o != sid and trace.storages[o].producer in chain_set and o not in replays}
+        if hierarchy.fused_replay:
+            moved = int(ix.nbytes[sid]) + sum(int(ix.nbytes[x]) for x in space.replay_inputs(sid))
+            t = moved / hierarchy.fast_bandwidth + hierarchy.kernel_overhead
+        else:
+            t = float(sum(ix.dur[j] for j in chain))
+        fwd = [a for a in ix.accesses[sid] if a <= fe]
+        out[sid] = ReplayEffect(sid, R[sid], max(fwd) if fwd else int(ix.start[sid]), t,
+                                int(sum(int(ix.nbytes[o]) for o in tmp)), held)
+    return out
 
 
 @dataclass
@@ -228,6 +285,21 @@ class _Recompute:
     start: np.ndarray
     end: np.ndarray
     extra: list[tuple[int, int, int, int]] = field(default_factory=list)  # (id, start ev, end ev, bytes) second lives
+    replays: dict[int, ReplayEffect] = field(default_factory=dict)
+
+
+def _apply_replays(ix: TraceIndex, r: _Recompute) -> None:
+    for sid, eff in r.replays.items():
+        for x in eff.held:
+            if r.end[x] < eff.event:
+                r.end[x] = eff.event
+    for sid, eff in r.replays.items():
+        orig_end = int(r.end[sid])
+        r.end[sid] = min(orig_end, eff.forward_end)
+        if orig_end >= eff.event:
+            r.extra.append((sid, eff.event, orig_end, int(ix.nbytes[sid])))
+        if eff.transient:
+            r.extra.append((-1 - len(ix.units) - sid, eff.event, eff.event, eff.transient))
 
 
 def _apply_recomputes(ix: TraceIndex, effects: dict[int, UnitEffect]) -> _Recompute:
@@ -263,6 +335,8 @@ def _steps(ix: TraceIndex, offloads: Mapping[int, Offload], needs: Mapping[int, 
         out.append((nd, _WAIT_RECOMPUTE if read_by_recompute else _WAIT_OP, sid))
     for u, eff in rc.effects.items():
         out.append((eff.fb, _RECOMPUTE, u))
+    for sid, reff in rc.replays.items():
+        out.append((reff.event, _REPLAY, sid))
     out.sort()
     return out
 
@@ -370,6 +444,8 @@ def _replay(ix: TraceIndex, hierarchy: Hierarchy, offloads: Mapping[int, Offload
             clock.wait(ev, key)
         elif phase == _RECOMPUTE:
             clock.recompute(ev, key, rc.effects[key].time)
+        elif phase == _REPLAY:
+            clock.recompute(ev, -1 - key, rc.replays[key].time)
         else:
             clock.evict(ev, key, offloads[key].tier)
     return clock
@@ -433,25 +509,27 @@ def _lower_tier_intervals(ix: TraceIndex, hierarchy: Hierarchy, offloads: Mappin
 
 
 def try_run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int, Offload],
-            units: Mapping[int, tuple[int, ...]]) -> SimResult | None:
+            units: Mapping[int, tuple[int, ...]], replays: Mapping[int, tuple[int, ...]] | None = None
+            ) -> SimResult | None:
     """`run`, but None for decisions outside the decision space (for planners exploring states)."""
-    return _run(ix, hierarchy, budget, offloads, units, strict=False)
+    return _run(ix, hierarchy, budget, offloads, units, replays, strict=False)
 
 
 def run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int, Offload],
-        units: Mapping[int, tuple[int, ...]]) -> SimResult:
-    """Simulate decisions given as plain dicts (sid -> Offload, unit -> save_ops).  No capacity check.
+        units: Mapping[int, tuple[int, ...]], replays: Mapping[int, tuple[int, ...]] | None = None) -> SimResult:
+    """Simulate decisions given as plain dicts (sid -> Offload, span -> save_ops, sid -> replay chain).
 
-    Raises `PlanError` for decisions outside the decision space (trace/space.py).
+    No capacity check.  Raises `PlanError` for decisions outside the decision space (trace/space.py).
     """
-    res = _run(ix, hierarchy, budget, offloads, units, strict=True)
+    res = _run(ix, hierarchy, budget, offloads, units, replays, strict=True)
     assert res is not None
     return res
 
 
 def _run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[int, Offload],
-         units: Mapping[int, tuple[int, ...]], *, strict: bool) -> SimResult | None:
-    effects, needs, problem = decision_space(ix.trace).resolve(hierarchy, offloads, units)
+         units: Mapping[int, tuple[int, ...]], replays: Mapping[int, tuple[int, ...]] | None, *,
+         strict: bool) -> SimResult | None:
+    effects, needs, problem = decision_space(ix.trace).resolve(hierarchy, offloads, units, replays)
     if problem:
         if strict:
             raise PlanError(problem)
@@ -461,6 +539,9 @@ def _run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[in
     moving = {sid: (o if type(o) is Offload else Offload(*o)) for sid, o in offloads.items() if o[0] >= 1}
     needs = {sid: needs[sid] for sid in moving}
     rc = _apply_recomputes(ix, effects)
+    if replays:
+        rc.replays = replay_effects(ix, hierarchy, replays)
+        _apply_replays(ix, rc)
     clock = _replay(ix, hierarchy, moving, rc, _steps(ix, moving, needs, rc))
     event_start = clock.event_start()
     t0, down_done_event = _tier0_intervals(ix, moving, rc, clock, event_start)
@@ -471,7 +552,8 @@ def _run(ix: TraceIndex, hierarchy: Hierarchy, budget: int, offloads: Mapping[in
                      stall_time=clock.stall_time, event_start=event_start, occ=occ, capacity=capacity,
                      intervals=intervals, stalls=clock.stalls, recomputes=clock.recs, lane_log=clock.lane_log,
                      down_done_event=down_done_event, need=needs, dropped=rc.dropped, traffic=clock.traffic,
-                     recompute_starts=clock.rec_starts, down_end=clock.down_end)
+                     recompute_starts=clock.rec_starts, down_end=clock.down_end,
+                     replayed={sid: e.event for sid, e in rc.replays.items()})
 
 def plan_to_dicts(plan: Plan, hierarchy: Hierarchy, trace: Trace) -> tuple[dict[int, Offload], dict[int, tuple[int, ...]]]:
     """(sid -> Offload, unit -> save_ops) of a plan, checked against the decision space (`PlanError`)."""
@@ -487,7 +569,9 @@ def _overflow_error(ix: TraceIndex, hierarchy: Hierarchy, res: SimResult, tier: 
     top = sorted(live.items(), key=lambda kv: -kv[1])[:5]
     parts = []
     for sid, by in top:
-        if sid < 0:
+        if sid < -len(ix.units):
+            parts.append(f"replay transient of storage {-1 - len(ix.units) - sid} ({format_size(by)})")
+        elif sid < 0:
             parts.append(f"recompute transient of unit {-1 - sid} ({format_size(by)})")
         else:
             st = ix.trace.storages[sid]
@@ -515,7 +599,7 @@ def simulate(trace: Trace, plan: Plan, hierarchy: Hierarchy, *, check: bool = Tr
         return replace(tl, step_time=tl.step_time + stall, stall_time=tl.stall_time + stall)
     ix = trace_index(trace)
     offloads, units = plan_to_dicts(plan, hierarchy, trace)
-    res = run(ix, hierarchy, plan.budget, offloads, units)
+    res = run(ix, hierarchy, plan.budget, offloads, units, decision_space(trace).replays_of(plan))
     overflow = res.overflow()
     if check and overflow:
         raise _overflow_error(ix, hierarchy, res, *overflow[0])

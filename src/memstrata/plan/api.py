@@ -35,7 +35,7 @@ from ..trace.index import trace_index
 from ..trace.space import decision_space
 from ..trace.states import STATE_WINDOW_MODULE
 from ..trace.schema import Trace
-from ..decisions import InfeasibleBudgetError, Plan, StorageDecision, UnitDecision
+from ..decisions import InfeasibleBudgetError, Plan, ReplayDecision, StorageDecision, UnitDecision
 from . import greedy as _greedy
 from . import milp as _milp
 
@@ -112,7 +112,7 @@ def explain_minimum(trace: Trace, hierarchy: Hierarchy, *, tiers=None) -> str:
         else:
             st = trace.storages[sid]
             if sid in res.dropped:
-                u = trace.units[res.dropped[sid]]
+                u = ix.units[res.dropped[sid]]
                 key = (f"activations re-created by recomputing {u.module or '<top>'} during its backward "
                        f"(one unit of {u.last_op - u.first_op + 1} ops: smaller units would hold less)")
             elif st.module == STATE_WINDOW_MODULE:
@@ -154,10 +154,15 @@ def to_plan(trace: Trace, hierarchy: Hierarchy, budget: int, st: "_greedy.State"
     names = [t.name for t in hierarchy.tiers]
     decisions = tuple(StorageDecision(sid, "offload", names[ti], ev, pf)
                       for sid, (ti, ev, pf) in sorted(st.offloads.items()))
-    units = tuple(UnitDecision(u, tuple(S)) for u, S in sorted(st.units.items()))
+    ix = trace_index(trace)
+    units = []
+    for u, S in sorted(st.units.items()):
+        a, b = ix.span(u)
+        units.append(UnitDecision(a, tuple(S), end_unit=b if b != a else None))
+    replays = tuple(ReplayDecision(sid, tuple(c)) for sid, c in sorted(st.replays.items()))
     peaks = tuple((names[i], res.peak(i)) for i in range(len(names)))
-    return Plan(planner=planner, hierarchy=hierarchy.name, budget=int(budget), storages=decisions, units=units,
-                predicted_step_time=res.step_time, predicted_peaks=peaks, notes=tuple(notes))
+    return Plan(planner=planner, hierarchy=hierarchy.name, budget=int(budget), storages=decisions,
+                units=tuple(sorted(units, key=lambda d: d.unit)), replays=replays, predicted_step_time=res.step_time, predicted_peaks=peaks, notes=tuple(notes))
 
 
 def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "auto", tiers=None,
@@ -195,7 +200,9 @@ def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "aut
     if not res.feasible:  # pragma: no cover - the planners only return feasible states
         raise RuntimeError(f"{planner} planner returned an infeasible plan")
     dt = time.perf_counter() - t0
-    notes = (f"{planner}: {len(st.offloads)} offloads, {len(st.units)} recomputed units, planned in {dt * 1e3:.0f} ms",
+    segs = sum(1 for u in st.units if u >= ix.num_units)
+    notes = (f"{planner}: {len(st.offloads)} offloads, {len(st.units) - segs} recomputed units, {segs} segments, "
+             f"{len(st.replays)} replays, planned in {dt * 1e3:.0f} ms",
              f"predicted step {res.step_time * 1e3:.3f} ms vs unmanaged {ix.step_time * 1e3:.3f} ms "
              f"({res.step_time / ix.step_time:.3f}x); peak {res.peak(0)} <= budget {budget}") + exactness
     return to_plan(trace, hierarchy, budget, st, res, planner, notes)

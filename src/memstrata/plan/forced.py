@@ -11,6 +11,13 @@
 * ``recompute``  — every recomputable unit fully recomputed;
 * ``selective``  — every recomputable unit recomputed except the outputs of its
                    convolutions and matrix products (the classic SAC policy);
+* ``segment``    — every segment candidate, longest first, greedily without
+                   overlap (runs of consecutive Sequential children), its heavy
+                   outputs kept (convolutions, matrix products); units outside
+                   every segment recomputed selectively as in ``selective``;
+* ``replay``     — every saved storage that can be replayed is (op-level
+                   recompute: batch norm / activation / add / pooling outputs
+                   regenerated from kept inputs);
 * ``mixed``      — every decision kind at once, deterministically: units
                    alternate full recompute / selective / none; saved
                    activations packed outside recomputed units alternate
@@ -29,12 +36,12 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from ..decisions import Plan, StorageDecision, UnitDecision
+from ..decisions import Plan, ReplayDecision, StorageDecision, UnitDecision
 from ..hardware import Hierarchy
 from ..trace.schema import Trace
 from ..trace.space import DecisionSpace, decision_space
 
-KINDS = ("keep", "host", "nvme", "recompute", "selective", "mixed")
+KINDS = ("keep", "host", "nvme", "recompute", "selective", "segment", "replay", "mixed")
 
 def host_tier(hierarchy: Hierarchy) -> str:
     """The tier a forced "host" plan offloads to: the first host-DRAM tier, or tier 0 on a CPU hierarchy."""
@@ -57,6 +64,23 @@ def _heavy_save_ops(space: DecisionSpace, u: int) -> tuple[int, ...]:
     """The classic SAC policy: keep the outputs of heavy ops, where selective recompute can keep them."""
     cacheable = space.cacheable_ops(u)
     return tuple(j for j in space.heavy_ops(u) if j in cacheable)
+
+
+def _segment_decisions(space: DecisionSpace) -> tuple[UnitDecision, ...]:
+    """Longest legal segments first, no two sharing a unit; the remaining units selective."""
+    ix = space.ix
+    taken: set[int] = set()
+    out: list[UnitDecision] = []
+    for k in sorted(space.legal_segments(), key=lambda k: (-(ix.span(k)[1] - ix.span(k)[0]), ix.span(k))):
+        a, b = ix.span(k)
+        if taken.intersection(range(a, b + 1)):
+            continue
+        taken.update(range(a, b + 1))
+        out.append(UnitDecision(a, _heavy_save_ops(space, k), end_unit=b))
+    for u in space.recomputable_units():
+        if u not in taken:
+            out.append(UnitDecision(u, _heavy_save_ops(space, u)))
+    return tuple(sorted(out, key=lambda d: d.unit))
 
 
 def _offload_decisions(trace: Trace, tier: str | list[str | None], skip=frozenset()) -> tuple[StorageDecision, ...]:
@@ -99,7 +123,12 @@ def forced_plan(trace: Trace, kind: str, hierarchy: Hierarchy) -> Plan:
     space = decision_space(trace)
     storages: tuple[StorageDecision, ...] = ()
     units: tuple[UnitDecision, ...] = ()
-    if kind == "host":
+    replays: tuple[ReplayDecision, ...] = ()
+    if kind == "segment":
+        units = _segment_decisions(space)
+    elif kind == "replay":
+        replays = tuple(ReplayDecision(sid, space.replay_chain(sid)) for sid in space.replayable_storages())
+    elif kind == "host":
         storages = _offload_decisions(trace, host_tier(hierarchy))
     elif kind == "nvme":
         storages = _offload_decisions(trace, nvme_tier(hierarchy))
@@ -127,5 +156,6 @@ def forced_plan(trace: Trace, kind: str, hierarchy: Hierarchy) -> Plan:
         budget=int(trace.observed_peak),
         storages=storages,
         units=units,
+        replays=replays,
         notes=(f"every decision forced to {kind!r}",),
     )

@@ -73,12 +73,35 @@ class State:
     offloads: dict[int, Offload] = field(default_factory=dict)
     units: dict[int, tuple[int, ...]] = field(default_factory=dict)
     floors: dict[int, int] = field(default_factory=dict)  # sid -> earliest prefetch event (it must be gone there)
+    replays: dict[int, tuple[int, ...]] = field(default_factory=dict)  # sid -> chain (op-level recompute)
 
     def copy(self) -> "State":
-        return State(dict(self.offloads), dict(self.units), dict(self.floors))
+        return State(dict(self.offloads), dict(self.units), dict(self.floors), dict(self.replays))
 
     def key(self) -> tuple:
-        return (tuple(sorted(self.offloads.items())), tuple(sorted(self.units.items())))
+        return (tuple(sorted(self.offloads.items())), tuple(sorted(self.units.items())), tuple(sorted(self.replays)))
+
+
+def assign_unit(ix: TraceIndex, st: State, u: int, m: tuple[int, ...]) -> None:
+    """Recompute span u in mode m; spans sharing a unit with it, and replays inside it, are dropped."""
+    space = decision_space(ix.trace)
+    for k in [k for k in st.units if k != u and space.overlap(k, u)]:
+        del st.units[k]
+    a, b = ix.span(u)
+    first, last = ix.units[u].first_op, ix.units[u].last_op
+    trace = ix.trace
+    for sid in [s for s, c in st.replays.items()
+                if trace.ops[c[-1]].unit is not None and a <= trace.ops[c[-1]].unit <= b
+                or any(trace.storages[x].producer is not None and first <= trace.storages[x].producer <= last
+                       for x in space.replay_inputs(s))]:
+        del st.replays[sid]
+    st.units[u] = m
+
+
+def replay_held(ix: TraceIndex, st: State) -> set[int]:
+    """Storages the state's replays hold (they may not be offloaded)."""
+    space = decision_space(ix.trace)
+    return {x for sid in st.replays for x in space.replay_inputs(sid)}
 
 
 def cost(res: SimResult) -> float:
@@ -97,7 +120,7 @@ class Evaluator:
     def __call__(self, st: State) -> SimResult:
         r = self.try_(st)
         if r is None:  # a planner bug: every state it builds must be legal
-            run(self.ix, self.h, self.budget, st.offloads, st.units)  # raises PlanError naming the problem
+            run(self.ix, self.h, self.budget, st.offloads, st.units, st.replays)  # raises PlanError naming it
         assert r is not None
         return r
 
@@ -107,7 +130,7 @@ class Evaluator:
         if k in self.cache:
             return self.cache[k]
         self.calls += 1
-        r = try_run(self.ix, self.h, self.budget, st.offloads, st.units)
+        r = try_run(self.ix, self.h, self.budget, st.offloads, st.units, st.replays)
         if len(self.cache) > 20000:
             self.cache.clear()
         self.cache[k] = r
@@ -172,12 +195,13 @@ def _expensive_ops(ix: TraceIndex, u: UnitRecord, theta: float) -> tuple[int, ..
     return tuple(out)
 
 
-def unit_modes(ix: TraceIndex, hierarchy: Hierarchy) -> dict[int, list[tuple[int, ...]]]:
+def unit_modes(ix: TraceIndex, hierarchy: Hierarchy, segments: bool = False) -> dict[int, list[tuple[int, ...]]]:
     """Recompute options per unit: full (), selective with compute-bound ops saved, and 'light' selective
-    (only the outputs of cheap ops dropped); deduplicated, most bytes freed first (dropped less held)."""
+    (only the outputs of cheap ops dropped); deduplicated, most bytes freed first (dropped less held).  With
+    `segments`, the legal segments too (span indices >= len(trace.units); a state holds at most one span per unit)."""
     out: dict[int, list[tuple[int, ...]]] = {}
     space = decision_space(ix.trace)
-    for u in ix.units:
+    for u in (ix.units if segments else ix.units[: ix.num_units]):
         if not space.recomputable[u.index]:
             continue
         nops = u.last_op - u.first_op + 1
@@ -459,8 +483,10 @@ def _candidates(ix: TraceIndex, h: Hierarchy, st: State, res: SimResult, p: int,
     t1 = h.tiers[1]
     # below this size an offload is mostly latency: not worth a decision
     min_bytes = min(int(8 * t1.latency * max(t1.write_bandwidth, 1.0)), max(1, excess // 16))
+    held = replay_held(ix, st) if st.replays else set()
     for sid, by in live.items():
-        if not decision_space(ix.trace).offloadable[sid] or sid in st.offloads or sid in res.dropped or in_unit(ix, sid, rec):
+        if (not decision_space(ix.trace).offloadable[sid] or sid in st.offloads or sid in res.dropped
+                or sid in st.replays or sid in held or in_unit(ix, sid, rec)):
             continue
         acc = accesses_with(ix, sid, rec)
         k = bisect.bisect_left(acc, p)
@@ -532,7 +558,7 @@ class _DownLane:
 
 
 def _apply_batch(st: State, cands: list[_Cand], excess: int, lane: "_DownLane | None" = None, floor: int = 0,
-                 res: SimResult | None = None, deep_first: bool = True) -> int:
+                 res: SimResult | None = None, deep_first: bool = True, ix: TraceIndex | None = None) -> int:
     """Take candidates cheapest-first (lazily re-priced) until `excess` bytes are freed at the peak."""
     low = [o.copy() for o in res.occ] if res is not None else None
     caps = res.capacity if res is not None else None
@@ -578,7 +604,10 @@ def _apply_batch(st: State, cands: list[_Cand], excess: int, lane: "_DownLane | 
         else:
             if any(t in st.offloads for t in c.touches):
                 continue
-            st.units[c.key] = c.value
+            if ix is not None:
+                assign_unit(ix, st, c.key, c.value)
+            else:
+                st.units[c.key] = c.value
         taken.update(c.touches)
         got += c.freed
     return got
@@ -616,7 +645,7 @@ def peel(ev_: Evaluator, st: State, modes, max_iter: int = 400, deadline: float 
         if cands:
             nst = st.copy()
             lane = _DownLane(res, h.tiers[1].name + ":write", float(res.event_start[p]))
-            if _apply_batch(nst, cands, excess, lane, p + 1, res, deep_first):
+            if _apply_batch(nst, cands, excess, lane, p + 1, res, deep_first, ix=ev_.ix):
                 schedule_prefetches(ix, h, nst, res)
                 nres = ev_(nst)
         if nst is st or (int(nres.occ[0][p]) >= int(res.occ[0][p]) and nres.peak(0) >= res.peak(0)):
@@ -650,7 +679,7 @@ def _probe(ev_: Evaluator, st: State, res: SimResult, p: int, modes, deep_first:
             t.offloads[c.key] = Offload(ti, ev, need)
             t.floors[c.key] = p + 1
         else:
-            t.units[c.key] = c.value
+            assign_unit(ev_.ix, t, c.key, c.value)
         r = schedule_and_run(ev_, t, res)
         if r is None:
             continue
@@ -723,7 +752,7 @@ def cleanup(ev_: Evaluator, st: State, res: SimResult, modes, deadline: float | 
             cur = st.units[k]
             for m in modes.get(k, []):
                 if m != cur and len(m) > len(cur):
-                    t = st.copy(); t.units[k] = m; trials.append(t)
+                    t = st.copy(); assign_unit(ix, t, k, m); trials.append(t)
             for ti in ev_.tiers:  # swap: offload what the unit's recompute dropped instead
                 t = st.copy(); del t.units[k]
                 for sid in ix.unit_storages[k]:
@@ -763,7 +792,7 @@ def one_opt(ev_: Evaluator, st: State, res: SimResult, modes, options: dict[int,
                 if m is None:
                     t.units.pop(u, None)
                 else:
-                    t.units[u] = m
+                    assign_unit(ev_.ix, t, u, m)
                     for sid in ev_.ix.unit_storages[u]:  # repair: a recomputed unit's storages are not offloaded
                         t.offloads.pop(sid, None)
                 moves.append(t)
@@ -847,10 +876,54 @@ def ratio_seed(ev_: Evaluator, modes) -> State:
         if ev_(st).peak(0) <= ev_.budget:
             break
         trial = st.copy()
-        trial.units[u] = m
+        assign_unit(ix, trial, u, m)
         if ev_(trial).peak(0) < ev_(st).peak(0):
             st = trial
     return st
+
+
+REPLAY_MIN_BYTES = 1 << 16  # smaller saved storages (BatchNorm statistics) are not worth a recipe (tiny models:
+# 1/256 of the activation peak)
+
+
+def replay_seed(ev_: Evaluator, deadline: float | None = None) -> State:
+    """Replays of every replayable storage worth one, best bytes per second first, until tier 0 fits."""
+    ix = ev_.ix
+    space = decision_space(ix.trace)
+    scored = []
+    floor = min(REPLAY_MIN_BYTES, ix.trace.activation_peak // 256)
+    for sid in space.replayable_storages():
+        b = int(ix.nbytes[sid])
+        if b < floor:
+            continue
+        t = float(sum(ix.dur[j] for j in space.replay_chain(sid)))
+        scored.append((b / max(t, 1e-12), sid))
+    st = State()
+    for _, sid in sorted(scored, reverse=True):
+        if ev_(st).peak(0) <= ev_.budget or (deadline is not None and time.perf_counter() > deadline):
+            break
+        trial = st.copy()
+        trial.replays[sid] = space.replay_chain(sid)
+        r = ev_.try_(trial)
+        if r is not None and r.peak(0) <= ev_(st).peak(0):
+            st = trial
+    return st
+
+
+def prune_replays(ev_: Evaluator, st: State, res: SimResult, deadline: float | None = None
+                  ) -> tuple[State, SimResult]:
+    """Drop replays the plan does not need (most expensive first)."""
+    ix = ev_.ix
+    best = cost(res)
+    for sid in sorted(st.replays, key=lambda s: -float(sum(ix.dur[j] for j in st.replays[s]))):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        t = st.copy()
+        del t.replays[sid]
+        r = schedule_and_run(ev_, t, res)
+        if r is not None and r.feasible and cost(r) <= best + 1e-12:
+            st, res, best = t, r, cost(r)
+    return st, res
 
 
 def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...], *,
@@ -858,7 +931,7 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
     t0 = time.perf_counter()
     deadline = t0 + time_limit
     ev_ = Evaluator(ix, hierarchy, budget, tiers)
-    modes = unit_modes(ix, hierarchy)
+    modes = unit_modes(ix, hierarchy, segments=True)
     results: list[tuple[State, SimResult]] = []
     n_cand = int(decision_space(ix.trace).offloadable.sum()) + len(modes)
     # tie-break variants: offload deep first (keeps fast tiers free), or shallow first; both on small graphs
@@ -877,6 +950,15 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
         seed = ratio_seed(ev_, modes)
         st, res = peel(ev_, seed, modes, deadline=deadline + 0.25 * time_limit, deep_first=True)
         results.append(cleanup(ev_, st, res, modes, deadline=deadline + 0.5 * time_limit))
+    except GreedyStuck:
+        pass
+    # Replay seed: op-level recompute of every cheap-to-regenerate saved storage (best bytes per second
+    # first, until the peak fits), then the peel above on top; unneeded replays are pruned.
+    try:  # within the deadlines the other variants already have: planning time does not grow
+        seed = replay_seed(ev_, deadline=deadline) if time.perf_counter() < deadline else State()
+        if seed.replays:
+            st, res = peel(ev_, seed, modes, deadline=deadline + 0.25 * time_limit, deep_first=True)
+            results.append(prune_replays(ev_, st, res, deadline=deadline + 0.5 * time_limit))
     except GreedyStuck:
         pass
     fr = frugal_state(ix, hierarchy, tiers, budget)

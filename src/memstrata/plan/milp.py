@@ -29,7 +29,9 @@ result is the best, as simulated, of: greedy's plan (always computed first,
 the incumbent), the exact recompute-only optimum (when separable and feasible),
 the linearised MILP's plan (when the simulator accepts it), each polished by
 1-opt.  So `milp` is never predicted slower than `greedy` on any graph it
-accepts, and `exact` is None in that case.
+accepts, and `exact` is None in that case.  Segments and op-level replays are
+not on the MILP's menu (greedy plans them); when greedy's plan with them wins,
+`exact` still describes the menu (solved exactly) and the note says the plan lies outside it.
 
 [Note: the linearised model]
 Decision menu (the same one greedy's 1-opt explores): per offloadable saved
@@ -432,6 +434,10 @@ def milp_solve(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[i
         note = "milp: exact over recompute-only plans (separable units, HiGHS optimal, simulator agrees)"
     else:
         note = f"milp: not proven optimal (offloads on a {size:.2g}-combination menu); best of greedy and the MILP: {source}"
+    if st.replays or any(u >= ix.num_units for u in st.units):
+        # `exact` is about the MILP's menu (units and offloads); greedy's plan, with segments / op-level replays
+        # outside that menu, beat its optimum
+        note += "; the plan returned is greedy's, with segments / op-level replays (outside the menu)"
     return MilpResult(st, res, exact, source, note)
 
 

@@ -92,7 +92,9 @@ from .memory import heap_in_use
 from .mover import Placement, Resident, TierMover
 from .nvme import NVMeStore
 from .pool import HostBufferPool, round_up
-from .recompute import build_unit_plans, checkpoint_unit, install_unit_forwards
+from .recompute import (build_segment_plans, build_unit_plans, checkpoint_unit, install_segment_forwards,
+                        install_unit_forwards)
+from .replay import Replayed, ReplayCapture, unit_chains
 from .streams import CopyContext
 
 KEEP, HOST, NVME = Placement.KEEP, Placement.HOST, Placement.NVME
@@ -121,6 +123,8 @@ class StepStats:
     offloaded_bytes: dict[str, int] = field(default_factory=lambda: {"host": 0, "nvme": 0})
     deduplicated: int = 0
     recomputed_units: int = 0
+    recomputed_segments: int = 0
+    replayed: int = 0  # saved tensors packed as replay recipes (op-level recompute)
     prefetches: int = 0
     demand_fetches: int = 0
     wait_seconds: float = 0.0  # host time blocked waiting for NVMe reads
@@ -182,6 +186,8 @@ class _StepState:
         self.heap_base = 0
         self.heap_peak = 0
         self.next_sample = 0.0  # perf_counter time before which pack/unpack samples are skipped
+        self.buffer_storages: frozenset[int] = frozenset()
+        self.recipes: dict = {}  # storage key -> (StorageWeakRef, Recipe) ([Note: replay recipes] in replay.py)
 
 
 # ---------------------------------------------------------------------- the runtime
@@ -230,6 +236,11 @@ class ActivationRuntime:
         self._build_pack_table()
         self._unit_modules: dict[str, nn.Module] = dict(find_units(self.model))
         self._units = build_unit_plans(trace, plan, decision_space(trace), self._unit_modules, self.notes)
+        self._all_modules: dict[str, nn.Module] = dict(self.model.named_modules())
+        self._segments = build_segment_plans(trace, plan, decision_space(trace), self._all_modules, self.notes)
+        self._replays = decision_space(trace).replays_of(plan)
+        self._replay_sids = frozenset(self._replays)
+        self._chains_by_unit = unit_chains(trace, self._replays)
 
         # The NVMe store: validated here, before any managed step (see nvme.py).
         self.nvme_bytes = sum(round_up(self.trace.storages[e.storage].nbytes) for e in self._offloaded_storages(NVME))
@@ -296,7 +307,13 @@ class ActivationRuntime:
         with torch.no_grad():
             for t in list(self.model.parameters()) + list(self.model.buffers()):
                 st.param_storages.add(t.untyped_storage()._cdata)
-        restore = install_unit_forwards(self._unit_modules, self._unit_call)
+            st.buffer_storages = frozenset(b.untyped_storage()._cdata for b in self.model.buffers())
+        restore_units = install_unit_forwards(self._unit_modules, self._unit_call)
+        restore_segments = install_segment_forwards(self._all_modules, self._segments, self._segment_call)
+
+        def restore() -> None:
+            restore_segments()
+            restore_units()
         if self.track_live_bytes and heap_in_use is not None:
             st.heap_base = st.heap_peak = heap_in_use()
         self._state = st
@@ -359,7 +376,14 @@ class ActivationRuntime:
                 finally:
                     st.ckpt_depth -= 1
             else:
-                out = orig(*args, **kwargs)
+                chains = self._chains_by_unit.get(i) if up is not None and st.misaligned is None else None
+                if chains and torch.is_grad_enabled():
+                    with ReplayCapture(self.trace, up.record, chains, st.recipes, self._replays, st.buffer_storages) as cap:
+                        out = orig(*args, **kwargs)
+                    if cap.broken:
+                        self.notes.append(f"unit {i} ({name}): replay recording stopped ({cap.broken}); kept")
+                else:
+                    out = orig(*args, **kwargs)
                 if up is not None and check and st.misaligned is None and st.pack_counter != up.record.pack_end:
                     self._misalign(st, f"unit {i} ({name}) ends at pack {st.pack_counter}, trace says {up.record.pack_end}")
         finally:
@@ -367,6 +391,38 @@ class ActivationRuntime:
         if self.track_live_bytes and st.depth == 0:
             self._sample(st)
         if up is not None and st.misaligned is None and st.depth == 0:
+            self._advance(st, up.record.last_op)
+            if up.backward_anchor is not None:
+                self._hook_outputs(out, up.backward_anchor)
+        return out
+
+    def _segment_call(self, up, children: list[nn.Module], x):
+        """Run a segment's children under one checkpoint ([Note: segments] in recompute.py)."""
+        st = self._state
+
+        def run(inp):
+            for m in children:
+                inp = m(inp)
+            return inp
+
+        if (st is None or self._recomputing > 0 or st.misaligned is not None or st.depth > 0
+                or not torch.is_grad_enabled() or st.unit_calls != up.first_unit
+                or st.pack_counter != up.record.pack_start):
+            return run(x)
+        st.depth += 1
+        st.ckpt_depth += 1
+        try:
+            out = checkpoint_unit(up, children, run, (x,), {}, self._recompute_enter, self._recompute_exit)
+            st.pack_counter = up.record.pack_end
+            st.stats.recomputed_segments += 1
+        finally:
+            st.depth -= 1
+            st.ckpt_depth -= 1
+        if st.unit_calls != up.last_unit + 1:
+            self._misalign(st, f"segment {up.record.module} made {st.unit_calls - up.first_unit} unit calls")
+        if self.track_live_bytes:
+            self._sample(st)
+        if st.misaligned is None:
             self._advance(st, up.record.last_op)
             if up.backward_anchor is not None:
                 self._hook_outputs(out, up.backward_anchor)
@@ -437,6 +493,12 @@ class ActivationRuntime:
         if entry is None:
             st.stats.kept += 1
             return t
+        if entry.storage in self._replay_sids:
+            hit = st.recipes.get(t.untyped_storage()._cdata)
+            if (hit is not None and hit[2] == entry.storage and not hit[0].expired()
+                    and t.untyped_storage().nbytes() == entry.nbytes):
+                st.stats.replayed += 1
+                return Replayed(hit[1], t, entry.anchor)
         if entry.action == KEEP or not self._offloadable(t):
             st.stats.kept += 1
             return _Kept(t, entry.anchor) if entry.anchor is not None else t
@@ -483,6 +545,10 @@ class ActivationRuntime:
         if isinstance(obj, torch.Tensor):
             return obj
         st = self._state
+        if type(obj) is Replayed:
+            if st is not None:
+                self._advance(st, obj.anchor)
+            return obj.unpack()
         if type(obj) is _Kept:
             if st is not None:
                 self._advance(st, obj.anchor)
@@ -554,6 +620,8 @@ class ActivationRuntime:
             "storages": counts,
             "recomputed_units": sum(1 for u in self._units if u.recompute),
             "selective_units": sum(1 for u in self._units if u.selective),
+            "segments": sum(len(v) for v in self._segments.values()),
+            "replays": len(self._replays),
             "nvme_bytes": self.nvme_bytes,
             "notes": list(self.notes),
         }

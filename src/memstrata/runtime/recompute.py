@@ -26,6 +26,19 @@ recomputed unit receives fresh copies of list/tuple/dict arguments (same
 tensors), because callers may mutate a container after the call and
 checkpoint re-runs the unit on the objects it was given (torchvision's
 `_DenseBlock` appends to its list).
+
+[Note: segments]
+A segment (`UnitDecision(u, save_ops, end_unit=v)`) covers consecutive
+children of one plain `nn.Sequential`.  For the step, that Sequential's
+forward is replaced (an instance attribute, removed again) by one that calls
+its children in order and runs the children of each planned segment as one
+function under the same (selective) checkpoint as a unit, with a buffer guard
+over all of them; the children's own forwards still pass through the
+runtime's unit interception (which counts them, so the unit numbering stays
+aligned, but does not recompute them on their own).  The segment is only
+checkpointed when the step is where the trace says (unit call and pack
+counters equal the segment's first unit's); otherwise its children run plainly
+(exact, it only costs memory).
 """
 
 from __future__ import annotations
@@ -54,7 +67,7 @@ if "respect_saved_tensors_hooks" in inspect.signature(_ckpt.checkpoint).paramete
 
 @dataclass
 class UnitPlan:
-    """What the runtime does with one unit call of the trace."""
+    """What the runtime does with one unit call of the trace (or with one segment: `record` is its span)."""
 
     record: UnitRecord
     recompute: bool
@@ -62,12 +75,68 @@ class UnitPlan:
     op_names: tuple[str, ...] = ()  # unit ops as SAC's policy sees them
     save_positions: frozenset[int] = frozenset()
     backward_anchor: int | None = None
+    first_unit: int = -1  # segments: the first and last unit of the run
+    last_unit: int = -1
+
+
+def build_segment_plans(trace: Trace, plan: Plan, space: DecisionSpace, modules: dict[str, nn.Module],
+                        notes: list[str]) -> dict[str, dict[int, UnitPlan]]:
+    """Sequential name -> {first child position: segment plan} ([Note: segments]); the plan is legal."""
+    out: dict[str, dict[int, UnitPlan]] = {}
+    for dec in plan.units:
+        if not dec.is_segment:
+            continue
+        k = space.segment_of(dec.unit, dec.last_unit)
+        rec = space.ix.units[k]
+        first, last = trace.units[dec.unit], trace.units[dec.last_unit]
+        if rec.parent not in modules or not isinstance(modules[rec.parent], nn.Sequential):
+            notes.append(f"segment {rec.module}: Sequential {rec.parent!r} not found in the model; not recomputed")
+            continue
+        up = UnitPlan(rec, recompute=True, selective=bool(dec.save_ops), first_unit=first.index, last_unit=last.index)
+        if rec.first_backward_op is not None:
+            up.backward_anchor = rec.first_backward_op - 1
+        if dec.save_ops:
+            up.op_names, up.save_positions = sac_positions(trace, rec, dec.save_ops)
+        out.setdefault(rec.parent, {})[first.position] = up
+    return out
+
+
+def install_segment_forwards(parents: dict[str, nn.Module], segments: dict[str, dict[int, UnitPlan]],
+                             call: Callable) -> Callable[[], None]:
+    """Replace each planned Sequential's forward by one that hands each segment's children to
+    `call(segment plan, children, input)`; returns `restore`."""
+    installed: list[nn.Module] = []
+    for name, by_pos in segments.items():
+        seq = parents[name]
+
+        def forward(input, _seq=seq, _by_pos=by_pos):
+            children = list(_seq._modules.values())
+            i = 0
+            while i < len(children):
+                up = _by_pos.get(i)
+                if up is None:
+                    input = children[i](input)
+                    i += 1
+                else:
+                    n = up.last_unit - up.first_unit + 1
+                    input = call(up, children[i : i + n], input)
+                    i += n
+            return input
+
+        seq.forward = forward
+        installed.append(seq)
+
+    def restore() -> None:
+        for seq in installed:
+            seq.__dict__.pop("forward", None)
+
+    return restore
 
 
 def build_unit_plans(trace: Trace, plan: Plan, space: DecisionSpace, modules: dict[str, nn.Module],
                      notes: list[str]) -> list[UnitPlan]:
     """One `UnitPlan` per trace unit; the plan is legal (checked by the caller against `space`)."""
-    decisions = plan.recomputed_units()
+    decisions = {u.unit: u for u in plan.units if not u.is_segment}
     out: list[UnitPlan] = []
     for u in trace.units:
         dec = decisions.get(u.index)
@@ -107,9 +176,9 @@ class BufferGuard:
     the runtime that a recomputation is running.  See [Note: recompute units].
     """
 
-    def __init__(self, module: nn.Module, inner: Any, on_enter: Callable[[], None],
+    def __init__(self, module: nn.Module | list[nn.Module], inner: Any, on_enter: Callable[[], None],
                  on_exit: Callable[[], None]) -> None:
-        self.module = module
+        self.modules = [module] if isinstance(module, nn.Module) else list(module)
         self.inner = inner
         self.on_enter = on_enter
         self.on_exit = on_exit
@@ -118,7 +187,13 @@ class BufferGuard:
     def __enter__(self):
         self.on_enter()
         with torch.no_grad():
-            self.saved = [(b, b.clone()) for b in self.module.buffers()]
+            seen: set[int] = set()
+            self.saved = []
+            for m in self.modules:
+                for b in m.buffers():
+                    if id(b) not in seen:
+                        seen.add(id(b))
+                        self.saved.append((b, b.clone()))
         self.inner.__enter__()
         return self
 
@@ -161,7 +236,7 @@ class UnitPolicy:
         return d
 
 
-def checkpoint_unit(up: UnitPlan, module: nn.Module, orig: Callable, args: tuple, kwargs: dict,
+def checkpoint_unit(up: UnitPlan, module: nn.Module | list[nn.Module], orig: Callable, args: tuple, kwargs: dict,
                     on_enter: Callable[[], None], on_exit: Callable[[], None]):
     """Run one unit call under (selective) checkpointing ([Note: recompute units])."""
     # Checkpoint re-runs `orig` on the very argument objects it was given.  Callers may

@@ -13,9 +13,44 @@ import weakref
 import numpy as np
 
 from ..decisions import PlanError
-from .schema import Trace
+from dataclasses import replace
 
-__all__ = ["TraceIndex", "UnitEffect", "trace_index", "occupancy"]
+from .schema import Trace, UnitRecord
+
+__all__ = ["TraceIndex", "UnitEffect", "trace_index", "occupancy", "segment_spans", "MAX_SEGMENT_UNITS"]
+
+MAX_SEGMENT_UNITS = 8  # longest run of units one segment may span (the candidates grow with its square)
+
+
+def segment_spans(trace: Trace, max_units: int = MAX_SEGMENT_UNITS) -> list[tuple[int, int, UnitRecord]]:
+    """(first unit, last unit, span record) of every run of >= 2 consecutive units that a segment may cover.
+
+    Consecutive children of one plain `nn.Sequential` (`UnitRecord.parent` / `position`), called one right
+    after the other (no op between them, none nested).  The span record reads like a unit: ops
+    [first.first_op, last.last_op], packs [first.pack_start, last.pack_end), the first unit's inputs, the
+    earliest first backward op of its members.  Structure only: which are legal is `trace/space.py`'s call.
+    """
+    units = trace.units
+    out: list[tuple[int, int, UnitRecord]] = []
+    n = len(units)
+    for a in range(n):
+        ua = units[a]
+        if ua.position < 0:
+            continue
+        for b in range(a + 1, min(n, a + max_units)):
+            prev, ub = units[b - 1], units[b]
+            if (ub.position != prev.position + 1 or ub.parent != prev.parent or ub.first_op != prev.last_op + 1
+                    or ub.pack_start != prev.pack_end):
+                break
+            members = units[a : b + 1]
+            fbs = [m.first_backward_op for m in members if m.first_backward_op is not None]
+            rec = UnitRecord(
+                index=-1, module=f"{ua.module}..{ub.module}", first_op=ua.first_op, last_op=ub.last_op,
+                pack_start=ua.pack_start, pack_end=ub.pack_end, inputs=ua.inputs,
+                first_backward_op=min(fbs) if fbs else None,
+                recompute_time=float(sum(m.recompute_time for m in members)), parent=ua.parent, position=ua.position)
+            out.append((a, b, rec))
+    return out
 
 
 
@@ -60,22 +95,37 @@ class TraceIndex:
         self.accesses: list[list[int]] = [sorted(a) for a in acc]
         # all-keep occupancy
         self.base_occ = occupancy(n, self.start, self.end, self.nbytes)
-        # units
-        self.units = trace.units
+        # units, then segments (span index >= len(trace.units)): one "unit" each for the planners and the simulator
+        segs = segment_spans(trace)
+        spans = [replace(r, index=len(trace.units) + k) for k, (_, _, r) in enumerate(segs)]
+        self.segments: dict[tuple[int, int], int] = {(a, b): len(trace.units) + k for k, (a, b, _) in enumerate(segs)}
+        self.segment_members: dict[int, tuple[int, int]] = {v: k for k, v in self.segments.items()}
+        self.num_units = len(trace.units)
+        self.units = tuple(trace.units) + tuple(spans)
         self.unit_storages: list[list[int]] = []
         order = np.argsort(self.start, kind="stable")
         starts_sorted = self.start[order]
         produced = np.array([s.producer is not None for s in sts])
-        for u in trace.units:
+        for u in self.units:
             lo = np.searchsorted(starts_sorted, u.first_op, "left")
             hi = np.searchsorted(starts_sorted, u.last_op, "right")
             ids = [int(i) for i in order[lo:hi] if produced[i]]
             self.unit_storages.append(sorted(ids))
         self.input_of: dict[int, list[int]] = {}
-        for u in trace.units:
+        for u in self.units:
             for sid in u.inputs:
                 self.input_of.setdefault(sid, []).append(u.index)
         self._unit_cache: dict[tuple[int, tuple[int, ...], frozenset[int]], UnitEffect] = {}
+
+    def span(self, u: int) -> tuple[int, int]:
+        """(first unit, last unit) of span u (a unit: (u, u))."""
+        return self.segment_members.get(u, (u, u))
+
+    def span_of(self, unit: int, end_unit: int | None) -> int | None:
+        """The span index of a unit (end_unit None) or of the segment unit..end_unit; None if there is none."""
+        if end_unit is None or end_unit == unit:
+            return unit if 0 <= unit < self.num_units else None
+        return self.segments.get((unit, end_unit))
 
     def unit_effect(self, u: int, save_ops: tuple[int, ...], rec_inputs: frozenset[int]) -> "UnitEffect":
         key = (u, save_ops, rec_inputs)

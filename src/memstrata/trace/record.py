@@ -78,7 +78,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..hardware import Hierarchy
 from .roofline import is_metadata_op, op_cost, op_dtype, resolve_hierarchy, roofline_time
 from .schema import OpRecord, StorageRecord, Trace, UnitRecord
-from .units import find_units
+from .units import find_units, sequential_children
 
 __all__ = [
     "record_step",
@@ -136,6 +136,8 @@ class _UnitCall:
     last_op: int = -1
     pack_end: int = -1
     parent: int | None = None
+    sequential: str = ""  # the plain nn.Sequential calling it as a direct child (segments), "" = none
+    position: int = -1
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, Any] | None:
@@ -258,6 +260,7 @@ class StepRecorder:
     # ------------------------------------------------------------------ hooks
     def _install_hooks(self) -> None:
         unit_modules = {id(m) for _, m in find_units(self.model)}
+        self._in_sequential = sequential_children(self.model)
         for name, m in self.model.named_modules():
             is_unit = id(m) in unit_modules
             self._handles.append(m.register_forward_pre_hook(self._make_pre(name, is_unit, m is self.model),
@@ -298,7 +301,9 @@ class StepRecorder:
                     if s is not None and s.id not in ids:
                         ids.append(s.id)
                 parent = self._unit_stack[-1].index if self._unit_stack else None
-                call = _UnitCall(len(self._units), name, len(self._ops), self._num_packs, tuple(ids), parent=parent)
+                seq, pos = self._in_sequential.get(name, ("", -1))
+                call = _UnitCall(len(self._units), name, len(self._ops), self._num_packs, tuple(ids), parent=parent,
+                                 sequential=seq, position=pos)
                 self._units.append(call)
                 self._unit_stack.append(call)
             return None
@@ -592,6 +597,8 @@ class StepRecorder:
                 inputs=u.inputs,
                 first_backward_op=fb,
                 recompute_time=prefix[last_op + 1] - prefix[u.first_op] if last_op >= u.first_op else 0.0,
+                parent=u.sequential,
+                position=u.position,
             ))
         return tuple(out)
 

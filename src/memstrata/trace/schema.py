@@ -98,6 +98,8 @@ class UnitRecord:
     inputs: tuple[int, ...]  # storage ids of the unit's tensor inputs (held while recomputable)
     first_backward_op: int | None  # op index where the unit's backward starts
     recompute_time: float  # seconds to re-run the unit's forward ops
+    parent: str = ""  # qualified name of the plain `nn.Sequential` calling this unit as a direct child ("" = root)
+    position: int = -1  # the unit's index among that Sequential's children; -1 = not such a child (no segments)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,26 @@ recomputable or heavy.
   and none of its forward ops writes one of its inputs in place (re-running it
   would read the overwritten input).  Selective recompute may keep the outputs
   of `cacheable_ops(u)` only (trace/sac.py: what torch's SAC can cache).
+* segments: a run of >= 2 consecutive units that are consecutive children of
+  one plain `nn.Sequential`, called back to back (`index.segment_spans`), up to
+  `MAX_SEGMENT_UNITS` long; legal under the same rules as a unit, applied to
+  the whole run (its inputs are the first unit's).  Spans (units, then
+  segments) share one index space: span u >= `len(trace.units)` is a segment.
+  Two chosen spans may not share a unit.
+* replay (op-level recompute) of a saved storage: `replay_chain(sid)`, the
+  forward ops that recompute it from inputs that stay in tier 0 anyway (saved
+  storages, parameters, buffers; or storages replayed themselves): walking back
+  from its last writer, a read storage that is not saved and was written
+  earlier in the same unit is recomputed through its last writer too.  Legal
+  when every op of the chain is in `REPLAYABLE_OP_PREFIXES` (cheap and
+  deterministic: the same kernel on the same inputs gives the same bits), none
+  draws random numbers, all run in one unit, no later forward op writes the
+  storage or a held input (buffers the chain updates, BatchNorm's running
+  statistics, are snapshotted when the op runs and the replay updates the
+  snapshot, never the buffer), and the chain has at most `MAX_REPLAY_OPS`
+  ops.  In a plan: the storage is not offloaded, not dropped by a recompute,
+  its unit is not recomputed, and its held inputs are neither offloaded nor
+  dropped (the replay recipe pins them).
 * heavy ops: one taxonomy (`is_heavy_op`) for planners ("keep the outputs of
   convolutions and matrix products") and forced plans; the roofline may add
   ops that are flop-bound for a given hierarchy (`heavy_ops`).
@@ -43,9 +63,10 @@ from ..decisions import Offload, Plan, PlanError
 from ..hardware import Hierarchy
 from .index import TraceIndex, UnitEffect, trace_index
 from .sac import is_inplace_op, sac_cacheable_ops
-from .schema import Trace
+from .schema import Trace, UnitRecord
 
-__all__ = ["DecisionSpace", "decision_space", "is_heavy_op", "op_base_name", "HEAVY_OP_PREFIXES", "SAC_HIDDEN_OPS"]
+__all__ = ["DecisionSpace", "decision_space", "is_heavy_op", "op_base_name", "HEAVY_OP_PREFIXES", "SAC_HIDDEN_OPS",
+           "REPLAYABLE_OP_PREFIXES", "is_replayable_op", "draws_random_numbers", "MAX_REPLAY_OPS"]
 
 # Compute-bound op families: convolutions, matrix products, attention.  Matched on the aten base name with
 # leading underscores removed ("_convolution", "mkldnn_convolution", "_scaled_dot_product_flash_attention").
@@ -67,6 +88,32 @@ def is_heavy_op(name: str) -> bool:
         return False
     stripped = base.lstrip("_")
     return stripped.startswith(HEAVY_OP_PREFIXES) or any(i in base for i in _HEAVY_INFIXES)
+
+
+# Cheap, deterministic forward ops a replay may re-run (matched on the aten base name, exactly or as a prefix
+# followed by "_": "relu" matches relu and relu_).  Normalisation (its batch statistics are recomputed by the same
+# kernel from the same input), elementwise ops, pooling.
+REPLAYABLE_OP_PREFIXES = ("native_batch_norm", "_native_batch_norm_legit", "cudnn_batch_norm", "miopen_batch_norm",
+                          "native_layer_norm", "native_group_norm", "relu", "threshold", "add", "sub", "mul", "div",
+                          "sigmoid", "silu", "hardswish", "hardsigmoid", "hardtanh", "clamp", "gelu", "tanh",
+                          "leaky_relu", "elu", "neg", "max_pool2d_with_indices", "avg_pool2d", "_adaptive_avg_pool2d",
+                          "mean")
+MAX_REPLAY_OPS = 8
+_RANDOM_MARKERS = ("dropout", "bernoulli", "rand", "normal", "uniform", "multinomial", "poisson", "exponential")
+
+
+def draws_random_numbers(name: str) -> bool:
+    base = op_base_name(name)
+    return any(m in base for m in _RANDOM_MARKERS)
+
+
+def is_replayable_op(name: str) -> bool:
+    """Ops a replay may re-run: cheap, deterministic, in `REPLAYABLE_OP_PREFIXES`, no random numbers."""
+    base = op_base_name(name)
+    if draws_random_numbers(name) or base.endswith("_backward") or "_backward_" in base:
+        return False
+    return any(base == p or base == p + "_" or base.startswith(p + ".") or
+               (p.endswith("_legit") and base.startswith(p)) for p in REPLAYABLE_OP_PREFIXES)
 
 
 def _sac_hidden_ops() -> frozenset[str]:
@@ -92,12 +139,14 @@ class DecisionSpace:
             [s.saved and s.kind == "activation" and bool(s.backward_reads) and bool(s.pack_indices) for s in sts],
             dtype=bool) & ~ix.never_live
         self._why_not: dict[int, str] = {}
-        for u in trace.units:
-            why = self._unit_problem(trace, u.index)
+        for u in ix.units:  # units, then segments (spans: [Note: the legal menu])
+            why = self._unit_problem(trace, u)
             if why:
                 self._why_not[u.index] = why
-        self.recomputable = tuple(u.index not in self._why_not for u in trace.units)
+        self.recomputable = tuple(u.index not in self._why_not for u in ix.units)
         self._cacheable: dict[int, frozenset[int]] = {}
+        self._chains: dict[int, tuple[tuple[int, ...], tuple[int, ...], str]] = {}  # sid -> (ops, held, why_not)
+        self._last_fwd_write: dict[int, int] | None = None
 
     @property
     def trace(self) -> Trace:
@@ -105,8 +154,7 @@ class DecisionSpace:
 
     # ------------------------------------------------------------------ units
     @staticmethod
-    def _unit_problem(trace: Trace, u: int) -> str:
-        unit = trace.units[u]
+    def _unit_problem(trace: Trace, unit: UnitRecord) -> str:
         if unit.first_backward_op is None:
             return "has no backward"
         if unit.pack_end <= unit.pack_start:
@@ -122,18 +170,126 @@ class DecisionSpace:
         return self._why_not.get(u, "")
 
     def recomputable_units(self) -> list[int]:
-        return [u for u, ok in enumerate(self.recomputable) if ok]
+        """Units (not segments) that may be recomputed."""
+        return [u for u, ok in enumerate(self.recomputable[: self.ix.num_units]) if ok]
+
+    def legal_segments(self) -> list[int]:
+        """Span indices of the segments that may be recomputed."""
+        return [u for u in range(self.ix.num_units, len(self.ix.units)) if self.recomputable[u]]
+
+    def segment_of(self, unit: int, end_unit: int) -> int | None:
+        """The span index of segment unit..end_unit, if the trace has one (legal or not)."""
+        return self.ix.span_of(unit, end_unit)
+
+    def overlap(self, a: int, b: int) -> bool:
+        """True if spans a and b share a unit."""
+        a0, a1 = self.ix.span(a)
+        b0, b1 = self.ix.span(b)
+        return not (a1 < b0 or b1 < a0)
 
     def cacheable_ops(self, u: int) -> frozenset[int]:
-        """Ops of unit u whose outputs selective recompute may keep (trace/sac.py)."""
+        """Ops of span u whose outputs selective recompute may keep (trace/sac.py)."""
         c = self._cacheable.get(u)
         if c is None:
-            c = self._cacheable[u] = sac_cacheable_ops(self.trace, self.trace.units[u])
+            c = self._cacheable[u] = sac_cacheable_ops(self.trace, self.ix.units[u])
         return c
 
+    # ------------------------------------------------------------------ replays (op-level recompute)
+    def replay_chain(self, sid: int) -> tuple[int, ...]:
+        """The forward ops that regenerate saved storage sid, in order; () if it cannot be replayed."""
+        return self._chain(sid)[0]
+
+    def replay_inputs(self, sid: int) -> tuple[int, ...]:
+        """Storages a replay of sid reads and holds until it runs (not parameters or buffers)."""
+        return self._chain(sid)[1]
+
+    def why_not_replay(self, sid: int) -> str:
+        """Why storage sid may not be replayed ('' when it may)."""
+        return self._chain(sid)[2]
+
+    def replayable_storages(self) -> list[int]:
+        return [s.id for s in self.trace.storages if s.saved and not self.why_not_replay(s.id)]
+
+    def _chain(self, sid: int) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+        hit = self._chains.get(sid)
+        if hit is None:
+            hit = self._chains[sid] = self._derive_chain(sid)
+        return hit
+
+    def _derive_chain(self, sid: int) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+        trace = self.trace
+        ops, sts = trace.ops, trace.storages
+        s = sts[sid]
+        if not (s.saved and s.kind == "activation" and s.backward_reads and s.pack_indices) or not self.offloadable[sid]:
+            return (), (), "not a saved activation read in backward"
+        fe = trace.forward_end
+        writes: dict[int, list[int]] = {}
+        for op in ops[: fe + 1]:
+            for o in op.outputs:
+                writes.setdefault(o, []).append(op.index)
+        w = writes.get(sid, [])
+        if not w:
+            return (), (), "no forward op writes it"
+        last = w[-1]
+        unit = ops[last].unit
+        if unit is None:
+            return (), (), f"{ops[last].name} (event {last}) runs outside every unit"
+
+        def writer_before(x: int, j: int) -> int | None:
+            ws = writes.get(x, [])
+            k = bisect.bisect_left(ws, j) - 1
+            return ws[k] if k >= 0 else None
+
+        chain: set[int] = set()
+        held: set[int] = set()
+        todo = [last]
+        while todo:
+            j = todo.pop()
+            if j in chain:
+                continue
+            op = ops[j]
+            if draws_random_numbers(op.name):
+                return (), (), f"{op.name} (event {j}) draws random numbers"
+            if not is_replayable_op(op.name):
+                return (), (), f"{op.name} (event {j}) is not a cheap deterministic op a replay may re-run"
+            if op.unit != unit:
+                return (), (), f"its ops run in more than one unit (event {j})"
+            chain.add(j)
+            if len(chain) > MAX_REPLAY_OPS:
+                return (), (), f"regenerating it takes more than {MAX_REPLAY_OPS} ops"
+            for x in op.inputs:
+                if x == sid and j == last and writer_before(x, j) is None:
+                    continue
+                sx = sts[x]
+                if sx.kind in ("parameter", "buffer") or sx.persistent:
+                    continue
+                p = writer_before(x, j)
+                if x != sid and sx.saved:
+                    held.add(x)
+                elif p is not None and ops[p].unit == unit:
+                    todo.append(p)
+                elif x == sid:
+                    return (), (), f"{op.name} (event {j}) updates it in place from a value made outside its unit"
+                else:
+                    held.add(x)
+        order = tuple(sorted(chain))
+        for j in w:
+            if j > last:
+                return (), (), f"written again in place after its last replayable writer (event {j})"
+        for x in held:
+            later = [j for j in writes.get(x, []) if j > order[0]]
+            if later:
+                return (), (), f"its input storage {x} is written in place later (event {later[0]})"
+        for j in order:  # chain intermediates that are written by a non-chain op in between cannot be replayed
+            for o in ops[j].outputs:
+                for k in writes.get(o, []):
+                    if order[0] < k < order[-1] and k not in chain:
+                        return (), (), f"storage {o} of the chain is written by {ops[k].name} (event {k}) in between"
+        return order, tuple(sorted(held)), ""
+
     def heavy_ops(self, u: int, hierarchy: Hierarchy | None = None) -> tuple[int, ...]:
-        """Compute-bound ops of unit u: `is_heavy_op`, or flop-bound on `hierarchy`'s roofline."""
-        unit = self.trace.units[u]
+        """Compute-bound ops of span u: `is_heavy_op`, or flop-bound on `hierarchy`'s roofline."""
+        unit = self.ix.units[u]
         pf = hierarchy.peak_flops if hierarchy is not None else None
         bw = hierarchy.fast_bandwidth if hierarchy is not None else None
         out = []
@@ -158,7 +314,28 @@ class DecisionSpace:
 
     # ------------------------------------------------------------------ validation
     def decisions_of(self, plan: Plan, hierarchy: Hierarchy) -> tuple[dict[int, Offload], dict[int, tuple[int, ...]]]:
-        """A plan's decisions as (sid -> Offload, unit -> save_ops), checked: `PlanError` if any is illegal."""
+        """A plan's decisions as (sid -> Offload, span -> save_ops), checked: `PlanError` if any is illegal.
+
+        Replays are checked too (`replays_of` gives them to the simulator).
+        """
+        offloads, units = self._decisions(plan, hierarchy)
+        problem = self.problem(hierarchy, offloads, units, self.replays_of(plan))
+        if problem:
+            raise PlanError(problem)
+        return offloads, units
+
+    def replays_of(self, plan: Plan) -> dict[int, tuple[int, ...]]:
+        """A plan's replays as sid -> ops (legality: `resolve`)."""
+        out: dict[int, tuple[int, ...]] = {}
+        for r in plan.replays:
+            if not 0 <= r.storage < len(self.trace.storages):
+                raise PlanError(f"plan replays storage {r.storage}, which the trace does not have")
+            if r.storage in out:
+                raise PlanError(f"storage {r.storage} has more than one replay")
+            out[r.storage] = tuple(r.ops)
+        return out
+
+    def _decisions(self, plan: Plan, hierarchy: Hierarchy) -> tuple[dict[int, Offload], dict[int, tuple[int, ...]]]:
         trace = self.trace
         names = [t.name for t in hierarchy.tiers]
         offloads: dict[int, Offload] = {}
@@ -176,24 +353,27 @@ class DecisionSpace:
             offloads[d.storage] = Offload(names.index(d.tier), int(d.evict_after), int(d.prefetch_at))
         units: dict[int, tuple[int, ...]] = {}
         for u in plan.units:
-            if not 0 <= u.unit < len(trace.units):
-                raise PlanError(f"plan names unit {u.unit}, which the trace does not have")
-            if u.unit in units:
+            if not 0 <= u.unit < len(trace.units) or (u.end_unit is not None and not u.end_unit < len(trace.units)):
+                raise PlanError(f"plan names unit {u.unit if u.end_unit is None else u.end_unit}, "
+                                "which the trace does not have")
+            k = self.ix.span_of(u.unit, u.end_unit)
+            if k is None:
+                raise PlanError(f"units {u.unit}..{u.end_unit} are not a segment: not consecutive children of one "
+                                f"plain nn.Sequential called back to back, or longer than the longest segment")
+            if k in units:
                 raise PlanError(f"unit {u.unit} has more than one decision")
-            units[u.unit] = tuple(sorted(u.save_ops))
-        problem = self.problem(hierarchy, offloads, units)
-        if problem:
-            raise PlanError(problem)
+            units[k] = tuple(sorted(u.save_ops))
         return offloads, units
 
     def problem(self, hierarchy: Hierarchy, offloads: Mapping[int, Offload],
-                units: Mapping[int, tuple[int, ...]]) -> str:
+                units: Mapping[int, tuple[int, ...]], replays: Mapping[int, tuple[int, ...]] | None = None) -> str:
         """The first reason these decisions are illegal, or '' (needs the effects: see `resolve`)."""
-        return self.resolve(hierarchy, offloads, units)[2]
+        return self.resolve(hierarchy, offloads, units, replays)[2]
 
-    def resolve(self, hierarchy: Hierarchy, offloads: Mapping[int, Offload], units: Mapping[int, tuple[int, ...]]
+    def resolve(self, hierarchy: Hierarchy, offloads: Mapping[int, Offload], units: Mapping[int, tuple[int, ...]],
+                replays: Mapping[int, tuple[int, ...]] | None = None
                 ) -> tuple[dict[int, UnitEffect], dict[int, int], str]:
-        """(unit effects, need event per offloaded storage, problem) for a set of decisions.
+        """(span effects, need event per offloaded storage, problem) for a set of decisions.
 
         `problem` is '' for legal decisions; otherwise effects/needs are partial.
         The *need* event of an offload is its first access after eviction (a
@@ -204,28 +384,56 @@ class DecisionSpace:
         trace = ix.trace
         n = ix.n
         for u, S in units.items():
-            if not 0 <= u < len(trace.units):
+            if not 0 <= u < len(ix.units):
                 return {}, {}, f"unit {u} is not in the trace"
             if not self.recomputable[u]:
-                return {}, {}, f"unit {u} ({trace.units[u].module}) cannot be recomputed: {self.why_not(u)}"
-            unit = trace.units[u]
+                return {}, {}, f"unit {u} ({ix.units[u].module}) cannot be recomputed: {self.why_not(u)}"
+            unit = ix.units[u]
             for j in S:
                 if not unit.first_op <= j <= unit.last_op:
                     return {}, {}, f"unit {u}: save_op {j} is outside the unit's ops [{unit.first_op}, {unit.last_op}]"
                 if j not in self.cacheable_ops(u):
                     return {}, {}, (f"unit {u}: save_op {j} ({trace.ops[j].name}) cannot be kept by selective "
                                     "recompute (in place, persistent or later mutated output)")
-        rec_inputs = frozenset(sid for u in units for sid in trace.units[u].inputs)
+        if any(u >= ix.num_units for u in units):  # a segment: no two spans may share a unit
+            spans = sorted(units, key=ix.span)
+            for a, b in zip(spans, spans[1:]):
+                if self.overlap(a, b):
+                    return {}, {}, f"recompute decisions {ix.units[a].module} and {ix.units[b].module} share a unit"
+        rec_inputs = frozenset(sid for u in units for sid in ix.units[u].inputs)
         effects = {u: ix.unit_effect(u, tuple(sorted(S)), rec_inputs) for u, S in units.items()}
         dropped = {sid for eff in effects.values() for sid in eff.dropped}
         ends = ix.end
         needs: dict[int, int] = {}
+        if replays:
+            covered = set()
+            for u in units:
+                a, b = ix.span(u)
+                covered.update(range(a, b + 1))
+            for sid, ops_ in replays.items():
+                if not 0 <= sid < len(trace.storages):
+                    return effects, needs, f"storage {sid} is not in the trace"
+                why = self.why_not_replay(sid)
+                if why:
+                    return effects, needs, f"storage {sid} cannot be replayed: {why}"
+                chain = self.replay_chain(sid)
+                if tuple(ops_) != chain:
+                    return effects, needs, f"storage {sid}: replay ops {tuple(ops_)} are not its chain {chain}"
+                if sid in offloads or sid in dropped:
+                    return effects, needs, f"storage {sid}: replayed and offloaded or recomputed; pick one"
+                u = trace.ops[chain[-1]].unit
+                if u in covered:
+                    return effects, needs, f"storage {sid}: replayed inside unit {u}, which is recomputed"
+                for x in self.replay_inputs(sid):
+                    if x in offloads or x in dropped:
+                        return effects, needs, (f"storage {sid}: its replay holds storage {x}, which is offloaded "
+                                                "or recomputed")
         if not offloads:
             return effects, needs, ""
         inside = np.zeros(n + 1, dtype=np.int32)  # events inside some recomputed unit's forward
         held_until: dict[int, int] = {}  # inputs of recomputed units live until the unit's first backward op
         for u, eff in effects.items():
-            unit = trace.units[u]
+            unit = ix.units[u]
             inside[unit.first_op] += 1
             inside[unit.last_op + 1] -= 1
             for sid in unit.inputs:

@@ -83,6 +83,22 @@ def find_units(model: nn.Module, max_depth: int = 8) -> list[tuple[str, nn.Modul
     return units
 
 
+def sequential_children(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Qualified name -> (parent name, position) for every direct child of a plain `nn.Sequential`.
+
+    Plain: its class does not override `Sequential.forward`, so it calls its
+    children in order and nothing else (no glue).  A run of consecutive such
+    children that are recompute units is a *segment* candidate; the runtime
+    re-runs a segment by calling those children in order under one checkpoint.
+    """
+    out: dict[str, tuple[str, int]] = {}
+    for pname, parent in model.named_modules():
+        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+            for i, cname in enumerate(parent._modules):
+                out[f"{pname}.{cname}" if pname else cname] = (pname, i)
+    return out
+
+
 def is_chain_module(module: nn.Module) -> bool:
     """True if `module`'s forward calls >= 2 submodules as a straight chain; see [Note: chain modules]."""
     if isinstance(module, _CONTAINERS) or not any(c._modules for c in module.children()):

@@ -1,0 +1,258 @@
+"""Op-level recompute: what the runtime does for a `ReplayDecision`.
+
+[Note: replay recipes]
+A replayed storage is not kept for backward; a *recipe* is, and backward runs
+it when it first unpacks the storage.  While a unit whose forward contains
+replay chains runs, a `ReplayCapture` dispatch mode (below autograd) numbers
+its ops from `unit.first_op` exactly as the tracer did and records, for every
+op of a chain, the op (the aten overload itself) and its arguments: a tensor
+argument made by an earlier op of the chain is recorded as a reference to that
+op's output (a view of it as its geometry); one that is a replay target
+recorded earlier in the step as a reference to that recipe (chains of replays
+regenerate what they read on demand); an argument the op writes (BatchNorm's
+running statistics) as a snapshot taken just before the op ran, so the replay
+updates the snapshot and never the buffer; anything else (a saved convolution
+output, the block input, parameters) by reference: it is held, which the plan
+prices.  The pack hook, seeing a storage the plan replays, stores
+`(recipe, dtype, size, stride, byte offset)` instead of the tensor; the
+forward's tensor is freed as soon as the model drops it.  Unpack runs the
+recipe once under `no_grad` (the same kernels on the same inputs: the same
+bits), caches the result for the other saves of the storage and drops its
+references to the inputs.  Any mismatch between the ops seen and the trace's
+(a name differs, an argument cannot be resolved) stops recording in that unit
+call: the storages it would have replayed are kept, which is always exact.
+Ops that draw random numbers are never in a chain (trace/space.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..trace.schema import Trace, UnitRecord
+from ..trace.space import SAC_HIDDEN_OPS
+
+
+class _Arg:
+    """A tensor argument of a recorded op, resolved when the recipe runs: output `leaf` of an earlier step of
+    the same recipe (seen through `geometry`), else the target of another recipe, else the held tensor."""
+
+    __slots__ = ("step", "leaf", "recipe", "held", "geometry")
+
+    def __init__(self, step, leaf, recipe, held, geometry) -> None:
+        self.step, self.leaf, self.recipe, self.held, self.geometry = step, leaf, recipe, held, geometry
+
+
+class _Step:
+    __slots__ = ("func", "args", "kwargs")
+
+    def __init__(self, func, args, kwargs) -> None:
+        self.func, self.args, self.kwargs = func, args, kwargs
+
+
+def _geometry(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), tuple(t.stride()), t.storage_offset() * t.element_size(), t.dtype)
+
+
+def _view(base: torch.Tensor, geometry: tuple | None) -> torch.Tensor:
+    if geometry is None:
+        return base
+    size, stride, offset, dtype = geometry
+    out = torch.empty(0, dtype=dtype, device=base.device)
+    out.set_(base.untyped_storage(), offset // out.element_size(), size, stride)
+    return out
+
+
+class Recipe:
+    """How to regenerate one output of a chain's last op ([Note: replay recipes])."""
+
+    __slots__ = ("steps", "final", "leaf", "value", "__weakref__")
+
+    def __init__(self, steps: list[_Step], final: _Step, leaf: int) -> None:
+        self.steps = steps
+        self.final = final
+        self.leaf = leaf
+        self.value: torch.Tensor | None = None
+
+    def materialize(self) -> torch.Tensor:
+        if self.value is None:
+            outs: dict[int, list] = {}
+
+            def resolve(a):
+                if not isinstance(a, _Arg):
+                    return a
+                if a.step is not None and id(a.step) in outs:
+                    return _view(outs[id(a.step)][a.leaf], a.geometry)
+                if a.recipe is not None:
+                    return _view(a.recipe.materialize(), a.geometry)
+                if a.held is None:
+                    raise RuntimeError("replay recipe: an argument was neither recorded nor held")
+                return a.held
+
+            with torch.no_grad():
+                for s in self.steps:
+                    args = tree_map(resolve, s.args)
+                    kwargs = tree_map(resolve, s.kwargs)
+                    out = s.func(*args, **kwargs)
+                    outs[id(s)] = tree_flatten(out)[0]
+            self.value = outs[id(self.final)][self.leaf]
+            self.steps = []  # the inputs are no longer needed
+        return self.value
+
+
+class Replayed:
+    """What the pack hook stores for a replayed saved tensor."""
+
+    __slots__ = ("recipe", "geometry", "anchor")
+
+    def __init__(self, recipe: Recipe, t: torch.Tensor, anchor: int | None) -> None:
+        self.recipe = recipe
+        self.geometry = _geometry(t)
+        self.anchor = anchor
+
+    def unpack(self) -> torch.Tensor:
+        return _view(self.recipe.materialize(), self.geometry)
+
+
+def _written_args(func) -> set[int]:
+    """Positions of the schema arguments that `func` writes (`Tensor(a!)`)."""
+    out = set()
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            out.add(i)
+    return out
+
+
+class ReplayCapture(TorchDispatchMode):
+    """Records the chains of one unit call ([Note: replay recipes]); `recipes`: storage key -> (ref, recipe, sid)."""
+
+    def __init__(self, trace: Trace, unit: UnitRecord, chains: dict[int, tuple[int, ...]],
+                 recipes: dict[int, tuple[StorageWeakRef, Recipe, int]], targets: dict[int, tuple[int, ...]],
+                 buffers: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.trace = trace
+        self.next = unit.first_op
+        self.last = unit.last_op
+        self.wanted = {j for c in chains.values() for j in c}
+        self.chain_of_last = dict(chains)  # last op -> chain
+        self.recipes = recipes
+        self.targets = targets  # storage id -> its chain, for every storage the plan replays
+        self.buffers = buffers  # storage keys of the model's buffers
+        self.step_out: dict[int, tuple] = {}  # storage key -> (StorageWeakRef, step, leaf, geometry)
+        self.steps: dict[int, _Step] = {}  # op index -> step
+        self.broken: str | None = None
+
+    def _arg(self, a: Any, write: bool, sid_of: dict[int, int]):
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._arg(x, write, sid_of) for x in a)
+        if not isinstance(a, torch.Tensor):
+            return a
+        key = a.untyped_storage()._cdata
+        g = _geometry(a)
+        sid = sid_of.get(key)
+        s = self.trace.storages[sid] if sid is not None else None
+        if write or key in self.buffers or (s is not None and s.kind == "buffer"):
+            # a buffer the op may update (BatchNorm's running statistics, which native_batch_norm's schema
+            # does not even mark as written): the replay updates a snapshot, never the buffer
+            with _disable_current_modes():
+                return a.detach().clone()
+        step = leaf = recipe = held = None
+        geometry = g
+        hit = self.step_out.get(key)
+        if hit is not None and not hit[0].expired():
+            _, step, leaf, geo = hit
+            geometry = None if g == geo else g
+        rec = self.recipes.get(key)
+        if rec is not None and not rec[0].expired():
+            recipe = rec[1]
+        elif s is None or s.saved or s.kind in ("parameter", "input") or s.persistent:
+            # held: kept for backward (or a parameter) anyway, so the reference costs nothing; the plan prices
+            # the rest (trace/space.py, replay_inputs)
+            with _disable_current_modes():
+                held = a.detach()
+        elif step is None:  # an input made outside the unit, not saved: held (priced by the plan)
+            with _disable_current_modes():
+                held = a.detach()
+        return _Arg(step, leaf, recipe, held, geometry)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        ops = self.trace.ops
+        if self.broken is None and self.next <= self.last and ops[self.next].name != name:
+            # autograd detaches some tensors it saves (where the tracer's hooks may see none, or more): ops
+            # without values (SAC_HIDDEN_OPS) are not matched against the trace
+            if name in SAC_HIDDEN_OPS:
+                return func(*args, **kwargs)
+            while self.next <= self.last and ops[self.next].name in SAC_HIDDEN_OPS and self.next not in self.wanted:
+                self.next += 1
+        j = self.next
+        self.next += 1
+        if self.broken is None and (j > self.last or str(func) != self.trace.ops[j].name):
+            self.broken = f"op {j}: saw {func}, the trace has {self.trace.ops[j].name if j <= self.last else 'none'}"
+        if self.broken is not None or j not in self.wanted:
+            return func(*args, **kwargs)
+        written = _written_args(func)  # the snapshot and detach below run with this mode disabled
+        names = [a.name for a in func._schema.arguments]
+        # arg storage -> trace storage: the tracer lists an op's distinct input storages in argument order
+        flat, _ = tree_flatten((args, kwargs))
+        keys: list[int] = []
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                k = t.untyped_storage()._cdata
+                if k not in keys:
+                    keys.append(k)
+        if len(keys) != len(self.trace.ops[j].inputs):
+            self.broken = f"op {j}: {len(keys)} input storages, the trace has {len(self.trace.ops[j].inputs)}"
+            return func(*args, **kwargs)
+        sid_of = dict(zip(keys, self.trace.ops[j].inputs))
+        rec_args = tuple(self._arg(a, i in written, sid_of) for i, a in enumerate(args))
+        rec_kwargs = {k: self._arg(v, names.index(k) in written if k in names else False, sid_of)
+                      for k, v in kwargs.items()}
+        step = _Step(func, rec_args, rec_kwargs)
+        self.steps[j] = step
+        out = func(*args, **kwargs)
+        leaves, _ = tree_flatten(out)
+        for i, t in enumerate(leaves):
+            if isinstance(t, torch.Tensor):
+                ust = t.untyped_storage()
+                self.step_out[ust._cdata] = (StorageWeakRef(ust), step, i, _geometry(t))
+        chain = self.chain_of_last.get(j)
+        if chain is not None:
+            steps = [self.steps[k] for k in chain if k in self.steps]
+            # leaf -> trace storage: the tracer lists an op's distinct output storages in leaf order
+            seen: list[int] = []
+            first_leaf: dict[int, int] = {}
+            for i, t in enumerate(leaves):
+                if isinstance(t, torch.Tensor):
+                    key = t.untyped_storage()._cdata
+                    if key not in first_leaf:
+                        first_leaf[key] = i
+                        seen.append(key)
+            sids = self.trace.ops[j].outputs
+            if len(steps) != len(chain) or len(sids) != len(seen):
+                self.broken = f"op {j}: cannot match its outputs to the trace's"
+                return out
+            for key, sid in zip(seen, sids):
+                if self.targets.get(sid, (None,))[-1] == j:  # this op ends sid's own chain
+                    i = first_leaf[key]
+                    ust = leaves[i].untyped_storage()
+                    self.recipes[key] = (StorageWeakRef(ust), Recipe(steps, step, i), sid)
+        return out
+
+
+def unit_chains(trace: Trace, replays: dict[int, tuple[int, ...]]) -> dict[int, dict[int, tuple[int, ...]]]:
+    """unit index -> {last op of a chain: chain} for the plan's replays."""
+    out: dict[int, dict[int, tuple[int, ...]]] = {}
+    for chain in replays.values():
+        u = trace.ops[chain[-1]].unit
+        if u is not None:
+            out.setdefault(u, {})[chain[-1]] = chain
+    return out
+
+
+__all__ = ["Recipe", "Replayed", "ReplayCapture", "unit_chains"]
