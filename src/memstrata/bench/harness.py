@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from .contenders import CONTENDERS, REPORTED_APART, skip_reason
+from .gpt2 import is_gpt2
+from .states_contenders import states_skip_reason
 from .peak import EXACT_ENV
 from .spec import RunSpec
 from ..progress import BenchProgress  # noqa: F401  (one progress bar for benches and the recipe)
@@ -71,6 +73,8 @@ class BenchConfig:
     seed: int = 0
     quiet: bool = False
     budget_of_activations: bool = False  # "50%act": the fraction is of the activation peak, see [Note: budgets]
+    seq: int = 0  # GPT-2 models (the state bench): tokens per sample
+    nvme_bw: tuple[float, float] | None = None  # state bench: probed NVMe (read, write) bytes/s
 
 
 # ------------------------------------------------------------------ arguments
@@ -108,6 +112,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     a("--plot", dest="plot_path", default=None, metavar="FILE.png", help="write bar charts of samples/s and peak")
     a("--log-dir", default=None, metavar="DIR", help="keep every run's spec, result and log here")
     a("--quiet", action="store_true", help="no progress display")
+    a("--seq", default=None, help="tokens per sample for --model gpt2-* (the optimizer-state bench; default 64 on CPU, "
+      "1024 on CUDA)")
 
 
 def _int(name: str, text: Any, lo: int = 1) -> int:
@@ -205,6 +211,12 @@ def check_output_paths(json_path: str | None, plot_path: str | None, error: type
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    from .gpt2 import is_gpt2
+
+    if is_gpt2(getattr(args, "model", None)):
+        from .states_harness import states_config_from_args
+
+        return states_config_from_args(args, BenchConfig, BenchInputError)
     g = lambda k, d=None: getattr(args, k, d)  # noqa: E731
     device = resolve_device(g("device", "auto"))
     d = CUDA_DEFAULTS if device == "cuda" else CPU_DEFAULTS
@@ -418,7 +430,8 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             num_classes=cfg.num_classes, amp=cfg.amp, channels_last=cfg.channels_last, seed=cfg.seed,
             budget_bytes=budget, microbatches=microbatches or 1, nvme_dir=nvme_dir,
             unmanaged_peak_bytes=unmanaged_peak,
-            max_seconds=cfg.max_seconds, threads=cfg.threads, cpu_peak=cfg.cpu_peak,
+            max_seconds=cfg.max_seconds, threads=cfg.threads, cpu_peak=cfg.cpu_peak, seq=cfg.seq,
+            nvme_read_bw=cfg.nvme_bw[0] if cfg.nvme_bw else None, nvme_write_bw=cfg.nvme_bw[1] if cfg.nvme_bw else None,
         )
 
     need_calibration = "unmanaged" not in cfg.contenders and (
@@ -435,7 +448,7 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                     unmanaged_peak, param_bytes = r["peak_bytes"], r.get("param_bytes")
             for rep in range(1, cfg.repeats + 1):
                 for name in cfg.contenders:
-                    why = skip_reason(name, cfg.device)
+                    why = (states_skip_reason if is_gpt2(cfg.model) else skip_reason)(name, cfg.device)
                     if why:
                         r = {"name": name, "status": "skipped", "reason": why, "repeat": rep}
                         runs[name].append(r)
@@ -528,6 +541,8 @@ def summarise(cfg: BenchConfig, runs: dict[str, list[dict[str, Any]]], budget: i
             "repeats_run": len(rs),
             "budget_bytes": budget,
             "within_budget": (max(peaks) <= budget) if (peaks and budget) else None,
+            "state_peak_bytes": max((r["state_peak_bytes"] for r in ok if r.get("state_peak_bytes") is not None),
+                                    default=None),  # the state bench: [Note: what "state peak" is]
             "reported_apart": name in REPORTED_APART,
             "ratio_to_unmanaged": None,
             "peak_ratio_to_unmanaged": None,
@@ -539,10 +554,12 @@ def summarise(cfg: BenchConfig, runs: dict[str, list[dict[str, Any]]], budget: i
                 {k: r.get(k) for k in ("repeat", "status", "reason", "samples_per_s", "samples_per_s_total",
                                        "peak_bytes", "peak_total_bytes", "baseline_bytes", "peak_rss_default_bytes",
                                        "kept_bytes", "peak_method", "step_times", "step_cpu_times",
-                                       "setup_s", "warmup_s", "wall_s", "losses", "steps_done")}
+                                       "setup_s", "warmup_s", "wall_s", "losses", "steps_done", "state_peak_bytes")}
                 for r in rs
             ],
         }
+        if row["state_peak_bytes"] is not None:  # the state bench's budget is the fast tier for states
+            row["within_budget"] = row["state_peak_bytes"] <= budget if budget else None
         if name == "microbatch" and microbatches:
             row["notes"] = {**row["notes"], "microbatches": microbatches, "estimated_to_fit": mb_fits,
                             "caveat": "BatchNorm sees micro-batches: statistics differ from the full batch"}
@@ -595,7 +612,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
     console = make_console()
     if not cfg.quiet:
-        print_header(console, cfg)
+        if is_gpt2(cfg.model):
+            from .states_harness import print_states_header
+
+            print_states_header(console, cfg)
+        else:
+            print_header(console, cfg)
     t0 = time.perf_counter()
     try:
         rows, meta = run_all(cfg)
@@ -606,7 +628,12 @@ def run_bench(args: argparse.Namespace) -> int:
         print("memstrata bench: interrupted", file=sys.stderr)
         return 130
     elapsed = time.perf_counter() - t0
-    print_table(console, rows, cfg, meta, elapsed)
+    if is_gpt2(cfg.model):
+        from .states_harness import print_states_table
+
+        print_states_table(console, rows, cfg, meta, elapsed)
+    else:
+        print_table(console, rows, cfg, meta, elapsed)
     if cfg.json_path:
         _write_json(cfg.json_path, rows)
         console.print(f"results: {cfg.json_path}")

@@ -27,6 +27,9 @@ class RunSpec:
     threads: int | None = None
     lr: float = 0.01
     cpu_peak: str = "exact"  # see [Note: allocator-held memory] in peak.py; "rss": the timed steps' RSS
+    seq: int = 0  # tokens per sample (GPT-2 models of the state bench)
+    nvme_read_bw: float | None = None  # `memstrata probe` of the NVMe directory (state bench planning)
+    nvme_write_bw: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunSpec":

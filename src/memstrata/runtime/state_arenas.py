@@ -42,6 +42,7 @@ from .errors import NVMeIOError
 from .nvme import NVMeStore
 from .pool import ALIGN, aligned_empty, round_up
 
+TENSOR_ALIGN = 64  # state tensors inside a bucket start on cache lines
 CHUNK_BYTES = 8 * 1024 * 1024  # one I/O job: a bucket's file is read and written in chunks, several at once
 
 
@@ -75,7 +76,7 @@ class BucketFile:
     def __init__(self, position: int) -> None:
         self.position = position
         self.layout: dict[tuple[int, str], tuple[int, torch.dtype, torch.Size, int]] = {}
-        self.nbytes = 0  # bytes of the layout (each state rounded up to ALIGN)
+        self.nbytes = 0  # bytes of the layout (states 64-byte aligned, the whole rounded up to ALIGN)
         self.raw_bytes = 0  # bytes of the states themselves
         self.path: str | None = None
         self.fd: int | None = None
@@ -89,12 +90,12 @@ class BucketFile:
     def set_layout(self, states: Sequence[tuple[int, str, torch.Tensor]]) -> None:
         self.layout.clear()
         off = raw = 0
-        for j, key, t in states:
+        for j, key, t in states:  # 64-byte aligned inside the bucket; only the whole is in O_DIRECT blocks
             n = t.numel() * t.element_size()
             self.layout[(j, key)] = (off, t.dtype, t.shape, n)
-            off += round_up(n)
+            off += round_up(n, TENSOR_ALIGN)
             raw += n
-        self.nbytes, self.raw_bytes = off, raw
+        self.nbytes, self.raw_bytes = round_up(off), raw
 
     def view(self, j: int, key: str) -> torch.Tensor:
         """The state tensor (`j`, `key`) over this bucket's arena (no copy)."""

@@ -399,8 +399,8 @@ class TieredOptimizer(torch.optim.Optimizer):
 
     def _expected_bucket_bytes(self, indices: Sequence[int]) -> int:
         per = max(1, expected_state_tensors(self.inner))
-        return sum(per * round_up(self._records[i].param.numel() * self._records[i].param.element_size())
-                   for i in indices)
+        return round_up(sum(per * round_up(self._records[i].param.numel() * self._records[i].param.element_size(), 64)
+                            for i in indices))
 
     # ------------------------------------------------------------------ NVMe buckets in arenas
     def _ring_files(self) -> list[BucketFile]:
