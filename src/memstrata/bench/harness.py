@@ -216,7 +216,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if is_gpt2(getattr(args, "model", None)):
         from .states_harness import states_config_from_args
 
-        return states_config_from_args(args, BenchConfig, BenchInputError)
+        return states_config_from_args(args, BenchConfig, BenchInputError, resolve_device=resolve_device,
+                                       check_output_paths=check_output_paths, default_budget=DEFAULT_BUDGET)
     g = lambda k, d=None: getattr(args, k, d)  # noqa: E731
     device = resolve_device(g("device", "auto"))
     d = CUDA_DEFAULTS if device == "cuda" else CPU_DEFAULTS

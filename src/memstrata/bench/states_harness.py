@@ -17,17 +17,17 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 from . import gpt2
 from .states_contenders import CPU_DEFAULTS, CUDA_DEFAULTS, STATES_CONTENDERS, state_bytes
 
 
-def states_config_from_args(args: argparse.Namespace, config_cls: type, error: type[Exception]):
-    """A `BenchConfig` for a GPT-2 model (errors: `error`, one line)."""
+def states_config_from_args(args: argparse.Namespace, config_cls: type, error: type[Exception], *,
+                            resolve_device: Callable[[str], str], check_output_paths: Callable[..., None],
+                            default_budget: str):
+    """A `BenchConfig` for a GPT-2 model (errors: `error`, one line); the harness lends its helpers."""
     from memstrata.hardware import parse_size
-
-    from .harness import DEFAULT_BUDGET, check_output_paths, resolve_device
 
     g = lambda k, d=None: getattr(args, k, d)  # noqa: E731
     device = resolve_device(g("device", "auto"))
@@ -52,7 +52,7 @@ def states_config_from_args(args: argparse.Namespace, config_cls: type, error: t
     else:
         names = list(STATES_CONTENDERS)
     text = str(g("budget") or "50%").strip()
-    if text == DEFAULT_BUDGET:  # the activation bench's default ("50%act") means nothing here
+    if text == default_budget:  # the activation bench's default ("50%act") means nothing here
         text = "50%"
     total = state_bytes(model)
     if text.endswith("%"):
