@@ -130,14 +130,23 @@ class Memstrata(_Base):
         total = sum(numels) * STATE_BYTES_PER_PARAM
         bucket = min(64 << 20, max(64 << 10, total // 32))
         kw: dict[str, Any] = {}
-        if self.spec.nvme_read_bw and self.spec.nvme_write_bw:  # `memstrata probe` of the NVMe directory
+        hier = profile("h200" if self.device.type == "cuda" else "cpu")
+        if self.device.type == "cuda":
+            # [Note: states on CUDA] HBM over pinned host RAM: the buckets the planner sends down go to
+            # the host tier (planned with its PCIe bandwidth), not to files.  Not measured on GPU yet.
+            host = hier.host_tier()
+            kw = dict(read_bandwidth=host.read_bandwidth, write_bandwidth=host.write_bandwidth)
+        elif self.spec.nvme_read_bw and self.spec.nvme_write_bw:  # `memstrata probe` of the NVMe directory
             kw = dict(read_bandwidth=self.spec.nvme_read_bw, write_bandwidth=self.spec.nvme_write_bw)
-        # The step time that hides the I/O is estimated from the cpu profile's memory bandwidth (AdamW
+        # The step time that hides the I/O is estimated from the profile's memory bandwidth (AdamW
         # touches ~3.5 bytes per state byte); the states are made bucket by bucket in the first step.
         self.plan = plan_states(numels, state_bytes_per_element=STATE_BYTES_PER_PARAM,
-                                fast_budget=int(self.spec.budget_bytes), hierarchy=profile("cpu"),
+                                fast_budget=int(self.spec.budget_bytes), hierarchy=hier,
                                 bucket_bytes=bucket, **kw)
-        self.opt = TieredOptimizer(self.inner, StatePlacement.from_plan(self.plan), nvme_dir=self.spec.nvme_dir)
+        placement = StatePlacement.from_plan(self.plan)
+        if self.device.type == "cuda":
+            placement = StatePlacement(placement.buckets, tuple("host" if t == "nvme" else t for t in self.plan.tiers))
+        self.opt = TieredOptimizer(self.inner, placement, nvme_dir=self.spec.nvme_dir)
 
     def state_peak_bytes(self) -> int:
         if self.plan is None:
