@@ -377,7 +377,8 @@ class TieredOptimizer(torch.optim.Optimizer):
         # [Note: why arenas and in-place files] (state_arenas.py): NVMe buckets on a CPU tier 0.
         self._ring: ArenaRing | None = None
         self._entries: list[_Entry] = [_Entry(b, t) for b, t in self._order_tiers]
-        if needs_nvme and not mover.copy.asynchronous and mover.store is not None:
+        plain = all(type(p.data) is torch.Tensor for p in params)  # not DTensor (FSDP2) or other subclasses
+        if needs_nvme and not mover.copy.asynchronous and mover.store is not None and plain:
             nv = [e for e in self._entries if e.tier == Placement.NVME]
             for n, e in enumerate(nv):
                 e.file = BucketFile(n)
