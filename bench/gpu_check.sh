@@ -7,7 +7,7 @@
 # times out is recorded in env.json, its partial JSON kept, and the script goes on.
 #
 # Usage (from anywhere; runs against the checkout it lives in, no install needed):
-#   OUT=/some/dir bench/gpu_check.sh [PART ...]      parts: tests probe bench check bench2 data recipe peers
+#   OUT=/some/dir bench/gpu_check.sh [PART ...]      parts: tests probe bench check bench2 data recipe peers states
 # Without OUT, results go to bench/results/<date>-<gpu>/.
 #
 # Files written (at most 8, the device runner brings back only 8):
@@ -21,6 +21,8 @@
 #   data_train.json         (T_DATA > 0) loader vs torchvision vs synthetic-on-GPU, ResNet-50 epoch-2 images/s
 #   resnet50_peers.json, resnet50_peers.png   (T_PEERS > 0) the compile and TRL peers next to memstrata: ResNet-50
 #                           at PEER_BUDGETS (default 50%; a list such as 30%,50%,70% gives the Pareto table and chart)
+#   states.json             (T_STATES > 0) optimizer-state bench: gpt2-1.5b AdamW, states budget 50% of them,
+#                           unmanaged vs memstrata vs torchao/FSDP2/DeepSpeed offload (console output in bench.log)
 #   worker_logs.tar.gz      every bench run's spec, result and log (tracebacks of failed runs)
 #
 # Knobs (environment): PYTHON (default: the first of python3, python, .venv/bin/python with torch),
@@ -52,22 +54,25 @@ export PYTHONUNBUFFERED=1
 REPEATS="${REPEATS:-2}"; REPEATS2="${REPEATS2:-1}"; STEPS="${STEPS:-8}"; WARMUP="${WARMUP:-2}"
 BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
 T_TESTS="${T_TESTS:-60}"; T_PROBE="${T_PROBE:-20}"; T_BENCH="${T_BENCH:-210}"; T_BENCH2="${T_BENCH2:-120}"; T_DATA="${T_DATA:-0}"; T_CHECK="${T_CHECK:-40}"
-T_RECIPE="${T_RECIPE:-0}"; T_PEERS="${T_PEERS:-0}"
+T_RECIPE="${T_RECIPE:-0}"; T_PEERS="${T_PEERS:-0}"; T_STATES="${T_STATES:-0}"
+S_MODEL="${S_MODEL:-gpt2-1.5b}"; S_BATCH="${S_BATCH:-4}"; S_SEQ="${S_SEQ:-1024}"; S_BUDGET="${S_BUDGET:-50%}"
+S_CONTENDERS="${S_CONTENDERS:-unmanaged,memstrata,torchao_cpu_offload,fsdp2_cpu_offload,deepspeed_zero_offload}"
 # Parts as arguments: `bench/gpu_check.sh tests bench recipe` runs only those (names: tests probe bench check
 # bench2 data recipe); without arguments the defaults above apply (data and recipe off).  A part asked for
-# by name whose T_* is 0 gets its sized default (data 150 s, recipe 240 s).
+# by name whose T_* is 0 gets its sized default (data 150 s, recipe 240 s, states 400 s).
 if [ "$#" -gt 0 ]; then
     want=" $* "
-    for p in tests probe bench check bench2 data recipe peers; do
+    for p in tests probe bench check bench2 data recipe peers states; do
         case "$want" in *" $p "*) ;; *) case "$p" in
             tests) T_TESTS=0;; probe) T_PROBE=0;; bench) T_BENCH=0;; check) T_CHECK=0;;
-            bench2) T_BENCH2=0;; data) T_DATA=0;; recipe) T_RECIPE=0;; peers) T_PEERS=0;; esac;; esac
+            bench2) T_BENCH2=0;; data) T_DATA=0;; recipe) T_RECIPE=0;; peers) T_PEERS=0;; states) T_STATES=0;; esac;; esac
     done
     case "$want" in *" data "*) [ "$T_DATA" = 0 ] && T_DATA=150;; esac
     case "$want" in *" recipe "*) [ "$T_RECIPE" = 0 ] && T_RECIPE=240;; esac
     case "$want" in *" peers "*) [ "$T_PEERS" = 0 ] && T_PEERS=300;; esac
-    for a in "$@"; do case " tests probe bench check bench2 data recipe peers " in *" $a "*) ;; *)
-        echo "gpu_check: unknown part '$a' (tests probe bench check bench2 data recipe peers)" >&2; exit 2;; esac; done
+    case "$want" in *" states "*) [ "$T_STATES" = 0 ] && T_STATES=400;; esac
+    for a in "$@"; do case " tests probe bench check bench2 data recipe peers states " in *" $a "*) ;; *)
+        echo "gpu_check: unknown part '$a' (tests probe bench check bench2 data recipe peers states)" >&2; exit 2;; esac; done
 fi
 MAX_RUN_S="${MAX_RUN_S:-3}"; RUN_TIMEOUT="${RUN_TIMEOUT:-50}"
 CONTENDERS="${CONTENDERS:-unmanaged,memstrata,checkpoint,selective_checkpoint,save_on_cpu,microbatch}"
@@ -206,6 +211,14 @@ part bench_peers "$T_PEERS" "$OUT/bench.log" \
     --budgets "$PEER_BUDGETS" --repeats 1 --steps "$STEPS" --warmup "$WARMUP" --contenders "$PEER_CONTENDERS" \
     --max-seconds "$MAX_RUN_S" --run-timeout "$PEER_RUN_TIMEOUT" --nvme "$NVME" --quiet \
     --log-dir "$LOGS/resnet50_peers" --json "$OUT/resnet50_peers.json" --plot "$OUT/resnet50_peers.png"
+
+# 7. Optimizer states (issue 12): a ~1.5B GPT-2 with AdamW (fp32 states: 12.5 GB) at a states budget of half
+#    of them (HBM over pinned host RAM), against the peers' CPU offload.  Sized for 400 s: 5 contenders x 1 repeat,
+#    each run capped at 20 s of timed steps and 75 s in all (model build ~15 s).  Not measured on GPU yet.
+part states "$T_STATES" "$OUT/bench.log" \
+    "${BENCH[@]}" --model "$S_MODEL" --device "${DEVICE:-cuda}" --batch "$S_BATCH" --seq "$S_SEQ" \
+    --budget "$S_BUDGET" --repeats 1 --steps 4 --warmup 2 --contenders "$S_CONTENDERS" --max-seconds 20 \
+    --run-timeout 75 --nvme "$NVME" --quiet --log-dir "$LOGS/states" --json "$OUT/states.json"
 
 tar -czf "$OUT/worker_logs.tar.gz" -C "$LOGS" . 2>/dev/null || true
 write_env

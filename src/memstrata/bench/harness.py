@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .contenders import BUDGET_KNOBS, COMPILED, CONTENDERS, FIXED_SETTINGS, REPORTED_APART, skip_reason
+from .gpt2 import is_gpt2
+from .states_contenders import states_skip_reason
 from .peak import EXACT_ENV
 from .spec import RunSpec
 from ..progress import BenchProgress  # noqa: F401  (one progress bar for benches and the recipe)
@@ -71,6 +73,8 @@ class BenchConfig:
     seed: int = 0
     quiet: bool = False
     budget_of_activations: bool = False  # "50%act": the fraction is of the activation peak, see [Note: budgets]
+    seq: int = 0  # GPT-2 models (the state bench): tokens per sample
+    nvme_bw: tuple[float, float] | None = None  # state bench: probed NVMe (read, write) bytes/s
     budget_texts: list[str] = field(default_factory=list)  # every budget (--budgets); [budget_text] for --budget
 
     @property
@@ -117,6 +121,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     a("--plot", dest="plot_path", default=None, metavar="FILE.png", help="write bar charts of samples/s and peak")
     a("--log-dir", default=None, metavar="DIR", help="keep every run's spec, result and log here")
     a("--quiet", action="store_true", help="no progress display")
+    a("--seq", default=None, help="tokens per sample for --model gpt2-* (the optimizer-state bench; default 64 on CPU, "
+      "1024 on CUDA)")
 
 
 def _int(name: str, text: Any, lo: int = 1) -> int:
@@ -237,6 +243,13 @@ def check_output_paths(json_path: str | None, plot_path: str | None, error: type
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    from .gpt2 import is_gpt2
+
+    if is_gpt2(getattr(args, "model", None)):
+        from .states_harness import states_config_from_args
+
+        return states_config_from_args(args, BenchConfig, BenchInputError, resolve_device=resolve_device,
+                                       check_output_paths=check_output_paths, default_budget=DEFAULT_BUDGET)
     g = lambda k, d=None: getattr(args, k, d)  # noqa: E731
     device = resolve_device(g("device", "auto"))
     d = CUDA_DEFAULTS if device == "cuda" else CPU_DEFAULTS
@@ -564,8 +577,9 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             num_classes=cfg.num_classes, amp=cfg.amp, channels_last=cfg.channels_last, seed=cfg.seed,
             budget_bytes=budget, microbatches=arm.microbatches, nvme_dir=nvme_dir,
             unmanaged_peak_bytes=unmanaged_peak,
-            max_seconds=cfg.max_seconds, threads=cfg.threads, cpu_peak=cfg.cpu_peak,
+            max_seconds=cfg.max_seconds, threads=cfg.threads, cpu_peak=cfg.cpu_peak, seq=cfg.seq,
             setting=arm.setting, memory_budget_fraction=arm.fraction,
+            nvme_read_bw=cfg.nvme_bw[0] if cfg.nvme_bw else None, nvme_write_bw=cfg.nvme_bw[1] if cfg.nvme_bw else None,
         )
 
     def settle() -> None:
@@ -603,7 +617,7 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                     i += 1
                     key = arm.key(cfg.pareto)
                     label = key if not cfg.pareto else f"{arm.name} {arm.setting}".strip()
-                    why = skip_reason(arm.name, cfg.device) or arm.skip
+                    why = (states_skip_reason if is_gpt2(cfg.model) else skip_reason)(arm.name, cfg.device) or arm.skip
                     if why:
                         r = {"name": arm.name, "setting": arm.setting, "status": "skipped", "reason": why, "repeat": rep}
                         runs.setdefault(key, []).append(r)
@@ -699,6 +713,8 @@ def summarise(cfg: BenchConfig, arms: list[Arm], runs: dict[str, list[dict[str, 
             "budget_bytes": budget,
             "budget_text": budget_text,
             "within_budget": (max(peaks) <= budget) if (peaks and budget) else None,
+            "state_peak_bytes": max((r["state_peak_bytes"] for r in ok if r.get("state_peak_bytes") is not None),
+                                    default=None),  # the state bench: [Note: what "state peak" is]
             "reported_apart": name in REPORTED_APART,
             "compiled": name in COMPILED,
             "ratio_to_unmanaged": None,
@@ -711,10 +727,12 @@ def summarise(cfg: BenchConfig, arms: list[Arm], runs: dict[str, list[dict[str, 
                 {k: r.get(k) for k in ("repeat", "status", "reason", "samples_per_s", "samples_per_s_total",
                                        "peak_bytes", "peak_total_bytes", "baseline_bytes", "peak_rss_default_bytes",
                                        "kept_bytes", "peak_method", "step_times", "step_cpu_times",
-                                       "setup_s", "warmup_s", "wall_s", "losses", "steps_done")}
+                                       "setup_s", "warmup_s", "wall_s", "losses", "steps_done", "state_peak_bytes")}
                 for r in rs
             ],
         }
+        if row["state_peak_bytes"] is not None:  # the state bench's budget is the fast tier for states
+            row["within_budget"] = row["state_peak_bytes"] <= budget if budget else None
         if cfg.pareto:
             row["fits_budgets"] = {t: (max(peaks) <= b) if peaks else None for t, b in zip(cfg.budget_texts, budgets)}
             row["budgets"] = [{"text": t, "bytes": b} for t, b in zip(cfg.budget_texts, budgets)]
@@ -775,7 +793,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
     console = make_console()
     if not cfg.quiet:
-        print_header(console, cfg)
+        if is_gpt2(cfg.model):
+            from .states_harness import print_states_header
+
+            print_states_header(console, cfg)
+        else:
+            print_header(console, cfg)
     t0 = time.perf_counter()
     try:
         rows, meta = run_all(cfg)
@@ -786,7 +809,12 @@ def run_bench(args: argparse.Namespace) -> int:
         print("memstrata bench: interrupted", file=sys.stderr)
         return 130
     elapsed = time.perf_counter() - t0
-    (print_pareto_table if cfg.pareto else print_table)(console, rows, cfg, meta, elapsed)
+    if is_gpt2(cfg.model):
+        from .states_harness import print_states_table
+
+        print_states_table(console, rows, cfg, meta, elapsed)
+    else:
+        (print_pareto_table if cfg.pareto else print_table)(console, rows, cfg, meta, elapsed)
     if cfg.json_path:
         _write_json(cfg.json_path, rows)
         console.print(f"results: {cfg.json_path}")

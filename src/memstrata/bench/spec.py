@@ -29,6 +29,9 @@ class RunSpec:
     cpu_peak: str = "exact"  # see [Note: allocator-held memory] in peak.py; "rss": the timed steps' RSS
     setting: str = ""  # the contender's setting in this run, as the table and JSON name it ("k=4", ...)
     memory_budget_fraction: float | None = None  # compile_memory_budget: torch._functorch activation_memory_budget
+    seq: int = 0  # tokens per sample (GPT-2 models of the state bench)
+    nvme_read_bw: float | None = None  # `memstrata probe` of the NVMe directory (state bench planning)
+    nvme_write_bw: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunSpec":

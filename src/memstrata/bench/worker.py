@@ -42,6 +42,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run(spec: RunSpec) -> dict[str, Any]:
+    from .gpt2 import is_gpt2
+
+    if is_gpt2(spec.model):  # the optimizer-state bench: states_contenders.py
+        from .states_contenders import run_states
+
+        return run_states(spec)
     import torch
     import torchvision
 

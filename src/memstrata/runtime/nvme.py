@@ -174,6 +174,7 @@ class NVMeStore:
         self.bytes_read = 0
         self.closed = False
         self._outstanding: set[Future] = set()
+        self._open_fds: dict[int, str] = {}  # files of open_file(), closed by close_file() or close()
         # Ctrl-C or an exception that ends the program without close(): the directory goes at interpreter exit.
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.root, True)
 
@@ -329,6 +330,51 @@ class NVMeStore:
             self.bytes_read += nbytes
         return dest
 
+    # ------------------------------------------------------------------ files overwritten in place
+    # (state buckets: runtime/state_arenas.py, [Note: why arenas and in-place files])
+    def open_file(self, tag: int | str) -> tuple[str, int]:
+        """A new file of the store, open for positioned reads and writes; `close_file` removes it."""
+        path = self.new_path(tag)
+        try:
+            fd = os.open(path, self._flags(os.O_RDWR | os.O_CREAT | os.O_TRUNC), 0o600)
+        except OSError as e:
+            raise NVMeIOError(f"creating {path} failed: {e.strerror or e}") from e
+        with self._lock:
+            self.live_files += 1
+            self._open_fds[fd] = path
+        return path, fd
+
+    def submit_pwrite(self, fd: int, path: str, src: torch.Tensor, offset: int) -> Future:
+        """Write uint8 CPU tensor `src` (aligned, whole blocks under O_DIRECT) at `offset` of an open file."""
+        return self._track(self._pool.submit(self._pwrite_job, fd, path, src, int(offset)))
+
+    def _pwrite_job(self, fd, path, src, offset) -> None:
+        try:
+            _pwrite_all(fd, src, offset)
+        except OSError as e:
+            raise NVMeIOError(f"writing {format_size(src.numel())} to {path} failed: {e.strerror or e}") from e
+        with self._lock:
+            self.bytes_written += src.numel()
+
+    def submit_pread(self, fd: int, path: str, dest: torch.Tensor, offset: int) -> Future:
+        """Fill uint8 CPU tensor `dest` from `offset` of an open file."""
+        return self._track(self._pool.submit(self._pread_job, fd, path, dest, int(offset)))
+
+    def _pread_job(self, fd, path, dest, offset) -> None:
+        try:
+            _pread_all(fd, dest, dest.numel(), offset)
+        except OSError as e:
+            raise NVMeIOError(f"reading {format_size(dest.numel())} from {path} failed: {e.strerror or e}") from e
+        with self._lock:
+            self.bytes_read += dest.numel()
+
+    def close_file(self, path: str, fd: int) -> None:
+        with self._lock:
+            known = self._open_fds.pop(fd, None) is not None
+        if known:
+            os.close(fd)
+            self._unlink_quiet(path)
+
     def submit_unlink(self, path: str, *, after: Future | None = None) -> Future | None:
         try:
             return self._track(self._pool.submit(self._unlink_job, path, after))
@@ -385,6 +431,13 @@ class NVMeStore:
             return
         self.closed = True
         self._pool.shutdown(wait=True)
+        with self._lock:
+            fds, self._open_fds = list(self._open_fds), {}
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         shutil.rmtree(self.root, ignore_errors=True)
         self._finalizer.detach()
 

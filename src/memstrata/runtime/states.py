@@ -85,6 +85,7 @@ from .errors import NVMeIOError
 from .mover import Placement, Resident, TierMover
 from .nvme import NVMeStore, remove_stale_stores  # noqa: F401  (re-exported)
 from .pool import HostBufferPool, round_up
+from .state_arenas import ArenaRing, BucketFile
 from .streams import CopyContext
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024  # parameter bytes per bucket when the placement is one tier for all
@@ -243,13 +244,14 @@ def _going_up(rec: Resident) -> bool:
 class _ParamStates:
     """One parameter's record: its tier and its tiered state tensors."""
 
-    __slots__ = ("param", "index", "placement", "slots")
+    __slots__ = ("param", "index", "placement", "slots", "slots_in_ring")
 
     def __init__(self, param: torch.Tensor, index: int, placement: Placement) -> None:
         self.param = param
         self.index = index
         self.placement = placement
         self.slots: dict[str, _Slot] = {}
+        self.slots_in_ring = False  # an NVMe bucket in the arena ring holds its states (no slots)
 
     def reading(self) -> bool:
         return any(s.rec is not None and s.tensor is None for s in self.slots.values())
@@ -272,6 +274,35 @@ class StateStats:
     peak_resident_bytes: int = 0
     write_failures: int = 0
     step_seconds: list[float] = field(default_factory=list)
+    arena_bytes: int = 0  # the NVMe buckets' arenas on tier 0 (allocated once; state_arenas.py)
+    ring_reads_waited_s: float = 0.0  # of reads_waited_s / writes_waited_s: the NVMe buckets in arenas
+    ring_writes_waited_s: float = 0.0
+    ring_bytes_read: int = 0
+    ring_bytes_written: int = 0
+    ring_write_failures: int = 0
+
+
+class _Entry:
+    """One bucket of the step order: its parameter indices, its tier, and its file in the arena ring."""
+
+    __slots__ = ("indices", "tier", "file")
+
+    def __init__(self, indices: tuple[int, ...], tier: Placement) -> None:
+        self.indices = indices
+        self.tier = tier
+        self.file: BucketFile | None = None
+
+
+def _interleave(nvme: list[_Entry], others: list[_Entry]) -> list[_Entry]:
+    """NVMe buckets spread evenly among the others, so every read and write overlaps some compute."""
+    if not nvme:
+        return others
+    out: list[_Entry] = []
+    n, m = len(nvme), len(others)
+    for k, e in enumerate(nvme):
+        out.extend(others[k * m // n:(k + 1) * m // n])
+        out.append(e)
+    return out
 
 
 class _ExitCloser:
@@ -344,6 +375,12 @@ class TieredOptimizer(torch.optim.Optimizer):
         kept = [i for i in range(len(params)) if i not in listed or placement.tier_of(i) == Placement.KEEP]
         tiered = [b for b, t in zip(placement.buckets, placement.tiers) if t != Placement.KEEP]
         self._order: list[tuple[int, ...]] = ([tuple(kept)] if kept else []) + [tuple(b) for b in tiered]
+        self._order_tiers = ([(tuple(kept), Placement.KEEP)] if kept else []) + [
+            (tuple(b), t) for b, t in zip(placement.buckets, placement.tiers) if t != Placement.KEEP]
+        if any(t == Placement.KEEP for t in placement.tiers):  # kept buckets apart: the ring interleaves them
+            rest = [i for i in range(len(params)) if i not in listed]
+            self._order_tiers = ([(tuple(rest), Placement.KEEP)] if rest else []) + [
+                (tuple(b), t) for b, t in zip(placement.buckets, placement.tiers)]
         self._serial = itertools.count()
         self.closed = False
 
@@ -353,6 +390,8 @@ class TieredOptimizer(torch.optim.Optimizer):
         device = devices.pop()
         needs_nvme = any(t == Placement.NVME for t in placement.tiers)
         self._own_mover = mover is None
+        if io_workers is None:
+            io_workers = 4  # read and write chunks of neighbouring buckets at once (threads wait in syscalls)
         if mover is None:
             copy = CopyContext(device)
             pool = HostBufferPool(pin=copy.cuda)
@@ -367,6 +406,19 @@ class TieredOptimizer(torch.optim.Optimizer):
         elif needs_nvme and mover.store is None:
             raise ValueError("TieredOptimizer: NVMe state buckets need a mover with an NVMe store")
         self.mover = mover
+        # [Note: why arenas and in-place files] (state_arenas.py): NVMe buckets on a CPU tier 0.
+        self._ring: ArenaRing | None = None
+        self._entries: list[_Entry] = [_Entry(b, t) for b, t in self._order_tiers]
+        plain = all(type(p.data) is torch.Tensor for p in params)  # not DTensor (FSDP2) or other subclasses
+        if needs_nvme and not mover.copy.asynchronous and mover.store is not None and plain:
+            nv = [e for e in self._entries if e.tier == Placement.NVME]
+            for n, e in enumerate(nv):
+                e.file = BucketFile(n)
+                for i in e.indices:
+                    self._records[i].slots_in_ring = True
+            arena = max(self._expected_bucket_bytes(e.indices) for e in nv)
+            self._ring = ArenaRing(mover.store, arena, placement.prefetch_depth + 2)
+            self._entries = _interleave(nv, [e for e in self._entries if e.tier != Placement.NVME])
         self._atexit = _ExitCloser(weakref.ref(self))
         atexit.register(self._atexit)
         # States that exist already (Adagrad makes them at construction, or a resumed optimizer).
@@ -377,6 +429,133 @@ class TieredOptimizer(torch.optim.Optimizer):
         """Bytes the NVMe buckets will hold: parameter bytes x the optimizer's per-parameter state tensors."""
         per = expected_state_tensors(self.inner)
         return sum(r.param.numel() * r.param.element_size() * per for r in self._records if r.placement == Placement.NVME)
+
+    def _expected_bucket_bytes(self, indices: Sequence[int]) -> int:
+        per = max(1, expected_state_tensors(self.inner))
+        return round_up(sum(per * round_up(self._records[i].param.numel() * self._records[i].param.element_size(), 64)
+                            for i in indices))
+
+    # ------------------------------------------------------------------ NVMe buckets in arenas
+    def _ring_files(self) -> list[BucketFile]:
+        return [e.file for e in self._entries if e.file is not None]
+
+    def _ring_count(self) -> None:
+        s = self.stats
+        s.resident_bytes = self._slot_resident + sum(a.owner.raw_bytes for a in self._ring.arenas if a.owner)
+        s.peak_resident_bytes = max(s.peak_resident_bytes, s.resident_bytes)
+        s.arena_bytes = self._ring.allocated_bytes
+
+    def _ring_bring(self, e: "_Entry", protect: set[int], failures: list[str]) -> None:
+        """Start reading `e`'s bucket into an arena if only its file has the values."""
+        f = e.file
+        if f.arena is None and f.on_disk:
+            self._ring.acquire(f, protect, failures)
+            self._ring.read(f)
+            self._ring_count()
+
+    def _ring_materialise(self, e: "_Entry", failures: list[str]) -> None:
+        """`e`'s states in the wrapped optimizer's `state`, as views into its arena."""
+        f = e.file
+        ring = self._ring
+        if f.arena is None and f.on_disk:  # nothing read it ahead (a demand fetch)
+            self.stats.demand_fetches += 1
+            self._ring_bring(e, {f.position}, failures)
+        ring.wait_reads(f)
+        ring.settle(f, block=True, failures=failures)  # its last write must not see the update
+        for (j, key) in f.layout:
+            self.inner.state[self._records[e.indices[j]].param][key] = f.view(j, key)
+
+    def _ring_adopt(self, e: "_Entry", protect: set[int], failures: list[str]) -> None:
+        """After `e`'s update: its states into its arena (already there from the second step on), written behind."""
+        f = e.file
+        ring = self._ring
+        states = []
+        for j, i in enumerate(e.indices):
+            st = self.inner.state.get(self._records[i].param)
+            if st:
+                states.extend((j, k, v) for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0)
+        if not states:
+            return
+        in_place = f.arena is not None and len(states) == len(f.layout) and all(
+            (j, k) in f.layout and v.data_ptr() == f.view(j, k).data_ptr() and v.shape == f.layout[(j, k)][2]
+            and v.dtype == f.layout[(j, k)][1] for j, k, v in states)
+        if not in_place:  # the first step (fresh states), a resumed state_dict, or a new state key
+            lo, hi = (f.arena.buf.data_ptr(), f.arena.buf.data_ptr() + f.arena.nbytes) if f.arena else (0, 0)
+            states = [(j, k, v.clone() if lo <= v.data_ptr() < hi else v) for j, k, v in states]
+            f.set_layout(states)
+            if f.arena is not None and f.arena.nbytes < f.nbytes:
+                f.arena.owner, f.arena = None, None
+            ring.acquire(f, protect, failures)
+            for j, k, v in states:
+                f.view(j, k).copy_(v)
+        for j, k, _ in states:
+            self.inner.state[self._records[e.indices[j]].param].pop(k, None)
+        f.last_used = ring.clock
+        ring.clock += 1
+        ring.write(f)
+        self._ring_count()
+
+    def _ring_snapshot(self, f: BucketFile) -> dict[tuple[int, str], torch.Tensor]:
+        """Fresh copies of `f`'s states (from its arena or its file)."""
+        if not f.layout:
+            return {}
+        if f.arena is not None:
+            self._ring.wait_reads(f)
+            return {jk: f.view(*jk).clone() for jk in f.layout}
+        buf = self._ring.read_copy(f)
+        out = {}
+        for (j, k), (off, dtype, shape, n) in f.layout.items():
+            out[(j, k)] = buf[off:off + n].view(dtype).view(shape).clone()
+        return out
+
+    def _step_ring(self, failures: list[str]) -> None:
+        """One step over the interleaved entries; NVMe buckets through the arena ring."""
+        entries = self._entries if self.stats.steps % 2 == 0 else self._entries[::-1]  # the last buckets are hot
+        nv = [e for e in entries if e.file is not None]
+        at = {id(e): n for n, e in enumerate(nv)}
+        depth = self.placement.prefetch_depth
+        for e in entries:
+            protect: set[int] = set()
+            if e.file is not None:
+                n = at[id(e)]
+                window = nv[n:n + 1 + depth]
+                protect = {w.file.position for w in window}
+                for w in window:
+                    self._ring_bring(w, protect, failures)
+                self._ring_materialise(e, failures)
+            elif e.tier != Placement.KEEP:
+                for i in e.indices:
+                    self._prefetch(self._records[i])
+                for i in e.indices:
+                    self._materialise(self._records[i])
+            self._step_bucket(e.indices)
+            if e.file is not None:
+                self._ring_adopt(e, protect, failures)
+            elif e.tier != Placement.KEEP:
+                for i in e.indices:
+                    self._adopt(self._records[i])
+                    self._evict(self._records[i])
+
+    def _step_bucket(self, bucket: Sequence[int]) -> None:
+        """The wrapped optimizer's step on the parameters of `bucket` only."""
+        groups = self.inner.param_groups
+        full = [g["params"] for g in groups]
+        owner = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
+        sub: list[list[torch.Tensor]] = [[] for _ in groups]
+        for i in bucket:
+            p = self._records[i].param
+            sub[owner[id(p)]].append(p)
+        try:
+            for g, ps in zip(groups, sub):
+                g["params"] = ps
+            self.inner.step()
+        finally:
+            for g, ps in zip(groups, full):
+                g["params"] = ps
+
+    @property
+    def _slot_resident(self) -> int:
+        return sum(s.nbytes for r in self._records for s in r.slots.values() if s.tensor is not None)
 
     # ------------------------------------------------------------------ moving one record
     def _adopt(self, rec: _ParamStates) -> None:
@@ -403,7 +582,17 @@ class TieredOptimizer(torch.optim.Optimizer):
                 st[key] = slot.tensor
 
     def _adopt_all(self) -> None:
+        ring_ids = set()
+        if self._ring is not None:
+            failures: list[str] = []
+            for e in self._entries:
+                if e.file is not None:
+                    ring_ids.update(e.indices)
+                    self._ring_adopt(e, {e.file.position}, failures)
+            self._raise_failures(failures)
         for rec in self._records:
+            if rec.index in ring_ids:
+                continue
             self._adopt(rec)
             if rec.placement != Placement.KEEP:
                 self._evict(rec)
@@ -511,6 +700,13 @@ class TieredOptimizer(torch.optim.Optimizer):
         recs = self._records
         for r in recs:  # the last step's final writes had the whole forward/backward to land
             self._settle(r, block=True, failures=failures)
+        if self._ring is not None:
+            self._step_ring(failures)
+            self.stats.steps += 1
+            self.stats.step_seconds.append(time.perf_counter() - t0)
+            self._sync_ring_stats()
+            self._raise_failures(failures)
+            return loss
         order = self._order
         depth = self.placement.prefetch_depth
         groups = self.inner.param_groups
@@ -545,16 +741,55 @@ class TieredOptimizer(torch.optim.Optimizer):
         self._raise_failures(failures)
         return loss
 
+    def _sync_ring_stats(self) -> None:
+        ring = self._ring
+        if ring is None:
+            return
+        s = self.stats
+        # the ring's counters are cumulative too: add what is new since the last sync to the totals
+        s.reads_waited_s += ring.reads_waited_s - s.ring_reads_waited_s
+        s.writes_waited_s += ring.writes_waited_s - s.ring_writes_waited_s
+        s.bytes_read += ring.bytes_read - s.ring_bytes_read
+        s.bytes_written += ring.bytes_written - s.ring_bytes_written
+        s.write_failures += ring.write_failures - s.ring_write_failures
+        s.ring_reads_waited_s, s.ring_writes_waited_s = ring.reads_waited_s, ring.writes_waited_s
+        s.ring_bytes_read, s.ring_bytes_written = ring.bytes_read, ring.bytes_written
+        s.ring_write_failures = ring.write_failures
+        s.arena_bytes = ring.allocated_bytes
+
     # ------------------------------------------------------------------ whole-state operations
     def flush(self) -> None:
-        """Wait for every write in flight; raise `NVMeIOError` (one line) if any failed."""
-        self._raise_failures(self._settle_all())
+        """Wait for every write in flight; raise `NVMeIOError` (one line) if any failed.
+
+        NVMe buckets whose values are on disk give their arenas back (`stats.resident_bytes`
+        counts only what has no copy below; the arenas stay allocated: `stats.arena_bytes`)."""
+        failures = self._settle_all()
+        if self._ring is not None:
+            self._ring.release_all_clean(failures)
+            self._ring_count()
+            self._sync_ring_stats()
+        self._raise_failures(failures)
 
     def _settle_all(self) -> list[str]:
         failures: list[str] = []
         for r in self._records:
             self._settle(r, block=True, failures=failures)
+        if self._ring is not None:
+            self._ring.drain(self._ring_files(), failures)
+            self._sync_ring_stats()
         return failures
+
+    def _ring_put_back(self) -> list[tuple[torch.Tensor, str]]:
+        """Fresh copies of every NVMe bucket's states into the wrapped optimizer's `state`; the keys put."""
+        put = []
+        for e in self._entries:
+            if e.file is None:
+                continue
+            for (j, k), v in self._ring_snapshot(e.file).items():
+                p = self._records[e.indices[j]].param
+                self.inner.state[p][k] = v
+                put.append((p, k))
+        return put
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The wrapped optimizer's `state_dict()`, every state materialised (standard torch format).
@@ -568,12 +803,15 @@ class TieredOptimizer(torch.optim.Optimizer):
             self._prefetch(r)
         for r in self._records:
             self._materialise(r)
+        put = self._ring_put_back() if self._ring is not None else []
         try:
             sd = self.inner.state_dict()
             sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
         finally:
+            for p, k in put:
+                self.inner.state[p].pop(k, None)
             for r in self._records:
-                if r.placement != Placement.KEEP:
+                if r.placement != Placement.KEEP and not r.slots_in_ring:
                     self._evict(r)
         return sd
 
@@ -588,6 +826,9 @@ class TieredOptimizer(torch.optim.Optimizer):
                 if slot.tensor is not None:
                     self.stats.resident_bytes -= slot.nbytes
             r.slots.clear()
+        if self._ring is not None:
+            for f in self._ring_files():
+                self._ring.forget(f)
         self.inner.load_state_dict(state_dict)
         self.state = self.inner.state  # torch replaces both; LR schedulers read them through this object
         self.param_groups = self.inner.param_groups
@@ -636,6 +877,8 @@ class TieredOptimizer(torch.optim.Optimizer):
         by = {t: 0 for t in Placement}
         for r in self._records:
             by[r.placement] += sum(s.nbytes for s in r.slots.values())
+        if self._ring is not None:
+            by[Placement.NVME] += sum(f.raw_bytes for f in self._ring_files())
         parts = ", ".join(f"{t.label} {format_size(n)}" for t, n in by.items() if n)
         return f"optimizer states: {parts or 'none yet'}; {len(self._order)} buckets"
 
@@ -655,6 +898,8 @@ class TieredOptimizer(torch.optim.Optimizer):
         try:
             if keep_states:
                 self._settle_all()
+                if self._ring is not None:
+                    self._ring_put_back()
                 for r in self._records:
                     self._prefetch(r)
                 for r in self._records:
@@ -663,6 +908,8 @@ class TieredOptimizer(torch.optim.Optimizer):
                         self._drop(slot)
                     r.slots.clear()
             else:
+                if self._ring is not None:
+                    self._ring.drain(self._ring_files(), [])
                 if self.mover.store is not None:
                     self.mover.store.drain()
                 for r in self._records:
@@ -673,6 +920,10 @@ class TieredOptimizer(torch.optim.Optimizer):
                     r.slots.clear()
         finally:
             self.closed = True
+            if self._ring is not None:
+                for f in self._ring_files():
+                    self._ring.forget(f)
+                self._ring.clear()
             atexit.unregister(self._atexit)
             if self._own_mover:
                 self.mover.close(own_store=True)

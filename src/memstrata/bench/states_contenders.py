@@ -1,0 +1,345 @@
+"""The optimizer-state bench of `memstrata bench --model gpt2-*`: AdamW states kept, tiered, or offloaded by a peer.
+
+A GPT-2-style decoder (bench/gpt2.py, randomly initialised), fp32, AdamW
+(``foreach=False``, torch's CPU default, pinned on every arm so the kernels are
+the same), global-norm clipping at 1.0, random tokens.  The budget is the
+fast-tier bytes for optimizer states (host RAM on a CPU box, HBM on CUDA): a
+size, or a percentage of the AdamW states (8 bytes per parameter).
+
+- ``unmanaged``: plain AdamW; every state on the fast tier.
+- ``memstrata``: `TieredOptimizer` over the same AdamW, placement from
+  `plan_states` for the budget, the probed NVMe bandwidths and the measured
+  optimizer-step time of the first (untimed) step.
+- ``torchao_cpu_offload``: torchao's `CPUOffloadOptimizer(params, AdamW)`
+  (states and the step on the host; CUDA/XPU only: it asserts otherwise).
+- ``fsdp2_cpu_offload``: `fully_shard` per block and at the root with
+  `CPUOffloadPolicy` on a one-rank process group (gloo on CPU, nccl on CUDA);
+  parameters, gradients and states live on the host.
+- ``deepspeed_zero_offload``: DeepSpeed ZeRO stage 2 with
+  ``offload_optimizer: cpu`` (DeepSpeedCPUAdam), one rank.
+
+Each runs in its own worker process (`memstrata.bench.worker` dispatches here
+for GPT-2 models).  A peer that refuses this machine reports its own error as
+the reason ("needs CUDA: ..."), one that is missing "not installed: ...".
+
+[Note: what "state peak" is]
+``state_peak_bytes`` is what the budget limits: optimizer-state bytes on the
+fast tier at their peak.  For ``memstrata`` that is the kept buckets' states
+plus the arenas of the NVMe buckets (allocated once, so their size is the
+peak) plus host-bucket states on tier 0 at their peak; for the others every
+state is on the fast tier of this box (on CPU "offloaded to the host" is the
+same RAM).  ``peak_bytes`` is the process's whole resident-set peak above the
+model-built baseline (states, gradients, activations, staging), measured by
+the kernel's high-water mark (VmHWM), as the activation bench does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import statistics
+import time
+import traceback
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from . import gpt2
+from .spec import RunSpec
+
+STATES_CONTENDERS = ("unmanaged", "memstrata", "torchao_cpu_offload", "fsdp2_cpu_offload", "deepspeed_zero_offload")
+STATE_BYTES_PER_PARAM = 8  # AdamW fp32: exp_avg + exp_avg_sq
+CPU_DEFAULTS = dict(batch=1, seq=64, steps=3, warmup=1)
+CUDA_DEFAULTS = dict(batch=8, seq=1024, steps=5, warmup=2)
+
+
+def state_bytes(model: str) -> int:
+    return gpt2.param_count(model) * STATE_BYTES_PER_PARAM
+
+
+def states_skip_reason(name: str, device: str) -> str | None:
+    """Why `name` cannot run here, known before starting a worker (None: try it)."""
+    mod = {"torchao_cpu_offload": "torchao", "deepspeed_zero_offload": "deepspeed"}.get(name)
+    if mod and importlib.util.find_spec(mod) is None:
+        return f"not installed: {mod} is not importable in this environment (pip install {mod})"
+    return None
+
+
+class SkipContender(Exception):
+    """The contender cannot run here (the reason is its own message)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Base:
+    name = ""
+
+    def __init__(self, spec: RunSpec, model: torch.nn.Module, device: torch.device) -> None:
+        self.spec, self.model, self.device = spec, model, device
+        self.opt: Any = None
+
+    def prepare(self) -> None:
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, foreach=False)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = self.model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.parameters()), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def state_peak_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for st in self.opt.state.values() for v in st.values()
+                   if torch.is_tensor(v) and v.dim() > 0)
+
+    def notes(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class Unmanaged(_Base):
+    name = "unmanaged"
+
+
+class Memstrata(_Base):
+    """`TieredOptimizer` over the same AdamW, placed by `plan_states` before the first step."""
+
+    name = "memstrata"
+
+    def prepare(self) -> None:
+        from memstrata.hardware import profile
+        from memstrata.plan.states import plan_states
+        from memstrata.runtime.states import StatePlacement, TieredOptimizer
+
+        super().prepare()
+        self.inner = self.opt
+        numels = [p.numel() for g in self.inner.param_groups for p in g["params"]]
+        total = sum(numels) * STATE_BYTES_PER_PARAM
+        bucket = min(64 << 20, max(64 << 10, total // 32))
+        kw: dict[str, Any] = {}
+        hier = profile("h200" if self.device.type == "cuda" else "cpu")
+        if self.device.type == "cuda":
+            # [Note: states on CUDA] HBM over pinned host RAM: the buckets the planner sends down go to
+            # the host tier (planned with its PCIe bandwidth), not to files.  Not measured on GPU yet.
+            host = hier.host_tier()
+            kw = dict(read_bandwidth=host.read_bandwidth, write_bandwidth=host.write_bandwidth)
+        elif self.spec.nvme_read_bw and self.spec.nvme_write_bw:  # `memstrata probe` of the NVMe directory
+            kw = dict(read_bandwidth=self.spec.nvme_read_bw, write_bandwidth=self.spec.nvme_write_bw)
+        # The step time that hides the I/O is estimated from the profile's memory bandwidth (AdamW
+        # touches ~3.5 bytes per state byte); the states are made bucket by bucket in the first step.
+        self.plan = plan_states(numels, state_bytes_per_element=STATE_BYTES_PER_PARAM,
+                                fast_budget=int(self.spec.budget_bytes), hierarchy=hier,
+                                bucket_bytes=bucket, **kw)
+        placement = StatePlacement.from_plan(self.plan)
+        if self.device.type == "cuda":
+            placement = StatePlacement(placement.buckets, tuple("host" if t == "nvme" else t for t in self.plan.tiers))
+        self.opt = TieredOptimizer(self.inner, placement, nvme_dir=self.spec.nvme_dir)
+
+    def state_peak_bytes(self) -> int:
+        if self.plan is None:
+            return super().state_peak_bytes()
+        params = [p for g in self.inner.param_groups for p in g["params"]]
+        kept = sum(params[i].numel() * STATE_BYTES_PER_PARAM
+                   for b, t in zip(self.plan.buckets, self.plan.tiers) if t == "keep" for i in b)
+        s = self.opt.stats
+        return kept + s.arena_bytes + (s.peak_resident_bytes if not s.arena_bytes else 0)
+
+    def notes(self) -> dict[str, Any]:
+        if self.plan is None:
+            return {}
+        s = self.opt.stats
+        steps = max(1, s.steps)
+        return {"plan": self.plan.describe(), "predicted_opt_step_s": self.plan.predicted_seconds,
+                "nvme_bytes_per_step": (s.bytes_read + s.bytes_written) / steps,
+                "reads_waited_s_per_step": s.reads_waited_s / steps, "writes_waited_s_per_step": s.writes_waited_s / steps,
+                "opt_step_s": s.step_seconds, "arena_bytes": s.arena_bytes, "demand_fetches": s.demand_fetches,
+                "o_direct": bool(self.opt.mover.store and self.opt.mover.store.direct)}
+
+    def close(self) -> None:
+        if self.plan is not None:
+            self.opt.close(keep_states=False)
+
+
+class TorchaoCPUOffload(_Base):
+    name = "torchao_cpu_offload"
+
+    def prepare(self) -> None:
+        from torchao.optim import CPUOffloadOptimizer
+
+        try:
+            self.opt = CPUOffloadOptimizer(self.model.parameters(), torch.optim.AdamW, lr=1e-4, weight_decay=0.1,
+                                           foreach=False)
+        except AssertionError as e:  # "CPU Offload currently only supports CUDA & XPU"
+            raise SkipContender(f"needs CUDA: torchao CPUOffloadOptimizer says: {e}") from None
+
+    def state_peak_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for o in self.opt.optim_dict.values() for st in o.state.values()
+                   for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+
+
+class FSDP2CPUOffload(_Base):
+    name = "fsdp2_cpu_offload"
+
+    def prepare(self) -> None:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=0, world_size=1)
+        self._dist = dist
+        policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+        for blk in self.model.h:
+            fully_shard(blk, offload_policy=policy)
+        fully_shard(self.model, offload_policy=policy)
+        super().prepare()
+
+    def close(self) -> None:
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()
+
+
+class DeepSpeedZeroOffload(_Base):
+    name = "deepspeed_zero_offload"
+
+    def prepare(self) -> None:
+        import deepspeed
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        cfg = {"train_micro_batch_size_per_gpu": self.spec.batch, "gradient_clipping": 1.0,
+               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1}},
+               "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}}}
+        try:
+            self.engine, self.opt, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
+                                                               config=cfg)
+        except Exception as e:  # noqa: BLE001 - the peer's own refusal becomes the reason
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if self.device.type != "cuda":
+                raise SkipContender(f"needs CUDA: deepspeed.initialize on this CPU box failed: {type(e).__name__}: {msg}"[:400]) from None
+            raise
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = self.engine(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def state_peak_bytes(self) -> int:
+        return state_bytes_of(self.opt)
+
+
+def state_bytes_of(opt: Any) -> int:
+    inner = getattr(opt, "optimizer", opt)
+    return sum(v.numel() * v.element_size() for st in getattr(inner, "state", {}).values() for v in st.values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
+_CLASSES = {c.name: c for c in (Unmanaged, Memstrata, TorchaoCPUOffload, FSDP2CPUOffload, DeepSpeedZeroOffload)}
+
+
+def run_states(spec: RunSpec) -> dict[str, Any]:
+    """One worker run of the state bench (`memstrata.bench.worker.run` calls this for GPT-2 models)."""
+    from .peak import PeakMeter, use_default_host_allocator
+
+    result: dict[str, Any] = {"name": spec.contender, "spec": asdict(spec), "status": "error", "reason": "",
+                              "torch": torch.__version__}
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    result["threads"] = torch.get_num_threads()
+    result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    use_default_host_allocator()  # the steps run with glibc's usual thresholds on every arm
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        result["gpu"] = torch.cuda.get_device_name(device)
+    torch.manual_seed(spec.seed)
+    model = gpt2.build(spec.model).to(device)
+    model.train()
+    cfg = gpt2.GPT2_MODELS[spec.model]
+    seq = spec.seq or CPU_DEFAULTS["seq"]
+    if seq > cfg.ctx:
+        raise ValueError(f"--seq {seq} exceeds the context of {spec.model} ({cfg.ctx})")
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    idx = torch.randint(0, cfg.vocab, (spec.batch, seq + 1), generator=gen).to(device)
+    result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    result["state_bytes_total"] = sum(p.numel() for p in model.parameters()) * STATE_BYTES_PER_PARAM
+    contender = _CLASSES[spec.contender](spec, model, device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    meter = PeakMeter(device)
+    meter.start()  # baseline: the model alone; the peak covers states, gradients and activations
+    try:
+        try:
+            contender.prepare()
+        except SkipContender as e:
+            result.update(status="skipped", reason=str(e))
+            return result
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        for _ in range(spec.warmup):
+            losses.append(float(contender.step(idx)))
+        sync()
+        result["warmup_s"] = time.perf_counter() - t0
+        step_times: list[float] = []
+        cpu_times: list[float] = []
+        start = time.perf_counter()
+        for _ in range(spec.steps):
+            t, c = time.perf_counter(), time.process_time()
+            loss = contender.step(idx)
+            sync()
+            step_times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
+            losses.append(float(loss))
+            if spec.max_seconds is not None and time.perf_counter() - start >= spec.max_seconds:
+                break
+        total = time.perf_counter() - start
+        reading = meter.stop()
+        state_peak = contender.state_peak_bytes()
+        notes = contender.notes()
+    except Exception as e:  # noqa: BLE001 -- every failure becomes a result
+        traceback.print_exc()
+        oom = isinstance(e, MemoryError) or "out of memory" in str(e).lower() or "can't allocate memory" in str(e)
+        msg = str(e).strip().splitlines()
+        result.update(status="oom" if oom else "error", reason=f"{type(e).__name__}: {msg[0] if msg else ''}"[:500])
+        return result
+    finally:
+        try:
+            contender.close()
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+    median = statistics.median(step_times)
+    result.update(
+        status="ok", steps_done=len(step_times), step_times=step_times, step_cpu_times=cpu_times,
+        step_time_median=median, samples_per_s=spec.batch / median,
+        samples_per_s_total=spec.batch * len(step_times) / total,
+        peak_bytes=reading.peak_bytes, peak_total_bytes=reading.peak_total_bytes, baseline_bytes=reading.baseline_bytes,
+        peak_method=reading.method, kept_bytes=None, losses=losses, notes=notes, state_peak_bytes=state_peak,
+    )
+    return result
+
+
+__all__ = ["STATES_CONTENDERS", "state_bytes", "states_skip_reason", "run_states", "CPU_DEFAULTS", "CUDA_DEFAULTS"]
