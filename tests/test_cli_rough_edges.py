@@ -283,6 +283,7 @@ def test_loader_chart_labels_do_not_cover_the_dots(tmp_path, figures):
 
     cfg = dict(scenario="loader", batch=128, res=224, workers=2, cores=2, epochs=4)
     rows = [dict(name=n, samples_per_s=statistics.median(v), samples_per_s_values=v, ratio_to_torchvision=r,
+                 samples_per_s_per_core=statistics.median(v) / cfg["cores"], memstrata_vs_this=3.0 / r,
                  status="ok", reason="") for n, v, r in (("memstrata", [1210.0, 1265.0, 1180.0], 3.0),
                                                          ("torchvision", [402.0, 421.0, 396.0], 1.0))]
     write_plot(str(tmp_path / "l.png"), cfg, rows)
