@@ -154,7 +154,7 @@ def test_train_json_fields_checkpoint_and_plot(root, tmp_path, capsys):
     assert e1["images"] == e2["images"] == 32 and e1["val_images"] == 16
     for e in (e1, e2):  # recipe/probe.py: what tells the pipeline from the machine's load apart
         assert 0 < e["step_s_p10"] <= e["step_s_median"] <= e["step_s_p90"] and e["compute_s"] <= e["train_s"]
-        assert e["cpu_s"] > 0 and e["children_cpu_s"] >= 0 and e["torch_threads"] >= 1 and e["os_threads"] >= 1
+        assert 0 < e["compute_thread_cpu_s"] <= e["cpu_s"] and e["children_cpu_s"] >= 0 and e["torch_threads"] >= 1 and e["os_threads"] >= 1
     assert out["step_s_median"] == e2["step_s_median"] and out["cpu_s_per_image"] > 0
     assert e2["wall_s"] > e1["wall_s"] > 0 and e2["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ends at 0
     ck = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)

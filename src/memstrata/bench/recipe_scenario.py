@@ -266,6 +266,8 @@ def summarise_recipe(cfg: dict[str, Any], runs: dict[str, list[dict[str, Any]]])
             "step_s_values": [r.get("step_s_median") for r in ok],
             "cpu_s_per_image": _med([r.get("cpu_s_per_image") for r in ok]),
             "cpu_s_per_image_values": [r.get("cpu_s_per_image") for r in ok],
+            "compute_cpu_s_per_image": _med([r.get("compute_cpu_s_per_image") for r in ok]),
+            "pipeline_cpu_s_per_image": _med([r.get("pipeline_cpu_s_per_image") for r in ok]),
             "torch_threads_seen": sorted({e.get("torch_threads") for r in ok for e in r["per_epoch"]} - {None}),
             "load_values": [_run_load(r) for r in ok],
             "concurrent": bool(cfg.get("concurrent")), "max_side": cfg.get("max_side"),
@@ -275,6 +277,7 @@ def summarise_recipe(cfg: dict[str, Any], runs: dict[str, list[dict[str, Any]]])
             "process_wall_s": _med([r.get("process_wall_s") for r in ok]),
             "runs": [{k: r.get(k) for k in ("repeat", "status", "reason", "wall_s", "samples_per_s",
                                             "data_wait_fraction", "top1", "step_s_median", "cpu_s_per_image",
+                                            "compute_cpu_s_per_image", "pipeline_cpu_s_per_image",
                                             "per_epoch", "process_wall_s", "log")}
                      for r in rs],
         }

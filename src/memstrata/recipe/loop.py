@@ -284,7 +284,7 @@ def _train_epoch(cfg, dc, device, pipes, model, opt, sched, crit, amp, mgr, epoc
             except StopIteration:
                 break
             x, y = _batch_to(x, y, device, cuda)
-            tc = time.perf_counter()
+            tc, tcpu = time.perf_counter(), time.thread_time()
             wait += tc - tw
             step_ctx = mgr.step(x) if mgr is not None else nullcontext()
             with step_ctx:
@@ -298,7 +298,7 @@ def _train_epoch(cfg, dc, device, pipes, model, opt, sched, crit, amp, mgr, epoc
             b = int(y.shape[0])
             seen += b
             loss_sum += loss.detach().double() * b
-            probe.step(time.perf_counter() - tc)  # CPU: the step's compute (on CUDA: its host-side launch time)
+            probe.step(time.perf_counter() - tc, time.thread_time() - tcpu)  # CPU: the step's compute (on CUDA: its host-side launch time)
             k += 1
             if progress and (not cuda or k % 20 == 0 or k == steps):
                 bar.describe(f"loss {float(loss.detach()):.3f}  lr {sched.get_last_lr()[0]:.4g}")
@@ -363,6 +363,11 @@ def _summary(cfg, dc, device, pipes, history, wall, setup_s, start_epoch) -> dic
         "data_wait_fraction": w / tt if tt > 0 else None,
         "step_s_median": statistics.median(steps) if steps else None,
         "cpu_s_per_image": sum(r.get("cpu_s", 0.0) + r.get("children_cpu_s", 0.0) for r in later) / n if n else None,
+        # with one intra-op thread: the steps' own CPU, and everything else the run used (loader threads or
+        # DataLoader workers, the batch hand-over): see recipe/probe.py
+        "compute_cpu_s_per_image": sum(r.get("compute_thread_cpu_s", 0.0) for r in later) / n if n else None,
+        "pipeline_cpu_s_per_image": sum(r.get("cpu_s", 0.0) + r.get("children_cpu_s", 0.0)
+                                        - r.get("compute_thread_cpu_s", 0.0) for r in later) / n if n else None,
         "top1": history[-1]["top1"] if history else None,
         "per_epoch": history, "setup_s": setup_s, "resumed_at_epoch": start_epoch if cfg.resume else None,
         "device": str(device), "world_size": dc.world_size, "train_images": pipes.train_images,

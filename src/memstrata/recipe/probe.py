@@ -52,13 +52,16 @@ class EpochProbe:
 
     def __init__(self):
         self.steps: list[float] = []
+        self.step_cpu = 0.0
         self.threads_seen = 0
         self._cpu0 = time.process_time()
         self._child0 = _children_cpu()
         self._load0 = load_average()
 
-    def step(self, seconds: float) -> None:
+    def step(self, seconds: float, thread_cpu_s: float = 0.0) -> None:
+        """One step's wall time, and the CPU time the training thread itself spent in it (time.thread_time)."""
         self.steps.append(seconds)
+        self.step_cpu += thread_cpu_s
         if len(self.steps) == 2:  # the loader's threads are up by the second step
             self.threads_seen = os_threads() or 0
 
@@ -67,6 +70,7 @@ class EpochProbe:
         q = (lambda f: s[min(len(s) - 1, int(f * len(s)))]) if s else (lambda f: None)
         return {
             "compute_s": sum(s),
+            "compute_thread_cpu_s": self.step_cpu,
             "step_s_median": statistics.median(s) if s else None,
             "step_s_p10": q(0.1), "step_s_p90": q(0.9),
             "cpu_s": time.process_time() - self._cpu0,
