@@ -156,6 +156,7 @@ def test_train_json_fields_checkpoint_and_plot(root, tmp_path, capsys):
         assert 0 < e["step_s_p10"] <= e["step_s_median"] <= e["step_s_p90"] and e["compute_s"] <= e["train_s"]
         assert 0 < e["compute_thread_cpu_s"] <= e["cpu_s"] and e["children_cpu_s"] >= 0 and e["torch_threads"] >= 1 and e["os_threads"] >= 1
     assert out["step_s_median"] == e2["step_s_median"] and out["cpu_s_per_image"] > 0
+    assert out["manager"] is None  # no --budget: no Manager at all, not one at a budget that happens to fit
     assert e2["wall_s"] > e1["wall_s"] > 0 and e2["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ends at 0
     ck = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)
     assert ck["epoch"] == 2 and len(ck["history"]) == 2
