@@ -20,6 +20,23 @@ def _f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 
+def _fill_pairs(b, m):
+    """Per-repeat ratios for files written before the bench computed them."""
+    if "samples_per_s_pair_ratios" in m:
+        return
+    bb = {x["repeat"]: x for x in b["runs"] if x["status"] == "ok"}
+    pairs = [(x, bb[x["repeat"]]) for x in m["runs"] if x["status"] == "ok" and x["repeat"] in bb]
+    m["samples_per_s_pair_ratios"] = [x["samples_per_s"] / y["samples_per_s"] for x, y in pairs]
+    m["wall_s_pair_ratios"] = [x["wall_s"] / y["wall_s"] for x, y in pairs]
+
+
+def _step_median(x):
+    if x.get("step_s_median") is not None:
+        return x["step_s_median"]
+    v = [e["step_s_median"] for e in x["per_epoch"] if e["epoch"] >= 2 and e.get("step_s_median") is not None]
+    return statistics.median(v) if v else None
+
+
 def main(paths):
     rows = []
     for p in paths:
@@ -29,6 +46,7 @@ def main(paths):
         if not b or not m or b["status"] != "ok" or m["status"] != "ok":
             print(f"{p}: incomplete, skipped")
             continue
+        _fill_pairs(b, m)
         rows.append((Path(p).stem, b, m))
     print("| file | seed | mode | contender | repeat | wall s | images/s (ep 2+) | step s median | "
           "CPU ms/image: step / pipeline | load | top-1 |")
@@ -45,7 +63,7 @@ def main(paths):
                 cpu = f"{_f(cc and 1000 * cc, '.1f')} / {_f(pc and 1000 * pc, '.1f')}" if cc else \
                     f"{_f(x.get('cpu_s_per_image') and 1000 * x['cpu_s_per_image'], '.1f')} (all)"
                 print(f"| {stem} | {r['seed']} | {'concurrent' if r.get('concurrent') else 'sequential'} | {r['name']} "
-                      f"| {x['repeat']} | {x['wall_s']:.0f} | {x['samples_per_s']:.2f} | {_f(x.get('step_s_median'), '.2f')} "
+                      f"| {x['repeat']} | {x['wall_s']:.0f} | {x['samples_per_s']:.2f} | {_f(_step_median(x), '.2f')} "
                       f"| {cpu} | {load:.1f} | {100 * x['top1']:.1f}% |")
     print()
     print("| file | seed | images/s ratio per repeat | wall ratio per repeat | top-1 baseline | top-1 memstrata | Δ points |")
