@@ -99,7 +99,7 @@ def _figure(rows, out):
     lo = min(100 * min(b["top1"], m["top1"]) for _, b, m in rows)
     a1.set_ylim(max(0, lo - 10), 100)
     a1.set_xticks(list(xs), labels, rotation=30)
-    a1.set_ylabel(f"validation top-1 after {rows[0][2]['epochs']} epochs (%)")
+    a1.set_ylabel(f"val top-1 after {rows[0][2]['epochs']} epochs (%)", fontsize=9)
     a1.legend()
     a1.grid(alpha=0.3, axis="y")
     for x, (_, _, m) in zip(xs, rows):
@@ -107,7 +107,7 @@ def _figure(rows, out):
     a2.axhline(0.97, color="red", lw=1, ls="--", label="0.97x")
     a2.axhline(1.0, color="grey", lw=1)
     a2.set_xticks(list(xs), labels, rotation=30)
-    a2.set_ylabel("memstrata / baseline images/s (epochs 2+), per repeat")
+    a2.set_ylabel("images/s ratio, epochs 2+ (memstrata / baseline)", fontsize=9)
     a2.legend()
     a2.grid(alpha=0.3, axis="y")
     m0 = rows[0][2]
