@@ -55,6 +55,43 @@ def test_config_validates_and_derives():
             RecipeConfig(**{"root": "/x", "epochs": 10, **bad})
 
 
+def test_stored_side_covers_the_validation_resize():
+    """[Note: stored side]: memstrata stores at least res x 256/224, so validation never upsamples from the store."""
+    assert RecipeConfig(root="/x", res=224).max_side == 256
+    assert RecipeConfig(root="/x", res=112).max_side == 160 and RecipeConfig(root="/x", res=64).max_side == 160
+    assert RecipeConfig(root="/x", res=224, max_side=200).max_side == 200  # an explicit side is kept
+
+
+def test_validation_images_are_as_sharp_as_the_baselines():
+    """At 224 px the default stored side gives validation crops as sharp as torchvision's Resize(256) +
+    CenterCrop(224) of the JPEG; the loader's 160 would stretch a 140-px square to 224 (the bug it fixes)."""
+    import io
+
+    from PIL import Image
+    from torchvision import transforms
+
+    from memstrata.data.source import decode_bytes
+    from memstrata.data.synth import synth_image
+    from memstrata.recipe.config import default_max_side
+
+    def sharpness(t):
+        return float((t[:, :, 1:] - t[:, :, :-1]).abs().mean())
+
+    ref_t = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
+    aug = CenterCropAugment(size=224, crop_fraction=224 / 256, normalize=False)
+    ratios = {160: [], default_max_side(224): []}
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(synth_image(0, i, 10)[0]).save(buf, format="JPEG", quality=90)
+        ref = ref_t(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        for side in ratios:
+            st = decode_bytes(buf.getvalue(), side)
+            boxes, flips = aug.params(0, 0, [0], [st.shape[0]], [st.shape[1]])
+            ratios[side].append(sharpness(aug([st], boxes, flips)[0]) / sharpness(ref))
+    assert min(ratios[256]) > 0.97 and max(ratios[256]) < 1.03
+    assert sum(ratios[160]) / 3 < 0.95  # measurably blurrier: the difference the default removes
+
+
 def test_lr_schedule_warmup_then_cosine_to_zero():
     total, warm = 100, 10
     f = [lr_factor(s, total, warm, 0.01) for s in range(total + 1)]
@@ -115,6 +152,11 @@ def test_train_json_fields_checkpoint_and_plot(root, tmp_path, capsys):
     assert 0 <= out["data_wait_fraction"] <= 1 and 0 <= out["top1"] <= 1 and out["samples_per_s"] > 0
     e1, e2 = out["per_epoch"]
     assert e1["images"] == e2["images"] == 32 and e1["val_images"] == 16
+    for e in (e1, e2):  # recipe/probe.py: what tells the pipeline from the machine's load apart
+        assert 0 < e["step_s_p10"] <= e["step_s_median"] <= e["step_s_p90"] and e["compute_s"] <= e["train_s"]
+        assert 0 < e["compute_thread_cpu_s"] <= e["cpu_s"] and e["children_cpu_s"] >= 0 and e["torch_threads"] >= 1 and e["os_threads"] >= 1
+    assert out["step_s_median"] == e2["step_s_median"] and out["cpu_s_per_image"] > 0
+    assert out["manager"] is None  # no --budget: no Manager at all, not one at a budget that happens to fit
     assert e2["wall_s"] > e1["wall_s"] > 0 and e2["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ends at 0
     ck = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)
     assert ck["epoch"] == 2 and len(ck["history"]) == 2

@@ -32,6 +32,22 @@ def test_summary_takes_medians_and_ratios_to_the_baseline():
     assert ms["top1_delta_points"] == pytest.approx(100 * (0.52 - 0.52))
     assert "1 of 3 repeats failed: exit 1: boom" in ms["reason"] and ms["status"] == "ok"
     assert ms["data_wait_fraction"] == pytest.approx(0.15)
+    # per repeat, against the baseline's run of the same repeat (the failed repeat 3 has no pair)
+    assert ms["samples_per_s_pair_ratios"] == pytest.approx([3.0, 20 / 12])
+    assert ms["samples_per_s_pair_ratio_median"] == pytest.approx((3.0 + 20 / 12) / 2)
+    assert ms["top1_pair_delta_points"] == pytest.approx([3.0, -1.0])
+
+
+def test_config_defaults_stored_side_and_concurrent_thread_budget():
+    from types import SimpleNamespace
+
+    from memstrata.bench.recipe_scenario import recipe_config
+
+    c = recipe_config(SimpleNamespace(device="cpu", res="224"))
+    assert c["max_side"] == 256 and c["threads"] is None and c["workers"] == c["cores"] and not c["concurrent"]
+    c = recipe_config(SimpleNamespace(device="cpu", res="112", concurrent=True, max_side="200", lr="0.2"))
+    assert c["max_side"] == 200 and c["threads"] == 1 and c["workers"] == max(1, c["cores"] // 2)
+    assert c["extra"] == ["--lr", "0.2"]
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -39,6 +55,7 @@ def test_summary_takes_medians_and_ratios_to_the_baseline():
     (["--model", "nosuchnet"], "unknown torchvision classification model"),
     (["--classes", "100", "--images", "10"], "exceeds"),
     (["--plot", "x.jpg"], ".png"),
+    (["--lr", "-1"], "--lr must be > 0"),
 ])
 def test_bad_input_is_one_line(argv, msg, capsys):
     assert main(["bench", "--scenario", "recipe", *argv]) == 2
@@ -47,12 +64,13 @@ def test_bad_input_is_one_line(argv, msg, capsys):
 
 
 @pytest.mark.slow
-def test_recipe_scenario_end_to_end(tmp_path):
+@pytest.mark.parametrize("concurrent", [False, True], ids=["alternating", "concurrent"])
+def test_recipe_scenario_end_to_end(tmp_path, concurrent):
     js, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(["bench", "--scenario", "recipe", "--images", "32", "--val-images", "16", "--classes", "2",
                "--epochs", "2", "--repeats", "1", "--res", "32", "--batch", "8", "--workers", "1",
                "--model", "mobilenet_v3_small", "--data", str(tmp_path / "data"), "--json", str(js),
-               "--plot", str(png), "--quiet"])
+               "--plot", str(png), "--quiet"] + (["--concurrent"] if concurrent else []))
     assert rc == 0
     rows = json.loads(js.read_text())
     assert [r["name"] for r in rows] == ["baseline", "memstrata"]
@@ -61,4 +79,8 @@ def test_recipe_scenario_end_to_end(tmp_path):
         for k in ("wall_s", "samples_per_s", "data_wait_fraction", "top1"):
             assert r[k] is not None
         assert len(r["runs"][0]["per_epoch"]) == 2
+        assert r["concurrent"] is concurrent and r["torch_threads_seen"]
+        if concurrent:  # one intra-op thread each
+            assert r["torch_threads_seen"] == [1]
+    assert len(rows[1]["samples_per_s_pair_ratios"]) == 1
     assert rows[1]["samples_per_s_ratio"] > 0 and png.stat().st_size > 0

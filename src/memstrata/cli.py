@@ -279,8 +279,11 @@ def _setup_bench(p: argparse.ArgumentParser) -> Handler:
     from .bench import add_bench_arguments, run_bench
     from .bench.data_scenarios import DATA_SCENARIOS, add_data_bench_arguments, run_data_scenario
 
+    from .bench.recipe_scenario import add_recipe_bench_arguments
+
     add_bench_arguments(p)
     add_data_bench_arguments(p)
+    add_recipe_bench_arguments(p)
 
     def handler(args: argparse.Namespace) -> int:
         if getattr(args, "scenario", None) == "recipe":  # the whole training recipe: bench/recipe_scenario.py

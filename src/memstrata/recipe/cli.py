@@ -53,7 +53,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nvme-dir", default=None, metavar="DIR", help="with --budget: directory of the NVMe tier")
     p.add_argument("--store", default=None, metavar="DIR",
                    help="sample stores under DIR/train and DIR/val (default: memstrata's cache directory)")
-    p.add_argument("--max-side", type=positive_int, default=160, help="stored short side in pixels (default 160)")
+    p.add_argument("--max-side", type=positive_int, default=None,
+                   help="memstrata's stored short side in pixels (default: max(160, res x 256/224), the validation resize)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads of the training process (default: torch's choice)")

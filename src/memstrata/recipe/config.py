@@ -27,7 +27,25 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["RecipeConfig", "RecipeInputError", "RESUME_KEYS"]
+__all__ = ["RecipeConfig", "RecipeInputError", "RESUME_KEYS", "default_max_side"]
+
+
+def val_resize_of(res: int) -> int:
+    """Validation short side before the centre crop: 256 for 224 (the reference's ratio)."""
+    return int(round(res * 256 / 224))
+
+
+# [Note: stored side]
+# memstrata crops from stored samples whose short side is at most `max_side`, the baseline from the full
+# JPEG.  Validation is Resize(res x 256/224) + CenterCrop(res): with a stored side below that resize the
+# validation images would be *upsampled* from the store -- blurrier than the baseline's, a real difference
+# in what the model is evaluated on (at 224 px with the loader's default 160: a 140-px centre square
+# stretched to 224).  So the recipe stores at least the validation resize (256 for 224, 128 for 112), and
+# never less than the loader's 160.  Training crops of small scale are still upsampled from the store
+# where the baseline downsamples from the JPEG (RandomResizedCrop's area fraction is the same, the source
+# resolution is not): a smaller, remaining difference, measured in bench/results/2026-12-02-cpu-recipe/.
+def default_max_side(res: int) -> int:
+    return max(160, val_resize_of(res))
 
 
 class RecipeInputError(ValueError):
@@ -53,6 +71,7 @@ class RecipeConfig:
         for the baseline); None = the usable cores.
     budget: memstrata Manager budget for activations ("50%", "2GiB"); None = no
         activation management (the default: on CPU nothing needs it).
+    max_side: memstrata's stored short side; None = `default_max_side(res)`.
     store: directory for the sample stores (``train/`` and ``val/`` under it);
         None = memstrata's per-dataset cache directory.
     checkpoint: directory of ``checkpoint.pt``, written after every epoch; None = none.
@@ -77,7 +96,7 @@ class RecipeConfig:
     budget: str | None = None
     nvme_dir: str | None = None
     store: str | None = None
-    max_side: int = 160
+    max_side: int | None = None
     device: str = "auto"
     compile: bool = False
     checkpoint: str | None = None
@@ -93,6 +112,8 @@ class RecipeConfig:
             if not ok:
                 raise ValueError(msg)
 
+        if self.max_side is None and isinstance(self.res, int) and self.res > 0:
+            object.__setattr__(self, "max_side", default_max_side(self.res))  # see [Note: stored side]
         for name in ("epochs", "batch", "res", "max_side", "world_size"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
@@ -138,7 +159,7 @@ class RecipeConfig:
     @property
     def val_resize(self) -> int:
         """Validation short side before the centre crop: 256 for 224 (the reference's ratio)."""
-        return int(round(self.res * 256 / 224))
+        return val_resize_of(self.res)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -263,9 +264,11 @@ def _train(cfg, dc, device, t_start, log, progress, plot, stop_after):
 
 def _train_epoch(cfg, dc, device, pipes, model, opt, sched, crit, amp, mgr, epoch, steps, progress):
     from ..progress import BenchProgress
+    from .probe import EpochProbe
 
     cuda = device.type == "cuda"
     model.train()
+    probe = EpochProbe()
     pipes.set_epoch(epoch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
@@ -281,7 +284,8 @@ def _train_epoch(cfg, dc, device, pipes, model, opt, sched, crit, amp, mgr, epoc
             except StopIteration:
                 break
             x, y = _batch_to(x, y, device, cuda)
-            wait += time.perf_counter() - tw
+            tc, tcpu = time.perf_counter(), time.thread_time()
+            wait += tc - tw
             step_ctx = mgr.step(x) if mgr is not None else nullcontext()
             with step_ctx:
                 with amp():
@@ -294,6 +298,7 @@ def _train_epoch(cfg, dc, device, pipes, model, opt, sched, crit, amp, mgr, epoc
             b = int(y.shape[0])
             seen += b
             loss_sum += loss.detach().double() * b
+            probe.step(time.perf_counter() - tc, time.thread_time() - tcpu)  # CPU: the step's compute (on CUDA: its host-side launch time)
             k += 1
             if progress and (not cuda or k % 20 == 0 or k == steps):
                 bar.describe(f"loss {float(loss.detach()):.3f}  lr {sched.get_last_lr()[0]:.4g}")
@@ -306,7 +311,7 @@ def _train_epoch(cfg, dc, device, pipes, model, opt, sched, crit, amp, mgr, epoc
     return {"epoch": epoch + 1, "rank_orders": orders, "train_s": dt, "images": seen, "images_all_ranks": int(tot_seen),
             "samples_per_s": tot_seen / dt if dt > 0 else None, "data_wait_s": wait,
             "data_wait_fraction": wait / dt if dt > 0 else None, "loss": tot_loss / tot_seen if tot_seen else None,
-            "lr": sched.get_last_lr()[0]}
+            "lr": sched.get_last_lr()[0], **probe.finish()}
 
 
 def _order_digest(pipes, epoch: int) -> dict[str, Any] | None:
@@ -348,6 +353,7 @@ def _summary(cfg, dc, device, pipes, history, wall, setup_s, start_epoch) -> dic
     tt = sum(r["train_s"] for r in later)
     n = sum(r["images_all_ranks"] for r in later)
     w = sum(r["data_wait_s"] for r in later)
+    steps = [r["step_s_median"] for r in later if r.get("step_s_median") is not None]
     return {
         "name": "baseline" if cfg.baseline else "memstrata",
         "model": cfg.model, "epochs": len(history), "wall_s": wall,
@@ -355,6 +361,13 @@ def _summary(cfg, dc, device, pipes, history, wall, setup_s, start_epoch) -> dic
         "samples_per_s_stat": "training images / s over epochs 2.. (all ranks)" if len(history) > 1
         else "training images / s of epoch 1",
         "data_wait_fraction": w / tt if tt > 0 else None,
+        "step_s_median": statistics.median(steps) if steps else None,
+        "cpu_s_per_image": sum(r.get("cpu_s", 0.0) + r.get("children_cpu_s", 0.0) for r in later) / n if n else None,
+        # with one intra-op thread: the steps' own CPU, and everything else the run used (loader threads or
+        # DataLoader workers, the batch hand-over): see recipe/probe.py
+        "compute_cpu_s_per_image": sum(r.get("compute_thread_cpu_s", 0.0) for r in later) / n if n else None,
+        "pipeline_cpu_s_per_image": sum(r.get("cpu_s", 0.0) + r.get("children_cpu_s", 0.0)
+                                        - r.get("compute_thread_cpu_s", 0.0) for r in later) / n if n else None,
         "top1": history[-1]["top1"] if history else None,
         "per_epoch": history, "setup_s": setup_s, "resumed_at_epoch": start_epoch if cfg.resume else None,
         "device": str(device), "world_size": dc.world_size, "train_images": pipes.train_images,
