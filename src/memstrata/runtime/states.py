@@ -709,9 +709,6 @@ class TieredOptimizer(torch.optim.Optimizer):
             return loss
         order = self._order
         depth = self.placement.prefetch_depth
-        groups = self.inner.param_groups
-        full = [g["params"] for g in groups]
-        owner = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         for k, bucket in enumerate(order):
             if k >= 2:  # the write window ([Note: the state window])
                 for i in order[k - 2]:
@@ -721,17 +718,7 @@ class TieredOptimizer(torch.optim.Optimizer):
                     self._prefetch(recs[i])
             for i in bucket:
                 self._materialise(recs[i])
-            sub: list[list[torch.Tensor]] = [[] for _ in groups]
-            for i in bucket:
-                p = recs[i].param
-                sub[owner[id(p)]].append(p)
-            try:
-                for g, ps in zip(groups, sub):
-                    g["params"] = ps
-                self.inner.step()
-            finally:
-                for g, ps in zip(groups, full):
-                    g["params"] = ps
+            self._step_bucket(bucket)
             for i in bucket:
                 self._adopt(recs[i])
                 if recs[i].placement != Placement.KEEP:
