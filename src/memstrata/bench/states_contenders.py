@@ -48,6 +48,7 @@ import torch
 
 from . import gpt2
 from .spec import RunSpec
+from .timing import timed_steps
 
 STATES_CONTENDERS = ("unmanaged", "memstrata", "torchao_cpu_offload", "fsdp2_cpu_offload", "deepspeed_zero_offload")
 STATE_BYTES_PER_PARAM = 8  # AdamW fp32: exp_avg + exp_avg_sq
@@ -304,19 +305,9 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
             losses.append(float(contender.step(idx)))
         sync()
         result["warmup_s"] = time.perf_counter() - t0
-        step_times: list[float] = []
-        cpu_times: list[float] = []
-        start = time.perf_counter()
-        for _ in range(spec.steps):
-            t, c = time.perf_counter(), time.process_time()
-            loss = contender.step(idx)
-            sync()
-            step_times.append(time.perf_counter() - t)
-            cpu_times.append(time.process_time() - c)
-            losses.append(float(loss))
-            if spec.max_seconds is not None and time.perf_counter() - start >= spec.max_seconds:
-                break
-        total = time.perf_counter() - start
+        timed, step_times, cpu_times, total = timed_steps(lambda: contender.step(idx), sync, spec.steps,
+                                                          spec.max_seconds)
+        losses += timed
         reading = meter.stop()
         state_peak = contender.state_peak_bytes()
         notes = contender.notes()

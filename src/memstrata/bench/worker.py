@@ -22,6 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .spec import RunSpec
+from .timing import timed_steps
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -149,19 +150,9 @@ def run(spec: RunSpec) -> dict[str, Any]:
         meter.start()
         if not exact:
             kept = (meter.baseline_bytes if device.type == "cuda" else anon_rss()) - state0 - momentum_bytes()
-        step_times: list[float] = []
-        cpu_times: list[float] = []  # process CPU seconds per step: a check on a shared, noisy machine
-        start = time.perf_counter()
-        for _ in range(spec.steps):
-            t, c = time.perf_counter(), time.process_time()
-            loss = contender.step(ctx)
-            sync()
-            step_times.append(time.perf_counter() - t)
-            cpu_times.append(time.process_time() - c)
-            losses.append(float(loss))
-            if spec.max_seconds is not None and time.perf_counter() - start >= spec.max_seconds:
-                break
-        total = time.perf_counter() - start
+        timed, step_times, cpu_times, total = timed_steps(lambda: contender.step(ctx), sync, spec.steps,
+                                                          spec.max_seconds)
+        losses += timed
         timed_reading = meter.stop()
         reading = peak_reading or timed_reading
     except Exception as e:  # noqa: BLE001 -- every failure becomes a result
