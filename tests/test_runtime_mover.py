@@ -32,12 +32,17 @@ def executed_vs_planned(rt: ActivationRuntime, plan, h) -> tuple[Counter, Counte
     for d in plan.storages:
         if d.action == "offload":
             planned[f"offload:{Placement.for_tier(h, d.tier).label}"] += 1
-    planned["recompute"] = len(plan.units)
-    planned["selective"] = sum(1 for u in plan.units if u.save_ops)
+    units = [u for u in plan.units if not u.is_segment]
+    planned["recompute"] = len(units)
+    planned["selective"] = sum(1 for u in units if u.save_ops)
+    planned["segment"] = sum(1 for u in plan.units if u.is_segment)
+    planned["replay"] = len(plan.replays)
     s = rt.last_stats
     done: Counter = Counter({f"offload:{k}": v for k, v in s.offloaded.items() if v})
     done["recompute"] = s.recomputed_units
     done["selective"] = rt.describe()["selective_units"]
+    done["segment"] = s.recomputed_segments
+    done["replay"] = rt.describe()["replays"]
     return +done, +planned
 
 
@@ -47,7 +52,7 @@ def test_runtime_executes_every_decision_as_planned(model_name, tmp_path):
     base, x, y, ref, trace = setup_model(model_name)
     h = cpu_hierarchy(tmp_path)
     lo, hi = minimum_budget(trace, h), trace.observed_peak
-    plans = [forced_plan(trace, k, h) for k in ("host", "nvme", "recompute", "selective", "mixed")]
+    plans = [forced_plan(trace, k, h) for k in ("host", "nvme", "recompute", "selective", "segment", "replay", "mixed")]
     plans.append(make_plan(trace, h, (lo + hi) // 2))
     assert any(p.units for p in plans[-1:]) or any(p.storages for p in plans[-1:])
     for p in plans:
