@@ -186,7 +186,7 @@ def test_budget_below_minimum_fails_before_any_managed_step(tmp_path):
 
 
 def test_budget_honoured_on_cpu(tmp_path, monkeypatch):
-    """Measured tier-0 peak of the managed step <= budget + slack.
+    """Measured tier-0 peak of the managed step <= budget + slack, or the Manager says so and corrects it.
 
     On CPU the independent measure is the glibc heap above the step start
     (runtime/memory.py).  It does not see parameters, gradients and inputs
@@ -195,6 +195,10 @@ def test_budget_honoured_on_cpu(tmp_path, monkeypatch):
     bytes.  Slack: 2 MiB + 2% of the unmanaged peak (sampling between ops,
     allocator rounding, planner's event-level model).  Both runs sample at
     every pack/unpack (no rate limit), so they are measured alike.
+
+    A plan of many small NVMe offloads can miss on a loaded box (a write that lands late keeps its
+    tier-0 copy alive): then the budget watch must have said so in the report and re-planned, and the
+    last two managed steps must be within the bound.
     """
     monkeypatch.setattr(ActivationRuntime, "_SAMPLE_INTERVAL", 0.0)
     torch.manual_seed(0)
@@ -211,16 +215,21 @@ def test_budget_honoured_on_cpu(tmp_path, monkeypatch):
     budget = (lo + hi) // 2  # margin: the Manager re-traces, and the minimum moves with measured op times
     model = copy.deepcopy(base)
     mgr = Manager(model, budget=budget, nvme_dir=tmp_path, warmup_steps=1)
-    train_steps(model, x, y, steps=4, step_ctx=lambda: mgr.step(x))
+    train_steps(model, x, y, steps=6, step_ctx=lambda: mgr.step(x))
     rep = mgr.report()
     managed = [s for s in rep["steps"] if s["mode"] == "managed"]
-    assert managed and mgr.plan.counts() != {"recompute_units": 0}
+    assert len(managed) >= 4 and mgr.plan.counts() != {"recompute_units": 0}
     assert dict(mgr.plan.predicted_peaks)["dram"] <= budget
     slack = 2 * 2**20 + 0.02 * hi
     need = mgr.trace.observed_peak - budget
-    for s in managed:
+    notes = " ".join(n for sh in rep["shapes"].values() for n in sh.get("notes", []))
+    for i, s in enumerate(managed):
         above = s["peak_above_start_bytes"]
-        assert above <= keep_peak - need + slack, (above, keep_peak, need, slack)
+        within = above <= keep_peak - need + slack
+        if i >= len(managed) - 2:
+            assert within, (i, above, keep_peak, need, slack, mgr.plan.counts(), notes)
+        elif not within:
+            assert "did not free what it predicted" in notes, (i, above, keep_peak, need, slack, notes)
         # the report puts the measured peak on the budget's basis: bytes at the step's start + growth
         assert s["peak_bytes"] == mgr.trace.bytes_at_start + above
     mgr.close()
