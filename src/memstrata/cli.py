@@ -100,7 +100,11 @@ def _setup_plan(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the model and its activations (default float32)")
     p.add_argument("--fused-replay", action="store_true",
-                   help="price op-level replays as one fused (compiled) kernel each instead of the eager ops")
+                   help="price op-level replays as one fused (compiled) kernel each instead of the eager ops "
+                        "(implies --replays)")
+    p.add_argument("--replays", action="store_true",
+                   help="let the planner choose op-level replays (off by default: their memory is not yet "
+                        "priced as measured on CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="write the memory timeline picture here")
     return cmd_plan
@@ -118,6 +122,7 @@ def run_plan(
     plot: str | None = None,
     nvme: str | None = None,
     fused_replay: bool = False,
+    replays: bool = False,
 ) -> tuple[dict[str, Any], Any]:
     """Trace, plan and simulate; returns (summary dict, rich renderable).
 
@@ -196,7 +201,7 @@ def run_plan(
 
     t1 = time.perf_counter()
     with progress(f"Planning at a budget of {format_size(budget_bytes)}..."):
-        the_plan = make_plan(trace, hierarchy, budget_bytes, planner=planner)
+        the_plan = make_plan(trace, hierarchy, budget_bytes, planner=planner, replays=replays or fused_replay)
     planning_s = time.perf_counter() - t1
     with progress("Simulating the plan..."):
         timeline = simulate(trace, the_plan, hierarchy)
@@ -222,7 +227,7 @@ def run_plan(
 def cmd_plan(args: argparse.Namespace) -> int:
     summary, renderable = run_plan(
         args.model, args.batch, args.res, args.profile, args.budget,
-        planner=args.planner, dtype=args.dtype, plot=args.plot, nvme=args.nvme, fused_replay=args.fused_replay,
+        planner=args.planner, dtype=args.dtype, plot=args.plot, nvme=args.nvme, fused_replay=args.fused_replay, replays=args.replays,
     )
     if args.json:
         print(json.dumps(summary))

@@ -927,7 +927,7 @@ def prune_replays(ev_: Evaluator, st: State, res: SimResult, deadline: float | N
 
 
 def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...], *,
-                 time_limit: float = 4.0, small: int = 60) -> tuple[State, SimResult]:
+                 time_limit: float = 4.0, small: int = 60, replays: bool = False) -> tuple[State, SimResult]:
     t0 = time.perf_counter()
     deadline = t0 + time_limit
     ev_ = Evaluator(ix, hierarchy, budget, tiers)
@@ -955,7 +955,7 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
     # Replay seed: op-level recompute of every cheap-to-regenerate saved storage (best bytes per second
     # first, until the peak fits), then the peel above on top; unneeded replays are pruned.
     try:  # within the deadlines the other variants already have: planning time does not grow
-        seed = replay_seed(ev_, deadline=deadline) if time.perf_counter() < deadline else State()
+        seed = replay_seed(ev_, deadline=deadline) if replays and time.perf_counter() < deadline else State()
         if seed.replays:
             st, res = peel(ev_, seed, modes, deadline=deadline + 0.25 * time_limit, deep_first=True)
             results.append(prune_replays(ev_, st, res, deadline=deadline + 0.5 * time_limit))
