@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from . import gpt2
+from .failures import is_oom, one_line
 from .spec import RunSpec
 from .timing import timed_steps
 
@@ -313,9 +314,7 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
         notes = contender.notes()
     except Exception as e:  # noqa: BLE001 -- every failure becomes a result
         traceback.print_exc()
-        oom = isinstance(e, MemoryError) or "out of memory" in str(e).lower() or "can't allocate memory" in str(e)
-        msg = str(e).strip().splitlines()
-        result.update(status="oom" if oom else "error", reason=f"{type(e).__name__}: {msg[0] if msg else ''}"[:500])
+        result.update(status="oom" if is_oom(e) else "error", reason=one_line(e))
         return result
     finally:
         try:

@@ -21,25 +21,9 @@ import traceback
 from dataclasses import asdict
 from typing import Any
 
+from .failures import is_oom, one_line
 from .spec import RunSpec
 from .timing import timed_steps
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t)
-    if oom_types and isinstance(exc, oom_types):
-        return True
-    if isinstance(exc, MemoryError):
-        return True
-    msg = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg.lower())
-
-
-def _one_line(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {msg[0] if msg else ''}"[:500]
 
 
 def run(spec: RunSpec) -> dict[str, Any]:
@@ -157,7 +141,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
         reading = peak_reading or timed_reading
     except Exception as e:  # noqa: BLE001 -- every failure becomes a result
         traceback.print_exc()
-        result.update(status="oom" if _is_oom(e) else "error", reason=_one_line(e))
+        result.update(status="oom" if is_oom(e) else "error", reason=one_line(e))
         return result
     finally:
         try:
@@ -198,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(spec)
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
-        result = {"name": spec.contender, "status": "oom" if _is_oom(e) else "error", "reason": _one_line(e)}
+        result = {"name": spec.contender, "status": "oom" if is_oom(e) else "error", "reason": one_line(e)}
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, default=str)

@@ -821,6 +821,16 @@ class TieredOptimizer(torch.optim.Optimizer):
         self.param_groups = self.inner.param_groups
         self._adopt_all()
 
+    def _bring_all_back(self) -> None:
+        """Every state into the wrapped optimizer's own tensors, nothing left tiered (prefetched first)."""
+        for r in self._records:
+            self._prefetch(r)
+        for r in self._records:
+            self._materialise(r)
+            for slot in r.slots.values():
+                self._drop(slot)
+            r.slots.clear()
+
     def set_placement(self, placement: StatePlacement) -> None:
         """Move to a new placement between steps: every state comes back to tier 0, then the new tiers apply.
 
@@ -838,13 +848,7 @@ class TieredOptimizer(torch.optim.Optimizer):
         if any(t == Placement.NVME for t in placement.tiers) and self.mover.store is None:
             raise ValueError("TieredOptimizer: NVMe state buckets need a mover with an NVMe store")
         self._raise_failures(self._settle_all())
-        for r in self._records:
-            self._prefetch(r)
-        for r in self._records:
-            self._materialise(r)
-            for slot in r.slots.values():
-                self._drop(slot)
-            r.slots.clear()
+        self._bring_all_back()
         self.placement = placement
         for r in self._records:
             r.placement = placement.tier_of(r.index)
@@ -887,13 +891,7 @@ class TieredOptimizer(torch.optim.Optimizer):
                 self._settle_all()
                 if self._ring is not None:
                     self._ring_put_back()
-                for r in self._records:
-                    self._prefetch(r)
-                for r in self._records:
-                    self._materialise(r)
-                    for slot in r.slots.values():
-                        self._drop(slot)
-                    r.slots.clear()
+                self._bring_all_back()
             else:
                 if self._ring is not None:
                     self._ring.drain(self._ring_files(), [])
