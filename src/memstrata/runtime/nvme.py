@@ -28,6 +28,16 @@ space is checked twice: `shutil.disk_usage`, then by asking the file system to
 reserve the bytes (`posix_fallocate` on a probe file, capped at
 `_FALLOCATE_PROBE_CAP` because file systems without fallocate emulate it by
 writing zeros), which also catches quotas that disk_usage does not show.
+
+[Note: read and write lanes]
+The state buckets' files (`open_file`, `submit_pread`, `submit_pwrite`) are
+read and written by two separate thread pools of ``workers // 2`` threads
+each.  With one FIFO pool a read that the optimizer step is about to wait for
+queued behind every write-behind chunk submitted before it (a bucket's write
+is 4 chunks of 8 MiB); with lanes the disk always has a read and a write in
+flight and the read is never last in line.  The activation path (`submit_write`,
+`submit_read`) keeps the single FIFO pool: its unlink-after-write ordering
+relies on it ([Note: NVMe file lifetime]).
 """
 
 from __future__ import annotations
@@ -167,6 +177,11 @@ class NVMeStore:
             raise
         n = workers if workers is not None else min(4, max(2, (os.cpu_count() or 2)))
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="memstrata-nvme")
+        # [Note: read and write lanes]: positioned reads and writes of open files (the state buckets) each
+        # get their own threads, so a read the optimizer waits for never queues behind write-behind jobs.
+        lane = max(1, n // 2)
+        self._read_lane = ThreadPoolExecutor(max_workers=lane, thread_name_prefix="memstrata-nvme-r")
+        self._write_lane = ThreadPoolExecutor(max_workers=lane, thread_name_prefix="memstrata-nvme-w")
         self._serial = itertools.count()
         self._lock = threading.Lock()
         self.live_files = 0
@@ -346,7 +361,7 @@ class NVMeStore:
 
     def submit_pwrite(self, fd: int, path: str, src: torch.Tensor, offset: int) -> Future:
         """Write uint8 CPU tensor `src` (aligned, whole blocks under O_DIRECT) at `offset` of an open file."""
-        return self._track(self._pool.submit(self._pwrite_job, fd, path, src, int(offset)))
+        return self._track(self._write_lane.submit(self._pwrite_job, fd, path, src, int(offset)))
 
     def _pwrite_job(self, fd, path, src, offset) -> None:
         try:
@@ -358,7 +373,7 @@ class NVMeStore:
 
     def submit_pread(self, fd: int, path: str, dest: torch.Tensor, offset: int) -> Future:
         """Fill uint8 CPU tensor `dest` from `offset` of an open file."""
-        return self._track(self._pool.submit(self._pread_job, fd, path, dest, int(offset)))
+        return self._track(self._read_lane.submit(self._pread_job, fd, path, dest, int(offset)))
 
     def _pread_job(self, fd, path, dest, offset) -> None:
         try:
@@ -431,6 +446,8 @@ class NVMeStore:
             return
         self.closed = True
         self._pool.shutdown(wait=True)
+        self._read_lane.shutdown(wait=True)
+        self._write_lane.shutdown(wait=True)
         with self._lock:
             fds, self._open_fds = list(self._open_fds), {}
         for fd in fds:

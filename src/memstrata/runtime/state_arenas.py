@@ -33,7 +33,7 @@ the next step uses the bucket from memory and writes it again.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Callable, Sequence
 
 import torch
@@ -119,6 +119,7 @@ class ArenaRing:
         self.bytes_read = 0
         self.bytes_written = 0
         self.write_failures = 0
+        self._late_failures: list[str] = []  # write errors found by try_acquire (reported by the next raise)
 
     @property
     def allocated_bytes(self) -> int:
@@ -154,6 +155,69 @@ class ArenaRing:
         self._grow_if_needed(arena, bucket.nbytes)
         arena.owner = bucket
         bucket.arena = arena
+
+    def try_acquire(self, bucket: BucketFile, protect: set[int]) -> bool:
+        """`acquire` without waiting: a free arena, a new one below `count`, or the least recently used
+        arena outside `protect` whose bucket's write has already landed.  False when none is ready."""
+        if bucket.arena is not None:
+            return True
+        arena = next((a for a in self.arenas if a.owner is None), None)
+        if arena is None and len(self.arenas) < self.count:
+            arena = Arena(max(self.arena_bytes, bucket.nbytes))
+            self.arenas.append(arena)
+        if arena is None:
+            best = None
+            for a in self.arenas:
+                o = a.owner
+                if o.position in protect or o.failed or o.reads:
+                    continue
+                if o.writes and not all(f.done() for f in o.writes):
+                    continue
+                if best is None or o.last_used < best.owner.last_used:
+                    best = a
+            if best is None:
+                return False
+            self.settle(best.owner, block=False, failures=self._late_failures)
+            if not best.owner.on_disk:  # its write failed: the arena keeps its values
+                return False
+            self._detach(best.owner)
+            arena = best
+        self._grow_if_needed(arena, bucket.nbytes)
+        arena.owner = bucket
+        bucket.arena = arena
+        return True
+
+    def pump(self, upcoming: Sequence[BucketFile], protect: set[int]) -> int:
+        """Start the reads of `upcoming` (in need order) that can start now without waiting.
+
+        [Note: the pipeline of the arena ring]: stops at the first bucket that finds no ready arena,
+        so reads start in the order the step needs them.  Returns the reads started."""
+        started = 0
+        for b in upcoming:
+            if b.arena is not None or not b.on_disk:
+                continue
+            if not self.try_acquire(b, protect):
+                break
+            self.read(b)
+            started += 1
+        return started
+
+    def wait_any(self, bucket: BucketFile, protect: set[int]) -> None:
+        """Block until `bucket`'s reads finished or some write that frees an arena outside `protect` did."""
+        pending = [f for f in bucket.reads if not f.done()]
+        if not pending:
+            return
+        for a in self.arenas:
+            o = a.owner
+            if o is not None and o.position not in protect:
+                pending.extend(f for f in o.writes if not f.done())
+        t0 = time.perf_counter()
+        wait(pending, return_when=FIRST_COMPLETED)
+        self.reads_waited_s += time.perf_counter() - t0
+
+    def take_failures(self) -> list[str]:
+        out, self._late_failures = self._late_failures, []
+        return out
 
     def _detach(self, bucket: BucketFile) -> None:
         assert bucket.arena is not None and not bucket.reads and not bucket.writes

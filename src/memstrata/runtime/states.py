@@ -509,19 +509,25 @@ class TieredOptimizer(torch.optim.Optimizer):
         return out
 
     def _step_ring(self, failures: list[str]) -> None:
-        """One step over the interleaved entries; NVMe buckets through the arena ring."""
+        """One step over the interleaved entries; NVMe buckets through the arena ring
+        ([Note: the pipeline of the arena ring] in state_arenas.py)."""
         entries = self._entries if self.stats.steps % 2 == 0 else self._entries[::-1]  # the last buckets are hot
-        nv = [e for e in entries if e.file is not None]
-        at = {id(e): n for n, e in enumerate(nv)}
-        depth = self.placement.prefetch_depth
+        nv = [e.file for e in entries if e.file is not None]
+        ring = self._ring
+        ahead = max(1, ring.count - 1)  # every arena but the one being stepped may hold a bucket read ahead
+        n = 0  # position in `nv` of the next NVMe bucket
         for e in entries:
-            protect: set[int] = set()
+            upcoming = nv[n:n + ahead]
+            protect = {f.position for f in upcoming}
+            ring.pump(upcoming, protect)  # reads whose arena became free while the last bucket was stepped
             if e.file is not None:
-                n = at[id(e)]
-                window = nv[n:n + 1 + depth]
-                protect = {w.file.position for w in window}
-                for w in window:
-                    self._ring_bring(w, protect, failures)
+                f = e.file
+                if f.arena is None and f.on_disk:  # no arena came free in time: wait for the oldest write
+                    self.stats.demand_fetches += 1
+                    self._ring_bring(e, protect, failures)
+                while f.reads and not all(r.done() for r in f.reads):
+                    ring.wait_any(f, protect)  # a write that lands meanwhile starts the next read at once
+                    ring.pump(upcoming, protect)
                 self._ring_materialise(e, failures)
             elif e.tier != Placement.KEEP:
                 for i in e.indices:
@@ -531,10 +537,12 @@ class TieredOptimizer(torch.optim.Optimizer):
             self._step_bucket(e.indices)
             if e.file is not None:
                 self._ring_adopt(e, protect, failures)
+                n += 1
             elif e.tier != Placement.KEEP:
                 for i in e.indices:
                     self._adopt(self._records[i])
                     self._evict(self._records[i])
+        failures.extend(ring.take_failures())
 
     def _step_bucket(self, bucket: Sequence[int]) -> None:
         """The wrapped optimizer's step on the parameters of `bucket` only."""
