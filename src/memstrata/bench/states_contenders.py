@@ -116,10 +116,28 @@ class Unmanaged(_Base):
     name = "unmanaged"
 
 
+def calibrate_step_seconds(numels: list[int], *, elements: int = 1 << 22, repeats: int = 4) -> float:
+    """Seconds of one AdamW (``foreach=False``) step over `numels` elements on this CPU, scaled from the
+    fastest of `repeats` steps over a scratch parameter of `elements` elements (out of cache, like the model's)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(elements, generator=g).mul_(0.02).requires_grad_()
+    p.grad = torch.randn(elements, generator=g).mul_(1e-3)
+    opt = torch.optim.AdamW([p], lr=1e-4, weight_decay=0.1, foreach=False)
+    opt.step()  # the states are made here
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        opt.step()
+        best = min(best, time.perf_counter() - t)
+    return best * sum(numels) / elements
+
+
 class Memstrata(_Base):
     """`TieredOptimizer` over the same AdamW, placed by `plan_states` before the first step."""
 
     name = "memstrata"
+    plan: Any = None
+    per_step: list[dict[str, float]] = []
 
     def prepare(self) -> None:
         from memstrata.hardware import profile
@@ -128,6 +146,7 @@ class Memstrata(_Base):
 
         super().prepare()
         self.inner = self.opt
+        self.per_step: list[dict[str, float]] = []
         numels = [p.numel() for g in self.inner.param_groups for p in g["params"]]
         total = sum(numels) * STATE_BYTES_PER_PARAM
         bucket = min(64 << 20, max(64 << 10, total // 32))
@@ -138,17 +157,33 @@ class Memstrata(_Base):
             # the host tier (planned with its PCIe bandwidth), not to files.  Not measured on GPU yet.
             host = hier.host_tier()
             kw = dict(read_bandwidth=host.read_bandwidth, write_bandwidth=host.write_bandwidth)
-        elif self.spec.nvme_read_bw and self.spec.nvme_write_bw:  # `memstrata probe` of the NVMe directory
-            kw = dict(read_bandwidth=self.spec.nvme_read_bw, write_bandwidth=self.spec.nvme_write_bw)
-        # The step time that hides the I/O is estimated from the profile's memory bandwidth (AdamW
-        # touches ~3.5 bytes per state byte); the states are made bucket by bucket in the first step.
+        else:
+            if self.spec.nvme_read_bw and self.spec.nvme_write_bw:  # `memstrata probe` of the NVMe directory
+                kw = dict(read_bandwidth=self.spec.nvme_read_bw, write_bandwidth=self.spec.nvme_write_bw)
+            # The step compute that hides the I/O, measured on this CPU (a scratch AdamW step, scaled).
+            kw["step_seconds"] = calibrate_step_seconds(numels)
         self.plan = plan_states(numels, state_bytes_per_element=STATE_BYTES_PER_PARAM,
                                 fast_budget=int(self.spec.budget_bytes), hierarchy=hier,
                                 bucket_bytes=bucket, **kw)
         placement = StatePlacement.from_plan(self.plan)
         if self.device.type == "cuda":
-            placement = StatePlacement(placement.buckets, tuple("host" if t == "nvme" else t for t in self.plan.tiers))
+            placement = StatePlacement(placement.buckets, tuple("host" if t == "nvme" else t for t in self.plan.tiers),
+                                       placement.prefetch_depth)
         self.opt = TieredOptimizer(self.inner, placement, nvme_dir=self.spec.nvme_dir)
+
+    def _counters(self) -> dict[str, float]:
+        s = self.opt.stats
+        store = self.opt.mover.store
+        return {"opt_step_s": sum(s.step_seconds), "compute_s": s.compute_seconds, "reads_waited_s": s.reads_waited_s,
+                "writes_waited_s": s.writes_waited_s, "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
+                "disk_busy_s": store.busy_seconds if store is not None else 0.0}
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        before = self._counters()
+        loss = super().step(idx)
+        after = self._counters()
+        self.per_step.append({k: after[k] - before[k] for k in after})
+        return loss
 
     def state_peak_bytes(self) -> int:
         if self.plan is None:
@@ -164,11 +199,24 @@ class Memstrata(_Base):
             return {}
         s = self.opt.stats
         steps = max(1, s.steps)
-        return {"plan": self.plan.describe(), "predicted_opt_step_s": self.plan.predicted_seconds,
-                "nvme_bytes_per_step": (s.bytes_read + s.bytes_written) / steps,
-                "reads_waited_s_per_step": s.reads_waited_s / steps, "writes_waited_s_per_step": s.writes_waited_s / steps,
-                "opt_step_s": s.step_seconds, "arena_bytes": s.arena_bytes, "demand_fetches": s.demand_fetches,
-                "o_direct": bool(self.opt.mover.store and self.opt.mover.store.direct)}
+        # [Note: the floor of the state pipeline]: per timed step (the first, which makes the states and
+        # only writes, left out), medians: what the step spent, what the disk moved and how fast.
+        timed = self.per_step[max(1, self.spec.warmup):] or self.per_step[-1:]
+        med = {k: statistics.median(d[k] for d in timed) for k in (timed[0] if timed else {})}
+        out = {"plan": self.plan.describe(), "predicted_opt_step_s": self.plan.predicted_seconds,
+               "predicted_stall_s": self.plan.stall_seconds, "planned_step_compute_s": self.plan.step_seconds,
+               "planned_io_s": self.plan.io_seconds, "ring": self.plan.window,
+               "nvme_bytes_per_step": (s.bytes_read + s.bytes_written) / steps,
+               "reads_waited_s_per_step": s.reads_waited_s / steps, "writes_waited_s_per_step": s.writes_waited_s / steps,
+               "opt_step_s": s.step_seconds, "arena_bytes": s.arena_bytes, "demand_fetches": s.demand_fetches,
+               "o_direct": bool(self.opt.mover.store and self.opt.mover.store.direct), "timed_step_medians": med}
+        if med:
+            moved = med["bytes_read"] + med["bytes_written"]
+            out["measured_stall_s"] = med["opt_step_s"] - med["compute_s"]
+            out["nvme_bytes_per_timed_step"] = moved
+            if med["disk_busy_s"] > 0:
+                out["disk_gbps_while_busy"] = moved / med["disk_busy_s"] / 1e9
+        return out
 
     def close(self) -> None:
         if self.plan is not None:

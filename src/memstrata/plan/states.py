@@ -4,47 +4,57 @@
 >>> # 64 MiB of AdamW states (64 parameters of 128 Ki elements x 8 bytes), 40 MiB of fast tier for them
 >>> p = plan_states([1 << 17] * 64, state_bytes_per_element=8, fast_budget=40 << 20, hierarchy=profile("cpu"),
 ...                 bucket_bytes=8 << 20)
->>> len(p.buckets), p.tiers.count("nvme"), p.nvme_bytes >> 20, p.fast_bytes >> 20   # 1 MiB buckets: window 3 MiB
-(64, 27, 27, 40)
->>> p.stall_seconds > 0                                    # ~51 ms of I/O, ~20 ms of step compute to hide it
-True
+>>> len(p.buckets), p.tiers.count("nvme"), p.nvme_bytes >> 20, p.fast_bytes >> 20, p.window  # 8 MiB buckets
+(8, 6, 48, 40, 3)
+>>> round(p.io_seconds * 1e3), p.stall_seconds > 0   # 24 MiB each way inside the step, ~20 ms of compute
+(41, True)
 
 The result feeds the runtime without either importing the other:
-``StatePlacement.from_plan(p)`` (runtime/states.py) takes `buckets` and `tiers`.
+``StatePlacement.from_plan(p)`` (runtime/states.py) takes `buckets`, `tiers`
+and the ring depth (`window`).
 
 [Note: what the state planner models]
 * Memory: the fast tier holds every kept bucket's states all the time, plus
-  the runtime's state window ([Note: the state window] in runtime/states.py):
-  up to ``window`` (prefetch_depth + 2 = 3) NVMe buckets at once, each at most
+  the runtime's ring of ``window`` arenas (state_arenas.py), each as large as
   the largest NVMe bucket.  Parameters, gradients and activations are not
   counted: `fast_budget` is what the caller sets aside for states.
-* Time: each NVMe bucket is read once before its update and written once
-  after it: ``io = sum(bytes/read_bw + bytes/write_bw + 2*latency)`` (reads and
-  writes share the device, so they add).  The I/O overlaps the optimizer step's
-  own compute (``step_seconds``: measured, or estimated as ``touch_factor``
-  bytes of memory traffic per state byte at the tier-0 bandwidth; AdamW fp32
-  touches ~28 bytes per 8 state bytes, 3.5x) and ``overlap_seconds`` of other
-  work the caller says can hide it (the next forward/backward hides the last
-  write-behind).  Predicted stall = max(0, io - step_seconds - overlap_seconds):
-  a perfect pipeline, so a lower bound; the first read of a run with no kept
-  bucket is always exposed in practice.  Where the disk path burns CPU
-  (``host_cost_per_byte`` > 0, the CPU box) that cost is added, unhidden.
-* Choice: stall grows with NVMe bytes, so the best placement is the fewest NVMe
-  bytes that fit the budget; what is searched is the trade between the window
-  (set by the largest NVMe bucket) and the bytes moved.  For every candidate
-  largest NVMe bucket m, the buckets of size <= m are taken largest first,
-  skipping any that overshoots what the budget needs (the closest overshoot
-  finishes the cover), and also largest first until it holds, then the smallest
-  taken dropped while it still holds;
-  the candidate with the least predicted time (ties: fewer NVMe bytes) wins.
-  (A min-sum cover is subset sum; the greedy lands within a few % of the exact
-  answer on the random cases tests/test_states.py checks against brute force.)
-  The bucket size is searched too (`bucket_bytes` and its halvings): smaller
-  buckets shrink the window, so fewer bytes must go down, at a charged
-  ``per_bucket_seconds`` of Python/launch overhead per bucket.
-  Not modelled: host DRAM as a middle tier (the runtime has `Placement.HOST`),
-  gradient or parameter tiering, page-cache effects, I/O contention with the
-  data loader.
+* Bytes moved inside a step: the runtime reverses the step order every step,
+  so the ``window`` buckets a step leaves in the ring are the next step's
+  first ones (no read), and their writes land during the next forward and
+  backward.  Inside the step the disk reads and writes the NVMe bytes less
+  those: ``moved = nvme_bytes - min(n, window) * mean NVMe bucket``, which at
+  the planned optimum is about ``all states - fast_budget`` each way, whatever
+  the bucket size: the floor of any placement that keeps at most
+  `fast_budget` of states in memory at every instant (at the step's start
+  memory is full, so everything else is read after it starts; at its end
+  everything else was written before it ends).
+  ``io = moved/read_bw + moved/write_bw + 2*latency`` per request inside the
+  step (reads and writes share the device, so they add).
+* Stall: the I/O overlaps the optimizer step's own compute (``step_seconds``:
+  measured, or estimated as ``touch_factor`` bytes of memory traffic per state
+  byte at the tier-0 bandwidth; AdamW fp32 touches ~28 bytes per 8 state
+  bytes, 3.5x) and ``overlap_seconds`` of other work the caller says hides it.
+  Two bounds: the disk's throughput (``io``), and each arena's cycle: stepped
+  (c = step_seconds / NVMe buckets), written, read again for the bucket
+  ``window`` places later, each request at about half the disk (``SHARED``:
+  the other lane uses the rest), the read started at the next bucket boundary
+  (one more c); ``window`` arenas take turns, so the NVMe buckets inside the
+  step need ``inside * cycle / window``.  Predicted stall =
+  max(0, max(io, cycles) - step_seconds - overlap_seconds).  Where the disk
+  path burns CPU (``host_cost_per_byte`` > 0) that cost is added, unhidden.
+* Choice: for each ring depth in `WINDOWS` and each candidate largest NVMe
+  bucket m, the buckets of size <= m are taken largest first, skipping any
+  that overshoots what the budget needs (the closest overshoot finishes the
+  cover), and also largest first until it holds, then the smallest taken
+  dropped while it still holds; the candidate with the least predicted time
+  wins (ties: fewer NVMe bytes, then the deeper ring).  (A min-sum cover is
+  subset sum; tests/test_states.py checks the greedy against brute force over
+  subsets and depths.)  The bucket size is searched too (`bucket_bytes` and
+  its halvings), at a charged ``per_bucket_seconds`` of Python overhead per
+  bucket.  Not modelled: host DRAM as a middle tier (the runtime has
+  `Placement.HOST`), gradient or parameter tiering, page-cache effects, I/O
+  contention with the data loader, a disk whose bandwidth changes under the
+  run (on the CPU box it moved between ~1.1 and ~2.5 GB/s within minutes).
 """
 
 from __future__ import annotations
@@ -56,7 +66,9 @@ from ..decisions import InfeasibleBudgetError
 from ..hardware import Hierarchy, format_size
 
 DEFAULT_STATE_BUCKET_BYTES = 64 * 1024 * 1024
-WINDOW = 3  # NVMe buckets on the fast tier at once (runtime: prefetch_depth 1 + stepping + writing)
+WINDOW = 3  # the smallest ring: one bucket read ahead, one stepped, one written behind
+SHARED = 2.0  # a read or write takes about twice its time alone while the other lane uses the disk
+WINDOWS = (3, 4, 6, 8, 12, 16)  # ring depths searched (runtime: StatePlacement.prefetch_depth = window - 2)
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,8 @@ class StatePlan:
     step_seconds: float  # the optimizer step's own compute
     overlap_seconds: float  # other work the caller said hides I/O
     host_seconds: float  # CPU time the disk path takes from compute (not hidden)
-    stall_seconds: float  # max(0, io - step - overlap)
+    stall_seconds: float  # [Note: what the state planner models]: I/O the step cannot hide
+    window: int = 3  # arenas of the runtime's ring (NVMe buckets on the fast tier at once)
 
     @property
     def predicted_seconds(self) -> float:
@@ -82,7 +95,8 @@ class StatePlan:
     def describe(self) -> str:
         n = sum(t == "nvme" for t in self.tiers)
         return (f"optimizer states: {n}/{len(self.tiers)} buckets on NVMe ({format_size(self.nvme_bytes)}), "
-                f"fast tier peak {format_size(self.fast_bytes)}; I/O {self.io_seconds * 1e3:.1f} ms/step against "
+                f"fast tier peak {format_size(self.fast_bytes)} (ring of {self.window}); "
+                f"I/O {self.io_seconds * 1e3:.1f} ms/step inside the step against "
                 f"{(self.step_seconds + self.overlap_seconds) * 1e3:.1f} ms of overlap: predicted stall "
                 f"{self.stall_seconds * 1e3:.1f} ms")
 
@@ -154,7 +168,7 @@ def plan_states(
     bucket_bytes: int = DEFAULT_STATE_BUCKET_BYTES,
     bucket_splits: int = 3,
     per_bucket_seconds: float = 50e-6,
-    window: int = WINDOW,
+    window: int | Sequence[int] = WINDOWS,
 ) -> StatePlan:
     """Place optimizer-state buckets on the fast tier or NVMe ([Note: what the state planner models]).
 
@@ -167,7 +181,8 @@ def plan_states(
     """
     if state_bytes_per_element < 0 or fast_budget < 0:
         raise ValueError("state_bytes_per_element and fast_budget must be >= 0")
-    if window < 1:
+    windows = (window,) if isinstance(window, int) else tuple(window)
+    if not windows or min(windows) < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     nv = hierarchy.nvme_tier() if hierarchy is not None else None
     if read_bandwidth is None or write_bandwidth is None:
@@ -193,7 +208,7 @@ def plan_states(
         b = max(1, bucket_bytes >> k)
         try:
             cand = _plan_buckets(buckets_of(per_param, b), per_param, fast_budget, bw, step_seconds,
-                                 overlap_seconds, window, per_bucket_seconds)
+                                 overlap_seconds, windows, per_bucket_seconds)
         except _Infeasible as e:
             smallest_need = e.need if smallest_need is None else min(smallest_need, e.need)
             continue
@@ -203,7 +218,7 @@ def plan_states(
     if best is None:
         raise InfeasibleBudgetError(
             fast_budget, int(smallest_need or 0),
-            f"optimizer states need a window of {window} NVMe buckets on the fast tier (the largest parameter's "
+            f"optimizer states need a window of {min(windows)} NVMe buckets on the fast tier (the largest parameter's "
             f"states: {format_size(max(per_param, default=0))}): a larger budget, or parameters split finer")
     return best
 
@@ -213,35 +228,60 @@ class _Infeasible(Exception):
         self.need = need
 
 
-def _plan_buckets(buckets, per_param, fast_budget, bw, step_seconds, overlap_seconds, window,
+def pipeline_stall(nvme_sizes: Sequence[int], window: int, step_seconds: float, overlap_seconds: float,
+                   bw: tuple[float, float, float, float]) -> tuple[float, float, int]:
+    """(in-step I/O seconds, predicted stall seconds, bytes moved inside the step) of the arena ring
+    ([Note: what the state planner models])."""
+    read_bandwidth, write_bandwidth, latency, _ = bw
+    n = len(nvme_sizes)
+    if n == 0:
+        return 0.0, 0.0, 0
+    nb = sum(nvme_sizes)
+    avg = nb / n
+    resident = min(n, window) * avg  # left in the ring by the last step, stepped first: no read, no wait
+    moved = nb - resident
+    inside = max(0, n - window)
+    io = moved / read_bandwidth + moved / write_bandwidth + 2 * latency * inside
+    c = step_seconds / n  # compute per NVMe bucket, the kept buckets interleaved with it included
+    # Each arena cycles: stepped (c), written behind, read for the bucket `window` places later (each
+    # request shares the disk with the other lane: about twice its time alone), the read started at the
+    # next bucket boundary (up to one more c).  `window` arenas take turns, so a bucket is ready every
+    # cycle / window seconds at best.
+    cycle = inside * (2 * c + SHARED * (avg / write_bandwidth + avg / read_bandwidth + 2 * latency)) / window
+    stall = max(0.0, max(io, cycle) - step_seconds - overlap_seconds)
+    return io, stall, int(moved)
+
+
+def _plan_buckets(buckets, per_param, fast_budget, bw, step_seconds, overlap_seconds, windows,
                   per_bucket_seconds) -> StatePlan:
-    read_bandwidth, write_bandwidth, latency, host_cost_per_byte = bw
+    host_cost_per_byte = bw[3]
     sizes = [sum(per_param[i] for i in b) for b in buckets]
     total = sum(sizes)
 
-    def cost(chosen: list[int]) -> tuple[float, float, float, int, int]:
+    def cost(chosen: list[int], window: int) -> tuple[float, float, float, int, int, float]:
         nb = sum(sizes[i] for i in chosen)
-        io = sum(sizes[i] / read_bandwidth + sizes[i] / write_bandwidth + 2 * latency for i in chosen)
-        stall = max(0.0, io - step_seconds - overlap_seconds)
-        host = 2 * nb * host_cost_per_byte + per_bucket_seconds * len(sizes)
-        fast = total - nb + min(nb, window * max((sizes[i] for i in chosen), default=0))
-        return step_seconds + stall + host, io, stall, nb, fast
+        io, stall, moved = pipeline_stall([sizes[i] for i in chosen], window, step_seconds, overlap_seconds, bw)
+        host = 2 * moved * host_cost_per_byte + per_bucket_seconds * len(sizes)
+        fast = total - nb + min(len(chosen), window) * max((sizes[i] for i in chosen), default=0)
+        return step_seconds + stall + host, io, stall, nb, fast, host
 
-    options: list[list[int]] = []
+    options: list[tuple[list[int], int]] = []
     if total <= fast_budget:
-        options.append([])
+        options.append(([], min(windows)))
     least = total
-    for cap in sorted(set(sizes)):
-        need = total + min(window * cap, total) - fast_budget  # NVMe bytes for kept + window to fit
-        for chosen in (_pick(sizes, cap, max(need, 1)), _pick_trim(sizes, cap, max(need, 1))):
-            fast = cost(chosen)[4]
-            least = min(least, fast)
-            if fast <= fast_budget:
-                options.append(chosen)
+    for window in windows:
+        for cap in sorted(set(sizes)):
+            need = total + min(window * cap, total) - fast_budget  # NVMe bytes for kept + ring to fit
+            for chosen in (_pick(sizes, cap, max(need, 1)), _pick_trim(sizes, cap, max(need, 1))):
+                fast = cost(chosen, window)[4]
+                least = min(least, fast)
+                if fast <= fast_budget:
+                    options.append((chosen, window))
     if not options:
         raise _Infeasible(least)
-    best = min(options, key=lambda c: (round(cost(c)[0], 12), cost(c)[3]))
-    _, io, stall, nb, fast = cost(best)
+    # least predicted time; then fewest NVMe bytes; then the deeper ring (more slack for a slow disk)
+    best, window = min(options, key=lambda o: (round(cost(*o)[0], 9), cost(*o)[3], -o[1]))
+    _, io, stall, nb, fast, host = cost(best, window)
     return StatePlan(
         buckets=buckets,
         tiers=tuple("nvme" if i in best else "keep" for i in range(len(buckets))),
@@ -251,9 +291,11 @@ def _plan_buckets(buckets, per_param, fast_budget, bw, step_seconds, overlap_sec
         io_seconds=io,
         step_seconds=step_seconds,
         overlap_seconds=overlap_seconds,
-        host_seconds=2 * nb * host_cost_per_byte + per_bucket_seconds * len(sizes),
+        host_seconds=host,
         stall_seconds=stall,
+        window=window if best else WINDOW,
     )
 
 
-__all__ = ["StatePlan", "plan_states", "buckets_of", "DEFAULT_STATE_BUCKET_BYTES", "WINDOW"]
+__all__ = ["StatePlan", "plan_states", "pipeline_stall", "buckets_of", "DEFAULT_STATE_BUCKET_BYTES", "WINDOW",
+           "WINDOWS"]

@@ -48,6 +48,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
@@ -190,6 +191,9 @@ class NVMeStore:
         self.closed = False
         self._outstanding: set[Future] = set()
         self._open_fds: dict[int, str] = {}  # files of open_file(), closed by close_file() or close()
+        self._inflight = 0  # positioned reads/writes running now (busy_seconds: the time this was > 0)
+        self._busy_since = 0.0
+        self.busy_seconds = 0.0  # wall time with at least one positioned read or write in flight
         # Ctrl-C or an exception that ends the program without close(): the directory goes at interpreter exit.
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.root, True)
 
@@ -363,11 +367,23 @@ class NVMeStore:
         """Write uint8 CPU tensor `src` (aligned, whole blocks under O_DIRECT) at `offset` of an open file."""
         return self._track(self._write_lane.submit(self._pwrite_job, fd, path, src, int(offset)))
 
+    def _busy(self, delta: int) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            if delta > 0 and self._inflight == 0:
+                self._busy_since = now
+            self._inflight += delta
+            if delta < 0 and self._inflight == 0:
+                self.busy_seconds += now - self._busy_since
+
     def _pwrite_job(self, fd, path, src, offset) -> None:
+        self._busy(1)
         try:
             _pwrite_all(fd, src, offset)
         except OSError as e:
             raise NVMeIOError(f"writing {format_size(src.numel())} to {path} failed: {e.strerror or e}") from e
+        finally:
+            self._busy(-1)
         with self._lock:
             self.bytes_written += src.numel()
 
@@ -376,10 +392,13 @@ class NVMeStore:
         return self._track(self._read_lane.submit(self._pread_job, fd, path, dest, int(offset)))
 
     def _pread_job(self, fd, path, dest, offset) -> None:
+        self._busy(1)
         try:
             _pread_all(fd, dest, dest.numel(), offset)
         except OSError as e:
             raise NVMeIOError(f"reading {format_size(dest.numel())} from {path} failed: {e.strerror or e}") from e
+        finally:
+            self._busy(-1)
         with self._lock:
             self.bytes_read += dest.numel()
 

@@ -161,8 +161,11 @@ class StatePlacement:
         return cls(b, (tier,) * len(b))
 
     @classmethod
-    def from_plan(cls, plan: Any, prefetch_depth: int = 1) -> "StatePlacement":
-        """From any record with `buckets` and `tiers` (e.g. `plan.states.StatePlan`)."""
+    def from_plan(cls, plan: Any, prefetch_depth: int | None = None) -> "StatePlacement":
+        """From any record with `buckets` and `tiers` (e.g. `plan.states.StatePlan`); the ring depth from its
+        `window` (arenas = prefetch_depth + 2) unless `prefetch_depth` is given."""
+        if prefetch_depth is None:
+            prefetch_depth = max(1, int(getattr(plan, "window", 3)) - 2)
         return cls(tuple(plan.buckets), tuple(plan.tiers), prefetch_depth)
 
     def tier_of(self, index: int) -> Placement:
@@ -280,6 +283,7 @@ class StateStats:
     ring_bytes_read: int = 0
     ring_bytes_written: int = 0
     ring_write_failures: int = 0
+    compute_seconds: float = 0.0  # inside the wrapped optimizer's step (the rest of step_seconds: tiering)
 
 
 class _Entry:
@@ -553,11 +557,13 @@ class TieredOptimizer(torch.optim.Optimizer):
         for i in bucket:
             p = self._records[i].param
             sub[owner[id(p)]].append(p)
+        t0 = time.perf_counter()
         try:
             for g, ps in zip(groups, sub):
                 g["params"] = ps
             self.inner.step()
         finally:
+            self.stats.compute_seconds += time.perf_counter() - t0
             for g, ps in zip(groups, full):
                 g["params"] = ps
 
