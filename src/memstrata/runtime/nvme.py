@@ -193,7 +193,7 @@ class NVMeStore:
         self._open_fds: dict[int, str] = {}  # files of open_file(), closed by close_file() or close()
         self._inflight = 0  # positioned reads/writes running now (busy_seconds: the time this was > 0)
         self._busy_since = 0.0
-        self.busy_seconds = 0.0  # wall time with at least one positioned read or write in flight
+        self._busy_done = 0.0
         # Ctrl-C or an exception that ends the program without close(): the directory goes at interpreter exit.
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.root, True)
 
@@ -374,7 +374,13 @@ class NVMeStore:
                 self._busy_since = now
             self._inflight += delta
             if delta < 0 and self._inflight == 0:
-                self.busy_seconds += now - self._busy_since
+                self._busy_done += now - self._busy_since
+
+    @property
+    def busy_seconds(self) -> float:
+        """Wall seconds with at least one positioned read or write (state buckets) in flight, so far."""
+        with self._lock:
+            return self._busy_done + (time.perf_counter() - self._busy_since if self._inflight else 0.0)
 
     def _pwrite_job(self, fd, path, src, offset) -> None:
         self._busy(1)

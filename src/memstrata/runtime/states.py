@@ -518,7 +518,7 @@ class TieredOptimizer(torch.optim.Optimizer):
         entries = self._entries if self.stats.steps % 2 == 0 else self._entries[::-1]  # the last buckets are hot
         nv = [e.file for e in entries if e.file is not None]
         ring = self._ring
-        ahead = max(1, ring.count - 1)  # every arena but the one being stepped may hold a bucket read ahead
+        ahead = max(1, ring.count)  # the bucket about to be stepped, and one read ahead in every other arena
         n = 0  # position in `nv` of the next NVMe bucket
         for e in entries:
             upcoming = nv[n:n + ahead]
