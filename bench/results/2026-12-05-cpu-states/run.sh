@@ -6,11 +6,12 @@ TAG=${1:-gpt2-350m}
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../../.." && pwd)
 PY=/work/main/.venv/bin/python
-export PYTHONPATH=$ROOT/src OMP_WAIT_POLICY=PASSIVE
+SRC=${SRC:-$ROOT/src}  # a frozen copy of the commit, so edits during the run do not leak into it
+export PYTHONPATH=$SRC OMP_WAIT_POLICY=PASSIVE
 mkdir -p /tmp/sb-nvme
 {
   echo "start $(date -u +%FT%TZ) $(uptime)"
-  echo "commit $(git -C "$ROOT" rev-parse HEAD)"
+  echo "commit $(cat "$SRC/../COMMIT" 2>/dev/null || git -C "$ROOT" rev-parse HEAD)"
   $PY -m memstrata probe --nvme /tmp/sb-nvme --json --no-cache > "$HERE/$TAG.probe.json"
   echo "disk before: $($PY "$HERE/disk_rw.py" /tmp/sb-nvme 512)"
   $PY -m memstrata bench --model gpt2-350m --budget 50% --contenders unmanaged,memstrata --repeats 3 --steps 3 \
