@@ -21,6 +21,32 @@ The arenas are the state window of the planner ([Note: what the state planner
 models] in plan/states.py): ``window`` buckets, each as large as the largest
 NVMe bucket, allocated once.
 
+[Note: the pipeline of the arena ring]
+`TieredOptimizer._step_ring` walks the step's buckets (NVMe buckets
+interleaved with the kept ones, the order reversed every step).  Before each
+bucket it *pumps*: the next ``count`` NVMe buckets (the one about to be
+stepped included) are read, in the order the step needs them, into any arena
+that is free or whose bucket was stepped already and whose write has landed
+(`try_acquire`, which never waits); the first bucket that finds none stops
+the pump until the next boundary.  A bucket whose read is still running is
+waited for together with the writes that could free an arena
+(`wait_any`), and the pump runs again whenever one of them lands, so a
+read starts as soon as its arena is clean, not when the step gets to it.
+Writes are submitted right after a bucket's update and never waited for
+inside the step unless an arena is needed for a bucket about to be stepped
+and none is clean (counted as a demand fetch).  Reads and writes run on
+separate thread lanes ([Note: read and write lanes] in nvme.py).  The ring's
+last ``count`` buckets stay in their arenas after the step: the next step,
+in reverse order, starts with them (no read) and their writes land during the
+forward and backward in between.  Inside a step the disk therefore moves the
+NVMe bytes less the ring's, each way: with the ring within the budget that is
+about (all states - budget) each way, the least any placement can move
+([Note: what the state planner models] in plan/states.py), and the step is
+disk-bound once that I/O takes longer than the step's compute.  Before
+(2026-12-02) a bucket's arena was taken from bucket k-1 by *waiting* for its
+write (a one-bucket-deep pipeline) and reads queued behind writes in one FIFO
+pool.
+
 [Note: no state is ever lost, with arenas]
 A bucket's current values are always complete in its file or its arena.  The
 file is overwritten only from the arena that holds the newer values, and the

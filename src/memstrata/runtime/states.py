@@ -48,7 +48,11 @@ starts.  So at most ``prefetch_depth + 2`` tiered buckets are on tier 0 at any
 time (`stats.peak_resident_bytes`); the writes of the last two buckets overlap
 the next forward/backward and are waited for at the start of the next `step()`
 (or in `state_dict()`, `flush()`, `close()`).  A tiered bucket whose write is
-still in flight when it is needed again is used from memory (no read).
+still in flight when it is needed again is used from memory (no read).  NVMe
+buckets on a CPU tier 0 go through the arena ring instead: ``prefetch_depth + 2``
+arenas, reads pumped ahead into every clean arena ([Note: the pipeline of the
+arena ring] in state_arenas.py); `StatePlacement.from_plan` takes the depth
+from the planner's `window`.
 
 [Note: no state is ever lost]
 A state's bytes are always complete in at least one place.  Every write goes to
