@@ -62,6 +62,12 @@ def test_state_bench_worker_memstrata_is_exact_and_within_budget(tmp_path):
     assert got["state_peak_bytes"] <= budget
     n = got["notes"]
     assert "NVMe" in n["plan"] and n["nvme_bytes_per_step"] > 0 and n["arena_bytes"] > 0
+    # what the README's floor is computed from: per timed step, the step's own compute, the disk's busy time
+    med = n["timed_step_medians"]
+    assert 0 < med["compute_s"] <= med["opt_step_s"] and med["disk_busy_s"] > 0
+    assert med["bytes_read"] > 0 and med["bytes_written"] > 0 and n["ring"] >= 3
+    assert n["measured_stall_s"] == pytest.approx(med["opt_step_s"] - med["compute_s"])
+    assert n["planned_step_compute_s"] > 0 and n["predicted_stall_s"] >= 0
     assert os.listdir(tmp_path) == []  # the store is gone with the run
 
 
