@@ -187,7 +187,7 @@ class _StepState:
         self.heap_peak = 0
         self.next_sample = 0.0  # perf_counter time before which pack/unpack samples are skipped
         self.buffer_storages: frozenset[int] = frozenset()
-        self.recipes: dict = {}  # storage key -> (StorageWeakRef, Recipe) ([Note: replay recipes] in replay.py)
+        self.recipes: dict = {}  # storage key -> RecipeEntry ([Note: replay recipes] in replay.py) ([Note: replay recipes] in replay.py)
 
 
 # ---------------------------------------------------------------------- the runtime
@@ -240,6 +240,7 @@ class ActivationRuntime:
         self._segments = build_segment_plans(trace, plan, decision_space(trace), self._all_modules, self.notes)
         self._replays = decision_space(trace).replays_of(plan)
         self._replay_sids = frozenset(self._replays)
+        self._last_pack = {sid: max(trace.storages[sid].pack_indices) for sid in self._replays}
         self._chains_by_unit = unit_chains(trace, self._replays)
 
         # The NVMe store: validated here, before any managed step (see nvme.py).
@@ -495,10 +496,12 @@ class ActivationRuntime:
             return t
         if entry.storage in self._replay_sids:
             hit = st.recipes.get(t.untyped_storage()._cdata)
-            if (hit is not None and hit[2] == entry.storage and not hit[0].expired()
-                    and t.untyped_storage().nbytes() == entry.nbytes):
+            recipe = hit.recipe() if hit is not None and hit.sid == entry.storage and not hit.ref.expired() else None
+            if recipe is not None and t.untyped_storage().nbytes() == entry.nbytes:
                 st.stats.replayed += 1
-                return Replayed(hit[1], t, entry.anchor)
+                if k >= self._last_pack[entry.storage]:
+                    hit.release()  # from now on the packs (and readers) keep the recipe ([Note: what a recipe holds])
+                return Replayed(recipe, t, entry.anchor)
         if entry.action == KEEP or not self._offloadable(t):
             st.stats.kept += 1
             return _Kept(t, entry.anchor) if entry.anchor is not None else t
