@@ -150,7 +150,7 @@ def test_illegal_segment_and_replay_decisions_raise():
     sid = max(space.replayable_storages(), key=lambda s: trace.storages[s].nbytes)
     chain = space.replay_chain(sid)
     with pytest.raises(PlanError, match="not its chain"):
-        simulate(trace, mk(replays=(ReplayDecision(sid, chain[-1:] + chain[:-1] if len(chain) > 1 else (0,)),)), h,
+        simulate(trace, mk(replays=(ReplayDecision(sid, chain[-1:] + chain[:-1] if len(chain) > 1 else (chain[0] + 1,)),)), h,
                  check=False)
     d = StorageDecision(sid, "offload", "nvme", evict_after=trace.storages[sid].producer,
                         prefetch_at=min(trace.storages[sid].backward_reads))

@@ -156,6 +156,26 @@ class RecipeEntry:
         self.strong = None
 
 
+class ChainTable:
+    """The recorded steps of one training step's chains, shared by the unit calls a chain spans
+    ([Note: replays across units] in trace/space.py); `prune` keeps only what chains still open need."""
+
+    __slots__ = ("steps", "step_out")
+
+    def __init__(self) -> None:
+        self.steps: dict[int, _Step] = {}
+        self.step_out: dict[int, tuple] = {}
+
+    def prune(self, chains: dict[int, tuple[int, ...]], done_through: int) -> None:
+        """Forget the steps of every chain that ended at or before op `done_through` (their recipes exist)."""
+        keep = {j for last, c in chains.items() if last > done_through for j in c}
+        for j in [j for j in self.steps if j not in keep]:
+            del self.steps[j]
+        kept = set(map(id, self.steps.values()))
+        for k in [k for k, v in self.step_out.items() if id(v[1]) not in kept]:
+            del self.step_out[k]
+
+
 def _written_args(func) -> set[int]:
     """Positions of the schema arguments that `func` writes (`Tensor(a!)`)."""
     out = set()
@@ -170,7 +190,8 @@ class ReplayCapture(TorchDispatchMode):
 
     def __init__(self, trace: Trace, unit: UnitRecord, chains: dict[int, tuple[int, ...]],
                  recipes: dict[int, RecipeEntry], targets: dict[int, tuple[int, ...]],
-                 buffers: frozenset[int] = frozenset()) -> None:
+                 buffers: frozenset[int] = frozenset(), shared: "ChainTable | None" = None,
+                 held_at: dict[int, frozenset[int]] | None = None) -> None:
         super().__init__()
         self.trace = trace
         self.next = unit.first_op
@@ -180,13 +201,16 @@ class ReplayCapture(TorchDispatchMode):
         self.recipes = recipes
         self.targets = targets  # storage id -> its chain, for every storage the plan replays
         self.buffers = buffers  # storage keys of the model's buffers
-        self.step_out: dict[int, tuple] = {}  # storage key -> (StorageWeakRef, step, leaf, geometry)
-        self.steps: dict[int, _Step] = {}  # op index -> step
+        table = shared if shared is not None else ChainTable()
+        self.table = table
+        self.step_out = table.step_out  # storage key -> (StorageWeakRef, step, leaf, geometry)
+        self.steps = table.steps  # op index -> step
         self.broken: str | None = None
+        self.held_at = held_at if held_at is not None else {}  # op -> storages a chain through it holds
 
-    def _arg(self, a: Any, write: bool, sid_of: dict[int, int]):
+    def _arg(self, a: Any, write: bool, sid_of: dict[int, int], op: int):
         if isinstance(a, (list, tuple)):
-            return type(a)(self._arg(x, write, sid_of) for x in a)
+            return type(a)(self._arg(x, write, sid_of, op) for x in a)
         if not isinstance(a, torch.Tensor):
             return a
         key = a.untyped_storage()._cdata
@@ -208,19 +232,12 @@ class ReplayCapture(TorchDispatchMode):
                 return a.detach().clone()
         rec = self.recipes.get(key)
         recipe = rec.recipe() if rec is not None and not rec.ref.expired() else None
-        if recipe is not None:
-            pass
-        elif step is not None and sid is not None and sid in self.targets:
-            # a replayed storage made by an earlier op of the unit, read before its own chain ended: it is
-            # resolved through that op's output (the chain includes it); holding it would keep the storage the
-            # plan frees
-            pass
-        elif s is None or s.saved or s.kind in ("parameter", "input") or s.persistent:
-            # held: kept for backward (or a parameter) anyway, so the reference costs nothing; the plan prices
-            # the rest (trace/space.py, replay_inputs)
-            with _disable_current_modes():
-                held = a.detach()
-        elif step is None:  # an input made outside the unit, not saved: held (priced by the plan)
+        if recipe is None and (step is None or s is None or s.kind in ("parameter", "input") or s.persistent
+                               or sid in self.held_at.get(op, ())):
+            # held: what the replay model counts (`DecisionSpace.replay_inputs` of the chains through this op),
+            # parameters and the step's inputs (persistent: the reference costs nothing), and anything no
+            # earlier step of a chain made (exact).  A storage an earlier op of the chain made is resolved
+            # through that op's fresh output, never held ([Note: what a recipe holds]).
             with _disable_current_modes():
                 held = a.detach()
         return _Arg(step, leaf, recipe, held, geometry)
@@ -256,8 +273,8 @@ class ReplayCapture(TorchDispatchMode):
             self.broken = f"op {j}: {len(keys)} input storages, the trace has {len(self.trace.ops[j].inputs)}"
             return func(*args, **kwargs)
         sid_of = dict(zip(keys, self.trace.ops[j].inputs))
-        rec_args = tuple(self._arg(a, i in written, sid_of) for i, a in enumerate(args))
-        rec_kwargs = {k: self._arg(v, names.index(k) in written if k in names else False, sid_of)
+        rec_args = tuple(self._arg(a, i in written, sid_of, j) for i, a in enumerate(args))
+        rec_kwargs = {k: self._arg(v, names.index(k) in written if k in names else False, sid_of, j)
                       for k, v in kwargs.items()}
         step = _Step(func, rec_args, rec_kwargs)
         self.steps[j] = step
@@ -291,14 +308,24 @@ class ReplayCapture(TorchDispatchMode):
         return out
 
 
+def held_inputs(space, replays: dict[int, tuple[int, ...]]) -> dict[int, frozenset[int]]:
+    """op -> the storages that the replays whose chains run it hold (`DecisionSpace.replay_inputs`)."""
+    out: dict[int, set[int]] = {}
+    for sid, chain in replays.items():
+        for j in chain:
+            out.setdefault(j, set()).update(space.replay_inputs(sid))
+    return {j: frozenset(v) for j, v in out.items()}
+
+
 def unit_chains(trace: Trace, replays: dict[int, tuple[int, ...]]) -> dict[int, dict[int, tuple[int, ...]]]:
-    """unit index -> {last op of a chain: chain} for the plan's replays."""
+    """unit index -> {last op of a chain: chain} for the plan's replays, for every unit that runs an op of
+    the chain (a chain may span consecutive units: [Note: replays across units] in trace/space.py)."""
     out: dict[int, dict[int, tuple[int, ...]]] = {}
     for chain in replays.values():
-        u = trace.ops[chain[-1]].unit
-        if u is not None:
-            out.setdefault(u, {})[chain[-1]] = chain
+        for u in {trace.ops[j].unit for j in chain}:
+            if u is not None:
+                out.setdefault(u, {})[chain[-1]] = chain
     return out
 
 
-__all__ = ["Recipe", "RecipeEntry", "Replayed", "ReplayCapture", "unit_chains"]
+__all__ = ["ChainTable", "Recipe", "RecipeEntry", "Replayed", "ReplayCapture", "held_inputs", "unit_chains"]
