@@ -61,7 +61,7 @@ import numpy as np
 from ..hardware import Hierarchy
 from ..trace.schema import UnitRecord
 from ..decisions import Offload
-from ..simulate import SimResult, run, try_run
+from ..simulate import SimResult, replay_time, run, try_run
 from ..trace.index import TraceIndex
 from ..trace.space import decision_space
 
@@ -898,7 +898,7 @@ def replay_seed(ev_: Evaluator, deadline: float | None = None) -> State:
         b = int(ix.nbytes[sid])
         if b < floor:
             continue
-        t = float(sum(ix.dur[j] for j in space.replay_chain(sid)))
+        t = replay_time(ix, ev_.h, sid, space.replay_chain(sid))  # priced as the simulator prices it
         scored.append((b / max(t, 1e-12), sid))
     st = State()
     for _, sid in sorted(scored, reverse=True):
@@ -930,7 +930,7 @@ def prune_replays(ev_: Evaluator, st: State, res: SimResult, deadline: float | N
     """Drop replays the plan does not need (most expensive first)."""
     ix = ev_.ix
     best = cost(res)
-    for sid in sorted(st.replays, key=lambda s: -float(sum(ix.dur[j] for j in st.replays[s]))):
+    for sid in sorted(st.replays, key=lambda s: -replay_time(ix, ev_.h, s, st.replays[s])):
         if deadline is not None and time.perf_counter() > deadline:
             break
         t = st.copy()
