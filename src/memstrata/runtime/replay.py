@@ -223,11 +223,13 @@ class ReplayCapture(TorchDispatchMode):
         if hit is not None and not hit[0].expired():
             _, step, leaf, geo = hit
             geometry = None if g == geo else g
-        if key in self.buffers or (s is not None and s.kind == "buffer") or (write and step is None):
+        if (key in self.buffers or (s is not None and s.kind == "buffer")
+                or (write and (step is None or sid is None or sid in self.held_at.get(op, ())))):
             # a buffer the op may update (BatchNorm's running statistics, which native_batch_norm's schema
             # does not even mark as written): the replay updates a snapshot, never the buffer.  (A written
             # argument made by an earlier op of the unit is not copied: the replay writes that op's fresh
-            # output, as the forward did; [Note: what a recipe holds].)
+            # output, as the forward did; [Note: what a recipe holds].  One the chain holds is copied, which
+            # is exact.)
             with _disable_current_modes():
                 return a.detach().clone()
         rec = self.recipes.get(key)
