@@ -34,15 +34,18 @@ recomputable or heavy.
   forward ops that recompute it from inputs that stay in tier 0 anyway (saved
   storages, parameters, buffers; or storages replayed themselves): walking back
   from its last writer, a read storage that is not saved and was written
-  earlier in the same unit is recomputed through its last writer too.  Legal
-  when every op of the chain is in `REPLAYABLE_OP_PREFIXES` (cheap and
-  deterministic: the same kernel on the same inputs gives the same bits), none
-  draws random numbers, all run in one unit, no later forward op writes the
+  earlier in the same unit (or in a unit just before it: [Note: replays across
+  units]) is recomputed through its last writer too.  Legal when every op of
+  the chain is in `REPLAYABLE_OP_PREFIXES` (cheap and deterministic: the same
+  kernel on the same inputs gives the same bits) or is a heavy op that reads
+  only the batch and parameters ([Note: replays from the batch]), none draws
+  random numbers, all run in one unit or consecutive ones with no op outside
+  every unit between them, no later forward op writes the
   storage or a held input (buffers the chain updates, BatchNorm's running
   statistics, are snapshotted when the op runs and the replay updates the
   snapshot, never the buffer), and the chain has at most `MAX_REPLAY_OPS`
   ops.  In a plan: the storage is not offloaded, not dropped by a recompute,
-  its unit is not recomputed, and its held inputs are neither offloaded nor
+  none of its units is recomputed, and its held inputs are neither offloaded nor
   dropped (the replay recipe pins them).
 * heavy ops: one taxonomy (`is_heavy_op`) for planners ("keep the outputs of
   convolutions and matrix products") and forced plans; the roofline may add
