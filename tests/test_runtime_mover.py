@@ -54,7 +54,7 @@ def test_runtime_executes_every_decision_as_planned(model_name, tmp_path):
     lo, hi = minimum_budget(trace, h), trace.observed_peak
     plans = [forced_plan(trace, k, h) for k in ("host", "nvme", "recompute", "selective", "segment", "replay", "mixed")]
     plans.append(make_plan(trace, h, (lo + hi) // 2))
-    assert any(p.units for p in plans[-1:]) or any(p.storages for p in plans[-1:])
+    assert plans[-1].units or plans[-1].storages or plans[-1].replays  # the planner plan decides something
     for p in plans:
         model = copy.deepcopy(base)
         rt = ActivationRuntime(model, trace, p, h)

@@ -102,9 +102,9 @@ def _setup_plan(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--fused-replay", action="store_true",
                    help="price op-level replays as one fused (compiled) kernel each instead of the eager ops "
                         "(implies --replays)")
-    p.add_argument("--replays", action="store_true",
-                   help="let the planner choose op-level replays (off by default: their memory is not yet "
-                        "priced as measured on CPU)")
+    p.add_argument("--replays", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the planner choose op-level replays (default: on; --no-replays plans units, "
+                        "segments and offloads only)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="write the memory timeline picture here")
     return cmd_plan
@@ -122,7 +122,7 @@ def run_plan(
     plot: str | None = None,
     nvme: str | None = None,
     fused_replay: bool = False,
-    replays: bool = False,
+    replays: bool = True,
 ) -> tuple[dict[str, Any], Any]:
     """Trace, plan and simulate; returns (summary dict, rich renderable).
 

@@ -114,7 +114,7 @@ from .decisions import Offload, Plan, PlanError
 from .hardware import Hierarchy, format_size
 from .trace.index import TraceIndex, UnitEffect, occupancy, trace_index
 from .trace.schema import Trace
-from .trace.space import decision_space
+from .trace.space import decision_space, is_replayable_op
 from .trace.states import planned_trace, state_stall_seconds
 
 __all__ = ["simulate", "Timeline", "InfeasiblePlanError", "SimResult", "Phase", "run", "try_run", "plan_to_dicts",
@@ -245,6 +245,21 @@ class ReplayEffect:
     held: tuple[int, ...]  # storages the recipe holds until R (not replayed themselves)
 
 
+def replay_time(ix: TraceIndex, hierarchy: Hierarchy, sid: int, chain: tuple[int, ...]) -> float:
+    """Seconds one replay of sid adds ([Note: simulation semantics], replay): its chain's ops eager, or one
+    fused pass over what it reads and writes with `Hierarchy.fused_replay`."""
+    if hierarchy.fused_replay:
+        # a heavy op of the chain (the stem convolution: [Note: replays from the batch] in trace/space.py) is
+        # not fused: it costs what it cost in the forward, and the fused pass starts from its output
+        heavy = [j for j in chain if not is_replayable_op(ix.trace.ops[j].name)]
+        space = decision_space(ix.trace)
+        moved = int(ix.nbytes[sid]) + sum(int(ix.nbytes[x]) for x in space.replay_inputs(sid))
+        moved += sum(int(ix.nbytes[o]) for j in heavy for o in ix.trace.ops[j].outputs)
+        return (float(sum(ix.dur[j] for j in heavy)) + moved / hierarchy.fast_bandwidth
+                + hierarchy.kernel_overhead * (1 + len(heavy)))
+    return float(sum(ix.dur[j] for j in chain))
+
+
 def replay_effects(ix: TraceIndex, hierarchy: Hierarchy, replays: Mapping[int, tuple[int, ...]]
                    ) -> dict[int, ReplayEffect]:
     """Effects of legal replays (sid -> chain); the replay events propagate from readers to what they read."""
@@ -264,11 +279,7 @@ def replay_effects(ix: TraceIndex, hierarchy: Hierarchy, replays: Mapping[int, t
         chain_set = set(chain)
         tmp = {o for j in chain for o in trace.ops[j].outputs
                if o != sid and trace.storages[o].producer in chain_set and o not in replays}
-        if hierarchy.fused_replay:
-            moved = int(ix.nbytes[sid]) + sum(int(ix.nbytes[x]) for x in space.replay_inputs(sid))
-            t = moved / hierarchy.fast_bandwidth + hierarchy.kernel_overhead
-        else:
-            t = float(sum(ix.dur[j] for j in chain))
+        t = replay_time(ix, hierarchy, sid, chain)
         fwd = [a for a in ix.accesses[sid] if a <= fe]
         out[sid] = ReplayEffect(sid, R[sid], max(fwd) if fwd else int(ix.start[sid]), t,
                                 int(sum(int(ix.nbytes[o]) for o in tmp)), held)

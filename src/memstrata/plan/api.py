@@ -166,7 +166,7 @@ def to_plan(trace: Trace, hierarchy: Hierarchy, budget: int, st: "_greedy.State"
 
 
 def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "auto", tiers=None,
-         time_limit: float = 4.0, replays: bool = False) -> Plan:
+         time_limit: float = 4.0, replays: bool = True) -> Plan:
     """Decide where every saved activation lives and which units are recomputed, within `budget` tier-0 bytes.
 
     planner: "greedy" (fast heuristic), "milp" (exact for stated restricted problems, never worse than greedy;
@@ -175,10 +175,8 @@ def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "aut
     lower tiers used for offload (names; default all).  The returned plan carries the simulator's
     predicted step time and per-tier peaks.  Raises InfeasibleBudgetError below minimum_budget().
 
-    replays: let greedy choose op-level replays (`ReplayDecision`).  Off by default: on CPU, forced replay
-    plans measured *more* heap than without them where the simulator predicted less (mobilenet_v3_small
-    b8 64 px: +1.4 MB measured against -3.3 MB predicted), so until their memory is priced right the
-    planners do not pick them on their own ([Note: replays are opt-in] below).
+    replays: let greedy choose op-level replays (`ReplayDecision`), on by default ([Note: replays in the
+    default plan] below); False plans with units, segments and offloads only.
     """
     if planner not in PLANNERS:
         raise ValueError(f"planner must be one of {PLANNERS}, got {planner!r}")
@@ -243,11 +241,12 @@ def least_budget_within(trace: Trace, hierarchy: Hierarchy, slowdown: float, *, 
     return hi
 
 
-# [Note: replays are opt-in]
-# Op-level replay (`ReplayDecision`) is bit-exact and legal, forced plans and `plan(..., replays=True)` use
-# it, but the planners do not choose it by default.  Measured on CPU (forced plans, glibc heap above the
-# step start, one step, batch 8, 64 px): mobilenet_v3_small replay +1.41 MB against a predicted saving of
-# 3.25 MB; resnet18 +5.49 MB against 0.46 MB (selective and full recompute measured at or above their
-# predictions).  The runtime's recipes hold more than the simulator's replay model counts (inputs of
-# every recorded chain op, results of a replay read by a later one).  Until that is priced from the
-# runtime's real references, a default plan with replays could break the budget it promises.
+# [Note: replays in the default plan]
+# Op-level replay (`ReplayDecision`) was opt-in from 2026-12-02 to 2026-12-05: forced replay plans measured
+# *more* heap on CPU than without them, where the simulator predicted less (mobilenet_v3_small b8 64 px
+# -1.35 MB measured against 3.25 MB predicted; resnet18 -5.49 against 0.46), because the recipes held more
+# than the replay model counts (a copy of every in-place chain op's argument, the replayed storage itself,
+# every materialised value until the end of the step).  The runtime now holds exactly what the simulator
+# counts ([Note: what a recipe holds] in runtime/replay.py; measured 4.35 vs 4.30 MB and 4.45 vs 4.20 MB,
+# `test_replay_frees_what_the_simulator_predicts`), so greedy chooses replays by default again; it drops
+# replays that pin a storage at an event where nothing else can be freed (`replays_pinning`).

@@ -61,7 +61,7 @@ import numpy as np
 from ..hardware import Hierarchy
 from ..trace.schema import UnitRecord
 from ..decisions import Offload
-from ..simulate import SimResult, run, try_run
+from ..simulate import SimResult, replay_time, run, try_run
 from ..trace.index import TraceIndex
 from ..trace.space import decision_space
 
@@ -91,7 +91,7 @@ def assign_unit(ix: TraceIndex, st: State, u: int, m: tuple[int, ...]) -> None:
     first, last = ix.units[u].first_op, ix.units[u].last_op
     trace = ix.trace
     for sid in [s for s, c in st.replays.items()
-                if trace.ops[c[-1]].unit is not None and a <= trace.ops[c[-1]].unit <= b
+                if any(a <= v <= b for v in space.replay_units(s))
                 or any(trace.storages[x].producer is not None and first <= trace.storages[x].producer <= last
                        for x in space.replay_inputs(s))]:
         del st.replays[sid]
@@ -409,7 +409,9 @@ class _Cand:
 
 
 class GreedyStuck(RuntimeError):
-    pass
+    def __init__(self, message: str, event: int | None = None) -> None:
+        super().__init__(message)
+        self.event = event  # the overflowing event nothing could be freed at, when known
 
 
 def _lane_free_lookup(res: SimResult) -> dict[str, tuple[list[float], list[float]]]:
@@ -691,7 +693,7 @@ def _probe(ev_: Evaluator, st: State, res: SimResult, p: int, modes, deep_first:
         if best is None or score < best[0]:
             best = (score, t, r)
     if best is None:
-        raise GreedyStuck(f"nothing left to free at event {p}")
+        raise GreedyStuck(f"nothing left to free at event {p}", event=int(p))
     return best[1], best[2]
 
 
@@ -896,7 +898,7 @@ def replay_seed(ev_: Evaluator, deadline: float | None = None) -> State:
         b = int(ix.nbytes[sid])
         if b < floor:
             continue
-        t = float(sum(ix.dur[j] for j in space.replay_chain(sid)))
+        t = replay_time(ix, ev_.h, sid, space.replay_chain(sid))  # priced as the simulator prices it
         scored.append((b / max(t, 1e-12), sid))
     st = State()
     for _, sid in sorted(scored, reverse=True):
@@ -910,12 +912,25 @@ def replay_seed(ev_: Evaluator, deadline: float | None = None) -> State:
     return st
 
 
+def replays_pinning(ev_: Evaluator, st: State, event: int) -> list[int]:
+    """The state's replays that hold a storage live at `event` past its own last read before the replay."""
+    ix = ev_.ix
+    space = decision_space(ix.trace)
+    out = []
+    for sid in st.replays:
+        for x in space.replay_inputs(sid):
+            if int(ix.start[x]) <= event <= int(ix.end[x]) and int(ix.nbytes[x]) >= REPLAY_MIN_BYTES:
+                out.append(sid)
+                break
+    return out
+
+
 def prune_replays(ev_: Evaluator, st: State, res: SimResult, deadline: float | None = None
                   ) -> tuple[State, SimResult]:
     """Drop replays the plan does not need (most expensive first)."""
     ix = ev_.ix
     best = cost(res)
-    for sid in sorted(st.replays, key=lambda s: -float(sum(ix.dur[j] for j in st.replays[s]))):
+    for sid in sorted(st.replays, key=lambda s: -replay_time(ix, ev_.h, s, st.replays[s])):
         if deadline is not None and time.perf_counter() > deadline:
             break
         t = st.copy()
@@ -954,13 +969,24 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
         pass
     # Replay seed: op-level recompute of every cheap-to-regenerate saved storage (best bytes per second
     # first, until the peak fits), then the peel above on top; unneeded replays are pruned.
-    try:  # within the deadlines the other variants already have: planning time does not grow
-        seed = replay_seed(ev_, deadline=deadline) if replays and time.perf_counter() < deadline else State()
-        if seed.replays:
+    # A replay pins what it reads until it runs; where the peel finds nothing left to free at an event, the
+    # replays pinning storages live there are dropped from the seed and the peel runs again.
+    seed = replay_seed(ev_, deadline=deadline) if replays and time.perf_counter() < deadline else State()
+    for _ in range(4):  # within the deadlines the other variants already have: planning time does not grow
+        if not seed.replays:
+            break
+        try:
             st, res = peel(ev_, seed, modes, deadline=deadline + 0.25 * time_limit, deep_first=True)
             results.append(prune_replays(ev_, st, res, deadline=deadline + 0.5 * time_limit))
-    except GreedyStuck:
-        pass
+            break
+        except GreedyStuck as e:
+            if e.event is None or time.perf_counter() > deadline + 0.25 * time_limit:
+                break
+            pinned = replays_pinning(ev_, seed, e.event)
+            if not pinned:
+                break
+            for sid in pinned:
+                del seed.replays[sid]
     fr = frugal_state(ix, hierarchy, tiers, budget)
     r = schedule_and_run(ev_, fr, ev_(fr))
     if r is None or not r.feasible:

@@ -94,7 +94,7 @@ from .nvme import NVMeStore
 from .pool import HostBufferPool, round_up
 from .recompute import (build_segment_plans, build_unit_plans, checkpoint_unit, install_segment_forwards,
                         install_unit_forwards)
-from .replay import Replayed, ReplayCapture, unit_chains
+from .replay import ChainTable, Replayed, ReplayCapture, held_inputs, unit_chains
 from .streams import CopyContext
 
 KEEP, HOST, NVME = Placement.KEEP, Placement.HOST, Placement.NVME
@@ -187,7 +187,8 @@ class _StepState:
         self.heap_peak = 0
         self.next_sample = 0.0  # perf_counter time before which pack/unpack samples are skipped
         self.buffer_storages: frozenset[int] = frozenset()
-        self.recipes: dict = {}  # storage key -> (StorageWeakRef, Recipe) ([Note: replay recipes] in replay.py)
+        self.chain_table = ChainTable()  # steps of chains that span units ([Note: replays across units])
+        self.recipes: dict = {}  # storage key -> RecipeEntry ([Note: replay recipes] in replay.py) ([Note: replay recipes] in replay.py)
 
 
 # ---------------------------------------------------------------------- the runtime
@@ -240,7 +241,10 @@ class ActivationRuntime:
         self._segments = build_segment_plans(trace, plan, decision_space(trace), self._all_modules, self.notes)
         self._replays = decision_space(trace).replays_of(plan)
         self._replay_sids = frozenset(self._replays)
+        self._last_pack = {sid: max(trace.storages[sid].pack_indices) for sid in self._replays}
         self._chains_by_unit = unit_chains(trace, self._replays)
+        self._all_chains = {c[-1]: c for c in self._replays.values()}
+        self._held_at = held_inputs(decision_space(trace), self._replays)
 
         # The NVMe store: validated here, before any managed step (see nvme.py).
         self.nvme_bytes = sum(round_up(self.trace.storages[e.storage].nbytes) for e in self._offloaded_storages(NVME))
@@ -378,8 +382,10 @@ class ActivationRuntime:
             else:
                 chains = self._chains_by_unit.get(i) if up is not None and st.misaligned is None else None
                 if chains and torch.is_grad_enabled():
-                    with ReplayCapture(self.trace, up.record, chains, st.recipes, self._replays, st.buffer_storages) as cap:
+                    with ReplayCapture(self.trace, up.record, chains, st.recipes, self._replays, st.buffer_storages,
+                                       st.chain_table, self._held_at) as cap:
                         out = orig(*args, **kwargs)
+                    st.chain_table.prune(self._all_chains, up.record.last_op)
                     if cap.broken:
                         self.notes.append(f"unit {i} ({name}): replay recording stopped ({cap.broken}); kept")
                 else:
@@ -495,10 +501,12 @@ class ActivationRuntime:
             return t
         if entry.storage in self._replay_sids:
             hit = st.recipes.get(t.untyped_storage()._cdata)
-            if (hit is not None and hit[2] == entry.storage and not hit[0].expired()
-                    and t.untyped_storage().nbytes() == entry.nbytes):
+            recipe = hit.recipe() if hit is not None and hit.sid == entry.storage and not hit.ref.expired() else None
+            if recipe is not None and t.untyped_storage().nbytes() == entry.nbytes:
                 st.stats.replayed += 1
-                return Replayed(hit[1], t, entry.anchor)
+                if k >= self._last_pack[entry.storage]:
+                    hit.release()  # from now on the packs (and readers) keep the recipe ([Note: what a recipe holds])
+                return Replayed(recipe, t, entry.anchor)
         if entry.action == KEEP or not self._offloadable(t):
             st.stats.kept += 1
             return _Kept(t, entry.anchor) if entry.anchor is not None else t

@@ -22,10 +22,35 @@ references to the inputs.  Any mismatch between the ops seen and the trace's
 (a name differs, an argument cannot be resolved) stops recording in that unit
 call: the storages it would have replayed are kept, which is always exact.
 Ops that draw random numbers are never in a chain (trace/space.py).
+
+[Note: what a recipe holds]
+A recipe holds exactly what the simulator's replay model counts
+(`DecisionSpace.replay_inputs`, live until the replay event; the replayed
+storage absent from its last forward access to that event):
+* a tensor argument made by an earlier op of the unit is never held when it is
+  a replayed storage or written by the op: the replay resolves it through that
+  op's fresh output (or through the storage's own recipe).  An in-place op of
+  the chain (`relu_`, `add_`, `hardswish_`) therefore writes the replay's own
+  fresh output, as the forward wrote its own, never a held input; nothing is
+  copied.  Only arguments from outside the unit that an op writes are
+  snapshotted (BatchNorm's running statistics: a few bytes per channel).
+  Before this rule, the written argument of every in-place chain op was
+  cloned and the replayed storage itself held as an argument, so a forced
+  replay plan measured *more* heap than keeping everything
+  (mobilenet_v3_small -1.35 MB against 3.25 MB predicted; resnet18 -5.49 MB
+  against 0.46 MB; `test_replay_frees_what_the_simulator_predicts`);
+* the step's table (`RecipeEntry`, by forward storage) holds a recipe strongly
+  only until the storage's last pack; from then on the packs (`Replayed`, freed
+  with their autograd nodes) and the recipes that read it keep it, so a
+  materialised value lives from its replay event to its last backward read,
+  not to the end of the step.  A replay read by a later replay is cached on its
+  recipe from the earlier replay event on: the simulator moves its replay event
+  there (`replay_effects`).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -118,6 +143,39 @@ class Replayed:
         return _view(self.recipe.materialize(), self.geometry)
 
 
+class RecipeEntry:
+    """The step's record of one recipe, by the forward storage it regenerates: a strong reference to the recipe
+    until the storage's last pack (`release`), a weak one after ([Note: what a recipe holds])."""
+
+    __slots__ = ("ref", "strong", "recipe", "sid")
+
+    def __init__(self, ref: StorageWeakRef, recipe: Recipe, sid: int) -> None:
+        self.ref, self.strong, self.recipe, self.sid = ref, recipe, weakref.ref(recipe), sid
+
+    def release(self) -> None:
+        self.strong = None
+
+
+class ChainTable:
+    """The recorded steps of one training step's chains, shared by the unit calls a chain spans
+    ([Note: replays across units] in trace/space.py); `prune` keeps only what chains still open need."""
+
+    __slots__ = ("steps", "step_out")
+
+    def __init__(self) -> None:
+        self.steps: dict[int, _Step] = {}
+        self.step_out: dict[int, tuple] = {}
+
+    def prune(self, chains: dict[int, tuple[int, ...]], done_through: int) -> None:
+        """Forget the steps of every chain that ended at or before op `done_through` (their recipes exist)."""
+        keep = {j for last, c in chains.items() if last > done_through for j in c}
+        for j in [j for j in self.steps if j not in keep]:
+            del self.steps[j]
+        kept = set(map(id, self.steps.values()))
+        for k in [k for k, v in self.step_out.items() if id(v[1]) not in kept]:
+            del self.step_out[k]
+
+
 def _written_args(func) -> set[int]:
     """Positions of the schema arguments that `func` writes (`Tensor(a!)`)."""
     out = set()
@@ -128,11 +186,12 @@ def _written_args(func) -> set[int]:
 
 
 class ReplayCapture(TorchDispatchMode):
-    """Records the chains of one unit call ([Note: replay recipes]); `recipes`: storage key -> (ref, recipe, sid)."""
+    """Records the chains of one unit call ([Note: replay recipes]); `recipes`: storage key -> RecipeEntry."""
 
     def __init__(self, trace: Trace, unit: UnitRecord, chains: dict[int, tuple[int, ...]],
-                 recipes: dict[int, tuple[StorageWeakRef, Recipe, int]], targets: dict[int, tuple[int, ...]],
-                 buffers: frozenset[int] = frozenset()) -> None:
+                 recipes: dict[int, RecipeEntry], targets: dict[int, tuple[int, ...]],
+                 buffers: frozenset[int] = frozenset(), shared: "ChainTable | None" = None,
+                 held_at: dict[int, frozenset[int]] | None = None) -> None:
         super().__init__()
         self.trace = trace
         self.next = unit.first_op
@@ -142,39 +201,45 @@ class ReplayCapture(TorchDispatchMode):
         self.recipes = recipes
         self.targets = targets  # storage id -> its chain, for every storage the plan replays
         self.buffers = buffers  # storage keys of the model's buffers
-        self.step_out: dict[int, tuple] = {}  # storage key -> (StorageWeakRef, step, leaf, geometry)
-        self.steps: dict[int, _Step] = {}  # op index -> step
+        table = shared if shared is not None else ChainTable()
+        self.table = table
+        self.step_out = table.step_out  # storage key -> (StorageWeakRef, step, leaf, geometry)
+        self.steps = table.steps  # op index -> step
         self.broken: str | None = None
+        self.held_at = held_at if held_at is not None else {}  # op -> storages a chain through it holds
 
-    def _arg(self, a: Any, write: bool, sid_of: dict[int, int]):
+    def _arg(self, a: Any, write: bool, sid_of: dict[int, int], op: int):
         if isinstance(a, (list, tuple)):
-            return type(a)(self._arg(x, write, sid_of) for x in a)
+            return type(a)(self._arg(x, write, sid_of, op) for x in a)
         if not isinstance(a, torch.Tensor):
             return a
         key = a.untyped_storage()._cdata
         g = _geometry(a)
         sid = sid_of.get(key)
         s = self.trace.storages[sid] if sid is not None else None
-        if write or key in self.buffers or (s is not None and s.kind == "buffer"):
-            # a buffer the op may update (BatchNorm's running statistics, which native_batch_norm's schema
-            # does not even mark as written): the replay updates a snapshot, never the buffer
-            with _disable_current_modes():
-                return a.detach().clone()
         step = leaf = recipe = held = None
         geometry = g
         hit = self.step_out.get(key)
         if hit is not None and not hit[0].expired():
             _, step, leaf, geo = hit
             geometry = None if g == geo else g
-        rec = self.recipes.get(key)
-        if rec is not None and not rec[0].expired():
-            recipe = rec[1]
-        elif s is None or s.saved or s.kind in ("parameter", "input") or s.persistent:
-            # held: kept for backward (or a parameter) anyway, so the reference costs nothing; the plan prices
-            # the rest (trace/space.py, replay_inputs)
+        if (key in self.buffers or (s is not None and s.kind == "buffer")
+                or (write and (step is None or sid is None or sid in self.held_at.get(op, ())))):
+            # a buffer the op may update (BatchNorm's running statistics, which native_batch_norm's schema
+            # does not even mark as written): the replay updates a snapshot, never the buffer.  (A written
+            # argument made by an earlier op of the unit is not copied: the replay writes that op's fresh
+            # output, as the forward did; [Note: what a recipe holds].  One the chain holds is copied, which
+            # is exact.)
             with _disable_current_modes():
-                held = a.detach()
-        elif step is None:  # an input made outside the unit, not saved: held (priced by the plan)
+                return a.detach().clone()
+        rec = self.recipes.get(key)
+        recipe = rec.recipe() if rec is not None and not rec.ref.expired() else None
+        if recipe is None and (step is None or s is None or s.kind in ("parameter", "input") or s.persistent
+                               or sid in self.held_at.get(op, ())):
+            # held: what the replay model counts (`DecisionSpace.replay_inputs` of the chains through this op),
+            # parameters and the step's inputs (persistent: the reference costs nothing), and anything no
+            # earlier step of a chain made (exact).  A storage an earlier op of the chain made is resolved
+            # through that op's fresh output, never held ([Note: what a recipe holds]).
             with _disable_current_modes():
                 held = a.detach()
         return _Arg(step, leaf, recipe, held, geometry)
@@ -210,8 +275,8 @@ class ReplayCapture(TorchDispatchMode):
             self.broken = f"op {j}: {len(keys)} input storages, the trace has {len(self.trace.ops[j].inputs)}"
             return func(*args, **kwargs)
         sid_of = dict(zip(keys, self.trace.ops[j].inputs))
-        rec_args = tuple(self._arg(a, i in written, sid_of) for i, a in enumerate(args))
-        rec_kwargs = {k: self._arg(v, names.index(k) in written if k in names else False, sid_of)
+        rec_args = tuple(self._arg(a, i in written, sid_of, j) for i, a in enumerate(args))
+        rec_kwargs = {k: self._arg(v, names.index(k) in written if k in names else False, sid_of, j)
                       for k, v in kwargs.items()}
         step = _Step(func, rec_args, rec_kwargs)
         self.steps[j] = step
@@ -241,18 +306,28 @@ class ReplayCapture(TorchDispatchMode):
                 if self.targets.get(sid, (None,))[-1] == j:  # this op ends sid's own chain
                     i = first_leaf[key]
                     ust = leaves[i].untyped_storage()
-                    self.recipes[key] = (StorageWeakRef(ust), Recipe(steps, step, i), sid)
+                    self.recipes[key] = RecipeEntry(StorageWeakRef(ust), Recipe(steps, step, i), sid)
         return out
 
 
+def held_inputs(space, replays: dict[int, tuple[int, ...]]) -> dict[int, frozenset[int]]:
+    """op -> the storages that the replays whose chains run it hold (`DecisionSpace.replay_inputs`)."""
+    out: dict[int, set[int]] = {}
+    for sid, chain in replays.items():
+        for j in chain:
+            out.setdefault(j, set()).update(space.replay_inputs(sid))
+    return {j: frozenset(v) for j, v in out.items()}
+
+
 def unit_chains(trace: Trace, replays: dict[int, tuple[int, ...]]) -> dict[int, dict[int, tuple[int, ...]]]:
-    """unit index -> {last op of a chain: chain} for the plan's replays."""
+    """unit index -> {last op of a chain: chain} for the plan's replays, for every unit that runs an op of
+    the chain (a chain may span consecutive units: [Note: replays across units] in trace/space.py)."""
     out: dict[int, dict[int, tuple[int, ...]]] = {}
     for chain in replays.values():
-        u = trace.ops[chain[-1]].unit
-        if u is not None:
-            out.setdefault(u, {})[chain[-1]] = chain
+        for u in {trace.ops[j].unit for j in chain}:
+            if u is not None:
+                out.setdefault(u, {})[chain[-1]] = chain
     return out
 
 
-__all__ = ["Recipe", "Replayed", "ReplayCapture", "unit_chains"]
+__all__ = ["ChainTable", "Recipe", "RecipeEntry", "Replayed", "ReplayCapture", "held_inputs", "unit_chains"]

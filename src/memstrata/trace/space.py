@@ -34,15 +34,18 @@ recomputable or heavy.
   forward ops that recompute it from inputs that stay in tier 0 anyway (saved
   storages, parameters, buffers; or storages replayed themselves): walking back
   from its last writer, a read storage that is not saved and was written
-  earlier in the same unit is recomputed through its last writer too.  Legal
-  when every op of the chain is in `REPLAYABLE_OP_PREFIXES` (cheap and
-  deterministic: the same kernel on the same inputs gives the same bits), none
-  draws random numbers, all run in one unit, no later forward op writes the
+  earlier in the same unit (or in a unit just before it: [Note: replays across
+  units]) is recomputed through its last writer too.  Legal when every op of
+  the chain is in `REPLAYABLE_OP_PREFIXES` (cheap and deterministic: the same
+  kernel on the same inputs gives the same bits) or is a heavy op that reads
+  only the batch and parameters ([Note: replays from the batch]), none draws
+  random numbers, all run in one unit or consecutive ones with no op outside
+  every unit between them, no later forward op writes the
   storage or a held input (buffers the chain updates, BatchNorm's running
   statistics, are snapshotted when the op runs and the replay updates the
   snapshot, never the buffer), and the chain has at most `MAX_REPLAY_OPS`
   ops.  In a plan: the storage is not offloaded, not dropped by a recompute,
-  its unit is not recomputed, and its held inputs are neither offloaded nor
+  none of its units is recomputed, and its held inputs are neither offloaded nor
   dropped (the replay recipe pins them).
 * heavy ops: one taxonomy (`is_heavy_op`) for planners ("keep the outputs of
   convolutions and matrix products") and forced plans; the roofline may add
@@ -146,6 +149,7 @@ class DecisionSpace:
         self.recomputable = tuple(u.index not in self._why_not for u in ix.units)
         self._cacheable: dict[int, frozenset[int]] = {}
         self._chains: dict[int, tuple[tuple[int, ...], tuple[int, ...], str]] = {}  # sid -> (ops, held, why_not)
+        self._outside: np.ndarray | None = None  # ops outside every unit, cumulated (replays across units)
         self._last_fwd_write: dict[int, int] | None = None
 
     @property
@@ -195,6 +199,25 @@ class DecisionSpace:
         return c
 
     # ------------------------------------------------------------------ replays (op-level recompute)
+    def _from_batch(self, op) -> bool:
+        """A heavy op (`is_heavy_op`) that reads only the step's inputs and parameters: a replay may re-run it
+        (the same kernel on the same persistent inputs; [Note: replays from the batch])."""
+        sts = self.trace.storages
+        return (is_heavy_op(op.name) and not draws_random_numbers(op.name) and bool(op.inputs)
+                and all(sts[x].kind in ("input", "parameter") for x in op.inputs)
+                and any(sts[x].kind == "input" for x in op.inputs))
+
+    def _outside_units(self) -> np.ndarray:
+        """outside[j]: how many forward ops before op j run outside every unit."""
+        if self._outside is None:
+            flags = np.array([op.unit is None for op in self.trace.ops], dtype=np.int64)
+            self._outside = np.concatenate(([0], np.cumsum(flags)))
+        return self._outside
+
+    def replay_units(self, sid: int) -> tuple[int, ...]:
+        """The units whose forward runs sid's replay chain (one, or consecutive ones)."""
+        return tuple(sorted({self.trace.ops[j].unit for j in self.replay_chain(sid)}))
+
     def replay_chain(self, sid: int) -> tuple[int, ...]:
         """The forward ops that regenerate saved storage sid, in order; () if it cannot be replayed."""
         return self._chain(sid)[0]
@@ -240,6 +263,15 @@ class DecisionSpace:
             k = bisect.bisect_left(ws, j) - 1
             return ws[k] if k >= 0 else None
 
+        outside = self._outside_units()
+
+        def joined(j: int) -> bool:
+            """Op j may be in the chain ending at `last`: in the same unit, or in an earlier unit with no op
+            outside every unit in between ([Note: replays across units])."""
+            if ops[j].unit == unit:
+                return True
+            return ops[j].unit is not None and outside[last + 1] == outside[j]
+
         chain: set[int] = set()
         held: set[int] = set()
         todo = [last]
@@ -250,10 +282,10 @@ class DecisionSpace:
             op = ops[j]
             if draws_random_numbers(op.name):
                 return (), (), f"{op.name} (event {j}) draws random numbers"
-            if not is_replayable_op(op.name):
+            if not is_replayable_op(op.name) and not self._from_batch(op):
                 return (), (), f"{op.name} (event {j}) is not a cheap deterministic op a replay may re-run"
-            if op.unit != unit:
-                return (), (), f"its ops run in more than one unit (event {j})"
+            if not joined(j):
+                return (), (), f"its ops run in more than one unit, with ops outside every unit between (event {j})"
             chain.add(j)
             if len(chain) > MAX_REPLAY_OPS:
                 return (), (), f"regenerating it takes more than {MAX_REPLAY_OPS} ops"
@@ -264,9 +296,9 @@ class DecisionSpace:
                 if sx.kind in ("parameter", "buffer") or sx.persistent:
                     continue
                 p = writer_before(x, j)
-                if x != sid and sx.saved:
+                if x != sid and sx.saved and not (p is not None and joined(p) and self._from_batch(ops[p])):
                     held.add(x)
-                elif p is not None and ops[p].unit == unit:
+                elif p is not None and joined(p):
                     todo.append(p)
                 elif x == sid:
                     return (), (), f"{op.name} (event {j}) updates it in place from a value made outside its unit"
@@ -421,9 +453,9 @@ class DecisionSpace:
                     return effects, needs, f"storage {sid}: replay ops {tuple(ops_)} are not its chain {chain}"
                 if sid in offloads or sid in dropped:
                     return effects, needs, f"storage {sid}: replayed and offloaded or recomputed; pick one"
-                u = trace.ops[chain[-1]].unit
-                if u in covered:
-                    return effects, needs, f"storage {sid}: replayed inside unit {u}, which is recomputed"
+                for u in self.replay_units(sid):
+                    if u in covered:
+                        return effects, needs, f"storage {sid}: replayed inside unit {u}, which is recomputed"
                 for x in self.replay_inputs(sid):
                     if x in offloads or x in dropped:
                         return effects, needs, (f"storage {sid}: its replay holds storage {x}, which is offloaded "
@@ -486,3 +518,19 @@ def decision_space(trace: Trace) -> DecisionSpace:
             _SPACE_CACHE.pop(k, None)
     _SPACE_CACHE[id(trace)] = (weakref.ref(trace), space)
     return space
+
+
+# [Note: replays across units]
+# A replay chain may span consecutive units when no forward op runs outside every unit between its ops
+# (torchvision ResNet's stem: conv1, bn1, relu and maxpool are four sibling units).  The runtime records the
+# chain's steps in one table shared by the unit calls (`ChainTable` in runtime/replay.py) and forgets them
+# once the chain's last op has made its recipe.  Every unit a chain runs in must not be recomputed.
+#
+# [Note: replays from the batch]
+# A heavy op (a convolution, a matrix product) may be in a chain only when it reads nothing but the step's
+# inputs and parameters (the stem convolution): re-running it is the same kernel on the same persistent
+# inputs, so the same bits, and it holds nothing the step would not keep anyway.  The chain walk goes through
+# a saved storage made by such an op instead of holding it, so the stem's ReLU output replays from the batch
+# (conv, BatchNorm, ReLU) and does not pin the convolution output, which may be replayed on its own (on this
+# box, ResNet-18 b64 112 px: 49 MiB each for ~26 and ~48 ms, against an NVMe round trip that stalls the end of
+# the backward).
