@@ -306,8 +306,8 @@ def resized_crop_loop(images, boxes: np.ndarray, flips: np.ndarray, size, out: n
 # bit for bit: the bilinear (antialiased) weights are mirror-symmetric, and the
 # two-stage reference path (`resized_crop_loop`) flips before it too (tests check
 # the two against each other).  The affine is x * (1 / (255 std)) + (-mean / std)
-# in float32 by torch's fused multiply-add (`add` with alpha, one plane at a time,
-# on plane views made once per batch), bit for bit what the reference
+# in float32 by torch's fused multiply-add (`add` with alpha, one plane at a time),
+# bit for bit what the reference
 # `_finish_u8`'s addcmul computes.  Where the time goes and what the floor of
 # this work is: bench/results/2026-12-05-cpu-loaders/README.md.
 
@@ -338,7 +338,6 @@ def resized_crop_fused(images, boxes: np.ndarray, flips: np.ndarray, size, out: 
             bi_t = torch.from_numpy(np.tile(affine[1], ow).astype(np.float32))
     else:
         on = out.numpy()  # (B, 3, oh, ow)
-        planes = out.view(B * 3, oh, ow).unbind(0) if B else ()  # one view per plane, made once
         if affine is not None:
             sc = [float(v) for v in np.asarray(affine[0], np.float32)]
             bi = [torch.tensor(float(v), dtype=torch.float32) for v in np.asarray(affine[1], np.float32)]
@@ -352,27 +351,25 @@ def resized_crop_fused(images, boxes: np.ndarray, flips: np.ndarray, size, out: 
             ct = torch.flip(torch.from_numpy(c), [1])  # contiguous, mirrored
         else:
             ct = torch.from_numpy(c if c.flags.c_contiguous else np.ascontiguousarray(c))  # row copies only
-        if h == oh and w == ow:
-            r = ct  # (oh, ow, 3) uint8
-        else:
-            # (1, 3, h, w) channels-last view with a real batch stride (see resized_crop_loop)
-            ct = ct.as_strided((1, 3, h, w), (h * w * 3, 1, w * 3, 3))
-            r = up(ct, (oh, ow), False, None, None)[0].permute(1, 2, 0)  # (oh, ow, 3) uint8
+        # (1, 3, h, w) channels-last view with a real batch stride (see resized_crop_loop)
+        ct = ct.as_strided((1, 3, h, w), (h * w * 3, 1, w * 3, 3))
+        r = ct[0] if h == oh and w == ow else up(ct, (oh, ow), False, None, None)[0]  # (3, oh, ow) uint8, HWC in memory
         if cl:
             o2 = on[k].reshape(oh, ow * 3)
-            np.copyto(o2, r.numpy().reshape(oh, ow * 3), casting="unsafe")
+            np.copyto(o2, r.permute(1, 2, 0).numpy().reshape(oh, ow * 3), casting="unsafe")
             if affine is None:
                 np.multiply(o2, inv255, out=o2)
             else:
                 t2 = torch.from_numpy(o2)
                 torch.addcmul(bi_t, t2, sc_t, out=t2)
         else:
-            out[k].copy_(r.permute(2, 0, 1))  # uint8 HWC -> float CHW, one pass
+            out[k].copy_(r)  # uint8 HWC -> float CHW, one pass
             if affine is None:
                 np.multiply(on[k], inv255, out=on[k])
             else:
-                for ch in range(3):  # fused multiply-add per plane (torch's kernel: same rounding as addcmul)
-                    p = planes[3 * k + ch]
+                # fused multiply-add per plane (torch's kernel: same rounding as addcmul).  Views made per
+                # sample, not for the whole batch at once: 384 live tensors trip Python's cyclic GC (7% here).
+                for ch, p in enumerate(out[k].unbind(0)):
                     torch.add(bi[ch], p, alpha=sc[ch], out=p)
     return out
 
