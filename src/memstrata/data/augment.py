@@ -295,18 +295,21 @@ def resized_crop_loop(images, boxes: np.ndarray, flips: np.ndarray, size, out: n
 
 
 # [Note: fused CPU path]
-# Per sample: copy the crop rows (a plain memcpy; the flip is *not* applied
-# here, a reversed 3-byte inner loop costs ~4x the resample), resample it with
-# the uint8 channels-last AVX kernel, then one strided uint8 -> float cast
-# that de-interleaves HWC into the CHW output *and* applies the flip (negative
-# stride), followed by the affine normalisation while those 600 KB are still
-# in L2.  Flipping after the resize equals flipping before it bit for bit: the
-# bilinear (antialiased) weights are mirror-symmetric (tests check it against
-# the reference path).  The affine is x * (1 / (255 std)) + (-mean / std) in
-# float32 by torch's fused multiply-add (`add` with alpha, one plane at a time),
-# bit for bit what the reference `_finish_u8`'s addcmul computes.  numpy does
-# the strided cast: torch's copy_ between those layouts, and its addcmul with
-# (3, 1, 1) operands, are each ~2x slower here.
+# Per sample: take the crop (a view; rows are copied only when flipped or not
+# contiguous), flip it with `torch.flip` *before* the resample (the crop is
+# smaller than the output, and torch's flip copies 3-byte pixels ~8x faster than
+# numpy's reversed-stride copy), resample it with the uint8 channels-last AVX
+# kernel, then convert the uint8 HWC result into the float CHW output with one
+# `copy_` (torch's cast kernel de-interleaves ~25% faster than numpy's strided
+# cast), followed by the affine normalisation, one plane at a time, while those
+# 600 KB are still in L2.  Flipping before the resize equals flipping after it
+# bit for bit: the bilinear (antialiased) weights are mirror-symmetric, and the
+# two-stage reference path (`resized_crop_loop`) flips before it too (tests check
+# the two against each other).  The affine is x * (1 / (255 std)) + (-mean / std)
+# in float32 by torch's fused multiply-add (`add` with alpha, one plane at a time),
+# bit for bit what the reference
+# `_finish_u8`'s addcmul computes.  Where the time goes and what the floor of
+# this work is: bench/results/2026-12-05-cpu-loaders/README.md.
 
 
 def resized_crop_fused(images, boxes: np.ndarray, flips: np.ndarray, size, out: torch.Tensor,
@@ -327,6 +330,7 @@ def resized_crop_fused(images, boxes: np.ndarray, flips: np.ndarray, size, out: 
     cl = out.dim() == 4 and not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
     if not cl and not out.is_contiguous():
         raise ValueError("out must be contiguous or channels_last")
+    inv255 = np.float32(1.0 / 255.0)
     if cl:
         on = out.permute(0, 2, 3, 1).numpy()  # (B, oh, ow, 3) contiguous view
         if affine is not None:  # per element of an (ow * 3) row
@@ -337,41 +341,36 @@ def resized_crop_fused(images, boxes: np.ndarray, flips: np.ndarray, size, out: 
         if affine is not None:
             sc = [float(v) for v in np.asarray(affine[0], np.float32)]
             bi = [torch.tensor(float(v), dtype=torch.float32) for v in np.asarray(affine[1], np.float32)]
-    inv255 = np.float32(1.0 / 255.0)
     for k in range(B):
         t, l, h, w = bl[k]
         x = images[k]
         if isinstance(x, torch.Tensor):
             x = x.numpy()
         c = x[t:t + h, l:l + w]
-        if not c.flags.c_contiguous:
-            c = np.ascontiguousarray(c)  # row copies only (memcpy)
-        if h == oh and w == ow:
-            r = c
+        if fl[k]:
+            ct = torch.flip(torch.from_numpy(c), [1])  # contiguous, mirrored
         else:
-            # (1, 3, h, w) channels-last view with a real batch stride (see resized_crop_loop)
-            ct = torch.from_numpy(c).as_strided((1, 3, h, w), (h * w * 3, 1, w * 3, 3))
-            r = up(ct, (oh, ow), False, None, None)[0].permute(1, 2, 0).numpy()  # (oh, ow, 3) uint8
-        o = on[k]
+            ct = torch.from_numpy(c if c.flags.c_contiguous else np.ascontiguousarray(c))  # row copies only
+        # (1, 3, h, w) channels-last view with a real batch stride (see resized_crop_loop)
+        ct = ct.as_strided((1, 3, h, w), (h * w * 3, 1, w * 3, 3))
+        r = ct[0] if h == oh and w == ow else up(ct, (oh, ow), False, None, None)[0]  # (3, oh, ow) uint8, HWC in memory
         if cl:
-            if fl[k]:
-                r = torch.from_numpy(r).flip(1).numpy()
-            o2 = o.reshape(oh, ow * 3)
-            np.copyto(o2, r.reshape(oh, ow * 3), casting="unsafe")
+            o2 = on[k].reshape(oh, ow * 3)
+            np.copyto(o2, r.permute(1, 2, 0).numpy().reshape(oh, ow * 3), casting="unsafe")
             if affine is None:
                 np.multiply(o2, inv255, out=o2)
             else:
                 t2 = torch.from_numpy(o2)
                 torch.addcmul(bi_t, t2, sc_t, out=t2)
         else:
-            src = r[:, ::-1] if fl[k] else r
-            np.copyto(o, src.transpose(2, 0, 1), casting="unsafe")  # uint8 HWC -> float CHW (+ flip), one pass
+            out[k].copy_(r)  # uint8 HWC -> float CHW, one pass
             if affine is None:
-                np.multiply(o, inv255, out=o)
+                np.multiply(on[k], inv255, out=on[k])
             else:
-                ot = torch.from_numpy(o)
-                for ch in range(3):  # fused multiply-add per plane (torch's kernel: same rounding as addcmul)
-                    torch.add(bi[ch], ot[ch], alpha=sc[ch], out=ot[ch])
+                # fused multiply-add per plane (torch's kernel: same rounding as addcmul).  Views made per
+                # sample, not for the whole batch at once: 384 live tensors trip Python's cyclic GC (7% here).
+                for ch, p in enumerate(out[k].unbind(0)):
+                    torch.add(bi[ch], p, alpha=sc[ch], out=p)
     return out
 
 

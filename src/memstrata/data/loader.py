@@ -361,6 +361,12 @@ class _Producer:
         try:
             with self._progress() as bar:
                 pool = L._batch_pool if L.device.type == "cpu" else None
+                if pool is None and L.device.type == "cpu":
+                    # One builder thread (num_workers <= 1): like the pool's threads, one intra-op thread, set for
+                    # this thread only.  With torch's default (all cores) every per-sample op of ~32k+ elements
+                    # forks an OpenMP team; on a busy 2-core box, with OpenMP's default spin-waiting, one worker
+                    # ran at 144 images/s against 2,134 with one intra-op thread (2026-12-05-cpu-loaders).
+                    torch.set_num_threads(1)
                 if pool is None:
                     for b in range(len(self.batches)):
                         if self._stop.is_set() or not self._put(self._build(b)):
