@@ -1,0 +1,152 @@
+"""Gradients off tier 0 (runtime/grads.py): after 5 steps with 2-step accumulation, global-norm clipping and an
+LR schedule, parameters and optimizer states equal the unmanaged run's, with gradients kept, in NVMe files, on
+host and mixed; the clip's total norm equals torch.nn.utils.clip_grad_norm_'s."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from memstrata.runtime.grads import GradTieredOptimizer
+from memstrata.runtime.mover import TierMover
+from memstrata.runtime.nvme import NVMeStore
+from memstrata.runtime.pool import HostBufferPool
+from memstrata.runtime.states import StatePlacement
+from memstrata.runtime.streams import CopyContext, RecordingStreams
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STEPS, ACCUM, CLIP = 5, 2, 0.5
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 3))  # 6 params
+
+
+def batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    return torch.randn(8, 12, generator=g), torch.randn(8, 3, generator=g) * 4  # large enough to clip
+
+
+def make_opt(kind: str, params, foreach: bool = False) -> torch.optim.Optimizer:
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=3e-2, weight_decay=0.1, foreach=foreach)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=5e-2, momentum=0.9, foreach=foreach)
+    raise AssertionError(kind)
+
+
+ALL = ((0, 1), (2, 3), (4, 5))
+# (states placement, gradients placement)
+CASES = {
+    "kept": (StatePlacement((), ()), StatePlacement((), ())),
+    "nvme": (StatePlacement(ALL, ("nvme",) * 3), StatePlacement(ALL, ("nvme",) * 3)),
+    "host": (StatePlacement(ALL, ("host",) * 3), StatePlacement(ALL, ("host",) * 3)),
+    "mixed": (StatePlacement(((0, 1), (2, 3), (4, 5)), ("nvme", "keep", "host")),
+              StatePlacement(((0,), (1,), (4, 5)), ("nvme", "host", "nvme"))),  # params 2, 3: gradients kept
+    "grads_only": (StatePlacement((), ()), StatePlacement(ALL, ("nvme",) * 3)),
+}
+
+
+def train(model, opt, sched, clip, norms: list) -> None:
+    for step in range(STEPS):
+        for micro in range(ACCUM):
+            x, y = batch(step, micro)
+            (nn.functional.mse_loss(model(x), y) / ACCUM).backward()
+        norms.append(clip(model.parameters(), CLIP))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+
+def run(kind: str, case: str | None, nvme_dir=None, *, foreach=False, mover=None):
+    model = make_model()
+    opt = make_opt(kind, model.parameters(), foreach)
+    clip = nn.utils.clip_grad_norm_
+    if case is not None:
+        states, grads = CASES[case]
+        opt = GradTieredOptimizer(opt, states, grads=grads, nvme_dir=nvme_dir, mover=mover)
+        clip = opt.clip_grad_norm_
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
+    norms: list = []
+    train(model, opt, sched, clip, norms)
+    return model, opt, norms
+
+
+def assert_same(ref_model, ref_opt, ref_norms, model, opt, norms) -> None:
+    for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), n
+    sa, sb = ref_opt.state_dict(), opt.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for i in sa["state"]:
+        for k, v in sa["state"][i].items():
+            assert torch.equal(v, sb["state"][i][k]) if torch.is_tensor(v) else v == sb["state"][i][k], (i, k)
+    assert len(ref_norms) == len(norms) == STEPS
+    for a, b in zip(ref_norms, norms):
+        assert torch.equal(a, b)
+    assert any(float(n) > CLIP for n in ref_norms)  # the clip really scaled
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_tiered_gradients_bit_exact_after_five_steps(kind, case, tmp_path):
+    ref = run(kind, None)
+    model, opt, norms = run(kind, case, tmp_path)
+    assert_same(*ref, model, opt, norms)
+    if case != "kept":
+        st = opt.grads.stats
+        assert st.bytes_down > 0 and st.bytes_up > 0
+        assert st.accumulations == STEPS * (ACCUM - 1) * len(opt.grads._grads)  # every second micro-step added below
+    if case in ("nvme", "mixed", "grads_only"):
+        assert opt.mover.store.bytes_written > 0
+    opt.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_tiered_gradient_leaves_tier0_after_its_hook(tmp_path):
+    """Between backward and step a tiered parameter's .grad is None (its bytes are below); kept ones stay."""
+    model = make_model()
+    opt = GradTieredOptimizer(make_opt("adamw", model.parameters()), grads=StatePlacement(((4, 5),), ("nvme",)),
+                              nvme_dir=tmp_path)
+    x, y = batch(0, 0)
+    nn.functional.mse_loss(model(x), y).backward()
+    assert model[4].weight.grad is None and model[4].bias.grad is None
+    assert model[0].weight.grad is not None
+    assert opt.grads.holds(model[4].weight)
+    opt.step()
+    assert model[4].weight.grad is None and opt.grads.stats.resident_bytes == 0  # consumed by its bucket's step
+    opt.close()
+
+
+def test_foreach_kernels_and_cuda_hand_off_path_are_exact(tmp_path):
+    """foreach optimizers and clipping, through the mover's asynchronous (CUDA) path with recording streams."""
+    copy = CopyContext("cpu", streams=RecordingStreams())
+    pool = HostBufferPool(pin=False)
+    mover = TierMover(torch.device("cpu"), copy, pool, NVMeStore(tmp_path, pool=pool))
+    ref = run("adamw", None, foreach=True)
+    model, opt, norms = run("adamw", "mixed", foreach=True, mover=mover)
+    assert_same(*ref, model, opt, norms)
+    opt.close()
+    mover.close(own_store=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_close_puts_gradients_back_and_unknown_norm_is_one_line(tmp_path):
+    model = make_model()
+    opt = GradTieredOptimizer(make_opt("sgd", model.parameters()), grads=StatePlacement(ALL, ("nvme",) * 3),
+                              nvme_dir=tmp_path)
+    x, y = batch(0, 0)
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(ValueError, match="norm_types"):
+        opt.clip_grad_norm_(model.parameters(), 1.0, norm_type=1.0)
+    ref = make_model()
+    nn.functional.mse_loss(ref(x), y).backward()
+    opt.close()
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    assert os.listdir(tmp_path) == []
