@@ -42,6 +42,7 @@ import numpy as np
 
 from ..decisions import Plan, StateDecision
 from ..hardware import Hierarchy
+from .grads import GRAD_WINDOW_MODULE, host_step, tier_grads
 from .schema import OpRecord, StorageRecord, Trace
 
 __all__ = ["StateGroup", "state_groups", "state_buckets", "optimizer_span", "with_optimizer_phase", "tier_states",
@@ -142,16 +143,18 @@ def with_optimizer_phase(trace: Trace, state_bytes: Sequence[Sequence[int]], ste
 
 
 def tier_states(trace: Trace, tiered: Sequence[Sequence[int]], *,
-                written_behind: Sequence[bool] | None = None) -> Trace:
+                written_behind: Sequence[bool] | None = None, window_bytes: Sequence[int] | None = None) -> Trace:
     """The trace as tier 0 sees it when the buckets `tiered` (storage ids, stepping order) live below.
 
     `written_behind[i]`: bucket i's write finishes asynchronously (NVMe; default True for all); a host
-    copy is complete when the bucket's step ends.
+    copy is complete when the bucket's step ends.  `window_bytes[i]`: what bucket i brings into tier 0
+    for its update (default: its states; plus its gradients, or 0 for a host step: trace/grads.py).
     """
-    buckets = [tuple(b) for b in tiered if b]
+    keep_b = [i for i, b in enumerate(tiered) if b]
+    buckets = [tuple(tiered[i]) for i in keep_b]
     if not buckets:
         return trace
-    behind = [True] * len(buckets) if written_behind is None else [bool(w) for b, w in zip(tiered, written_behind) if b]
+    behind = [True] * len(buckets) if written_behind is None else [bool(written_behind[i]) for i in keep_b]
     span = optimizer_span(trace)
     if span is None:
         raise ValueError("tier_states: the trace has no optimizer phase (trace the optimizer step, or "
@@ -167,6 +170,8 @@ def tier_states(trace: Trace, tiered: Sequence[Sequence[int]], *,
             acc += s.nbytes
             sts[sid] = replace(s, freed_after=(s.producer or 0) - 1, persistent=False)  # never on tier 0
         sizes.append(acc)
+    if window_bytes is not None:
+        sizes = [int(window_bytes[i]) for i in keep_b]
     # [Note: the state window] in runtime/states.py: while bucket k steps, k+1 is read and k-1 written.
     win = max(sum(sizes[max(0, k - 1): k + 2]) if behind[max(0, k - 1)] or k == 0 else sum(sizes[k: k + 2])
               for k in range(len(sizes)))
@@ -218,6 +223,24 @@ def planned_trace(trace: Trace, states: "Plan | Sequence[StateDecision]", hierar
     for d in decisions:
         if d.tier is not None and d.tier not in names:
             raise ValueError(f"state bucket {d.params}: unknown tier {d.tier!r}; hierarchy {hierarchy.name!r} has {names}")
+    for d in decisions:
+        if d.grads is not None and d.grads not in names:
+            raise ValueError(f"gradient bucket {d.params}: unknown tier {d.grads!r}; hierarchy {hierarchy.name!r} "
+                             f"has {names}")
+    # [Note: gradients in the plan] (trace/grads.py): tiered gradients leave tier 0 when final
+    trace = tier_grads(trace, [s for d in decisions if d.grads is not None for s in d.grad_storages])
     moved = [d for d in decisions if d.tier is not None and names.index(d.tier) >= 1]
-    return tier_states(trace, [d.storages for d in moved],
-                       written_behind=[hierarchy.tiers[names.index(d.tier)].kind == "nvme" for d in moved])
+    window = [0 if host_step(hierarchy, d) else d.nbytes + (d.grad_nbytes if d.grads is not None else 0)
+              for d in moved]
+    out = tier_states(trace, [d.storages for d in moved],
+                      written_behind=[hierarchy.tiers[names.index(d.tier)].kind == "nvme" for d in moved],
+                      window_bytes=window if any(d.grads is not None for d in moved) else None)
+    back = sum(d.grad_nbytes for d in decisions if d.grads is not None and (d.tier is None or names.index(d.tier) < 1))
+    span = optimizer_span(out)
+    if back and span is not None:  # gradients of kept-state buckets come back for the kept step
+        nid = len(out.storages)
+        rec = StorageRecord(id=nid, nbytes=back, dtype="uint8", shape=(back,), kind="gradient", producer=span[0],
+                            last_use=span[1], freed_after=span[1], module=GRAD_WINDOW_MODULE)
+        out = replace(out, storages=out.storages + (rec,))
+        out = replace(out, observed_peak=_all_keep_peak(out))
+    return out
