@@ -115,8 +115,7 @@ from .hardware import Hierarchy, format_size
 from .trace.index import TraceIndex, UnitEffect, occupancy, trace_index
 from .trace.schema import Trace
 from .trace.space import decision_space
-from .trace.grads import placement_stall_seconds
-from .trace.states import planned_trace
+from .trace.states import placement_stall_seconds, planned_trace
 
 __all__ = ["simulate", "Timeline", "InfeasiblePlanError", "SimResult", "Phase", "run", "try_run", "plan_to_dicts",
            "TraceIndex", "trace_index"]

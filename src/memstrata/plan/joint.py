@@ -45,8 +45,8 @@ from typing import Sequence
 from ..decisions import InfeasibleBudgetError, Plan, StateDecision
 from ..hardware import Hierarchy, format_size
 from ..trace.schema import Trace
-from ..trace.grads import grad_groups, host_step, moved_state_bytes, placement_stall_seconds
-from ..trace.states import planned_trace, state_buckets
+from ..trace.grads import grad_groups, host_step
+from ..trace.states import moved_state_bytes, placement_stall_seconds, planned_trace, state_buckets
 from .api import minimum_budget, offload_tier_indices, plan
 
 __all__ = ["joint_plan", "joint_minimum_budget", "state_decisions", "STATE_FRACTIONS"]

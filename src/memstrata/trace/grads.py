@@ -34,14 +34,16 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+import numpy as np
+
 from ..hardware import GB, Hierarchy
 from .schema import StorageRecord, Trace
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..decisions import StateDecision
 
-__all__ = ["renumber_grads", "grad_groups", "grad_ready", "tier_grads", "host_step", "grad_stall_seconds", "moved_state_bytes",
-           "placement_stall_seconds", "HOST_STEP_BANDWIDTH", "GRAD_WINDOW_MODULE"]
+__all__ = ["renumber_grads", "grad_groups", "grad_ready", "tier_grads", "host_step", "grad_stall_seconds",
+           "all_keep_peak", "HOST_STEP_BANDWIDTH", "GRAD_WINDOW_MODULE"]
 
 # Bytes per second torch's CPU optimizer kernels touch on a GPU server's host (parameter, gradient and state
 # reads plus parameter and state writes; ~3.5 bytes per state byte for AdamW).  An estimate, not measured on
@@ -100,10 +102,21 @@ def tier_grads(trace: Trace, storages: Iterable[int]) -> Trace:
             raise ValueError(f"tier_grads: storage {sid} is a {s.kind}, not a gradient")
         end = max(ready[sid], s.producer if s.producer is not None else 0)
         sts[sid] = replace(s, freed_after=end, last_use=end, persistent=False)
-    from .states import _all_keep_peak
-
     out = replace(trace, storages=tuple(sts))
-    return replace(out, observed_peak=_all_keep_peak(out))
+    return replace(out, observed_peak=all_keep_peak(out))
+
+
+def all_keep_peak(trace: Trace) -> int:
+    """Tier-0 bytes at the worst event with every storage kept (as `Trace.observed_peak` is computed)."""
+    n = len(trace.ops)
+    diff = np.zeros(n + 1, dtype=np.int64)
+    for s in trace.storages:
+        start = 0 if s.producer is None else s.producer
+        end = n - 1 if s.freed_after is None else s.freed_after
+        if end >= start:
+            diff[start] += s.nbytes
+            diff[end + 1] -= s.nbytes
+    return int(np.cumsum(diff[:n]).max()) if n else 0
 
 
 def host_step(hierarchy: Hierarchy, d: "StateDecision") -> bool:
@@ -133,20 +146,3 @@ def grad_stall_seconds(trace: Trace, hierarchy: Hierarchy,
     exposed = max(0.0, down - backward) + back + host + upload
     return exposed, down + back, host
 
-
-def moved_state_bytes(hierarchy: Hierarchy, decisions: Sequence["StateDecision"]) -> list[tuple[int, int]]:
-    """(tier index, bytes) of the state buckets whose states cross into tier 0 and back for their update."""
-    names = [t.name for t in hierarchy.tiers]
-    return [(names.index(d.tier), d.nbytes) for d in decisions if d.tier is not None
-            and not (host_step(hierarchy, d) and hierarchy.tier(d.tier).kind != "nvme")]  # a host step over
-    # host-resident states moves nothing
-
-
-def placement_stall_seconds(trace: Trace, hierarchy: Hierarchy,
-                            decisions: Sequence["StateDecision"]) -> tuple[float, float]:
-    """(exposed seconds, I/O seconds) of a placement of states and gradients (the joint plan's time term)."""
-    from .states import state_stall_seconds
-
-    stall, io = state_stall_seconds(trace, hierarchy, moved_state_bytes(hierarchy, decisions))
-    gstall, gio, _ = grad_stall_seconds(trace, hierarchy, decisions)
-    return stall + gstall, io + gio

@@ -38,15 +38,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-import numpy as np
-
 from ..decisions import Plan, StateDecision
 from ..hardware import Hierarchy
-from .grads import GRAD_WINDOW_MODULE, host_step, tier_grads
+from .grads import GRAD_WINDOW_MODULE, all_keep_peak, grad_stall_seconds, host_step, tier_grads
 from .schema import OpRecord, StorageRecord, Trace
 
 __all__ = ["StateGroup", "state_groups", "state_buckets", "optimizer_span", "with_optimizer_phase", "tier_states",
-           "state_stall_seconds", "planned_trace", "STATE_WINDOW_MODULE", "PER_BUCKET_SECONDS", "MAX_STATE_BUCKET_BYTES"]
+           "state_stall_seconds", "planned_trace", "moved_state_bytes", "placement_stall_seconds",
+           "STATE_WINDOW_MODULE", "PER_BUCKET_SECONDS", "MAX_STATE_BUCKET_BYTES"]
 
 WRITE_BEHIND = 2  # buckets whose writes overlap the next forward
 PER_BUCKET_SECONDS = 50e-6  # Python / launch overhead of one bucket's step (as plan/states.py)
@@ -183,19 +182,7 @@ def tier_states(trace: Trace, tiered: Sequence[Sequence[int]], *,
         sts.append(StorageRecord(id=nid + 1, nbytes=tail, dtype="uint8", shape=(tail,), kind="temporary",
                                  producer=None, last_use=0, freed_after=0, module=STATE_WINDOW_MODULE))
     out = replace(trace, storages=tuple(sts))
-    return replace(out, observed_peak=_all_keep_peak(out))
-
-
-def _all_keep_peak(trace: Trace) -> int:
-    n = len(trace.ops)
-    diff = np.zeros(n + 1, dtype=np.int64)
-    for s in trace.storages:
-        start = 0 if s.producer is None else s.producer
-        end = n - 1 if s.freed_after is None else s.freed_after
-        if end >= start:
-            diff[start] += s.nbytes
-            diff[end + 1] -= s.nbytes
-    return int(np.cumsum(diff[:n]).max()) if n else 0
+    return replace(out, observed_peak=all_keep_peak(out))
 
 
 def state_stall_seconds(trace: Trace, hierarchy: Hierarchy, buckets: Sequence[tuple[int, int]]) -> tuple[float, float]:
@@ -242,5 +229,21 @@ def planned_trace(trace: Trace, states: "Plan | Sequence[StateDecision]", hierar
         rec = StorageRecord(id=nid, nbytes=back, dtype="uint8", shape=(back,), kind="gradient", producer=span[0],
                             last_use=span[1], freed_after=span[1], module=GRAD_WINDOW_MODULE)
         out = replace(out, storages=out.storages + (rec,))
-        out = replace(out, observed_peak=_all_keep_peak(out))
+        out = replace(out, observed_peak=all_keep_peak(out))
     return out
+
+
+def moved_state_bytes(hierarchy: Hierarchy, decisions: Sequence[StateDecision]) -> list[tuple[int, int]]:
+    """(tier index, bytes) of the state buckets whose states cross into tier 0 and back for their update."""
+    names = [t.name for t in hierarchy.tiers]
+    return [(names.index(d.tier), d.nbytes) for d in decisions if d.tier is not None
+            and not (host_step(hierarchy, d) and hierarchy.tier(d.tier).kind != "nvme")]  # a host step over
+    # host-resident states moves nothing
+
+
+def placement_stall_seconds(trace: Trace, hierarchy: Hierarchy,
+                            decisions: Sequence[StateDecision]) -> tuple[float, float]:
+    """(exposed seconds, I/O seconds) of a placement of states and gradients (the joint plan's time term)."""
+    stall, io = state_stall_seconds(trace, hierarchy, moved_state_bytes(hierarchy, decisions))
+    gstall, gio, _ = grad_stall_seconds(trace, hierarchy, decisions)
+    return stall + gstall, io + gio
