@@ -150,3 +150,57 @@ def test_close_puts_gradients_back_and_unknown_norm_is_one_line(tmp_path):
     for a, b in zip(ref.parameters(), model.parameters()):
         assert torch.equal(a.grad, b.grad)
     assert os.listdir(tmp_path) == []
+
+
+HOST_CASES = {
+    "host_step": (StatePlacement(ALL, ("host",) * 3), StatePlacement(ALL, ("host",) * 3)),
+    # params 0, 1: host step; 2, 3: states on NVMe, gradients on host (stepped in tier 0); 4, 5: all kept
+    "host_step_mixed": (StatePlacement(((0, 1), (2, 3)), ("host", "nvme")),
+                        StatePlacement(((0, 1), (2, 3)), ("host", "host"))),
+}
+
+
+def run_host(kind: str, case: str, nvme_dir, *, foreach=False, mover=None):
+    model = make_model()
+    states, grads = HOST_CASES[case]
+    opt = GradTieredOptimizer(make_opt(kind, model.parameters(), foreach), states, grads=grads, nvme_dir=nvme_dir,
+                              mover=mover, host_step=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
+    norms: list = []
+    train(model, opt, sched, opt.clip_grad_norm_, norms)
+    return model, opt, norms
+
+
+@pytest.mark.parametrize("case", sorted(HOST_CASES))
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_host_step_is_bit_exact_on_cpu(kind, case, tmp_path):
+    """The host step (runtime/host_step.py: a shadow optimizer over host copies, the path CUDA takes for buckets
+    whose gradients and states are in host memory), forced on CPU: the same values as unmanaged training."""
+    ref = run(kind, None)
+    model, opt, norms = run_host(kind, case, tmp_path)
+    assert opt.host is not None and set(opt.host.indices) == ({0, 1, 2, 3, 4, 5} if case == "host_step" else {0, 1})
+    assert model[0].weight not in opt.inner.state  # its states are the shadow's, on the host
+    assert opt.host.state_bytes() > 0
+    assert_same(*ref, model, opt, norms)
+    opt.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_host_step_through_the_cuda_hand_off_path_and_resume(tmp_path):
+    """Recording streams (events waited on before the host reads a gradient); a state_dict taken mid-run loads
+    into a plain optimizer and into a host-stepping one, and both continue exactly."""
+    copy = CopyContext("cpu", streams=RecordingStreams())
+    pool = HostBufferPool(pin=False)
+    mover = TierMover(torch.device("cpu"), copy, pool, NVMeStore(tmp_path, pool=pool))
+    ref = run("adamw", None, foreach=True)
+    model, opt, norms = run_host("adamw", "host_step", None, foreach=True, mover=mover)
+    assert_same(*ref, model, opt, norms)
+    assert any(e[0] == "synchronize" for e in copy.streams.entries)
+    sd = opt.state_dict()
+    plain = make_opt("adamw", make_model().parameters(), True)
+    plain.load_state_dict(sd)
+    opt.load_state_dict(sd)
+    assert model[0].weight not in opt.inner.state and opt.host.state_bytes() > 0
+    opt.close()  # states back in the wrapped optimizer
+    assert torch.equal(opt.inner.state[model[0].weight]["exp_avg"], sd["state"][0]["exp_avg"])
+    mover.close(own_store=True)

@@ -43,7 +43,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from ..decisions import InfeasibleBudgetError, Plan, StateDecision
-from ..hardware import Hierarchy, format_size
+from ..hardware import HOST_KINDS, Hierarchy, format_size
 from ..trace.schema import Trace
 from ..trace.grads import grad_groups, host_step
 from ..trace.states import moved_state_bytes, placement_stall_seconds, planned_trace, state_buckets
@@ -100,11 +100,15 @@ def state_decisions(trace: Trace, hierarchy: Hierarchy, placement: str | Sequenc
 def _grad_tier(hierarchy: Hierarchy, state_tier: int) -> int | None:
     """Where a candidate puts the gradients of buckets whose states go to `state_tier`: host DRAM on a device
     hierarchy (the bucket then steps on the host), the NVMe tier on a CPU one (host RAM is tier 0)."""
+    if state_tier < 1:
+        return None
     if hierarchy.host_is_tier0:
         t = hierarchy.nvme_tier()
-    else:
+    elif hierarchy.tiers[state_tier].kind in HOST_KINDS:
         t = hierarchy.host_tier()
-    if t is None or state_tier < 1:
+    else:
+        return None  # states on NVMe below a device: their gradients would come back with them; not searched
+    if t is None:
         return None
     return [x.name for x in hierarchy.tiers].index(t.name)
 

@@ -68,7 +68,8 @@ import torch
 from .mover import Placement, Resident, TierMover
 from .nvme import NVMeStore
 from .pool import HostBufferPool
-from .states import StatePlacement, TieredOptimizer, _Slot
+from .host_step import HostStepper
+from .states import DEFAULT_BUCKET_BYTES, StatePlacement, TieredOptimizer, _Slot
 from .streams import CopyContext
 
 __all__ = ["TieredGradients", "GradTieredOptimizer", "GradStats"]
@@ -225,6 +226,35 @@ class TieredGradients:
             if g is not None and g.rec is not None:
                 g.param.grad = self._bring(g)
 
+    @torch.no_grad()
+    def host_view(self, index: int) -> torch.Tensor | None:
+        """A host-buffered gradient as a host tensor, its pending clip scales applied (for a host step); None
+        when the parameter got no gradient.  The record stays until `release`."""
+        g = self._grads.get(index)
+        if g is None or g.rec is None:
+            return None
+        if g.rec.host is None:
+            raise ValueError(f"parameter {index}: a host step needs its gradient in host memory, not {g.placement.label}")
+        if g.rec.ready is not None:
+            g.rec.ready.synchronize()  # the copy down has landed
+        buf = g.rec.host.tensor
+        t = g.slot.rebuild(buf, buf.storage_offset())  # a pooled buffer may start inside an aligned block
+        for coef, foreach in g.scale:
+            _mul(t, coef.to(t.device), foreach)
+        g.scale = []
+        self.stats.bytes_up += g.nbytes
+        return t
+
+    def release(self, indices: Iterable[int]) -> None:
+        """After a host step: the host gradients of `indices` are given back (consumed)."""
+        for i in indices:
+            g = self._grads.get(i)
+            if g is not None and g.rec is not None:
+                self.mover.release(g.rec)
+                g.rec = None
+                g.consumed = True
+                g.norms = {}
+
     def consume(self, indices: Iterable[int]) -> None:
         """After the bucket's update: its tiered gradients leave tier 0 (``p.grad = None``)."""
         for i in indices:
@@ -335,8 +365,14 @@ class GradTieredOptimizer(TieredOptimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, placement: StatePlacement | Placement | str = "keep", *,
                  grads: StatePlacement | None = None, nvme_dir: str | os.PathLike | None = None,
-                 mover: TierMover | None = None, norm_types: Sequence[float] = (2.0,), **kw: Any) -> None:
+                 mover: TierMover | None = None, norm_types: Sequence[float] = (2.0,),
+                 host_step: bool | None = None, **kw: Any) -> None:
         grads = grads if grads is not None else StatePlacement((), ())
+        if not isinstance(placement, StatePlacement) and isinstance(optimizer, torch.optim.Optimizer):
+            placement = StatePlacement.uniform(
+                [p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]], placement,
+                kw.get("bucket_bytes", DEFAULT_BUCKET_BYTES))
+        self._want = placement  # the states' placement as asked (host-stepped parameters included)
         own = None
         if mover is None and any(t == Placement.NVME for t in grads.tiers):
             if nvme_dir is None:
@@ -346,11 +382,36 @@ class GradTieredOptimizer(TieredOptimizer):
             copy = CopyContext(device)
             pool = HostBufferPool(pin=copy.cuda)
             mover = own = TierMover(device, copy, pool, NVMeStore(nvme_dir, pool=pool if copy.asynchronous else None))
-        super().__init__(optimizer, placement, nvme_dir=nvme_dir, mover=mover, **kw)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        plain = all(type(p.data) is torch.Tensor for p in params)  # not DTensor (FSDP2): no host step
+        device = params[0].device if params else torch.device("cpu")
+        self._host_enabled = plain and (device.type == "cuda" if host_step is None else bool(host_step))
+        host = self._host_set(placement, grads)
+        super().__init__(optimizer, _without(placement, host), nvme_dir=nvme_dir, mover=mover, **kw)
         if own is not None:
             self._own_mover = True
         self._norm_types = tuple(norm_types)
         self.grads = TieredGradients(self._param_list(), grads, self.mover, norm_types=norm_types)
+        self.host: HostStepper | None = HostStepper(self.inner, host, pin=device.type == "cuda") if host else None
+
+    # ------------------------------------------------------------------ host steps
+    def _host_set(self, placement: StatePlacement, grads: StatePlacement) -> set[int]:
+        """Parameters stepped on the host: gradients and states both in host memory (when host steps are on)."""
+        if not self._host_enabled:
+            return set()
+        return {i for b, t in zip(grads.buckets, grads.tiers) if t == Placement.HOST for i in b
+                if placement.tier_of(i) == Placement.HOST}
+
+    def _rehost(self, placement: StatePlacement, grads: StatePlacement) -> None:
+        """Move to a new placement of states and gradients (between steps)."""
+        new = self._host_set(placement, grads)
+        old = set(self.host.indices) if self.host is not None else set()
+        if new != old and self.host is not None:
+            self.host.give_back_states()
+            self.host = None
+        super().set_placement(_without(placement, new))
+        if new != old and new:
+            self.host = HostStepper(self.inner, new, pin=self.mover.copy.cuda)
 
     def _param_list(self) -> list[torch.Tensor]:
         return [p for g in self.inner.param_groups for p in g["params"]]
@@ -365,13 +426,48 @@ class GradTieredOptimizer(TieredOptimizer):
         self.grads.bring_all_back()
         self.grads.close()
         self.grads = TieredGradients(self._param_list(), grads, self.mover, norm_types=self._norm_types)
+        self._rehost(self._want, grads)
+
+    def set_placement(self, placement: StatePlacement) -> None:
+        """As `TieredOptimizer.set_placement`; buckets whose gradients are in host memory too step on the host."""
+        self._check_open()
+        if not isinstance(placement, StatePlacement):
+            raise ValueError(f"TieredOptimizer: placement must be a StatePlacement, got {placement!r}")
+        self._want = placement
+        if not hasattr(self, "grads"):  # during construction
+            super().set_placement(placement)
+            return
+        self._rehost(placement, self.grads.placement)
 
     def _step_bucket(self, bucket: Sequence[int]) -> None:
+        on_host = self.host.covers(bucket) if self.host is not None else []
+        if on_host:
+            grads = {i: g for i in on_host if (g := self.grads.host_view(i)) is not None}
+            try:
+                self.host.step(grads)
+            finally:
+                self.grads.release(on_host)
+            bucket = [i for i in bucket if i not in set(on_host)]
+            if not bucket:
+                return
         self.grads.gather(bucket)
         try:
             super()._step_bucket(bucket)
         finally:
             self.grads.consume(bucket)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        sd = super().state_dict()
+        if self.host is not None:
+            sd["state"].update(self.host.state_entries())
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if self.host is not None:
+            self.host.shadow.state.clear()
+        super().load_state_dict(state_dict)
+        if self.host is not None:
+            self.host.take_states()
 
     def clip_grad_norm_(self, parameters, max_norm: float, norm_type: float = 2.0,
                         error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
@@ -382,11 +478,28 @@ class GradTieredOptimizer(TieredOptimizer):
         self.grads.zero()
         super().zero_grad(set_to_none=set_to_none)
 
+    def describe(self) -> str:
+        out = super().describe()
+        if self.host is not None:
+            out += f"; {len(self.host.indices)} parameters stepped on the host ({self.host.state_bytes()} B of states)"
+        return out
+
     def close(self, *, keep_states: bool = True) -> None:
         if not self.closed:
             if keep_states:
                 self.grads.bring_all_back()
+                if self.host is not None:
+                    self.host.give_back_states()
             else:
                 self.grads.zero()
             self.grads.close()
         super().close(keep_states=keep_states)
+
+
+def _without(placement: StatePlacement, indices: set[int]) -> StatePlacement:
+    """`placement` less the parameters `indices` (their states are the host stepper's)."""
+    if not indices:
+        return placement
+    kept = [(tuple(i for i in b if i not in indices), t) for b, t in zip(placement.buckets, placement.tiers)]
+    kept = [(b, t) for b, t in kept if b]
+    return StatePlacement(tuple(b for b, _ in kept), tuple(t for _, t in kept), placement.prefetch_depth)

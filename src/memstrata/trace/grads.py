@@ -15,10 +15,11 @@ Plain data in, plain data out, like trace/states.py.
 * Where the bucket's update runs: on a CPU hierarchy tier 0 *is* the host, so
   the gradients come back into tier 0 with the bucket's states and count in
   the state window (trace/states.py `tier_states`, one more term per bucket).
-  On a device hierarchy a bucket with both gradients and states below steps on
-  the host (`host_step`): its gradient, states and a host copy of its
-  parameters never enter tier 0 during the step (the updated parameters are
-  copied up in place), so it adds nothing to the window.  Gradients tiered
+  On a device hierarchy a bucket with both gradients and states in host DRAM
+  steps on the host (`host_step`, runtime/host_step.py): its gradient, states
+  and a host copy of its parameters never enter tier 0 during the step (the
+  updated parameters are copied up in place), so it adds nothing to the
+  window; any other tiered bucket brings its gradients back with its states.  Gradients tiered
   while the states are kept come back to tier 0 for the kept step: one record
   of their bytes over the optimizer phase.
 * Time (`grad_stall_seconds`): the copies down overlap the rest of backward
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from ..hardware import GB, Hierarchy
+from ..hardware import GB, HOST_KINDS, Hierarchy
 from .schema import StorageRecord, Trace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,8 +121,10 @@ def all_keep_peak(trace: Trace) -> int:
 
 
 def host_step(hierarchy: Hierarchy, d: "StateDecision") -> bool:
-    """True when bucket `d` steps on the host, outside tier 0 (gradients and states below a device tier 0)."""
-    return d.grads is not None and d.tier is not None and not hierarchy.host_is_tier0
+    """True when bucket `d` steps on the host, outside tier 0: its gradients and states both in host memory
+    below a device tier 0 (runtime/host_step.py)."""
+    return (d.grads is not None and d.tier is not None and not hierarchy.host_is_tier0
+            and hierarchy.tier(d.tier).kind in HOST_KINDS and hierarchy.tier(d.grads).kind in HOST_KINDS)
 
 
 def grad_stall_seconds(trace: Trace, hierarchy: Hierarchy,

@@ -237,8 +237,7 @@ def moved_state_bytes(hierarchy: Hierarchy, decisions: Sequence[StateDecision]) 
     """(tier index, bytes) of the state buckets whose states cross into tier 0 and back for their update."""
     names = [t.name for t in hierarchy.tiers]
     return [(names.index(d.tier), d.nbytes) for d in decisions if d.tier is not None
-            and not (host_step(hierarchy, d) and hierarchy.tier(d.tier).kind != "nvme")]  # a host step over
-    # host-resident states moves nothing
+            and not host_step(hierarchy, d)]  # a host step over host-resident states moves nothing
 
 
 def placement_stall_seconds(trace: Trace, hierarchy: Hierarchy,
