@@ -204,3 +204,12 @@ def test_host_step_through_the_cuda_hand_off_path_and_resume(tmp_path):
     opt.close()  # states back in the wrapped optimizer
     assert torch.equal(opt.inner.state[model[0].weight]["exp_avg"], sd["state"][0]["exp_avg"])
     mover.close(own_store=True)
+
+
+def test_docstring_example():
+    import doctest
+
+    import memstrata.runtime.grads as mod
+
+    failed, tried = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failed == 0

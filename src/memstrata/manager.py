@@ -322,6 +322,10 @@ class Manager:
         if self.tier_grads and optimizer is None:
             raise ValueError("Manager: tier_grads=True needs optimizer= (gradients are tiered with their bucket's "
                              "optimizer step)")
+        if self.tier_grads and self.world_size > 1:
+            # DDP reduces a gradient after its accumulate hook fires, FSDP2 assigns sharded gradients without one
+            raise ValueError("Manager: tier_grads=True is not supported under torch.distributed yet (gradients "
+                             "would leave before they are reduced); tier optimizer states only")
         self._states: dict[tuple, _ShapeState] = {}
         self._steps: list[StepRecord] = []
         self._current: _ShapeState | None = None
