@@ -104,6 +104,8 @@ def test_tiered_gradients_bit_exact_after_five_steps(kind, case, tmp_path):
         assert st.accumulations == STEPS * (ACCUM - 1) * len(opt.grads._grads)  # every second micro-step added below
     if case in ("nvme", "mixed", "grads_only"):
         assert opt.mover.store.bytes_written > 0
+    if case in ("nvme", "host"):
+        assert st.read_ahead > 0  # from the third step on, the next bucket's gradients are read ahead
     opt.close()
     assert os.listdir(tmp_path) == []
 
@@ -213,3 +215,45 @@ def test_docstring_example():
 
     failed, tried = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert tried > 0 and failed == 0
+
+
+def _cuda_run(case: str | None, host_step: bool, tmp_path):
+    torch.manual_seed(0)
+    model = make_model().cuda()
+    opt = make_opt("adamw", model.parameters(), foreach=True)
+    clip = nn.utils.clip_grad_norm_
+    if case is not None:
+        states, grads = CASES[case]
+        opt = GradTieredOptimizer(opt, states, grads=grads, nvme_dir=tmp_path, host_step=host_step)
+        clip = opt.clip_grad_norm_
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
+    norms: list = []
+    for step in range(STEPS):
+        for micro in range(ACCUM):
+            x, y = batch(step, micro)
+            (nn.functional.mse_loss(model(x.cuda()), y.cuda()) / ACCUM).backward()
+        norms.append(clip(model.parameters(), CLIP))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    return model, opt, norms
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tiered_gradients(tmp_path):
+    """On CUDA: gradients through pinned host buffers and back for a device step are bit-exact; the host step
+    (states and gradients in host memory, CPU kernels) matches to float rounding and keeps states off the GPU."""
+    ref_model, ref_opt, ref_norms = _cuda_run(None, False, tmp_path)
+    model, opt, norms = _cuda_run("host", False, tmp_path)
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(ref_norms, norms))
+    opt.close()
+    model, opt, norms = _cuda_run("host", True, tmp_path)
+    assert opt.host is not None and len(opt.host.indices) == 6 and opt.host.state_bytes() > 0
+    assert not any(torch.is_tensor(v) and v.is_cuda for st in opt.inner.state.values() for v in st.values())
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    opt.close()

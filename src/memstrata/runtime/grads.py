@@ -78,7 +78,8 @@ __all__ = ["TieredGradients", "GradTieredOptimizer", "GradStats"]
 class GradStats:
     """What the gradient tier did (cumulative)."""
 
-    __slots__ = ("bytes_down", "bytes_up", "accumulations", "peak_resident_bytes", "resident_bytes", "hooks")
+    __slots__ = ("bytes_down", "bytes_up", "accumulations", "peak_resident_bytes", "resident_bytes", "hooks",
+                 "read_ahead")
 
     def __init__(self) -> None:
         self.bytes_down = 0  # gradient bytes sent down by the hooks
@@ -87,6 +88,7 @@ class GradStats:
         self.resident_bytes = 0  # restored tiered gradients on tier 0 now (between gather and consume)
         self.peak_resident_bytes = 0
         self.hooks = 0
+        self.read_ahead = 0  # gradients whose read back started while an earlier bucket stepped
 
     def __repr__(self) -> str:
         return "GradStats(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
@@ -215,8 +217,9 @@ class TieredGradients:
         """Start bringing the gradients of `indices` back (NVMe reads run while another bucket steps)."""
         for i in indices:
             g = self._grads.get(i)
-            if g is not None and g.rec is not None:
+            if g is not None and g.rec is not None and g.rec.read is None and g.rec.restored is None:
                 self.mover.prefetch(g.rec)
+                self.stats.read_ahead += 1
 
     @torch.no_grad()
     def gather(self, indices: Iterable[int]) -> None:
@@ -391,6 +394,7 @@ class GradTieredOptimizer(TieredOptimizer):
         if own is not None:
             self._own_mover = True
         self._norm_types = tuple(norm_types)
+        self._seqs: dict[int, list[tuple[int, ...]]] = {}  # bucket order of the last step of each parity
         self.grads = TieredGradients(self._param_list(), grads, self.mover, norm_types=norm_types)
         self.host: HostStepper | None = HostStepper(self.inner, host, pin=device.type == "cuda") if host else None
 
@@ -439,7 +443,30 @@ class GradTieredOptimizer(TieredOptimizer):
             return
         self._rehost(placement, self.grads.placement)
 
+    def step(self, closure=None):  # type: ignore[override]
+        """`TieredOptimizer.step`; each bucket's tiered gradients are read ahead while the one before steps."""
+        parity = self.stats.steps % 2  # the step order may alternate (the arena ring): learn it per parity
+        self._seq: list[tuple[int, ...]] = []
+        try:
+            return super().step(closure)
+        finally:
+            self._seqs[parity] = self._seq
+
+    def _read_ahead(self, bucket: Sequence[int]) -> None:
+        """Start reading the gradients of the bucket that stepped after this one two steps ago (a guess: a
+        wrong one costs a read, never a value)."""
+        seq = getattr(self, "_seq", None)
+        if seq is None:
+            return
+        seq.append(tuple(bucket))
+        prev = self._seqs.get(self.stats.steps % 2)
+        k = len(seq)
+        if prev and k < len(prev) and prev[k - 1] == seq[-1]:
+            host = self.host.params if self.host is not None else {}
+            self.grads.prefetch([i for i in prev[k] if i not in host])  # a host step reads the host buffer itself
+
     def _step_bucket(self, bucket: Sequence[int]) -> None:
+        self._read_ahead(bucket)
         on_host = self.host.covers(bucket) if self.host is not None else []
         if on_host:
             grads = {i: g for i in on_host if (g := self.grads.host_view(i)) is not None}
