@@ -257,3 +257,24 @@ def test_gpu_tiered_gradients(tmp_path):
     for a, b in zip(ref_model.parameters(), model.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     opt.close()
+
+
+def test_clipping_twice_before_the_step_is_torchs(tmp_path):
+    """A second clip sees the clipped gradients (their norms taken again), as torch.nn.utils.clip_grad_norm_ does."""
+    def go(managed: bool):
+        model = make_model()
+        opt = make_opt("sgd", model.parameters())
+        if managed:
+            opt = GradTieredOptimizer(opt, grads=StatePlacement(ALL, ("nvme",) * 3), nvme_dir=tmp_path)
+        clip = opt.clip_grad_norm_ if managed else nn.utils.clip_grad_norm_
+        x, y = batch(0, 0)
+        nn.functional.mse_loss(model(x), y).backward()
+        norms = [clip(model.parameters(), CLIP), clip(model.parameters(), CLIP / 3)]
+        opt.step()
+        return model, norms, opt
+
+    ref, ref_norms, _ = go(False)
+    model, norms, opt = go(True)
+    assert all(torch.equal(a, b) for a, b in zip(ref_norms, norms)) and float(norms[1]) < float(norms[0])
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    opt.close()

@@ -179,6 +179,11 @@ class TieredGradients:
             self.stats.resident_bytes -= g.nbytes
         else:
             acc = new
+        self._send_down(g, acc)
+        p.grad = None
+
+    def _send_down(self, g: _Grad, acc: torch.Tensor) -> None:
+        """`acc` (the final gradient on tier 0) below; its norms recorded first."""
         g.norms = self._norms(acc)
         g.slot = _Slot("grad", acc, self._serial)
         self._serial += 1
@@ -186,7 +191,14 @@ class TieredGradients:
         g.rec = self.mover.evict(f"g{g.index}", g.placement, g.slot.storage())
         g.slot.tensor = None
         self.stats.bytes_down += g.nbytes
-        p.grad = None
+
+    @torch.no_grad()
+    def _refresh(self, g: _Grad) -> None:
+        """A gradient clipped before and not stepped yet: brought back, scaled, its norms taken again, sent down
+        (a second clip reads the norms of the clipped values, as torch's does)."""
+        acc = self._bring(g)
+        self.stats.resident_bytes -= g.nbytes
+        self._send_down(g, acc)
 
     def _norms(self, t: torch.Tensor) -> dict[tuple[float, bool], torch.Tensor]:
         """The final gradient's norms, by both kernels torch may pick (one tensor on CPU: the same values)."""
@@ -300,6 +312,8 @@ class TieredGradients:
         for p in params:
             g = self._by_param.get(id(p))
             if g is not None and g.rec is not None:
+                if g.scale:
+                    self._refresh(g)
                 items.append((None, g))
             elif p.grad is not None:
                 items.append((p.grad, None))
