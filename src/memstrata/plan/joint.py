@@ -31,10 +31,15 @@ of the buckets on that tier.  So the split between states and activations is
 chosen by predicted step time, not by a user fraction; what it does not
 search: per-bucket mixes of two lower tiers; a lower tier's capacity is
 checked against the states alone (the activations offloaded there share it:
-not yet counted together).  Parameters and gradients
-stay in tier 0 (their access times are in the trace, but the runtime does
-not move them yet).  `Plan.states` carries the decisions (JSON round trip);
-the Manager executes them through `runtime.states.TieredOptimizer`.
+not yet counted together).  Gradients: each candidate
+that sends states to a lower tier has a twin that also sends the same
+buckets' gradients down when final (host DRAM below a device, where the
+bucket then steps on the host; NVMe on a CPU box), priced by
+`trace.grads.grad_stall_seconds` ([Note: gradients in the plan] in
+trace/grads.py; `tier_grads=False` leaves them out).  Parameters stay in
+tier 0.  `Plan.states` carries the decisions (JSON round trip); the Manager
+executes them through `runtime.grads.GradTieredOptimizer` (a
+`runtime.states.TieredOptimizer`).
 """
 
 from __future__ import annotations
