@@ -132,12 +132,20 @@ class StateDecision:
     The runtime carries it out with `runtime.states.TieredOptimizer`: read back
     before the bucket's update, written down after it ([Note: states in the plan]
     in plan/joint.py).
+
+    `grads`: the lower tier the bucket's gradients go to as soon as they are final
+    (their post-accumulate-grad hook), None for gradients kept in tier 0 until the
+    step; the bucket's update then runs where its gradient lives ([Note: gradients
+    in the plan] in trace/grads.py; runtime: `runtime.grads.GradTieredOptimizer`).
     """
 
     params: tuple[int, ...]
     tier: str | None = None
     storages: tuple[int, ...] = ()  # trace storage ids of these states
     nbytes: int = 0  # state bytes of the bucket
+    grads: str | None = None  # tier of the bucket's gradients between their hook and the step (None: kept)
+    grad_storages: tuple[int, ...] = ()  # trace storage ids of these gradients
+    grad_nbytes: int = 0  # gradient bytes of the bucket
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,9 @@ class Plan:
             if d.tier is not None:
                 key = f"states:{d.tier}"
                 out[key] = out.get(key, 0) + 1
+            if d.grads is not None:
+                key = f"grads:{d.grads}"
+                out[key] = out.get(key, 0) + 1
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,7 +206,9 @@ class Plan:
         d["predicted_peaks"] = tuple((str(n), int(b)) for n, b in d["predicted_peaks"])
         d["notes"] = tuple(d["notes"])
         d["states"] = tuple(StateDecision(tuple(x["params"]), x.get("tier"), tuple(x.get("storages", ())),
-                                          int(x.get("nbytes", 0))) for x in d.get("states", ()))
+                                          int(x.get("nbytes", 0)), x.get("grads"),
+                                          tuple(x.get("grad_storages", ())), int(x.get("grad_nbytes", 0)))
+                            for x in d.get("states", ()))
         return cls(**d)
 
     @classmethod

@@ -69,6 +69,7 @@ from .runtime.pool import HostBufferPool
 from .runtime.streams import CopyContext
 from .trace.calibrate import calibrate_durations
 from .trace.schema import Trace
+from .trace.grads import renumber_grads
 from .trace.states import planned_trace, with_optimizer_phase
 from .trace.units import out_of_place_activations, restore_inplace
 
@@ -230,6 +231,13 @@ class Manager:
             that the training loop steps (None: the Manager does not touch the
             optimizer; with memstrata disabled `self.optimizer` is `optimizer`).
 
+        tier_grads: with `optimizer`, the plan may also send a bucket's
+            gradients below tier 0 as soon as they are final ([Note: gradients
+            in the plan] in trace/grads.py).  Clip them with
+            `self.optimizer.clip_grad_norm_(params, max_norm)` (torch's
+            `clip_grad_norm_` does not see a gradient that is not in
+            ``p.grad``); off by default for that reason.
+
     A model wrapped in DistributedDataParallel (or DataParallel) is managed
     through the module it wraps: units, trace and hooks are the inner model's.
     """
@@ -255,6 +263,7 @@ class Manager:
         agree_plans: bool = True,
         fallback: str = "minimum",
         optimizer: torch.optim.Optimizer | None = None,
+        tier_grads: bool = False,
     ) -> None:
         self.model = model
         self.root = _unwrap(model)  # what units, the trace and the runtime's hooks are found in
@@ -309,6 +318,14 @@ class Manager:
             self.states = ManagedStates(optimizer, device=self.device, copy=self._copy, pool=self._pool,
                                         nvme_dir=self.nvme_dir, io_workers=io_workers)
         self.optimizer = self.states.optimizer if self.states is not None else optimizer
+        self.tier_grads = bool(tier_grads)
+        if self.tier_grads and optimizer is None:
+            raise ValueError("Manager: tier_grads=True needs optimizer= (gradients are tiered with their bucket's "
+                             "optimizer step)")
+        if self.tier_grads and self.world_size > 1:
+            # DDP reduces a gradient after its accumulate hook fires, FSDP2 assigns sharded gradients without one
+            raise ValueError("Manager: tier_grads=True is not supported under torch.distributed yet (gradients "
+                             "would leave before they are reduced); tier optimizer states only")
         self._states: dict[tuple, _ShapeState] = {}
         self._steps: list[StepRecord] = []
         self._current: _ShapeState | None = None
@@ -404,6 +421,7 @@ class Manager:
             if self.states is not None:  # the optimizer step runs after the block: its records come from here
                 trace = with_optimizer_phase(trace, self.states.state_bytes(),
                                              self.states.trace_step_seconds(self.hierarchy), self.states.dtypes())
+                trace = renumber_grads(trace, self.states.model_to_optimizer(self.root))
             self._plan(st, trace)
             self._steps[-1].peak_bytes = st.trace.observed_peak
             self._steps[-1].peak_source = "tracer (all storages, observed)"
@@ -583,7 +601,8 @@ class Manager:
         if self.states is not None:
             from .plan.joint import joint_plan
 
-            return joint_plan(trace, self.hierarchy, budget, planner=self.planner, tiers=tiers)
+            return joint_plan(trace, self.hierarchy, budget, planner=self.planner, tiers=tiers,
+                              tier_grads=self.tier_grads)
         from .plan.api import plan as make_plan
 
         return make_plan(trace, self.hierarchy, budget, planner=self.planner, tiers=tiers)

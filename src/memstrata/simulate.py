@@ -115,7 +115,7 @@ from .hardware import Hierarchy, format_size
 from .trace.index import TraceIndex, UnitEffect, occupancy, trace_index
 from .trace.schema import Trace
 from .trace.space import decision_space, is_replayable_op
-from .trace.states import planned_trace, state_stall_seconds
+from .trace.states import placement_stall_seconds, planned_trace
 
 __all__ = ["simulate", "Timeline", "InfeasiblePlanError", "SimResult", "Phase", "run", "try_run", "plan_to_dicts",
            "TraceIndex", "trace_index"]
@@ -603,9 +603,7 @@ def simulate(trace: Trace, plan: Plan, hierarchy: Hierarchy, *, check: bool = Tr
     step time includes their exposed I/O ([Note: optimizer states as trace records] in trace/states.py).
     """
     if plan.states:
-        names = [t.name for t in hierarchy.tiers]
-        stall, _ = state_stall_seconds(trace, hierarchy, [(names.index(d.tier), d.nbytes) for d in plan.states
-                                                          if d.tier is not None])
+        stall, _ = placement_stall_seconds(trace, hierarchy, plan.states)  # states and gradients
         tl = simulate(planned_trace(trace, plan, hierarchy), replace(plan, states=()), hierarchy, check=check)
         return replace(tl, step_time=tl.step_time + stall, stall_time=tl.stall_time + stall)
     ix = trace_index(trace)

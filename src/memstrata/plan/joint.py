@@ -31,10 +31,15 @@ of the buckets on that tier.  So the split between states and activations is
 chosen by predicted step time, not by a user fraction; what it does not
 search: per-bucket mixes of two lower tiers; a lower tier's capacity is
 checked against the states alone (the activations offloaded there share it:
-not yet counted together).  Parameters and gradients
-stay in tier 0 (their access times are in the trace, but the runtime does
-not move them yet).  `Plan.states` carries the decisions (JSON round trip);
-the Manager executes them through `runtime.states.TieredOptimizer`.
+not yet counted together).  Gradients: each candidate
+that sends states to a lower tier has a twin that also sends the same
+buckets' gradients down when final (host DRAM below a device, where the
+bucket then steps on the host; NVMe on a CPU box), priced by
+`trace.grads.grad_stall_seconds` ([Note: gradients in the plan] in
+trace/grads.py; `tier_grads=False` leaves them out).  Parameters stay in
+tier 0.  `Plan.states` carries the decisions (JSON round trip); the Manager
+executes them through `runtime.grads.GradTieredOptimizer` (a
+`runtime.states.TieredOptimizer`).
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ from dataclasses import replace
 from typing import Sequence
 
 from ..decisions import InfeasibleBudgetError, Plan, StateDecision
-from ..hardware import Hierarchy, format_size
+from ..hardware import HOST_KINDS, Hierarchy, format_size
 from ..trace.schema import Trace
-from ..trace.states import planned_trace, state_buckets, state_stall_seconds
+from ..trace.grads import grad_groups, host_step
+from ..trace.states import moved_state_bytes, placement_stall_seconds, planned_trace, state_buckets
 from .api import minimum_budget, offload_tier_indices, plan
 
 __all__ = ["joint_plan", "joint_minimum_budget", "state_decisions", "STATE_FRACTIONS"]
@@ -58,33 +64,64 @@ def _state_tier_names(hierarchy: Hierarchy, tiers) -> list[int]:
     return list(offload_tier_indices(hierarchy, tiers))
 
 
+def _tier_or_keep(t, names: list[str], hierarchy: Hierarchy, what: str) -> str | None:
+    t = None if t in (None, "keep") else str(t)
+    if t is not None and t not in names:
+        raise ValueError(f"unknown tier {t!r} for {what}; hierarchy {hierarchy.name!r} has {names}")
+    if t == names[0] and not hierarchy.host_is_tier0:
+        raise ValueError(f"tier {t!r} is tier 0: keep {what} there with 'keep'")
+    return t
+
+
 def state_decisions(trace: Trace, hierarchy: Hierarchy, placement: str | Sequence[str | None],
-                    bucket_bytes: int | None = None) -> tuple[StateDecision, ...]:
-    """Decisions for a fixed placement: one tier name (or 'keep') for every bucket, or one per bucket."""
+                    bucket_bytes: int | None = None,
+                    grads: str | Sequence[str | None] | None = None) -> tuple[StateDecision, ...]:
+    """Decisions for a fixed placement: one tier name (or 'keep') for every bucket, or one per bucket.
+
+    `grads`: where each bucket's gradients go when final (same forms; None keeps them all in tier 0;
+    [Note: gradients in the plan] in trace/grads.py)."""
     buckets = state_buckets(trace, bucket_bytes)
     names = [t.name for t in hierarchy.tiers]
     per = [placement] * len(buckets) if isinstance(placement, str) else list(placement)
     if len(per) != len(buckets):
         raise ValueError(f"state placement names {len(per)} tiers for {len(buckets)} state buckets")
+    gper = [grads] * len(buckets) if grads is None or isinstance(grads, str) else list(grads)
+    if len(gper) != len(buckets):
+        raise ValueError(f"gradient placement names {len(gper)} tiers for {len(buckets)} state buckets")
+    by_param = grad_groups(trace)
     out = []
-    for b, t in zip(buckets, per):
-        t = None if t in (None, "keep") else str(t)
-        if t is not None and t not in names:
-            raise ValueError(f"unknown tier {t!r} for optimizer states; hierarchy {hierarchy.name!r} has {names}")
-        if t == names[0] and not hierarchy.host_is_tier0:
-            raise ValueError(f"tier {t!r} is tier 0: keep states there with 'keep'")
+    for b, t, gt in zip(buckets, per, gper):
+        t = _tier_or_keep(t, names, hierarchy, "optimizer states")
+        gt = _tier_or_keep(gt, names, hierarchy, "gradients")
+        if gt is not None and names.index(gt) == 0:
+            raise ValueError(f"tier {gt!r} is tier 0: keep gradients there with 'keep'")
         params = tuple(g.param for g in b if g.param is not None)
-        out.append(StateDecision(params, t, tuple(s for g in b for s in g.storages), sum(g.nbytes for g in b)))
+        gs = tuple(s for p in params for s in by_param.get(p, ())) if gt is not None else ()
+        out.append(StateDecision(params, t, tuple(s for g in b for s in g.storages), sum(g.nbytes for g in b),
+                                 gt, gs, sum(trace.storages[s].nbytes for s in gs)))
     return tuple(out)
 
 
-def _moved(hierarchy: Hierarchy, decisions: Sequence[StateDecision]) -> list[tuple[int, int]]:
-    names = [t.name for t in hierarchy.tiers]
-    return [(names.index(d.tier), d.nbytes) for d in decisions if d.tier is not None]
+def _grad_tier(hierarchy: Hierarchy, state_tier: int) -> int | None:
+    """Where a candidate puts the gradients of buckets whose states go to `state_tier`: host DRAM on a device
+    hierarchy (the bucket then steps on the host), the NVMe tier on a CPU one (host RAM is tier 0)."""
+    if state_tier < 1:
+        return None
+    if hierarchy.host_is_tier0:
+        t = hierarchy.nvme_tier()
+    elif hierarchy.tiers[state_tier].kind in HOST_KINDS:
+        t = hierarchy.host_tier()
+    else:
+        return None  # states on NVMe below a device: their gradients would come back with them; not searched
+    if t is None:
+        return None
+    return [x.name for x in hierarchy.tiers].index(t.name)
 
 
-def _candidates(trace: Trace, hierarchy: Hierarchy, tiers, bucket_bytes) -> list[tuple[StateDecision, ...]]:
+def _candidates(trace: Trace, hierarchy: Hierarchy, tiers, bucket_bytes,
+                grads: bool = True) -> list[tuple[StateDecision, ...]]:
     buckets = state_buckets(trace, bucket_bytes)
+    by_param = grad_groups(trace)
     n = len(buckets)
     names = [t.name for t in hierarchy.tiers]
     order = sorted(range(n), key=lambda i: (-sum(g.nbytes for g in buckets[i]), -i))
@@ -95,41 +132,54 @@ def _candidates(trace: Trace, hierarchy: Hierarchy, tiers, bucket_bytes) -> list
             chosen = set(order[:k])
             if ti >= 1 and sum(sum(g.nbytes for g in buckets[i]) for i in chosen) > hierarchy.tiers[ti].capacity:
                 continue  # the tier cannot hold them
-            out.append(state_decisions(trace, hierarchy, [names[ti] if i in chosen else None for i in range(n)],
-                                       bucket_bytes))
+            per = [names[ti] if i in chosen else None for i in range(n)]
+            out.append(state_decisions(trace, hierarchy, per, bucket_bytes))
+            gi = _grad_tier(hierarchy, ti) if grads else None
+            if gi is not None and by_param:  # the same buckets' gradients below too
+                out.append(state_decisions(trace, hierarchy, per, bucket_bytes,
+                                           grads=[names[gi] if i in chosen else None for i in range(n)]))
     return out
 
 
 def _with_states(trace: Trace, hierarchy: Hierarchy, p: Plan, decisions: tuple[StateDecision, ...]) -> Plan:
-    moved = _moved(hierarchy, decisions)
-    stall, io = state_stall_seconds(trace, hierarchy, moved)
+    stall, io = placement_stall_seconds(trace, hierarchy, decisions)
     step = (p.predicted_step_time or 0.0) + stall
     n = sum(1 for d in decisions if d.tier is not None)
+    moved = sum(d.nbytes for d in decisions if d.tier is not None)
     note = (f"optimizer states: {n}/{len(decisions)} buckets below tier 0 "
-            f"({format_size(sum(b for _, b in moved))} of {format_size(sum(d.nbytes for d in decisions))}); "
+            f"({format_size(moved)} of {format_size(sum(d.nbytes for d in decisions))}); "
             f"state I/O {io * 1e3:.3f} ms, exposed {stall * 1e3:.3f} ms")
+    ng = sum(1 for d in decisions if d.grads is not None)
+    if ng:
+        note += (f"; gradients of {ng} buckets below tier 0 when final "
+                 f"({format_size(sum(d.grad_nbytes for d in decisions))})"
+                 + (", stepped on the host" if any(host_step(hierarchy, d) for d in decisions) else ""))
     return replace(p, states=decisions, predicted_step_time=step, notes=p.notes + (note,))
 
 
 def joint_plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "auto", tiers=None,
                states: str | Sequence[str | None] | None = None, bucket_bytes: int | None = None,
-               time_limit: float = 4.0) -> Plan:
+               time_limit: float = 4.0, grads: str | Sequence[str | None] | None = None,
+               tier_grads: bool = True) -> Plan:
     """Activations and optimizer states in one plan within `budget` ([Note: states in the plan]).
 
     `states`: None lets the objective choose the placement; a tier name / 'keep' (every bucket) or one per
-    bucket fixes it (the activations are still planned for what it leaves).  A trace without optimizer-state
-    records gets `plan.api.plan`'s plan.
+    bucket fixes it (the activations are still planned for what it leaves); `grads` fixes where the buckets'
+    gradients go the same way (with `states` only; None keeps them).  `tier_grads=False` leaves gradients
+    out of the search.  A trace without optimizer-state records gets `plan.api.plan`'s plan.
     """
     budget = int(budget)
     if not state_buckets(trace, bucket_bytes):
         return plan(trace, hierarchy, budget, planner=planner, tiers=tiers, time_limit=time_limit)
-    cands = ([state_decisions(trace, hierarchy, states, bucket_bytes)] if states is not None
-             else _candidates(trace, hierarchy, tiers, bucket_bytes))
+    if grads is not None and states is None:
+        raise ValueError("joint_plan: grads= fixes the gradients of a fixed state placement: pass states= too")
+    cands = ([state_decisions(trace, hierarchy, states, bucket_bytes, grads)] if states is not None
+             else _candidates(trace, hierarchy, tiers, bucket_bytes, tier_grads))
     best: tuple | None = None
     least = None
     # Cheapest state I/O first; a candidate whose states alone cost more than the best plan so far (its
     # activations cannot beat the unmanaged step) is not planned.
-    stalls = [state_stall_seconds(trace, hierarchy, _moved(hierarchy, dec))[0] for dec in cands]
+    stalls = [placement_stall_seconds(trace, hierarchy, dec)[0] for dec in cands]
     for stall, dec in sorted(zip(stalls, cands), key=lambda sd: sd[0]):
         if best is not None and trace.step_time + stall > best[0][0]:
             continue
@@ -140,9 +190,9 @@ def joint_plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str 
             least = e if least is None or e.minimum_budget < least.minimum_budget else least
             continue
         full = _with_states(trace, hierarchy, p, dec)
-        moved = _moved(hierarchy, dec)
-        key = (round(full.predicted_step_time or 0.0, 12), sum(b for _, b in moved), max((t for t, _ in moved),
-                                                                                          default=0))
+        moved = moved_state_bytes(hierarchy, dec)
+        key = (round(full.predicted_step_time or 0.0, 12), sum(b for _, b in moved),
+               sum(d.grad_nbytes for d in dec), max((t for t, _ in moved), default=0))
         if best is None or key < best[0]:
             best = (key, full)
     if best is None:
@@ -151,10 +201,12 @@ def joint_plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str 
     return best[1]
 
 
-def joint_minimum_budget(trace: Trace, hierarchy: Hierarchy, *, tiers=None, bucket_bytes: int | None = None) -> int:
-    """The smallest budget `joint_plan` can plan for: the least `minimum_budget` over the state candidates."""
+def joint_minimum_budget(trace: Trace, hierarchy: Hierarchy, *, tiers=None, bucket_bytes: int | None = None,
+                         tier_grads: bool = True) -> int:
+    """The smallest budget `joint_plan` can plan for: the least `minimum_budget` over the state candidates
+    (`tier_grads=False`: candidates that keep every gradient in tier 0 only)."""
     if not state_buckets(trace, bucket_bytes):
         return minimum_budget(trace, hierarchy, tiers=tiers)
     return min(minimum_budget(planned_trace(trace, dec, hierarchy), hierarchy, tiers=tiers)
-               for dec in _candidates(trace, hierarchy, tiers, bucket_bytes))
+               for dec in _candidates(trace, hierarchy, tiers, bucket_bytes, tier_grads))
 

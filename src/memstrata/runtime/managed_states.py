@@ -21,12 +21,26 @@ from ..hardware import Hierarchy
 from .mover import Placement, TierMover
 from .nvme import NVMeStore
 from .pool import HostBufferPool
-from .states import StatePlacement, TieredOptimizer, expected_state_tensors
+from .grads import GradTieredOptimizer
+from .states import StatePlacement, expected_state_tensors
 from .streams import CopyContext
 
-__all__ = ["ManagedStates", "placement_of"]
+__all__ = ["ManagedStates", "placement_of", "grad_placement_of"]
 
 TOUCH_FACTOR = 3.5  # bytes of memory traffic per state byte of an AdamW-like step (plan/states.py)
+
+
+def grad_placement_of(decisions: Sequence[StateDecision], hierarchy: Hierarchy) -> StatePlacement:
+    """The runtime placement of a plan's gradient decisions (`StateDecision.grads`; kept ones left out)."""
+    buckets, tiers = [], []
+    for d in decisions:
+        if d.grads is None or not d.params:
+            continue
+        p = Placement.for_tier(hierarchy, d.grads)
+        if p != Placement.KEEP:
+            buckets.append(tuple(d.params))
+            tiers.append(p)
+    return StatePlacement(tuple(buckets), tuple(tiers))
 
 
 def placement_of(decisions: Sequence[StateDecision], hierarchy: Hierarchy) -> StatePlacement:
@@ -53,7 +67,7 @@ class ManagedStates:
         self.io_workers = io_workers
         self._copy = copy
         self.mover = TierMover(device, copy, pool, None)
-        self.optimizer = TieredOptimizer(optimizer, placement=StatePlacement((), ()), mover=self.mover)
+        self.optimizer = GradTieredOptimizer(optimizer, placement=StatePlacement((), ()), mover=self.mover)
         self.step_seconds: list[float] = []
         self._t0: float | None = None
         self._handles = [self.optimizer.register_step_pre_hook(self._pre),
@@ -86,6 +100,11 @@ class ManagedStates:
         local = [p.to_local() if type(p).__name__ == "DTensor" else p for p in self.params()]
         return [[p.numel() * p.element_size()] * per for p in local]
 
+    def model_to_optimizer(self, model: torch.nn.Module) -> dict[int, int | None]:
+        """The optimizer's index of each of `model`'s parameters (by position in `model.parameters()`)."""
+        index = {id(p): i for i, p in enumerate(self.params())}
+        return {j: index.get(id(p)) for j, p in enumerate(model.parameters())}
+
     def dtypes(self) -> list[str]:
         return [str(p.dtype).replace("torch.", "") for p in self.params()]
 
@@ -99,16 +118,20 @@ class ManagedStates:
 
     # ------------------------------------------------------------------ carrying a plan out
     def apply(self, decisions: Sequence[StateDecision], hierarchy: Hierarchy) -> None:
-        """Put the states where `decisions` say (between steps)."""
+        """Put the states and gradients where `decisions` say (between steps)."""
         placement = placement_of(decisions, hierarchy)
-        if any(t == Placement.NVME for t in placement.tiers) and self.mover.store is None:
+        grads = grad_placement_of(decisions, hierarchy)
+        if any(t == Placement.NVME for t in placement.tiers + grads.tiers) and self.mover.store is None:
             if self.nvme_dir is None:
-                raise ValueError("the plan puts optimizer states on NVMe but the Manager has no nvme_dir")
+                raise ValueError("the plan puts optimizer states or gradients on NVMe but the Manager has no nvme_dir")
             need = sum(d.nbytes for d in decisions if d.tier is not None
                        and Placement.for_tier(hierarchy, d.tier) == Placement.NVME)
+            need += sum(d.grad_nbytes for d in decisions if d.grads is not None
+                        and Placement.for_tier(hierarchy, d.grads) == Placement.NVME)
             self.mover.store = NVMeStore(self.nvme_dir, required_bytes=need, workers=self.io_workers,
                                          pool=self.mover.pool if self._copy.asynchronous else None)
         self.optimizer.set_placement(placement)
+        self.optimizer.set_grad_placement(grads)
 
     def describe(self) -> str:
         st = self.optimizer.stats

@@ -104,6 +104,11 @@ from .space import SAC_HIDDEN_OPS  # noqa: E402
 # ----------------------------------------------------------------------------- builders
 
 
+def _param_indices(optimizer) -> list:
+    """(parameter, the optimizer's index of it) in state_dict order."""
+    return [(p, i) for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])]
+
+
 @dataclass(eq=False)
 class _Storage:
     """Mutable record of one storage while the step runs (becomes a StorageRecord)."""
@@ -266,6 +271,7 @@ class StepRecorder:
             self._handles.append(m.register_forward_pre_hook(self._make_pre(name, is_unit, m is self.model),
                                                              with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._make_post(is_unit), always_call=True))
+        self._model_index = {id(p): i for i, p in enumerate(self.model.parameters())}
         for p in self.model.parameters():
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
@@ -327,6 +333,9 @@ class StepRecorder:
             s = self._sid(p.grad, None)
             if s is not None and s.role is None:
                 s.role = "gradient"
+            if s is not None and s.role == "gradient" and s.param_index is None:
+                # the model's parameter order; an optimizer traced in the step renumbers it in its own order
+                s.param_index = self._model_index.get(id(p))
 
     def _opt_pre(self, optimizer, args, kwargs) -> None:
         self._in_optimizer += 1
@@ -350,6 +359,11 @@ class StepRecorder:
                     s.role = "optimizer_state"
                 if s is not None and s.role == "optimizer_state" and t.dim() > 0:
                     s.param_index = index.get(id(param))
+        for param, i in _param_indices(optimizer):
+            if param.grad is not None:  # gradients: the optimizer's numbering too (trace/grads.py)
+                s = self._sid(param.grad, None)
+                if s is not None and s.role == "gradient":
+                    s.param_index = i
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if self._phase() == "forward":
@@ -574,7 +588,7 @@ class StepRecorder:
             module=s.module,
             unit=s.unit,
             freed_after=s.freed_after,
-            param_index=s.param_index if role == "optimizer_state" else None,
+            param_index=s.param_index if role in ("optimizer_state", "gradient") else None,
         )
 
     def _unit_records(self, storages: tuple[StorageRecord, ...], ops: tuple[OpRecord, ...]) -> tuple[UnitRecord, ...]:

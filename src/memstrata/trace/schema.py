@@ -76,7 +76,7 @@ class StorageRecord:
     module: str = ""  # module of the producer op
     unit: int | None = None  # recompute unit of the producer op
     freed_after: int | None = None  # event after which eager PyTorch really freed it; None = alive at step end
-    param_index: int | None = None  # optimizer states: the optimizer's index of their parameter (state_dict order)
+    param_index: int | None = None  # optimizer states and gradients: the optimizer's index of their parameter (state_dict order)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -38,14 +38,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-import numpy as np
-
 from ..decisions import Plan, StateDecision
 from ..hardware import Hierarchy
+from .grads import GRAD_WINDOW_MODULE, all_keep_peak, grad_stall_seconds, host_step, tier_grads
 from .schema import OpRecord, StorageRecord, Trace
 
 __all__ = ["StateGroup", "state_groups", "state_buckets", "optimizer_span", "with_optimizer_phase", "tier_states",
-           "state_stall_seconds", "planned_trace", "STATE_WINDOW_MODULE", "PER_BUCKET_SECONDS", "MAX_STATE_BUCKET_BYTES"]
+           "state_stall_seconds", "planned_trace", "moved_state_bytes", "placement_stall_seconds",
+           "STATE_WINDOW_MODULE", "PER_BUCKET_SECONDS", "MAX_STATE_BUCKET_BYTES"]
 
 WRITE_BEHIND = 2  # buckets whose writes overlap the next forward
 PER_BUCKET_SECONDS = 50e-6  # Python / launch overhead of one bucket's step (as plan/states.py)
@@ -142,16 +142,18 @@ def with_optimizer_phase(trace: Trace, state_bytes: Sequence[Sequence[int]], ste
 
 
 def tier_states(trace: Trace, tiered: Sequence[Sequence[int]], *,
-                written_behind: Sequence[bool] | None = None) -> Trace:
+                written_behind: Sequence[bool] | None = None, window_bytes: Sequence[int] | None = None) -> Trace:
     """The trace as tier 0 sees it when the buckets `tiered` (storage ids, stepping order) live below.
 
     `written_behind[i]`: bucket i's write finishes asynchronously (NVMe; default True for all); a host
-    copy is complete when the bucket's step ends.
+    copy is complete when the bucket's step ends.  `window_bytes[i]`: what bucket i brings into tier 0
+    for its update (default: its states; plus its gradients, or 0 for a host step: trace/grads.py).
     """
-    buckets = [tuple(b) for b in tiered if b]
+    keep_b = [i for i, b in enumerate(tiered) if b]
+    buckets = [tuple(tiered[i]) for i in keep_b]
     if not buckets:
         return trace
-    behind = [True] * len(buckets) if written_behind is None else [bool(w) for b, w in zip(tiered, written_behind) if b]
+    behind = [True] * len(buckets) if written_behind is None else [bool(written_behind[i]) for i in keep_b]
     span = optimizer_span(trace)
     if span is None:
         raise ValueError("tier_states: the trace has no optimizer phase (trace the optimizer step, or "
@@ -167,6 +169,8 @@ def tier_states(trace: Trace, tiered: Sequence[Sequence[int]], *,
             acc += s.nbytes
             sts[sid] = replace(s, freed_after=(s.producer or 0) - 1, persistent=False)  # never on tier 0
         sizes.append(acc)
+    if window_bytes is not None:
+        sizes = [int(window_bytes[i]) for i in keep_b]
     # [Note: the state window] in runtime/states.py: while bucket k steps, k+1 is read and k-1 written.
     win = max(sum(sizes[max(0, k - 1): k + 2]) if behind[max(0, k - 1)] or k == 0 else sum(sizes[k: k + 2])
               for k in range(len(sizes)))
@@ -178,19 +182,7 @@ def tier_states(trace: Trace, tiered: Sequence[Sequence[int]], *,
         sts.append(StorageRecord(id=nid + 1, nbytes=tail, dtype="uint8", shape=(tail,), kind="temporary",
                                  producer=None, last_use=0, freed_after=0, module=STATE_WINDOW_MODULE))
     out = replace(trace, storages=tuple(sts))
-    return replace(out, observed_peak=_all_keep_peak(out))
-
-
-def _all_keep_peak(trace: Trace) -> int:
-    n = len(trace.ops)
-    diff = np.zeros(n + 1, dtype=np.int64)
-    for s in trace.storages:
-        start = 0 if s.producer is None else s.producer
-        end = n - 1 if s.freed_after is None else s.freed_after
-        if end >= start:
-            diff[start] += s.nbytes
-            diff[end + 1] -= s.nbytes
-    return int(np.cumsum(diff[:n]).max()) if n else 0
+    return replace(out, observed_peak=all_keep_peak(out))
 
 
 def state_stall_seconds(trace: Trace, hierarchy: Hierarchy, buckets: Sequence[tuple[int, int]]) -> tuple[float, float]:
@@ -218,6 +210,39 @@ def planned_trace(trace: Trace, states: "Plan | Sequence[StateDecision]", hierar
     for d in decisions:
         if d.tier is not None and d.tier not in names:
             raise ValueError(f"state bucket {d.params}: unknown tier {d.tier!r}; hierarchy {hierarchy.name!r} has {names}")
+    for d in decisions:
+        if d.grads is not None and d.grads not in names:
+            raise ValueError(f"gradient bucket {d.params}: unknown tier {d.grads!r}; hierarchy {hierarchy.name!r} "
+                             f"has {names}")
+    # [Note: gradients in the plan] (trace/grads.py): tiered gradients leave tier 0 when final
+    trace = tier_grads(trace, [s for d in decisions if d.grads is not None for s in d.grad_storages])
     moved = [d for d in decisions if d.tier is not None and names.index(d.tier) >= 1]
-    return tier_states(trace, [d.storages for d in moved],
-                       written_behind=[hierarchy.tiers[names.index(d.tier)].kind == "nvme" for d in moved])
+    window = [0 if host_step(hierarchy, d) else d.nbytes + (d.grad_nbytes if d.grads is not None else 0)
+              for d in moved]
+    out = tier_states(trace, [d.storages for d in moved],
+                      written_behind=[hierarchy.tiers[names.index(d.tier)].kind == "nvme" for d in moved],
+                      window_bytes=window if any(d.grads is not None for d in moved) else None)
+    back = sum(d.grad_nbytes for d in decisions if d.grads is not None and (d.tier is None or names.index(d.tier) < 1))
+    span = optimizer_span(out)
+    if back and span is not None:  # gradients of kept-state buckets come back for the kept step
+        nid = len(out.storages)
+        rec = StorageRecord(id=nid, nbytes=back, dtype="uint8", shape=(back,), kind="gradient", producer=span[0],
+                            last_use=span[1], freed_after=span[1], module=GRAD_WINDOW_MODULE)
+        out = replace(out, storages=out.storages + (rec,))
+        out = replace(out, observed_peak=all_keep_peak(out))
+    return out
+
+
+def moved_state_bytes(hierarchy: Hierarchy, decisions: Sequence[StateDecision]) -> list[tuple[int, int]]:
+    """(tier index, bytes) of the state buckets whose states cross into tier 0 and back for their update."""
+    names = [t.name for t in hierarchy.tiers]
+    return [(names.index(d.tier), d.nbytes) for d in decisions if d.tier is not None
+            and not host_step(hierarchy, d)]  # a host step over host-resident states moves nothing
+
+
+def placement_stall_seconds(trace: Trace, hierarchy: Hierarchy,
+                            decisions: Sequence[StateDecision]) -> tuple[float, float]:
+    """(exposed seconds, I/O seconds) of a placement of states and gradients (the joint plan's time term)."""
+    stall, io = state_stall_seconds(trace, hierarchy, moved_state_bytes(hierarchy, decisions))
+    gstall, gio, _ = grad_stall_seconds(trace, hierarchy, decisions)
+    return stall + gstall, io + gio
