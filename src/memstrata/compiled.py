@@ -36,7 +36,7 @@ from torch import nn
 
 from .decisions import InfeasibleBudgetError
 from .hardware import Budget, format_size
-from .plan.compiled import CompiledPlan, correct_compiled, plan_compiled, split_plan
+from .plan.compiled import CompiledPlan, correct_compiled, offload_plan, plan_compiled, split_plan
 from .runtime.compiled import CompiledRuntime, CompiledStepStats
 from .trace.compiled import CompiledTrace
 
@@ -243,12 +243,13 @@ class CompiledLifecycle:
             return
         if cs.split and not cs.offload_tried and self.runtime.can_offload:
             cs.offload_tried = True
+            assert cs.budget is not None and cs.trace is not None
+            split = replace(cs.trace, peak_above_start=cs.measured[(cs.fraction, True, False)] - cs.trace.bytes_at_start)
+            plan = offload_plan(split, cs.budget, self.runtime.offloader.describe())
+            cs.notes.extend(plan.notes)
+            cs.plan = plan
             cs.offload = True  # the same graphs: no recompile; their saves go to the lower tier
             cs.watch_peaks = []
-            note = (f"split graphs at activation budget 0 measured {format_size(cs.measured[(cs.fraction, True, False)])}"
-                    f" > budget {format_size(cs.budget)}: offloading their activation saves to "
-                    f"{self.runtime.offloader.describe()} between each graph's forward and backward")
-            cs.notes.append(note)
             return
         cs.settled = True
         best = min(cs.measured, key=lambda k: (cs.measured[k], -k[0]))

@@ -191,6 +191,7 @@ class CompiledStepStats:
     packs: int = 0
     unpacks: int = 0
     graphs: int = 0  # bursts of saves by one autograd.Function call (a compiled graph)
+    largest_graph_activation_bytes: int = 0  # the most activation bytes one graph (or eager run) saved
     eager_packs: int = 0  # saves by eager ops between graphs (graph breaks)
     saved_activation_bytes: int = 0
     saved_static_bytes: int = 0  # parameters, buffers and the batch the graphs saved (there anyway)
@@ -373,6 +374,7 @@ class _Step:
         self.seen: set[int] = set()
         self.poller = poller
         self.frame: Any = None
+        self.graph_bytes = 0  # activation bytes saved by the current graph
         self.heap_base = 0
 
 
@@ -436,7 +438,8 @@ class CompiledRuntime:
             pack_nbytes=tuple(stats.pack_nbytes), saved_activation_bytes=stats.saved_activation_bytes,
             saved_static_bytes=stats.saved_static_bytes, unpacks=stats.unpacks,
             bytes_at_start=stats.bytes_at_start, peak_above_start=int(above), peak_source=source,
-            step_time=float(seconds), graphs=stats.graphs)
+            step_time=float(seconds), graphs=stats.graphs,
+            largest_graph_activation_bytes=stats.largest_graph_activation_bytes)
 
     @contextlib.contextmanager
     def step(self, inputs: Any = ()) -> Iterator[CompiledStepStats]:
@@ -498,10 +501,13 @@ class CompiledRuntime:
         frame = _saving_function_frame()
         if frame is None:
             stats.eager_packs += 1
+            if st.frame is not None:
+                st.graph_bytes = 0
             st.frame = None
         elif frame is not st.frame:
             stats.graphs += 1
             st.frame = frame
+            st.graph_bytes = 0
         s = _storage(t)
         n = int(s.nbytes()) if s is not None else 0
         stats.pack_nbytes.append(n)
@@ -511,6 +517,8 @@ class CompiledRuntime:
                 stats.saved_static_bytes += n
             else:
                 stats.saved_activation_bytes += n
+                st.graph_bytes += n
+                stats.largest_graph_activation_bytes = max(stats.largest_graph_activation_bytes, st.graph_bytes)
         exp = st.expected
         if exp is not None and stats.misaligned is None:
             if k >= len(exp):
