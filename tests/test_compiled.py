@@ -197,24 +197,28 @@ def test_runtime_counts_saves_and_checks_them():
 
 
 @pytest.mark.slow  # compiles one graph per unit: ~50 s on the shared 2-core box
-def test_when_no_fraction_fits_it_splits_the_graph_at_units_then_settles_on_the_lowest_peak():
-    data = batches(8)
+def test_when_no_fraction_fits_it_splits_the_graph_at_units_offloads_then_settles_on_the_lowest_peak(tmp_path):
+    data = batches(10)
     ref = make_model()
     train(ref, torch.compile(ref), data)
     model = make_model()
     cm = torch.compile(model)
-    mgr = Manager(cm, budget=1024)  # below the parameters: nothing fits
+    mgr = Manager(cm, budget=1024, nvme_dir=str(tmp_path))  # below the parameters: nothing fits
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(model, cm, data, mgr)
     steps = mgr.report()["steps"]
-    assert [s["mode"] for s in steps][:7] == ["warmup", "trace", "compile (0)", "managed", "managed",
-                                              "compile (0 per unit)", "managed"]
+    assert [s["mode"] for s in steps] == ["warmup", "trace", "compile (0)", "managed", "managed",
+                                          "compile (0 per unit)", "managed", "managed", "managed", "managed"]
     assert steps[3]["stats"]["graphs"] == 1 and steps[6]["stats"]["graphs"] > 1  # one graph per unit
+    assert not steps[7]["stats"]["offload"] and steps[8]["stats"]["offload"] and steps[9]["stats"]["offload"]
+    assert steps[8]["stats"]["offloaded_bytes"] > 0 and steps[8]["stats"]["restores"] > 0
     (shape,) = mgr.report()["shapes"].values()
-    assert set(shape["measured_peaks"]) == {"1", "0", "0 per unit"}
+    assert set(shape["measured_peaks"]) == {"1", "0", "0 per unit", "0 per unit + offload"}
+    assert any("offloading their activation saves" in n for n in shape["notes"])
+    assert shape["misaligned_steps"] == 0
     settled = [str(w.message) for w in caught if "no partitioner activation budget keeps" in str(w.message)]
-    assert len(settled) == 1 and "the lowest" in settled[0]
+    assert len(settled) == 1 and "the lowest" in settled[0] and "offloading its saves" in settled[0]
     mgr.close()
     assert not mgr._compiled_life.runtime.budget._hooks  # the graph breaks are gone
     # Another graph: not bit-exact in general; the difference stays at rounding level.

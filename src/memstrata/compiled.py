@@ -11,8 +11,11 @@ measured peak is above the budget (plus `CPU_PEAK_SLACK` on CPU, where the
 reading is a sampled heap), recompile at a smaller fraction from that
 measurement, at most `MAX_CORRECTIONS` times; when no fraction of one graph
 fits, once one graph per recompute unit at fraction 0 ([Note: one graph per
-unit] in runtime/compiled.py); when nothing fits, the setting with the lowest
-measured peak, with one warning.  A step whose saves differ from
+unit] in runtime/compiled.py); when that does not fit either and there is a
+lower tier (NVMe files on CPU: `nvme_dir`; pinned host on CUDA), the same
+split graphs with their activation saves offloaded between forward and
+backward ([Note: offloading the saves of a split graph]); when nothing fits,
+the setting with the lowest measured peak, with one warning.  A step whose saves differ from
 its trace (a graph break that went another way, a recompile we did not ask
 for) warns once per shape, says why, and the next step is traced again.
 
@@ -33,7 +36,7 @@ from torch import nn
 
 from .decisions import InfeasibleBudgetError
 from .hardware import Budget, format_size
-from .plan.compiled import CompiledPlan, correct_compiled, plan_compiled, split_plan
+from .plan.compiled import CompiledPlan, correct_compiled, offload_plan, plan_compiled, split_plan
 from .runtime.compiled import CompiledRuntime, CompiledStepStats
 from .trace.compiled import CompiledTrace
 
@@ -70,12 +73,14 @@ class _Shape:
     fraction: float = 1.0
     split: bool = False  # one graph per recompute unit
     split_tried: bool = False
+    offload: bool = False  # split graphs' activation saves moved to the lower tier
+    offload_tried: bool = False
     settled: bool = False  # nothing fits: running at the best measured setting
     recompile: bool = False  # the next step compiles at `fraction` (and becomes the trace)
     retrace: bool = False  # the next step becomes the trace (after a misaligned step)
     corrections: int = 0
     watch_peaks: list[int] = field(default_factory=list)
-    measured: dict[tuple[float, bool], int] = field(default_factory=dict)  # (fraction, split) -> largest peak
+    measured: dict[tuple[float, bool, bool], int] = field(default_factory=dict)  # (fraction, split, offload) -> peak
     warned_misaligned: bool = False
     misaligned_steps: int = 0
     notes: list[str] = field(default_factory=list)
@@ -87,8 +92,9 @@ class CompiledLifecycle:
     CPU_PEAK_SLACK = 0.05
 
     def __init__(self, model: nn.Module, budget: Budget, *, fallback: str = "minimum", warmup_steps: int = 1,
-                 max_retraces: int = 2, model_name: str = "", device: torch.device | None = None) -> None:
-        self.runtime = CompiledRuntime(model)
+                 max_retraces: int = 2, model_name: str = "", device: torch.device | None = None,
+                 nvme_dir: str | None = None, io_workers: int | None = None) -> None:
+        self.runtime = CompiledRuntime(model, nvme_dir=nvme_dir, io_workers=io_workers)
         self.budget = budget
         self.fallback = fallback
         self.warmup_steps = int(warmup_steps)
@@ -116,7 +122,7 @@ class CompiledLifecycle:
             out.seconds = time.perf_counter() - t0
             return
         rt = self.runtime
-        rt.set_fraction(cs.fraction, cs.split)
+        rt.set_fraction(cs.fraction, cs.split, cs.offload)
         tracing = cs.default is None or cs.recompile or cs.retrace
         rt.expect(None if tracing else cs.trace)
         start = self._cuda_start()
@@ -136,7 +142,7 @@ class CompiledLifecycle:
             cs.default = cs.trace = trace
             self._plan(cs)
         elif cs.recompile:
-            out.mode = f"compile ({_setting(cs.fraction, cs.split)})"
+            out.mode = f"compile ({_setting(cs.fraction, cs.split, cs.offload)})"
             cs.recompile = False
             cs.trace = trace
             out.peak_source += "; this step also compiled (its peak includes the compiler's)"
@@ -184,7 +190,7 @@ class CompiledLifecycle:
             cs.budget = trace.observed_peak
         else:
             cs.budget = self.budget.resolve(trace)
-        cs.measured[(trace.fraction, False)] = trace.observed_peak
+        cs.measured[(trace.fraction, False, False)] = trace.observed_peak
         plan = plan_compiled(trace, cs.budget)
         if not plan.feasible:
             if self.fallback == "raise":
@@ -208,18 +214,18 @@ class CompiledLifecycle:
         cs.watch_peaks.append(trace.observed_peak)
         if len(cs.watch_peaks) < self.WATCH_STEPS or cs.budget is None or cs.default is None:
             return
-        if cs.fraction >= 1.0 and not cs.split and cs.default.observed_peak <= cs.budget:
+        if cs.fraction >= 1.0 and not cs.split and not cs.offload and cs.default.observed_peak <= cs.budget:
             cs.watch_peaks = []
             return  # it fitted as compiled: nothing is managed (as the eager watch, which leaves empty plans be)
         peak, cs.watch_peaks = max(cs.watch_peaks), []
-        cs.measured[(cs.fraction, cs.split)] = peak
+        cs.measured[(cs.fraction, cs.split, cs.offload)] = peak
         slack = 0.0 if self.cuda else self.CPU_PEAK_SLACK
         if peak <= cs.budget * (1.0 + slack) or cs.settled:
             return
         measured = replace(trace, peak_above_start=peak - trace.bytes_at_start)
         plan = None if cs.split else correct_compiled(cs.default, measured, cs.budget)
         cs.corrections += 1
-        if plan is None or (plan.fraction, False) in cs.measured or cs.corrections >= self.MAX_CORRECTIONS:
+        if plan is None or (plan.fraction, False, False) in cs.measured or cs.corrections >= self.MAX_CORRECTIONS:
             self._settle(cs)
             return
         cs.notes.extend(plan.notes)
@@ -235,18 +241,29 @@ class CompiledLifecycle:
             cs.notes.extend(plan.notes)
             self._adopt(cs, plan)
             return
+        if cs.split and not cs.offload_tried and self.runtime.can_offload:
+            cs.offload_tried = True
+            assert cs.budget is not None and cs.trace is not None
+            split = replace(cs.trace, peak_above_start=cs.measured[(cs.fraction, True, False)] - cs.trace.bytes_at_start)
+            plan = offload_plan(split, cs.budget, self.runtime.offloader.describe())
+            cs.notes.extend(plan.notes)
+            cs.plan = plan
+            cs.offload = True  # the same graphs: no recompile; their saves go to the lower tier
+            cs.watch_peaks = []
+            return
         cs.settled = True
         best = min(cs.measured, key=lambda k: (cs.measured[k], -k[0]))
         tried = ", ".join(f"{_setting(*k)}: {format_size(p)}" for k, p in sorted(cs.measured.items(), reverse=True))
         note = (f"no partitioner activation budget keeps the compiled step within {format_size(cs.budget)} "
                 f"(measured peaks by setting: {tried}): running at {_setting(*best)}, the lowest; the rest of "
-                "the peak is what recompute inside the graph cannot remove (the backward's working memory, "
-                "gradients, parameters, the batch)")
+                "the peak is what recompute inside the graph" + (" and offloading its saves" if cs.offload_tried else "")
+                + " cannot remove (the backward's working memory, gradients, parameters, the batch)")
         cs.notes.append(note)
         warnings.warn(f"memstrata: {note}", stacklevel=6)
-        if best != (cs.fraction, cs.split):
-            cs.fraction, cs.split = best  # compiled already: no recompile, but its saves become the trace again
-            cs.retrace = True
+        if best != (cs.fraction, cs.split, cs.offload):
+            if best[:2] != (cs.fraction, cs.split):
+                cs.retrace = True  # compiled already: no recompile, but its saves become the trace again
+            cs.fraction, cs.split, cs.offload = best
         if cs.plan is not None:
             cs.plan = replace(cs.plan, fraction=best[0], split=best[1], predicted_peak=cs.measured[best],
                               feasible=False)
@@ -269,7 +286,8 @@ class CompiledLifecycle:
     def describe(self, key: tuple) -> dict[str, Any]:
         cs = self.shapes[key]
         d: dict[str, Any] = {"steps": cs.steps, "traces": cs.traces, "compiled": True,
-                             "fraction": cs.fraction, "split_at_units": cs.split, "corrections": cs.corrections,
+                             "fraction": cs.fraction, "split_at_units": cs.split, "offload": cs.offload,
+                             "corrections": cs.corrections,
                              "misaligned_steps": cs.misaligned_steps,
                              "measured_peaks": {_setting(*k): p for k, p in cs.measured.items()}}
         if cs.default is not None:
@@ -287,8 +305,8 @@ class CompiledLifecycle:
         self.runtime.close()
 
 
-def _setting(fraction: float, split: bool) -> str:
-    return f"{fraction:g}{' per unit' if split else ''}"
+def _setting(fraction: float, split: bool, offload: bool = False) -> str:
+    return f"{fraction:g}{' per unit' if split else ''}{' + offload' if offload else ''}"
 
 
 def _key(key: tuple) -> str:

@@ -337,7 +337,8 @@ class Manager:
 
             self._compiled_life = CompiledLifecycle(self.root, self.budget, fallback=self.fallback,
                                                     warmup_steps=self.warmup_steps, max_retraces=self.max_retraces,
-                                                    model_name=self.model_name, device=self.device)
+                                                    model_name=self.model_name, device=self.device,
+                                                    nvme_dir=self.nvme_dir, io_workers=io_workers)
 
     # ------------------------------------------------------------------ public
     MAX_CORRECTIONS = 2  # budget corrections per tuning candidate ([Note: measured plan tuning])

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from ..hardware import format_size
 from ..trace.compiled import CompiledTrace
 
-__all__ = ["CompiledPlan", "plan_compiled", "correct_compiled", "split_plan", "STEP"]
+__all__ = ["CompiledPlan", "plan_compiled", "correct_compiled", "split_plan", "offload_plan", "STEP"]
 
 STEP = 0.05  # fractions the Manager compiles at are multiples of this
 
@@ -52,10 +52,12 @@ class CompiledPlan:
     feasible: bool  # the prediction at `fraction` fits the budget
     notes: tuple[str, ...] = ()
     split: bool = False  # one graph per recompute unit ([Note: one graph per unit] in runtime/compiled.py)
+    offload: bool = False  # the split graphs' activation saves go to the lower tier
 
     def to_dict(self) -> dict:
         return {"fraction": self.fraction, "budget": self.budget, "predicted_peak": self.predicted_peak,
                 "minimum_peak": self.minimum_peak, "feasible": self.feasible, "split": self.split,
+                "offload": self.offload,
                 "notes": list(self.notes)}
 
 
@@ -65,6 +67,28 @@ def split_plan(budget: int) -> CompiledPlan:
                         ("no activation budget of one graph fits: recompiling with one graph per recompute unit at "
                          "activation budget 0 (unit-level activation checkpointing inside the compiled code)",),
                         split=True)
+
+
+def offload_plan(split: CompiledTrace, budget: int, lower_tier: str) -> CompiledPlan:
+    """Split graphs with their activation saves offloaded ([Note: offloading the saves of a split graph] in
+    runtime/compiled.py), predicted from the measured split step: every graph's saves leave tier 0 except
+    those of the graph whose backward runs (restored on demand when it starts).
+
+    >>> from memstrata.trace.compiled import CompiledTrace
+    >>> t = CompiledTrace("m", 0.0, (), saved_activation_bytes=600, saved_static_bytes=0, unpacks=0,
+    ...                   bytes_at_start=300, peak_above_start=900, peak_source="", step_time=0.1,
+    ...                   graphs=6, largest_graph_activation_bytes=100)
+    >>> p = offload_plan(t, 800, "NVMe"); p.predicted_peak, p.feasible, p.offload
+    (700, True, True)
+    """
+    predicted = max(_rest(split) + split.largest_graph_activation_bytes, split.bytes_at_start)
+    feasible = predicted <= budget
+    note = (f"split graphs at activation budget 0 measured {format_size(split.observed_peak)} > budget "
+            f"{format_size(budget)}: offloading their activation saves ({format_size(split.saved_activation_bytes)}"
+            f", the largest graph's {format_size(split.largest_graph_activation_bytes)}) to {lower_tier} between "
+            f"each graph's forward and backward: predicted {format_size(predicted)}"
+            + ("" if feasible else " (still above the budget: the backward's working memory stays)"))
+    return CompiledPlan(0.0, budget, predicted, predicted, feasible, (note,), split=True, offload=True)
 
 
 def _rest(base: CompiledTrace) -> int:

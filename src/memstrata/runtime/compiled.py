@@ -35,7 +35,23 @@ only its own saves, so fraction 0 per unit is unit-level activation
 checkpointing inside compiled code: a unit's activations are recomputed when
 its backward starts and freed when it ends.
 
-The runtime here does no copying: `CompiledRuntime.step()` installs
+[Note: offloading the saves of a split graph]
+Split at units, a step still keeps every graph's saves from its forward to
+its backward (each unit's input at fraction 0: ResNet-18's stem units save
+full-resolution tensors).  Each graph's backward reads only its own saves, so
+moving them to the lower tier between the two lowers the peak: with
+`offload` on, the pack hook hands every activation storage a graph saves (not
+parameters, buffers or the batch; at least `SaveOffloader.MIN_BYTES`) to the
+`TierMover` (NVMe files on CPU, where tier 0 is the host; pinned host buffers
+on CUDA) and the unpack hook restores it, byte for byte, into a tensor of the
+same dtype, size, stride and storage offset: the compiled backward computes on
+the same bits, so a step is bit-exact against the same compiled graphs
+unmanaged.  A restore is a demand fetch when the graph's backward starts (no
+prefetch: one unit ahead would hold two full-resolution stem saves at once).
+One graph without a split gains nothing from it (its backward reads every
+save before its first kernel, see above).
+
+The runtime otherwise does no copying: `CompiledRuntime.step()` installs
 saved-tensor hooks that return every tensor unchanged, record what was saved
 (sizes, storages, which autograd.Function saved it) and sample the CPU heap
 (a poller thread plus every save and read), and compares the saves with the
@@ -50,6 +66,7 @@ import contextlib
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -58,8 +75,12 @@ from torch import nn
 
 from ..trace.compiled import CompiledTrace
 from .memory import heap_in_use
+from .mover import Placement, Resident, TierMover
+from .pool import HostBufferPool
+from .streams import CopyContext
 
-__all__ = ["CompiledRuntime", "CompiledStepStats", "PartitionerBudget", "compiled_modules", "is_compiled"]
+__all__ = ["CompiledRuntime", "CompiledStepStats", "PartitionerBudget", "SaveOffloader", "compiled_modules",
+           "is_compiled"]
 
 
 def compiled_modules(model: nn.Module) -> list[nn.Module]:
@@ -170,6 +191,7 @@ class CompiledStepStats:
     packs: int = 0
     unpacks: int = 0
     graphs: int = 0  # bursts of saves by one autograd.Function call (a compiled graph)
+    largest_graph_activation_bytes: int = 0  # the most activation bytes one graph (or eager run) saved
     eager_packs: int = 0  # saves by eager ops between graphs (graph breaks)
     saved_activation_bytes: int = 0
     saved_static_bytes: int = 0  # parameters, buffers and the batch the graphs saved (there anyway)
@@ -177,6 +199,10 @@ class CompiledStepStats:
     heap_peak_bytes: int | None = None  # CPU: sampled heap peak above the step's start
     heap_samples: int = 0
     misaligned: str | None = None
+    offload: bool = False  # saves moved to the lower tier ([Note: offloading the saves of a split graph])
+    offloaded_bytes: int = 0  # storages handed to the mover (each once)
+    restores: int = 0
+    restore_wait_seconds: float = 0.0
     pack_nbytes: list[int] = field(default_factory=list, repr=False)
 
 
@@ -247,6 +273,98 @@ def _tensors(x: Any, out: list[torch.Tensor]) -> None:
             _tensors(y, out)
 
 
+class _Offloaded:
+    """A save moved to the lower tier: its record and how to rebuild the tensor over the restored bytes."""
+
+    __slots__ = ("owner", "rec", "dtype", "size", "stride", "offset", "__weakref__")
+
+    def __init__(self, owner: "SaveOffloader", rec: Resident, t: torch.Tensor) -> None:
+        self.owner = owner
+        self.rec = rec
+        self.dtype = t.dtype
+        self.size = tuple(t.size())
+        self.stride = tuple(t.stride())
+        self.offset = t.storage_offset() * t.element_size()  # bytes
+        rec.refs += 1
+
+    def __del__(self) -> None:  # autograd dropped the save (after its backward): give the bytes back
+        try:
+            self.owner.drop(self.rec)
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+class SaveOffloader:
+    """Moves saved activation storages to the lower tier and back ([Note: offloading the saves of a split graph]).
+
+    One `Resident` per storage per step (aliases share it); released when the
+    last save of it is dropped by autograd.
+    """
+
+    MIN_BYTES = 1 << 16  # smaller saves stay (a file per tensor costs more than it frees)
+
+    def __init__(self, device: torch.device, nvme_dir: str | None, *, io_workers: int | None = None) -> None:
+        self.copy = CopyContext(device)
+        self.placement = Placement.HOST if self.copy.cuda else Placement.NVME
+        self.nvme_dir = nvme_dir
+        self.pool = HostBufferPool(pin=self.copy.cuda)
+        self.store = None
+        self.io_workers = io_workers
+        self.mover = TierMover(self.copy.device, self.copy, self.pool, None)
+        self._live: dict[int, tuple[Resident, Any]] = {}  # storage -> (record, weakref to a tensor on it)
+
+    @property
+    def available(self) -> bool:
+        """On CPU the lower tier is NVMe: without a directory there is nowhere to move to."""
+        return self.placement == Placement.HOST or self.nvme_dir is not None
+
+    def describe(self) -> str:
+        if self.placement == Placement.HOST:
+            return "pinned host memory"
+        return f"NVMe files under {self.nvme_dir}" if self.nvme_dir else "none (no nvme_dir on CPU)"
+
+    def pack(self, t: torch.Tensor, s: torch.UntypedStorage, stats: CompiledStepStats) -> _Offloaded:
+        key = s._cdata
+        hit = self._live.get(key)
+        rec = hit[0] if hit is not None and hit[1]() is not None and not hit[0].released else None
+        if rec is None:
+            if self.placement == Placement.NVME and self.store is None:
+                from .nvme import NVMeStore
+
+                self.store = self.mover.store = NVMeStore(self.nvme_dir or "", workers=self.io_workers)
+            rec = self.mover.evict(key, self.placement, s)
+            self._live[key] = (rec, weakref.ref(t))
+            stats.offloaded_bytes += rec.nbytes
+        return _Offloaded(self, rec, t)
+
+    def unpack(self, obj: _Offloaded, stats: CompiledStepStats | None) -> torch.Tensor:
+        got = self.mover.restore(obj.rec)
+        if stats is not None:
+            stats.restores += 1
+            stats.restore_wait_seconds += got.waited_seconds
+        with torch.no_grad():
+            out = torch.empty(0, dtype=obj.dtype, device=got.tensor.device)
+            out.set_(got.tensor.untyped_storage(), (got.base + obj.offset) // out.element_size(), obj.size,
+                     obj.stride)
+        return out
+
+    def drop(self, rec: Resident) -> None:
+        rec.refs -= 1
+        if rec.refs <= 0:
+            self.mover.release(rec)
+            hit = self._live.get(rec.storage)
+            if hit is not None and hit[0] is rec:
+                del self._live[rec.storage]
+
+    def end_step(self) -> None:
+        self._live.clear()  # records still held by saves stay valid; storages are not matched across steps
+
+    def close(self) -> None:
+        self._live.clear()
+        self.mover.close(own_store=True)
+        self.store = self.mover.store = None
+
+
 class _Step:
     def __init__(self, stats: CompiledStepStats, expected: tuple[int, ...] | None, fixed: set[int],
                  poller: _HeapPoller | None) -> None:
@@ -256,6 +374,7 @@ class _Step:
         self.seen: set[int] = set()
         self.poller = poller
         self.frame: Any = None
+        self.graph_bytes = 0  # activation bytes saved by the current graph
         self.heap_base = 0
 
 
@@ -267,7 +386,8 @@ class CompiledRuntime:
     `expect(trace)` makes later steps check their saves against `trace`.
     """
 
-    def __init__(self, model: nn.Module, *, sample_heap: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, *, sample_heap: bool | None = None, nvme_dir: str | None = None,
+                 io_workers: int | None = None) -> None:
         self.model = model
         self.budget = PartitionerBudget(model)
         if not self.budget.modules:
@@ -277,6 +397,8 @@ class CompiledRuntime:
         cpu = self.device.type == "cpu"
         self.sample_heap = (cpu and heap_in_use is not None) if sample_heap is None else bool(sample_heap)
         self.expected: CompiledTrace | None = None
+        self.offloader = SaveOffloader(self.device, nvme_dir, io_workers=io_workers)
+        self.offload = False  # move activation saves to the lower tier ([Note: offloading the saves ...])
         self.last_stats: CompiledStepStats | None = None
         self._state: _Step | None = None
 
@@ -288,8 +410,16 @@ class CompiledRuntime:
     def split(self) -> bool:
         return self.budget.split
 
-    def set_fraction(self, fraction: float, split: bool = False) -> None:
-        """Compile (on the next call) at this partitioner budget; the saves change, so forget the trace."""
+    @property
+    def can_offload(self) -> bool:
+        return self.offloader.available
+
+    def set_fraction(self, fraction: float, split: bool = False, offload: bool = False) -> None:
+        """Compile (on the next call) at this partitioner budget; the saves change, so forget the trace.
+        `offload`: move the activation saves to the lower tier (the saves themselves do not change)."""
+        if offload and not self.can_offload:
+            raise ValueError(f"no lower tier to offload compiled saves to ({self.offloader.describe()})")
+        self.offload = bool(offload)
         if (float(fraction), bool(split)) != (self.budget.fraction, self.budget.split):
             self.expected = None
         self.budget.set(fraction, split)
@@ -308,13 +438,14 @@ class CompiledRuntime:
             pack_nbytes=tuple(stats.pack_nbytes), saved_activation_bytes=stats.saved_activation_bytes,
             saved_static_bytes=stats.saved_static_bytes, unpacks=stats.unpacks,
             bytes_at_start=stats.bytes_at_start, peak_above_start=int(above), peak_source=source,
-            step_time=float(seconds), graphs=stats.graphs)
+            step_time=float(seconds), graphs=stats.graphs,
+            largest_graph_activation_bytes=stats.largest_graph_activation_bytes)
 
     @contextlib.contextmanager
     def step(self, inputs: Any = ()) -> Iterator[CompiledStepStats]:
         if self._state is not None:
             raise RuntimeError("CompiledRuntime.step() is not re-entrant")
-        stats = CompiledStepStats(fraction=self.budget.fraction)
+        stats = CompiledStepStats(fraction=self.budget.fraction, offload=self.offload)
         fixed: set[int] = set()
         start: dict[int, int] = {}
         with torch.no_grad():
@@ -349,6 +480,7 @@ class CompiledRuntime:
                 yield stats
         finally:
             self._state = None
+            self.offloader.end_step()
             if poller is not None:
                 stats.heap_peak_bytes = max(0, poller.finish() - st.heap_base)
                 stats.heap_samples = poller.samples
@@ -369,10 +501,13 @@ class CompiledRuntime:
         frame = _saving_function_frame()
         if frame is None:
             stats.eager_packs += 1
+            if st.frame is not None:
+                st.graph_bytes = 0
             st.frame = None
         elif frame is not st.frame:
             stats.graphs += 1
             st.frame = frame
+            st.graph_bytes = 0
         s = _storage(t)
         n = int(s.nbytes()) if s is not None else 0
         stats.pack_nbytes.append(n)
@@ -382,6 +517,8 @@ class CompiledRuntime:
                 stats.saved_static_bytes += n
             else:
                 stats.saved_activation_bytes += n
+                st.graph_bytes += n
+                stats.largest_graph_activation_bytes = max(stats.largest_graph_activation_bytes, st.graph_bytes)
         exp = st.expected
         if exp is not None and stats.misaligned is None:
             if k >= len(exp):
@@ -390,22 +527,29 @@ class CompiledRuntime:
                 stats.misaligned = f"save {k}: a storage of {n} bytes, the trace's had {exp[k]}"
         if st.poller is not None:
             st.poller.sample()
+        if (stats.offload and s is not None and s._cdata not in st.fixed and n >= SaveOffloader.MIN_BYTES
+                and t.device == self.device and t.layout == torch.strided):
+            return self.offloader.pack(t, s, stats)
         return t
 
     @torch.compiler.disable
-    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+    def _unpack(self, t: Any) -> torch.Tensor:
         st = self._state
         if st is not None:
             st.stats.unpacks += 1
-            if st.poller is not None:
-                st.poller.sample()
+        if isinstance(t, _Offloaded):
+            t = self.offloader.unpack(t, st.stats if st is not None else None)
+        if st is not None and st.poller is not None:
+            st.poller.sample()
         return t
 
     def close(self) -> None:
-        """Give the compiled modules their own forward back."""
+        """Give the compiled modules their own forward back; remove the offload store."""
         self.budget.restore()
+        self.offloader.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"fraction": self.budget.fraction, "split_at_units": self.budget.split,
+        return {"fraction": self.budget.fraction, "split_at_units": self.budget.split, "offload": self.offload,
+                "lower_tier": self.offloader.describe(),
                 "compiled_modules": len(self.budget.modules), "units": len(self.budget.units),
                 "compiled": [f"{f:g}{' per unit' if sp else ''}" for f, sp in sorted(self.budget._forwards)]}

@@ -48,6 +48,7 @@ class CompiledTrace:
     peak_source: str
     step_time: float
     graphs: int = 0  # bursts of saves (one per compiled graph; more than one: graph breaks)
+    largest_graph_activation_bytes: int = 0  # the most activation bytes one graph saved (offload keeps one's)
 
     @property
     def num_packs(self) -> int:
