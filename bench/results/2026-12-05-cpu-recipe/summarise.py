@@ -65,5 +65,55 @@ def main(paths):
     print(f"wall ratio per seed: {', '.join(f'{r:.3f}' for r in walls)}")
 
 
+
+
+def train_pairs(paths):
+    """`python summarise.py --train recipe-accuracy-*.json`: `memstrata train --json` outputs, one per arm and seed."""
+    runs = {}
+    for p in paths:
+        try:
+            r = json.loads(open(p).read().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            print(f"{p}: not finished")
+            continue
+        runs[(r["config"]["seed"], r["name"])] = r
+    seeds = sorted({s for s, _ in runs})
+    deltas, tops = [], {"baseline": [], "memstrata": []}
+    print("| seed | baseline top-1 per epoch (%) | memstrata top-1 per epoch (%) | Δ last epoch (points) "
+          "| training loss last epoch b / m |")
+    print("|---|---|---|---|---|")
+    for s in seeds:
+        b, m = runs.get((s, "baseline")), runs.get((s, "memstrata"))
+        if b is None or m is None:
+            continue
+        ep = lambda r: " / ".join(f"{100 * e['top1']:.1f}" for e in r["per_epoch"])  # noqa: E731
+        d = 100 * (m["top1"] - b["top1"])
+        deltas.append(d)
+        tops["baseline"].append(100 * b["top1"])
+        tops["memstrata"].append(100 * m["top1"])
+        print(f"| {s} | {ep(b)} | {ep(m)} | **{d:+.1f}** | {b['per_epoch'][-1]['loss']:.3f} / "
+              f"{m['per_epoch'][-1]['loss']:.3f} |")
+    n = len(deltas)
+    if not n:
+        return
+    print()
+    for name, xs in tops.items():
+        print(f"{name}: top-1 mean {statistics.mean(xs):.2f}%" + (f", sd over seeds {statistics.stdev(xs):.2f} points"
+                                                                 if n > 1 else ""))
+    mean = statistics.mean(deltas)
+    if n > 1:
+        sd = statistics.stdev(deltas)
+        half = T95.get(n - 1, 2.0) * sd / math.sqrt(n)
+        print(f"Δ (memstrata - baseline) over {n} seeds: mean {mean:+.2f}, sd {sd:.2f}, 95% CI "
+              f"[{mean - half:+.2f}, {mean + half:+.2f}]; min {min(deltas):+.1f}, max {max(deltas):+.1f}")
+    any_run = next(iter(runs.values()))
+    p = statistics.mean(tops["baseline"]) / 100
+    vn = any_run["val_images"]
+    print(f"binomial sd of one top-1 at {100 * p:.0f}% on {vn} images: {100 * math.sqrt(p * (1 - p) / vn):.2f} points")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["--train"]:
+        train_pairs(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
