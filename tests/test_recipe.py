@@ -50,7 +50,7 @@ def test_config_validates_and_derives():
     assert c.val_resize == 256 and RecipeConfig(root="/x", res=64).val_resize == 73
     for bad in (dict(epochs=0), dict(batch=-1), dict(lr=0.0), dict(momentum=1.0), dict(label_smoothing=1.0),
                 dict(warmup_epochs=10.0), dict(device="tpu"), dict(resume=True), dict(baseline=True, budget="50%"),
-                dict(compile=True, budget="50%"), dict(nvme_dir="/tmp")):
+                dict(nvme_dir="/tmp")):
         with pytest.raises(ValueError):
             RecipeConfig(**{"root": "/x", "epochs": 10, **bad})
 
@@ -199,10 +199,12 @@ def test_baseline_and_memstrata_read_the_same_order_and_learn(root, tmp_path, on
     assert m["store"] is not None and b["store"] is None
     from memstrata.data import epoch_order
 
-    g = torch.Generator()
-    g.manual_seed(0)
-    ref = list(torch.utils.data.RandomSampler(range(32), generator=g))
-    assert epoch_order(32, seed=0, epoch=0).tolist() == ref  # the order both pipelines read in epoch 1
+    for seed in (0, 2):  # every epoch, not only the first: the baseline's sampler draws again from its generator
+        g = torch.Generator()
+        g.manual_seed(seed)
+        sampler = torch.utils.data.RandomSampler(range(32), generator=g)
+        for epoch in range(3):
+            assert epoch_order(32, seed=seed, epoch=epoch).tolist() == list(sampler), (seed, epoch)
 
 
 def test_extras_change_the_training_batches(root, tmp_path, one_torch_thread):
@@ -219,6 +221,30 @@ def test_train_with_budget_uses_the_manager_and_changes_no_value(root, tmp_path,
                 progress=False)
     assert plain["manager"] is None
     assert out["manager"] is not None and out["manager"]["steps"] == 4 and out["manager"]["shapes"]
+    a, b = _params(plain["_model"]), _params(out["_model"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_compiled_model_with_a_budget_is_managed(root, tmp_path, one_torch_thread, monkeypatch):
+    """--compile --budget: the Manager runs the compiled model (no longer refused); at a fitting budget it
+    keeps every value of the same compiled run without memstrata.  A tiny conv net stands in for the
+    torchvision model so that inductor compiles in seconds."""
+    from torch import nn
+
+    import memstrata.recipe.loop as loop
+
+    def tiny(name, classes, seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+    monkeypatch.setattr(loop, "build_model", tiny)
+    plain = train(_cfg(root, tmp_path, epochs=1, compile=True), progress=False)
+    out = train(_cfg(root, tmp_path, epochs=1, compile=True, budget="100%"), progress=False)
+    assert plain["manager"] is None
+    (shape,) = out["manager"]["shapes"].values()
+    assert out["manager"]["steps"] == 4 and shape["compiled"] and shape["misaligned_steps"] == 0
     a, b = _params(plain["_model"]), _params(out["_model"])
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -80,7 +80,31 @@ def test_recipe_scenario_end_to_end(tmp_path, concurrent):
             assert r[k] is not None
         assert len(r["runs"][0]["per_epoch"]) == 2
         assert r["concurrent"] is concurrent and r["torch_threads_seen"]
-        if concurrent:  # one intra-op thread each
+        if concurrent:  # one intra-op thread each, epoch 2 started together ([Note: epoch-aligned pairs])
             assert r["torch_threads_seen"] == [1]
+            assert r["runs"][0]["pair_wait_s"] >= 0 and r["runs"][0]["per_epoch"][1]["pair_wait_s"] >= 0
+        else:
+            assert r["runs"][0]["pair_wait_s"] == 0
     assert len(rows[1]["samples_per_s_pair_ratios"]) == 1
     assert rows[1]["samples_per_s_ratio"] > 0 and png.stat().st_size > 0
+
+
+def test_epoch_rendezvous_waits_for_the_other_contender(tmp_path):
+    """[Note: epoch-aligned pairs]: the first to reach an epoch waits for the other; nobody waits twice for a dead one."""
+    import threading
+    import time
+
+    from memstrata.recipe.pairsync import ENV_DIR, ENV_NAME, ENV_SIZE, EpochRendezvous
+
+    assert EpochRendezvous.from_env({}) is None
+    a = EpochRendezvous.from_env({ENV_DIR: str(tmp_path), ENV_NAME: "memstrata", ENV_SIZE: "2"})
+    b = EpochRendezvous(tmp_path, "baseline", 2)
+    late = threading.Timer(0.4, lambda: b.wait(1))
+    late.start()
+    t0 = time.perf_counter()
+    waited = a.wait(1)
+    late.join()
+    assert waited >= 0.3 and time.perf_counter() - t0 >= 0.3  # held until the baseline reached epoch 1
+    lone = EpochRendezvous(tmp_path / "lone", "memstrata", 2, timeout_s=0.2)
+    assert 0.2 <= lone.wait(1) < 2 and lone.gave_up
+    assert lone.wait(2) == 0.0  # gave up on a partner that is gone: no second wait

@@ -70,7 +70,9 @@ def add_recipe_bench_arguments(parser) -> None:
 # workers (default: half the cores), so whatever else runs meanwhile takes from both alike, and the ratio
 # of the two runs of one repeat (`samples_per_s_pair_ratios`) cancels it.  The launch order alternates
 # (ABBA).  Each contender then has half the machine; that is a different, smaller setting than a
-# sequential run's, stated in the table's title.
+# sequential run's, stated in the table's title.  Since 2026-12-05 the two also start every epoch >= 2
+# together ([Note: epoch-aligned pairs] in recipe/pairsync.py): without it they drift apart (memstrata's
+# first epoch and validations are shorter) and a load that changes within the run no longer cancels.
 
 
 def recipe_config(args) -> dict[str, Any]:
@@ -161,7 +163,7 @@ def _argv(cfg: dict[str, Any], name: str, root: Path, store: str) -> list[str]:
 class _Run:
     """One contender's run in its own process: started by `start()`, collected by `finish()`."""
 
-    def __init__(self, cfg, name, rep, root, workdir):
+    def __init__(self, cfg, name, rep, root, workdir, pair: tuple[str, int] | None = None):
         self.cfg, self.name, self.rep = cfg, name, rep
         self.store = tempfile.mkdtemp(prefix=f"memstrata-recipe-store-rep{rep}-")  # cold: built during this run
         shutil.rmtree(self.store)  # the loader creates it; an empty directory would be just as cold
@@ -169,6 +171,13 @@ class _Run:
         src = str(Path(__file__).resolve().parents[2])
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = src + (os.pathsep + self.env["PYTHONPATH"] if self.env.get("PYTHONPATH") else "")
+        if pair is not None:  # [Note: epoch-aligned pairs] in recipe/pairsync.py
+            from ..recipe.pairsync import ENV_DIR, ENV_NAME, ENV_SIZE
+
+            self.env.update({ENV_DIR: pair[0], ENV_NAME: name, ENV_SIZE: str(pair[1])})
+        else:
+            for k in ("MEMSTRATA_RECIPE_PAIR_DIR", "MEMSTRATA_RECIPE_PAIR_NAME", "MEMSTRATA_RECIPE_PAIR_SIZE"):
+                self.env.pop(k, None)
         self.argv = _argv(cfg, name, root, self.store)
         self.proc = None
 
@@ -223,7 +232,8 @@ def run_repeats(cfg: dict[str, Any], root: Path) -> dict[str, list[dict[str, Any
             order = cfg["contenders"] if rep % 2 else list(reversed(cfg["contenders"]))  # ABBA
             if cfg.get("concurrent"):  # see [Note: concurrent pairs]
                 bar.describe(f"rep {rep} {' + '.join(order)} at once")
-                started = [_Run(cfg, name, rep, root, workdir).start() for name in order]
+                sync = tempfile.mkdtemp(prefix=f"rep{rep}-pair-", dir=workdir)
+                started = [_Run(cfg, name, rep, root, workdir, pair=(sync, len(order))).start() for name in order]
                 deadline = time.perf_counter() + cfg["run_timeout"]
                 for run in started:
                     r = run.finish(deadline)
@@ -278,7 +288,7 @@ def summarise_recipe(cfg: dict[str, Any], runs: dict[str, list[dict[str, Any]]])
             "runs": [{k: r.get(k) for k in ("repeat", "status", "reason", "wall_s", "samples_per_s",
                                             "data_wait_fraction", "top1", "step_s_median", "cpu_s_per_image",
                                             "compute_cpu_s_per_image", "pipeline_cpu_s_per_image",
-                                            "per_epoch", "process_wall_s", "log")}
+                                            "per_epoch", "process_wall_s", "pair_wait_s", "log")}
                      for r in rs],
         }
         rows.append(row)

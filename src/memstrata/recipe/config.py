@@ -131,8 +131,8 @@ class RecipeConfig:
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         need(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(not (self.baseline and self.budget), "--budget manages memory with memstrata; it does not apply to --baseline")
-        need(not (self.compile and self.budget), "--compile and --budget cannot be combined yet "
-                                                 "(the Manager traces the eager model)")
+        # --compile with --budget: the Manager manages a compiled model through the partitioner's activation
+        # budget (memstrata/compiled.py); tests/test_recipe.py::test_compiled_model_with_a_budget_is_managed
         need(not (self.resume and not self.checkpoint), "--resume needs --checkpoint DIR (where checkpoint.pt is)")
         need(self.auto_augment is None or self.auto_augment in AUTO_AUGMENTS,
              f"auto_augment must be one of {', '.join(AUTO_AUGMENTS)}, got {self.auto_augment!r}")

@@ -224,14 +224,21 @@ def _train(cfg, dc, device, t_start, log, progress, plot, stop_after):
         setup_s = time.perf_counter() - t_start
 
         end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+        from .pairsync import EpochRendezvous
+
+        pair = EpochRendezvous.from_env() if dc.rank == 0 and not dc.active else None  # [Note: epoch-aligned pairs]
+        paused = 0.0  # seconds spent waiting for the other contender of a bench pair: not this run's work
         for epoch in range(start_epoch, end_epoch):
+            pair_wait = pair.wait(epoch) if pair is not None and epoch >= 1 else 0.0
+            paused += pair_wait
             rec = _train_epoch(cfg, dc, device, pipes, model, opt, sched, crit, amp, mgr, epoch, steps, progress)
             t_val = time.perf_counter()
             top1, n_val = _evaluate(dc, device, pipes, model, amp, cuda)
             rec["val_s"] = time.perf_counter() - t_val
             rec["top1"] = top1
             rec["val_images"] = n_val
-            rec["wall_s"] = wall_before + time.perf_counter() - t_start
+            rec["wall_s"] = wall_before + time.perf_counter() - t_start - paused
+            rec["pair_wait_s"] = pair_wait
             history.append(rec)
             log(_epoch_line(rec, cfg.epochs))
             if ck_path is not None:
@@ -245,9 +252,10 @@ def _train(cfg, dc, device, t_start, log, progress, plot, stop_after):
                         else None,
                     })
                 dc.barrier()
-        wall = wall_before + time.perf_counter() - t_start
+        wall = wall_before + time.perf_counter() - t_start - paused
         out = _summary(cfg, dc, device, pipes, history, wall, setup_s, start_epoch)
         out["manager"] = _manager_summary(mgr)
+        out["pair_wait_s"] = paused
         out["checkpoint"] = str(ck_path) if ck_path is not None else None
         if plot is not None and dc.rank == 0 and history:
             from .report import plot_top1
