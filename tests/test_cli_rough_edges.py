@@ -238,7 +238,7 @@ def test_timeline_draws_no_panel_for_a_tier_that_holds_nothing(tmp_path, figures
     h = profile("h200")
     trace = trace_model("resnet18", 16, 128, profile=h)
     budget = int((minimum_budget(trace, h) + trace.observed_peak) / 2)
-    timeline = simulate(trace, plan(trace, h, budget), h)
+    timeline = simulate(trace, plan(trace, h, budget, replays=False), h)
     assert max(timeline.occupancy["nvme"][1], default=0) == 0, "the test wants a plan that leaves nvme empty"
     assert max(timeline.occupancy["dram"][1], default=0) > 0
     plot_timeline(timeline, h, str(tmp_path / "t.png"), budget=budget, trace=trace)

@@ -196,7 +196,7 @@ def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "aut
         planner = "milp" if n_cand <= AUTO_MILP_MAX else "greedy"
     exactness = ()
     if planner == "milp":
-        mr = _milp.milp_solve(ix, hierarchy, budget, ti, time_limit=max(time_limit, 10.0))
+        mr = _milp.milp_solve(ix, hierarchy, budget, ti, time_limit=max(time_limit, 10.0), replays=replays)
         st, res, exactness = mr.state, mr.result, (mr.note,)
     else:
         st, res = _greedy.greedy_state(ix, hierarchy, budget, ti, time_limit=time_limit, replays=replays)

@@ -390,14 +390,18 @@ def _linearised(ev_: Evaluator, modes, opts, build_deadline: float, deadline: fl
 
 
 def milp_solve(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...], *,
-               time_limit: float = 10.0, rounds: int = 8, polish: bool = True) -> MilpResult:
-    """The exact planner; see [Note: what "exact" means here].  Raises MilpFailed if nothing fits."""
+               time_limit: float = 10.0, rounds: int = 8, polish: bool = True, replays: bool = False) -> MilpResult:
+    """The exact planner; see [Note: what "exact" means here].  Raises MilpFailed if nothing fits.
+
+    replays: let the greedy incumbent choose op-level replays (`plan()` passes its own flag, so `milp` is
+    never slower than the `greedy` plan the same call would have made)."""
     t0 = time.perf_counter()
     ev_ = Evaluator(ix, hierarchy, budget, tiers)
     modes, opts = _menu(ix, hierarchy, tiers)
     cands: list[tuple[str, tuple[State, SimResult]]] = []
     try:  # the incumbent: whatever else happens, never return a plan slower than greedy's
-        cands.append(("greedy", greedy_state(ix, hierarchy, budget, tiers, time_limit=min(4.0, time_limit / 3))))
+        cands.append(("greedy", greedy_state(ix, hierarchy, budget, tiers, time_limit=min(4.0, time_limit / 3),
+                                                 replays=replays)))
     except GreedyStuck:
         pass
     exact: str | None = None
