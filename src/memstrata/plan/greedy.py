@@ -353,17 +353,19 @@ def frugal_search(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...],
     base = {u: ms[0] for u, ms in modes.items()}
     cache: dict[tuple, tuple[State, int]] = {}
 
-    def evaluate(cover: dict[int, tuple[int, ...]]) -> tuple[State, int]:
-        k = tuple(sorted(cover.items()))
+    def evaluate(cover: dict[int, tuple[int, ...]], prune: bool = False) -> tuple[State, int]:
+        k = (prune, tuple(sorted(cover.items())))
         if k not in cache:
-            st = _frugal_with(ix, hierarchy, tiers, cap0, cover)
+            st = _frugal_with(ix, hierarchy, tiers, cap0, cover, prune=prune)
             cache[k] = (st, run(ix, hierarchy, cap0, st.offloads, st.units, st.replays).peak(0))
         return cache[k]
 
-    best = evaluate(base)
+    per_unit = evaluate(base, prune=True)
     runs = segment_runs(ix)
     if not runs:
-        return best
+        return per_unit
+    # the search compares covers without the pruning pass (one simulation per span): it is re-run on the winner
+    best = evaluate(base)
     # start from the best uniform cut (every run cut into segments of L units), then move single cuts
     best_cuts: tuple[tuple[int, ...], ...] | None = None
     for L in range(2, MAX_SEGMENT_UNITS + 1):
@@ -375,7 +377,7 @@ def frugal_search(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...],
         if cand[1] < best[1]:
             best, best_cuts = cand, cuts
     if best_cuts is None:
-        return best
+        return per_unit
     evals = 0
     improved = True
     while improved and evals < FRUGAL_SEARCH_EVALS:
@@ -395,7 +397,8 @@ def frugal_search(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...],
                     break
             if evals >= FRUGAL_SEARCH_EVALS:
                 break
-    return best
+    found = evaluate(_cover_of(ix, base, runs, best_cuts) or base, prune=True)
+    return found if found[1] < per_unit[1] else per_unit
 
 
 FRUGAL_SEARCH_EVALS = 120  # simulations of single-cut moves the frugal search may spend (deterministic: no clock)
@@ -437,7 +440,7 @@ def _cover_of(ix: TraceIndex, base: dict[int, tuple[int, ...]], runs: list[list[
 
 
 def _frugal_with(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], cap0: int,
-                 units: dict[int, tuple[int, ...]]) -> State:
+                 units: dict[int, tuple[int, ...]], prune: bool = True) -> State:
     """The frugal plan for one recompute cover: offload what stays outside it, fix lower tiers, drop spans
     whose recompute raises the peak."""
     st = State(units=dict(units))
@@ -475,7 +478,7 @@ def _frugal_with(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], c
             break
         res = run(ix, hierarchy, cap0, st.offloads, st.units)
     # units whose recompute raises the peak (transients, held inputs): drop them
-    for u in sorted(st.units):
+    for u in sorted(st.units) if prune else ():
         trial = State(st.offloads, {k: v for k, v in st.units.items() if k != u})
         r2 = try_run(ix, hierarchy, cap0, trial.offloads, trial.units)
         if r2 is None:
