@@ -7,9 +7,9 @@ resolution, profile a100-80gb), then report
 * units: recompute units the trace found (calls),
 * min/peak: `memstrata.plan.minimum_budget` over the unmanaged peak
   (`Trace.observed_peak`, what `--budget 100%` means),
-* with states: `memstrata.plan.joint.joint_minimum_budget` over the same peak:
-  the minimum when the optimizer's states are in the plan too (SGD momentum
-  buffers below tier 0 between steps, [Note: states in the plan]),
+* with states (`--states`): `memstrata.plan.joint.joint_minimum_budget` over
+  the same peak: the minimum when the optimizer's states are in the plan too
+  (SGD momentum buffers below tier 0 between steps, [Note: states in the plan]),
 * slowdown@50%: the greedy plan's predicted step time at half the unmanaged
   peak over the unmanaged step time ("infeasible" when 50% < minimum), planned
   with `--time-limit` seconds (default 20: greedy's deadlines otherwise make
@@ -20,6 +20,11 @@ The default resolution is the model's own input size where it has one
 torchvision weights (e.g. 600 for efficientnet_b7, 299 for inception_v3).
 
     PYTHONPATH=src python bench/all_models_min_budget.py --out bench/results/2026-12-01-cpu [--models a,b]
+        [--states] [--jobs 2]
+
+`--jobs N` plans N models at once in worker processes (rows come back in the
+models' order; the results do not depend on it: the minimum uses no clock, and
+the slowdown's greedy deadline is per plan).
 
 writes all_models_min_budget.json and all_models_min_budget.md there.
 """
@@ -63,7 +68,7 @@ def default_resolution(name: str) -> int:
     return 224
 
 
-def measure(name: str, time_limit: float = 20.0) -> dict:
+def measure(name: str, time_limit: float = 20.0, states: bool = False) -> dict:
     res = default_resolution(name)
     h = profile(PROFILE)
     t0 = time.perf_counter()
@@ -75,9 +80,11 @@ def measure(name: str, time_limit: float = 20.0) -> dict:
     t_min = time.perf_counter() - t0
     row = {"model": name, "res": res, "units": len(tr.units), "peak_bytes": peak, "min_bytes": mb,
            "min_over_peak": mb / peak, "trace_s": round(t_trace, 2), "min_s": round(t_min, 2)}
-    t0 = time.perf_counter()
-    ms = int(joint_minimum_budget(tr, h))
-    row.update(min_states_bytes=ms, min_states_over_peak=ms / peak, min_states_s=round(time.perf_counter() - t0, 2))
+    if states:
+        t0 = time.perf_counter()
+        ms = int(joint_minimum_budget(tr, h))
+        row.update(min_states_bytes=ms, min_states_over_peak=ms / peak,
+                   min_states_s=round(time.perf_counter() - t0, 2))
     t0 = time.perf_counter()
     try:
         p = plan(tr, h, peak // 2, planner="greedy", time_limit=time_limit)
@@ -86,6 +93,14 @@ def measure(name: str, time_limit: float = 20.0) -> dict:
         row["slowdown_at_50"] = None
     row["plan_s"] = round(time.perf_counter() - t0, 2)
     return row
+
+
+def _row(work: tuple[str, float, bool]) -> dict:
+    name, time_limit, states = work
+    try:
+        return measure(name, time_limit, states)
+    except Exception as e:  # a model that cannot be traced is reported, not skipped
+        return {"model": name, "res": default_resolution(name), "error": f"{type(e).__name__}: {str(e)[:120]}"}
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
@@ -102,9 +117,9 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
             continue
         sd = "infeasible" if r["slowdown_at_50"] is None else f"{r['slowdown_at_50']:.3f}x"
         mark = "" if r["min_over_peak"] <= LIMIT else " **(> 60%)**"
+        ws = f"{r['min_states_over_peak']:.1%}" if "min_states_over_peak" in r else "-"
         lines.append(f"| {r['model']} | {r['res']} | {r['units']} | {r['peak_bytes'] / 2**20:.0f} | "
-                     f"{r['min_bytes'] / 2**20:.0f} | {r['min_over_peak']:.1%}{mark} | "
-                     f"{r['min_states_over_peak']:.1%} | {sd} |")
+                     f"{r['min_bytes'] / 2**20:.0f} | {r['min_over_peak']:.1%}{mark} | {ws} | {sd} |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="", help="comma-separated subset (default: all)")
     ap.add_argument("--time-limit", type=float, default=20.0,
                     help="greedy's time limit per plan, seconds (its deadlines make a loaded box change results)")
+    ap.add_argument("--states", action="store_true", help="also the minimum with optimizer states in the plan")
+    ap.add_argument("--jobs", type=int, default=1, help="models planned at once (worker processes)")
     a = ap.parse_args(argv)
     names = [n for n in a.models.split(",") if n] or classification_models()
     os.makedirs(a.out, exist_ok=True)
@@ -124,15 +141,21 @@ def main(argv=None) -> int:
         commit = "unknown"
     meta = {"commit": commit, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "batch": BATCH, "profile": PROFILE,
-            "greedy_time_limit_s": a.time_limit}
-    rows = []
-    for n in names:
-        try:
-            r = measure(n, a.time_limit)
-        except Exception as e:  # a model that cannot be traced is reported, not skipped
-            r = {"model": n, "res": default_resolution(n), "error": f"{type(e).__name__}: {str(e)[:120]}"}
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+            "greedy_time_limit_s": a.time_limit, "states": a.states, "jobs": a.jobs}
+    work = [(n, a.time_limit, a.states) for n in names]
+    if a.jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(a.jobs, maxtasksperchild=4) as pool:
+            rows = []
+            for r in pool.imap(_row, work):
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    else:
+        rows = []
+        for w in work:
+            rows.append(_row(w))
+            print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(a.out, "all_models_min_budget.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(a.out, "all_models_min_budget.md"), "w") as f:

@@ -376,8 +376,8 @@ def frugal_search(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...],
         cand = evaluate(cover)
         if cand[1] < best[1]:
             best, best_cuts = cand, cuts
-    if best_cuts is None:
-        return per_unit
+    if best_cuts is None:  # no uniform cut helps: start from every unit alone (the per-unit cover)
+        best_cuts = tuple(tuple(range(1, len(r))) for r in runs)
     evals = 0
     improved = True
     while improved and evals < FRUGAL_SEARCH_EVALS:
