@@ -1073,10 +1073,11 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
             results.append(prune_replays(ev_, st, res, deadline=deadline + 0.5 * time_limit))
     except GreedyStuck:
         pass
-    fr = frugal_state(ix, hierarchy, tiers, budget)
+    fr0 = frugal_state(ix, hierarchy, tiers, budget)  # a search ([Note: frugal segments]): run it once
+    fr = fr0.copy()
     r = schedule_and_run(ev_, fr, ev_(fr))
     if r is None or not r.feasible:
-        fr = frugal_state(ix, hierarchy, tiers, budget)
+        fr = fr0
         r = ev_(fr)
     if r.feasible and (not results or time.perf_counter() < deadline):
         results.append(cleanup(ev_, fr, r, modes, deadline=deadline + 0.5 * time_limit))
