@@ -24,7 +24,11 @@ The default resolution is the model's own input size where it has one
 torchvision weights (e.g. 600 for efficientnet_b7, 299 for inception_v3).
 
     PYTHONPATH=src python bench/all_models_min_budget.py --out bench/results/2026-12-01-cpu [--models a,b]
-        [--joint-plans a,b]
+        [--joint-plans a,b] [--jobs 2]
+
+`--jobs N` plans N models at once in worker processes (rows come back in the
+models' order; the results do not depend on it: the minimum uses no clock, and
+the slowdown's greedy deadline is per plan).
 
 writes all_models_min_budget.json and all_models_min_budget.md there.
 """
@@ -105,6 +109,14 @@ def measure(name: str, time_limit: float = 20.0, grads_plan: bool = False) -> di
     return row
 
 
+def _row(work: tuple[str, float, bool]) -> dict:
+    name, time_limit, grads_plan = work
+    try:
+        return measure(name, time_limit, grads_plan=grads_plan)
+    except Exception as e:  # a model that cannot be traced is reported, not skipped
+        return {"model": name, "res": default_resolution(name), "error": f"{type(e).__name__}: {str(e)[:120]}"}
+
+
 def best(r: dict) -> float:
     """The least minimum over peak: activations only, with states, with states and gradients in the plan."""
     return min(r["min_over_peak"], r["min_states_over_peak"], r.get("min_grads_over_peak", 1.0))
@@ -141,6 +153,7 @@ def main(argv=None) -> int:
                     help="comma-separated models to also plan jointly at 60%% of the peak (predicted slowdown)")
     ap.add_argument("--time-limit", type=float, default=20.0,
                     help="greedy's time limit per plan, seconds (its deadlines make a loaded box change results)")
+    ap.add_argument("--jobs", type=int, default=1, help="models planned at once (worker processes)")
     a = ap.parse_args(argv)
     names = [n for n in a.models.split(",") if n] or classification_models()
     os.makedirs(a.out, exist_ok=True)
@@ -151,15 +164,21 @@ def main(argv=None) -> int:
         commit = "unknown"
     meta = {"commit": commit, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "batch": BATCH, "profile": PROFILE,
-            "greedy_time_limit_s": a.time_limit}
+            "greedy_time_limit_s": a.time_limit, "jobs": a.jobs}
+    joint = set(a.joint_plans.split(","))
+    work = [(n, a.time_limit, n in joint) for n in names]
     rows = []
-    for n in names:
-        try:
-            r = measure(n, a.time_limit, grads_plan=n in a.joint_plans.split(","))
-        except Exception as e:  # a model that cannot be traced is reported, not skipped
-            r = {"model": n, "res": default_resolution(n), "error": f"{type(e).__name__}: {str(e)[:120]}"}
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+    if a.jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(a.jobs, maxtasksperchild=4) as pool:
+            for r in pool.imap(_row, work):
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    else:
+        for w in work:
+            rows.append(_row(w))
+            print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(a.out, "all_models_min_budget.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(a.out, "all_models_min_budget.md"), "w") as f:

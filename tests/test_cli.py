@@ -170,6 +170,8 @@ def test_plan_budget_below_minimum_exits_2(capsys):
     rc, out, err = _run(capsys, ["plan", *SMALL, "--budget", "1KiB"])
     _assert_usage_error(rc, out, err)
     assert "smallest feasible budget" in err
+    # issue 9, item 5: the same line says what the smallest plan could not free
+    assert "the smallest plan still holds" in err and "not moved by memstrata" in err
 
 
 def test_plan_budget_above_capacity_exits_2(capsys):

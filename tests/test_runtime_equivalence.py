@@ -112,7 +112,7 @@ def test_forced_kind_bit_exact(model_name, kind, tmp_path):
     assert not any(tmp_path.iterdir()), "NVMe files or directories left behind"
 
 
-@pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v3_small", "densenet"])
+@pytest.mark.parametrize("model_name", ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "densenet"])
 def test_planner_plan_bit_exact(model_name, tmp_path):
     """A plan from the planner, at a budget halfway between its minimum and the unmanaged peak."""
     base, x, y, ref, trace = setup_model(model_name)

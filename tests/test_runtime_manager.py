@@ -515,6 +515,32 @@ def test_budget_watch_corrects_on_cpu_and_stops_at_the_minimum(tmp_path):
     mgr.close()
 
 
+def test_budget_watch_retimes_again_when_the_first_window_was_not_steady(tmp_path):
+    """[Note: budget watch]: a window still slower than the steady state (right after the trace step) re-times
+    the trace; the next window, off by more than RECALIBRATE_ABOVE the other way, re-times it again (up to
+    MAX_RECALIBRATIONS), after which the prediction is left alone."""
+    from memstrata.manager import StepRecord
+
+    model, x, y, _, mgr = _resnet18_case(tmp_path, frac=0.85)
+    train_steps(model, x, y, steps=2, step_ctx=lambda: mgr.step(x))  # warm-up, trace + plan
+    st = mgr._current
+    assert mgr.MAX_RECALIBRATIONS == 2
+    p0 = st.predicted_seconds
+    for _ in range(mgr.WATCH_STEPS):  # the first window: twice the prediction
+        mgr._watch(st, StepRecord(0, "-", "managed", 2.0 * p0))
+    p1 = st.predicted_seconds
+    assert st.recalibrations == 1 and p1 > 1.5 * p0
+    for _ in range(mgr.WATCH_STEPS):  # steady state: 30% below the re-timed prediction
+        mgr._watch(st, StepRecord(0, "-", "managed", 0.7 * p1))
+    p2 = st.predicted_seconds
+    assert st.recalibrations == 2 and st.recalibrated and abs(p2 / (0.7 * p1) - 1) < 0.15
+    for _ in range(mgr.WATCH_STEPS):  # no third re-timing
+        mgr._watch(st, StepRecord(0, "-", "managed", 0.3 * p2))
+    assert st.recalibrations == 2 and st.predicted_seconds == p2
+    assert sum("re-timed" in n for n in st.notes) == 2
+    mgr.close()
+
+
 class _Shifty(nn.Module):
     """Runs one more layer from its third call on: managed steps no longer match the trace."""
 

@@ -10,8 +10,11 @@
 `minimum_budget(trace, hierarchy)` is the tier-0 peak of memstrata's most
 memory-frugal plan (`greedy.frugal_state`), as the simulator predicts it with
 tier 0 unbounded:
-  * every unit with a backward is recomputed fully (save_ops=()), except units
-    whose recompute *raises* that peak (held inputs, recompute transients);
+  * every unit with a backward is recomputed in its most-freeing mode, except
+    units whose recompute *raises* that peak (held inputs, recompute transients),
+    and runs of consecutive Sequential children may be recomputed as segments
+    instead: the cover with the lowest peak among those `greedy.frugal_search`
+    tries ([Note: frugal segments] in plan/greedy.py);
   * every saved activation with a backward read that is not dropped by a
     recompute is offloaded to the first allowed lower tier (deeper ones where
     that tier would overflow) around its longest idle stretch, evicted right

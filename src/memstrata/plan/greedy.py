@@ -47,6 +47,20 @@ succeeds at every budget >= minimum_budget.  Monotonicity in the budget is
 *not* guaranteed (a heuristic can land on a worse local optimum with more
 room); the API enforces the weaker property that a plan never predicts slower
 than the frugal fallback cleaned up at the same budget.
+
+[Note: frugal segments]
+The frugal plan recomputes every unit in its most-freeing mode and offloads the
+rest.  On a flat Sequential (VGG's `features`) each unit is one layer, so
+recomputing a unit frees nothing and every activation waits in the host link's
+copy queue: the forward peak is the queue.  A fully recomputed *segment* keeps
+only its input, so far fewer bytes queue, at the price of re-creating the whole
+segment during its backward.  `frugal_search` therefore tries covers: the
+per-unit one, each maximal run of segmentable units cut into segments of L
+units (L = 2..MAX_SEGMENT_UNITS), then single-cut moves (add or remove one cut)
+from the best uniform cut while they lower the simulated peak, for at most
+FRUGAL_SEARCH_EVALS simulations (a count, not a clock: the minimum must not
+depend on the box's load).  The per-unit cover is always a candidate, so the
+minimum is never higher than without segments.
 """
 
 from __future__ import annotations
@@ -62,7 +76,7 @@ from ..hardware import Hierarchy
 from ..trace.schema import UnitRecord
 from ..decisions import Offload
 from ..simulate import SimResult, replay_time, run, try_run
-from ..trace.index import TraceIndex
+from ..trace.index import MAX_SEGMENT_UNITS, TraceIndex
 from ..trace.space import decision_space
 
 TRAFFIC_WEIGHT = 1e-15  # seconds per byte moved: breaks ties towards less traffic, never beats a real second
@@ -326,11 +340,110 @@ def schedule_prefetches(ix: TraceIndex, hierarchy: Hierarchy, st: State, res: Si
 
 
 def frugal_state(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], budget: int | None = None) -> State:
-    """The most memory-frugal plan memstrata knows (see api.minimum_budget)."""
+    """The most memory-frugal plan memstrata knows (see api.minimum_budget and [Note: frugal segments])."""
+    st, _ = frugal_search(ix, hierarchy, tiers, budget)
+    return st
+
+
+def frugal_search(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...],
+                  budget: int | None = None) -> tuple[State, int]:
+    """(the most frugal recompute cover found, its tier-0 peak); see [Note: frugal segments]."""
+    cap0 = budget if budget is not None else int(ix.base_occ.max())
     modes = unit_modes(ix, hierarchy)
-    st = State()
-    for u, ms in modes.items():
-        st.units[u] = ms[0]
+    base = {u: ms[0] for u, ms in modes.items()}
+    cache: dict[tuple, tuple[State, int]] = {}
+
+    def evaluate(cover: dict[int, tuple[int, ...]], prune: bool = False) -> tuple[State, int]:
+        k = (prune, tuple(sorted(cover.items())))
+        if k not in cache:
+            st = _frugal_with(ix, hierarchy, tiers, cap0, cover, prune=prune)
+            cache[k] = (st, run(ix, hierarchy, cap0, st.offloads, st.units, st.replays).peak(0))
+        return cache[k]
+
+    per_unit = evaluate(base, prune=True)
+    runs = segment_runs(ix)
+    if not runs:
+        return per_unit
+    # the search compares covers without the pruning pass (one simulation per span): it is re-run on the winner
+    best = evaluate(base)
+    # start from the best uniform cut (every run cut into segments of L units), then move single cuts
+    best_cuts: tuple[tuple[int, ...], ...] | None = None
+    for L in range(2, MAX_SEGMENT_UNITS + 1):
+        cuts = tuple(tuple(range(L, len(r), L)) for r in runs)
+        cover = _cover_of(ix, base, runs, cuts)
+        if cover is None:
+            continue
+        cand = evaluate(cover)
+        if cand[1] < best[1]:
+            best, best_cuts = cand, cuts
+    if best_cuts is None:  # no uniform cut helps: start from every unit alone (the per-unit cover)
+        best_cuts = tuple(tuple(range(1, len(r))) for r in runs)
+    evals = 0
+    improved = True
+    while improved and evals < FRUGAL_SEARCH_EVALS:
+        improved = False
+        for i, r in enumerate(runs):
+            for pos in range(1, len(r)):
+                cs = set(best_cuts[i]) ^ {pos}  # add or remove the cut before r[pos]
+                cuts = best_cuts[:i] + (tuple(sorted(cs)),) + best_cuts[i + 1:]
+                cover = _cover_of(ix, base, runs, cuts)
+                if cover is None:
+                    continue
+                evals += 1
+                cand = evaluate(cover)
+                if cand[1] < best[1]:
+                    best, best_cuts, improved = cand, cuts, True
+                if evals >= FRUGAL_SEARCH_EVALS:
+                    break
+            if evals >= FRUGAL_SEARCH_EVALS:
+                break
+    found = evaluate(_cover_of(ix, base, runs, best_cuts) or base, prune=True)
+    return found if found[1] < per_unit[1] else per_unit
+
+
+FRUGAL_SEARCH_EVALS = 120  # simulations of single-cut moves the frugal search may spend (deterministic: no clock)
+
+
+def segment_runs(ix: TraceIndex) -> list[list[int]]:
+    """Maximal runs (>= 2) of consecutive units any two neighbours of which some traced segment spans."""
+    nxt = {a: b for (a, b) in ix.segments if b == a + 1}
+    runs: list[list[int]] = []
+    u = 0
+    while u < ix.num_units:
+        r = [u]
+        while r[-1] in nxt:
+            r.append(nxt[r[-1]])
+        if len(r) >= 2:
+            runs.append(r)
+        u = r[-1] + 1
+    return runs
+
+
+def _cover_of(ix: TraceIndex, base: dict[int, tuple[int, ...]], runs: list[list[int]],
+              cuts: tuple[tuple[int, ...], ...]) -> dict[int, tuple[int, ...]] | None:
+    """base with each run split at its cuts: a piece of >= 2 units becomes one fully recomputed segment, a
+    single unit keeps its base mode; None if a piece has no legal segment."""
+    space = decision_space(ix.trace)
+    cover = dict(base)
+    for r, cs in zip(runs, cuts):
+        bounds = (0, *cs, len(r))
+        for lo, hi in zip(bounds, bounds[1:]):
+            if hi - lo < 2:
+                continue
+            span = ix.segments.get((r[lo], r[hi - 1]))
+            if span is None or not space.recomputable[span]:
+                return None
+            for m in r[lo:hi]:
+                cover.pop(m, None)
+            cover[span] = ()
+    return cover
+
+
+def _frugal_with(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], cap0: int,
+                 units: dict[int, tuple[int, ...]], prune: bool = True) -> State:
+    """The frugal plan for one recompute cover: offload what stays outside it, fix lower tiers, drop spans
+    whose recompute raises the peak."""
+    st = State(units=dict(units))
     if not tiers:  # recompute only: no tier to offload to
         return st
     t1 = tiers[0]
@@ -342,7 +455,6 @@ def frugal_state(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], b
             continue
         ev, need = g
         st.offloads[sid] = Offload(t1, ev, need)
-    cap0 = budget if budget is not None else int(ix.base_occ.max())
     res = run(ix, hierarchy, cap0, st.offloads, st.units)
     # lower tiers overflowing: push the largest offending storages deeper, or keep them
     for _ in range(200):
@@ -366,7 +478,7 @@ def frugal_state(ix: TraceIndex, hierarchy: Hierarchy, tiers: tuple[int, ...], b
             break
         res = run(ix, hierarchy, cap0, st.offloads, st.units)
     # units whose recompute raises the peak (transients, held inputs): drop them
-    for u in sorted(st.units):
+    for u in sorted(st.units) if prune else ():
         trial = State(st.offloads, {k: v for k, v in st.units.items() if k != u})
         r2 = try_run(ix, hierarchy, cap0, trial.offloads, trial.units)
         if r2 is None:
@@ -987,10 +1099,11 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
                 break
             for sid in pinned:
                 del seed.replays[sid]
-    fr = frugal_state(ix, hierarchy, tiers, budget)
+    fr0 = frugal_state(ix, hierarchy, tiers, budget)  # a search ([Note: frugal segments]): run it once
+    fr = fr0.copy()
     r = schedule_and_run(ev_, fr, ev_(fr))
     if r is None or not r.feasible:
-        fr = frugal_state(ix, hierarchy, tiers, budget)
+        fr = fr0
         r = ev_(fr)
     if r.feasible and (not results or time.perf_counter() < deadline):
         results.append(cleanup(ev_, fr, r, modes, deadline=deadline + 0.5 * time_limit))

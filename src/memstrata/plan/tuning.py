@@ -120,7 +120,8 @@ def watch_verdict(seconds: float, peak: int | None, *, predicted_seconds: float 
                   plan_budget: int, minimum_budget: int | None, recalibrated: bool, corrections: int,
                   max_corrections: int, slack: float, recalibrate_above: float) -> WatchVerdict:
     """Pure policy: re-time when measured and predicted step differ by more than `recalibrate_above`; re-plan
-    lower when the measured peak exceeds the budget by more than `slack` (never below `minimum_budget`)."""
+    lower when the measured peak exceeds the budget by more than `slack` (never below `minimum_budget`).
+    `recalibrated`: no further re-timing is allowed (the Manager's `MAX_RECALIBRATIONS` reached)."""
     from ..hardware import format_size
 
     scale, target, notes, stop = None, None, [], False
