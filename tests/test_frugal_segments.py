@@ -53,7 +53,7 @@ def test_minimum_budget_uses_segments_on_a_flat_sequential():
     st = greedy.frugal_state(ix, h, tiers)
     assert any(u >= ix.num_units for u in st.units), "the frugal plan recomputes no segment"
     # the planner succeeds at the minimum, with the segment decisions the frugal plan found
-    p = plan(tr, h, mb, planner="greedy", time_limit=2.0)
+    p = plan(tr, h, mb, planner="greedy", time_limit=2.0, replays=False)  # with replays, greedy may find another plan
     assert dict(p.predicted_peaks)[h.tiers[0].name] <= mb
     assert any(d.end_unit is not None for d in p.units)
 
