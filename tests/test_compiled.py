@@ -224,3 +224,12 @@ def test_when_no_fraction_fits_it_splits_the_graph_at_units_offloads_then_settle
     # Another graph: not bit-exact in general; the difference stays at rounding level.
     for p, q in zip(ref.parameters(), model.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_no_graph_break_before_an_in_place_module():
+    """[Note: no break before an in-place module]: a split never isolates `ReLU(inplace=True)` in its own graph."""
+    from memstrata.runtime.compiled import PartitionerBudget
+
+    model = torch.compile(nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4), nn.ReLU()))
+    kinds = [type(u).__name__ + ("_" if getattr(u, "inplace", False) else "") for u in PartitionerBudget(model).units]
+    assert "ReLU_" not in kinds and "ReLU" in kinds and kinds.count("Linear") == 2
