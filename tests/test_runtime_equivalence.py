@@ -22,7 +22,7 @@ from memstrata.plan.forced import forced_plan
 from memstrata.runtime import ActivationRuntime
 from memstrata.runtime.check import state_mismatches, train_steps
 
-from runtime_cases import cpu_hierarchy, setup_case
+from runtime_cases import cpu_hierarchy, run_forced_bit_exact, setup_case
 
 STEPS = 5
 
@@ -87,29 +87,13 @@ def setup_model(name: str):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_forced_kind_bit_exact(model_name, kind, tmp_path):
-    base, x, y, ref, trace = setup_model(model_name)
-    h = cpu_hierarchy(tmp_path)
-    plan = forced_plan(trace, kind, h)
-    model = copy.deepcopy(base)
-    rt = ActivationRuntime(model, trace, plan, h)
-    try:
-        train_steps(model, x, y, steps=STEPS, step_ctx=rt.step)
-        stats = rt.last_stats
-        assert stats.misaligned is None, stats.misaligned
-        assert state_mismatches(ref, model) == []
-        if kind in ("host", "nvme"):
-            assert stats.offloaded[kind] > 0 and stats.demand_fetches == 0
-        if kind in ("recompute", "selective"):
-            assert stats.recomputed_units > 0
-        if kind == "segment" and any(u.is_segment for u in plan.units):
-            assert stats.recomputed_segments == sum(u.is_segment for u in plan.units)
-        if kind == "replay":
-            assert plan.replays and stats.replayed > 0
-        if kind == "mixed":
-            assert stats.recomputed_units > 0 and stats.offloaded["host"] > 0 and stats.offloaded["nvme"] > 0
-    finally:
-        rt.close()
-    assert not any(tmp_path.iterdir()), "NVMe files or directories left behind"
+    plan, stats = run_forced_bit_exact(setup_model(model_name), kind, tmp_path, STEPS)
+    if kind in ("recompute", "selective"):
+        assert stats.recomputed_units > 0
+    if kind == "segment" and any(u.is_segment for u in plan.units):
+        assert stats.recomputed_segments == sum(u.is_segment for u in plan.units)
+    if kind == "replay":
+        assert plan.replays and stats.replayed > 0
 
 
 @pytest.mark.parametrize("model_name", ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "densenet"])
