@@ -6,13 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
+
+from ranks import run_two_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -60,18 +60,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str) -> No
 
 
 def test_manager_on_ddp_is_bit_exact_and_agrees_on_the_plan(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nvme = tmp_path / "nvme"
-    nvme.mkdir()
-    mp.start_processes(_worker, args=(2, port, str(tmp_path), str(nvme)), nprocs=2, join=True,
-                       start_method="spawn")
-    r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    r = run_two_ranks(_worker, tmp_path)
     for i, res in enumerate(r):
         assert res["mismatches"] == [], res
         assert (res["rank"], res["world"]) == (i, 2)
         assert res["modes"] == ["warmup", "trace", "managed", "managed", "managed"]
         assert res["recomputed"] > 0 and res["counts"]["recompute_units"] > 0
     assert r[0]["plan"] == r[1]["plan"]
-    assert not any(nvme.iterdir())
+    assert not any((tmp_path / "nvme").iterdir())

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
+
+from ranks import run_two_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -121,15 +121,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str) -> No
 
 
 def test_ddp_and_fsdp2_with_tiered_states_equal_unmanaged(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nvme = tmp_path / "nvme"
-    nvme.mkdir()
-    mp.start_processes(_worker, args=(2, port, str(tmp_path), str(nvme)), nprocs=2, join=True,
-                       start_method="spawn")
-    for i in range(2):
-        r = json.loads((tmp_path / f"rank{i}.json").read_text())
+    ranks = run_two_ranks(_worker, tmp_path)
+    for i, r in enumerate(ranks):
         for mode in ("ddp", "fsdp2"):
             m = r[mode]
             assert m["mismatches"] == [], (i, mode, m)
