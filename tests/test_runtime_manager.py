@@ -571,3 +571,17 @@ def test_a_step_that_does_not_match_its_trace_says_so_once(tmp_path):
     shape = next(iter(mgr.report()["shapes"].values()))
     assert any("did not follow its trace" in n for n in shape["notes"])
     mgr.close()
+
+
+def test_cpu_manager_without_nvme_dir_plans_and_stays_exact():
+    """Without nvme_dir a CPU Manager has one tier (host RAM): the planner must recompute instead of
+    indexing a lower tier that is not there (was IndexError from deep in plan/greedy.py)."""
+    model = tiny()
+    x, y = data()
+    ref = train_steps(copy.deepcopy(model), x, y, steps=4)
+    mgr = Manager(model, budget="50%")
+    assert len(mgr.hierarchy.tiers) == 1
+    train_steps(model, x, y, steps=4, step_ctx=lambda: mgr.step(x))
+    assert state_mismatches(ref, model) == []
+    assert [s["mode"] for s in mgr.report()["steps"]][-1] == "managed"
+    mgr.close()

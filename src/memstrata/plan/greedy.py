@@ -593,6 +593,9 @@ def _candidates(ix: TraceIndex, h: Hierarchy, st: State, res: SimResult, p: int,
             c = max(eff.time - cur_time, 0.0)
             cands.append(_Cand(c / freed, freed, "unit", u, m, c, touches=tuple(ix.unit_storages[u]) + (-1 - u,)))
     # offloads
+    if len(h.tiers) < 2:  # tier 0 only (a CPU Manager without nvme_dir): nothing to offload to
+        cands.sort(key=lambda c: (c.score, -c.freed))
+        return cands
     lanes = _lane_free_lookup(res)
     t1 = h.tiers[1]
     # below this size an offload is mostly latency: not worth a decision
@@ -758,7 +761,7 @@ def peel(ev_: Evaluator, st: State, modes, max_iter: int = 400, deadline: float 
         nst, nres = st, res
         if cands:
             nst = st.copy()
-            lane = _DownLane(res, h.tiers[1].name + ":write", float(res.event_start[p]))
+            lane = _DownLane(res, h.tiers[1].name + ":write", float(res.event_start[p])) if len(h.tiers) > 1 else None
             if _apply_batch(nst, cands, excess, lane, p + 1, res, deep_first, ix=ev_.ix):
                 schedule_prefetches(ix, h, nst, res)
                 nres = ev_(nst)
