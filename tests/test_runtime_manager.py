@@ -585,3 +585,35 @@ def test_cpu_manager_without_nvme_dir_plans_and_stays_exact():
     assert state_mismatches(ref, model) == []
     assert [s["mode"] for s in mgr.report()["steps"]][-1] == "managed"
     mgr.close()
+
+
+def test_manager_arguments_of_the_wrong_kind_are_one_line_errors():
+    """A string model / optimizer / hierarchy was an AttributeError from inside the Manager (the hierarchy
+    only at the first plan); an optimizer over another model's parameters ran silently, training nothing."""
+    for kw, err, words in [(dict(model="resnet18"), TypeError, "model must be a torch.nn.Module"),
+                           (dict(optimizer="sgd"), TypeError, "optimizer must be a torch.optim.Optimizer"),
+                           (dict(hierarchy="cpu"), TypeError, "hierarchy must be a memstrata.hardware.Hierarchy"),
+                           (dict(optimizer=torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)), ValueError,
+                            "holds none of the model's parameters")]:
+        model = kw.pop("model", None) or tiny()
+        with pytest.raises(err, match=words):
+            Manager(model, **kw)
+
+
+@pytest.mark.parametrize("misuse", ["backward_outside", "forward_outside"])
+def test_a_traced_step_with_nothing_to_manage_says_so(misuse):
+    """Forward or backward outside `with mgr.step(x)` left nothing to plan: the Manager ran as a silent no-op."""
+    model = tiny()
+    x, y = data()
+    mgr = Manager(model, budget="50%")
+    with pytest.warns(UserWarning, match="nothing is managed"):
+        for _ in range(3):
+            if misuse == "backward_outside":
+                with mgr.step(x):
+                    loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+            else:
+                out = model(x)
+                with mgr.step(x):
+                    nn.functional.cross_entropy(out, y).backward()
+    mgr.close()

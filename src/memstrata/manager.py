@@ -266,6 +266,18 @@ class Manager:
         optimizer: torch.optim.Optimizer | None = None,
         tier_grads: bool = False,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Manager: model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Manager: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if hierarchy is not None and not isinstance(hierarchy, Hierarchy):
+            raise TypeError(f"Manager: hierarchy must be a memstrata.hardware.Hierarchy (e.g. "
+                            f"memstrata.profile('cpu')), got {type(hierarchy).__name__}")
+        if optimizer is not None:
+            mine = {id(p) for p in model.parameters()}
+            if mine and not any(id(p) in mine for g in optimizer.param_groups for p in g["params"]):
+                raise ValueError("Manager: optimizer= holds none of the model's parameters (an optimizer built "
+                                 "over another model or a copy of it?)")
         self.model = model
         self.root = _unwrap(model)  # what units, the trace and the runtime's hooks are found in
         self._compiled = _is_compiled(model)
@@ -419,7 +431,17 @@ class Manager:
                     yield
                 rec.peak_bytes = None
             st.traces += 1
-            trace, st.time_scale = calibrate_durations(r.trace(), st.warmup_seconds)
+            raw = r.trace()
+            why = ("ran no backward" if not any(op.phase == "backward" for op in raw.ops) else
+                   "ran no forward of the model" if (raw.activation_peak == 0 or (
+                       next(self.root.children(), None) is not None
+                       and not any(op.phase == "forward" and op.unit is not None for op in raw.ops))) else "")
+            if why:  # a plan of an empty step manages nothing: say so instead of running as a silent no-op
+                msg = (f"memstrata: step {index} ({_key_str(key)}) {why} inside `with mgr.step(...)`: nothing is "
+                       f"managed; run the forward and loss.backward() inside the block")
+                st.notes.append(msg.split(": ", 1)[1])
+                warnings.warn(msg, stacklevel=3)
+            trace, st.time_scale = calibrate_durations(raw, st.warmup_seconds)
             if self.states is not None:  # the optimizer step runs after the block: its records come from here
                 trace = with_optimizer_phase(trace, self.states.state_bytes(),
                                              self.states.trace_step_seconds(self.hierarchy), self.states.dtypes())
