@@ -258,6 +258,9 @@ def test_compiled_model_with_a_budget_is_managed(root, tmp_path, one_torch_threa
     (["train", "{root}", "--baseline", "--budget", "50%"], "does not apply to --baseline"),
     (["train", "{root}", "--epochs", "0"], "positive integer"),
     (["train", "{tmp}"], "has no class folders"),
+    # `memstrata data synth DIR` writes a flat ImageFolder; the old hint sent users back to it
+    (["train", "{root}/train"], "ROOT itself holds class folders: move them under ROOT/train and ROOT/val"),
+    (["train", "{tmp}"], "memstrata data synth ROOT/train --images N --classes C"),
 ])
 def test_user_errors_are_one_line(root, tmp_path, capsys, argv, msg):
     argv = [a.format(root=root, tmp=tmp_path) for a in argv] + ["--store", str(tmp_path / "store")]

@@ -43,8 +43,11 @@ def check_root(root: str) -> tuple[Path, Path]:
     for split in ("train", "val"):
         d = r / split
         if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
-            raise RecipeInputError(f"{str(d)!r} has no class folders: ROOT must hold train/ and val/ ImageFolders "
-                             f"(write a synthetic one with `memstrata data synth`)")
+            flat = " (ROOT itself holds class folders: move them under ROOT/train and ROOT/val)" if split == "train" \
+                and any(p.is_dir() and p.name not in ("train", "val") for p in r.iterdir()) else ""
+            raise RecipeInputError(f"{str(d)!r} has no class folders: ROOT must hold train/ and val/ ImageFolders{flat} "
+                                   f"(synthetic ones: `memstrata data synth ROOT/train --images N --classes C`, "
+                                   f"then the same for ROOT/val)")
         out.append(d.resolve())
     tc = sorted(p.name for p in out[0].iterdir() if p.is_dir())
     vc = sorted(p.name for p in out[1].iterdir() if p.is_dir())
