@@ -485,3 +485,22 @@ def test_changed_source_that_is_now_corrupt_is_skipped_not_counted(tiny, tmp_pat
     rep = build_store(tiny, d, progress=False, on_corrupt="skip")
     assert rep.changed == (4,) and rep.skipped == (4,) and rep.complete == 15
     assert SampleStore(d, tiny).get(4) is None  # the old decode is not served for the new file
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(augment=TrainAugment), "augment must be an instance such as TrainAugment"),  # the class, not an instance
+    (dict(augment="train"), "augment must be an instance"),
+    (dict(batch_size="4"), "batch_size must be an int"),
+])
+def test_wrong_loader_arguments_are_one_line_errors_at_construction(tiny, tmp_path, kw, words):
+    """These failed deep in the batch thread (TrainAugment.params() missing 'widths', "'<=' not supported")."""
+    args = dict(batch_size=4, seed=0, epochs=1, store_dir=tmp_path / "st", progress=False) | kw
+    with pytest.raises(TypeError, match=words):
+        TieredLoader(tiny, **args)
+
+
+def test_a_dataset_whose_items_are_not_pairs_is_named(tmp_path):
+    """A dataset of bare ints was "cannot unpack non-iterable int object" from inside the source."""
+    loader = TieredLoader([1, 2, 3], batch_size=2, seed=0, epochs=1, store_dir=tmp_path / "st", progress=False)
+    with pytest.raises(TypeError, match=r"dataset\[\d\] must be an \(image, label\) pair, got int"):
+        next(iter(loader))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import queue
 import threading
@@ -166,6 +167,11 @@ class TieredLoader:
                  max_side: int = 160, num_workers: int | None = None, prefetch: int = 2, drop_last: bool = False,
                  on_corrupt: str = "raise", verify: str = "first", progress: bool = True, impl: str = "auto",
                  transform=None, collate=None):
+        for name, v in (("batch_size", batch_size), ("epochs", epochs), ("seed", seed)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {v!r}")
+        if augment is not None and (isinstance(augment, type) or not callable(getattr(augment, "params", None))):
+            raise TypeError(f"augment must be an instance such as TrainAugment(size=224), or None, got {augment!r}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         if epochs <= 0:

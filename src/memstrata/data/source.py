@@ -228,7 +228,10 @@ class DatasetSource:
 
     def load(self, i: int) -> tuple[np.ndarray, int]:
         try:
-            x, y = self.dataset[i]
+            item = self.dataset[i]
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise TypeError(f"dataset[{i}] must be an (image, label) pair, got {type(item).__name__}")
+            x, y = item
             return to_compact(x, self.max_side), int(y)
         except (OSError, SyntaxError, _BOMB) as e:
             raise CorruptSourceError(self.describe(i), i, e) from e
