@@ -617,3 +617,22 @@ def test_a_traced_step_with_nothing_to_manage_says_so(misuse):
                 with mgr.step(x):
                     nn.functional.cross_entropy(out, y).backward()
     mgr.close()
+
+
+def test_stepping_the_wrapped_optimizer_instead_of_mgr_optimizer_is_named(tmp_path):
+    """With optimizer= the Manager holds the states: `opt.step()` was KeyError 'exp_avg' from inside torch.
+    After close() `opt` is complete again and steps as usual."""
+    model = tiny()
+    x, y = data()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    mgr = Manager(model, budget="50%", optimizer=opt, nvme_dir=tmp_path)
+    for _ in range(3):
+        with mgr.step(x):
+            nn.functional.cross_entropy(model(x), y).backward()
+        mgr.optimizer.step()
+        mgr.optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="step mgr.optimizer, not the optimizer passed to Manager"):
+        opt.step()
+    mgr.close()
+    opt.step()

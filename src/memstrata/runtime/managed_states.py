@@ -70,8 +70,16 @@ class ManagedStates:
         self.optimizer = GradTieredOptimizer(optimizer, placement=StatePlacement((), ()), mover=self.mover)
         self.step_seconds: list[float] = []
         self._t0: float | None = None
+        self._stepping = False
         self._handles = [self.optimizer.register_step_pre_hook(self._pre),
-                         self.optimizer.register_step_post_hook(self._post)]
+                         self.optimizer.register_step_post_hook(self._post),
+                         optimizer.register_step_pre_hook(self._guard)]
+
+    def _guard(self, *_args) -> None:
+        """The wrapped optimizer stepped by the user: its states are the TieredOptimizer's (KeyError deep in torch)."""
+        if not self._stepping:
+            raise RuntimeError("memstrata: step mgr.optimizer, not the optimizer passed to Manager(optimizer=...): "
+                               "the Manager holds its states until close()")
 
     # ------------------------------------------------------------------ timing
     def _sync(self) -> None:
@@ -79,10 +87,12 @@ class ManagedStates:
             torch.cuda.synchronize(self.device)
 
     def _pre(self, *_args) -> None:
+        self._stepping = True
         self._sync()
         self._t0 = time.perf_counter()
 
     def _post(self, *_args) -> None:
+        self._stepping = False
         if self._t0 is not None:
             self._sync()
             if not self.optimizer.placement.buckets:  # every state kept: the step's own compute
