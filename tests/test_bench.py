@@ -79,6 +79,7 @@ def test_cpu_peak_polling_fallback_sees_a_200mb_allocation():
 
 @pytest.mark.parametrize("argv, needle", [
     (["--model", "resnet9000"], "unknown torchvision classification model"),
+    (["--model", "gpt2-9b"], "did you mean gpt2-124m"),  # the state bench's models were not suggested
     (["--budget", "lots"], "malformed budget"),
     (["--budget", "0%"], "budget percentage"),
     (["--budget", "2000%"], "budget percentage"),

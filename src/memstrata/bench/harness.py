@@ -258,6 +258,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     models = _classification_models()
     if model not in models:
         close = [m for m in models if m.startswith(model[:4])][:5]
+        if model.lower().startswith("gpt"):  # the optimizer-state bench's models are not torchvision's
+            from .gpt2 import GPT2_MODELS
+            close = list(GPT2_MODELS)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise BenchInputError(f"unknown torchvision classification model {model!r}{hint}")
 
