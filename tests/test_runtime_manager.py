@@ -636,3 +636,13 @@ def test_stepping_the_wrapped_optimizer_instead_of_mgr_optimizer_is_named(tmp_pa
         opt.step()
     mgr.close()
     opt.step()
+
+
+def test_optimizer_with_a_compiled_model_says_states_are_not_tiered(tmp_path):
+    """The compiled lifecycle plans activations only: optimizer= was accepted and silently never tiered."""
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    with pytest.warns(UserWarning, match="states \\(and gradients\\) are not tiered under torch.compile"):
+        mgr = Manager(torch.compile(model), optimizer=opt, nvme_dir=tmp_path)
+    assert mgr.optimizer is opt
+    mgr.close()

@@ -325,7 +325,12 @@ class Manager:
         self._pool: HostBufferPool | None = None
         # [Note: states in the plan] (plan/joint.py): the optimizer's states are planned with the activations.
         self.states: ManagedStates | None = None
-        if optimizer is not None and self.enabled:
+        if optimizer is not None and self.enabled and self._compiled:
+            # the compiled lifecycle (compiled.py) plans activations only: say so rather than ignore optimizer=
+            warnings.warn("memstrata: optimizer= with a torch.compile'd model: its states (and gradients) are not "
+                          "tiered under torch.compile yet (they stay in tier 0; mgr.optimizer is the optimizer "
+                          "itself)", stacklevel=2)
+        elif optimizer is not None and self.enabled:
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
             self.states = ManagedStates(optimizer, device=self.device, copy=self._copy, pool=self._pool,

@@ -761,7 +761,8 @@ def peel(ev_: Evaluator, st: State, modes, max_iter: int = 400, deadline: float 
         nst, nres = st, res
         if cands:
             nst = st.copy()
-            lane = _DownLane(res, h.tiers[1].name + ":write", float(res.event_start[p])) if len(h.tiers) > 1 else None
+            lane = (_DownLane(res, h.tiers[1].name + ":write", float(res.event_start[p])) if len(h.tiers) > 1
+                    else None)
             if _apply_batch(nst, cands, excess, lane, p + 1, res, deep_first, ix=ev_.ix):
                 schedule_prefetches(ix, h, nst, res)
                 nres = ev_(nst)

@@ -45,7 +45,8 @@ def check_root(root: str) -> tuple[Path, Path]:
         if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
             flat = " (ROOT itself holds class folders: move them under ROOT/train and ROOT/val)" if split == "train" \
                 and any(p.is_dir() and p.name not in ("train", "val") for p in r.iterdir()) else ""
-            raise RecipeInputError(f"{str(d)!r} has no class folders: ROOT must hold train/ and val/ ImageFolders{flat} "
+            raise RecipeInputError(f"{str(d)!r} has no class folders: ROOT must hold train/ and val/ "
+                                   f"ImageFolders{flat} "
                                    f"(synthetic ones: `memstrata data synth ROOT/train --images N --classes C`, "
                                    f"then the same for ROOT/val)")
         out.append(d.resolve())
