@@ -261,6 +261,9 @@ def test_compiled_model_with_a_budget_is_managed(root, tmp_path, one_torch_threa
     # `memstrata data synth DIR` writes a flat ImageFolder; the old hint sent users back to it
     (["train", "{root}/train"], "ROOT itself holds class folders: move them under ROOT/train and ROOT/val"),
     (["train", "{tmp}"], "memstrata data synth ROOT/train --images N --classes C"),
+    # these two were tracebacks from the Manager, after the store was built
+    (["train", "{root}", "--budget", "abc"], "malformed budget 'abc'"),
+    (["train", "{root}", "--budget", "50%", "--nvme-dir", "{tmp}/none"], "is not an existing directory"),
 ])
 def test_user_errors_are_one_line(root, tmp_path, capsys, argv, msg):
     argv = [a.format(root=root, tmp=tmp_path) for a in argv] + ["--store", str(tmp_path / "store")]

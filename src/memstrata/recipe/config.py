@@ -24,6 +24,7 @@ Defaults follow torchvision's reference classification recipe
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -141,6 +142,13 @@ class RecipeConfig:
             v = getattr(self, name)
             need(math.isfinite(v) and v >= 0, f"{name} must be >= 0, got {v}")
         need(self.nvme_dir is None or self.budget is not None, "--nvme-dir only applies with --budget")
+        # checked here, not first in the Manager after the store is built (that was a traceback)
+        need(self.nvme_dir is None or os.path.isdir(self.nvme_dir),
+             f"--nvme-dir {self.nvme_dir!r} is not an existing directory")
+        if self.budget is not None:
+            from ..hardware import Budget
+
+            Budget.parse(self.budget, max_percent=100.0)  # BudgetError, a ValueError with one line
 
     # ------------------------------------------------------------------ derived values
     @property
