@@ -85,17 +85,19 @@ def diag(name: str, batch: int, res: int, budget: str, settle: int, rounds: int)
     out = {
         "model": name, "batch": batch, "res": res, "budget": budget,
         "predicted": {"step": st.predicted_seconds, "compute": tl.compute_time, "recompute": tl.recompute_time,
-                      "stall": tl.stall_time, "trace_ops": len(st.trace.ops), "time_scale": st.time_scale,
+                      "stall": tl.stall_time, "runtime_overhead": st.overhead_seconds, "trace_ops": len(st.trace.ops), "time_scale": st.time_scale,
                       "recalibrations": st.recalibrations},
         "counts": st.plan.counts(), "stats": last["stats"] and {k: last["stats"][k] for k in
                                                                 ("packs", "kept", "offloaded", "recomputed_units",
-                                                                 "replayed", "prefetches", "demand_fetches")},
+                                                                 "replayed", "prefetches", "demand_fetches",
+                                                                 "overhead_seconds", "wait_seconds")},
         "median": {k: round(v, 4) for k, v in med.items()},
         "derived": {
             "plain_vs_trace_compute": round(med["plain"] / tl.compute_time, 3),
             "managed_vs_predicted": round(med["managed"] / st.predicted_seconds, 3),
             "managed_minus_plain": round(med["managed"] - med["plain"], 4),
             "predicted_minus_compute": round(st.predicted_seconds - tl.compute_time, 4),
+            "unexplained": round((med["managed"] - med["plain"]) - (st.predicted_seconds - tl.compute_time), 4),
             "extra_ops": med["managed_ops"] - med["plain_ops"],
             "extra_op_s": round(med["managed_op_s"] - med["plain_op_s"], 4),
             "plain_outside_ops_s": round(med["plain_t"] - med["plain_op_s"], 4),

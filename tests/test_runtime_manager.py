@@ -602,6 +602,8 @@ def test_runtime_counts_its_own_time(tmp_path, monkeypatch):
     assert len(calls) * 0.002 <= rec["stats"]["overhead_seconds"] < rec["seconds"]
     ref = train_steps(ref, x, y, steps=1)
     assert n > 0 and state_mismatches(ref, model) == []
+    cal = mgr.report()["shapes"][next(iter(mgr.report()["shapes"]))]["calibration"]  # one basis, in the report
+    assert cal["measured_seconds"] > 0 and "runtime" in str(mgr.report()) and "measured" in str(mgr.report())
     mgr.close()
 
 
