@@ -518,7 +518,7 @@ def test_budget_watch_corrects_on_cpu_and_stops_at_the_minimum(tmp_path):
 def test_budget_watch_retimes_again_when_the_first_window_was_not_steady(tmp_path):
     """[Note: budget watch]: a window still slower than the steady state (right after the trace step) re-times
     the trace; the next window, off by more than RECALIBRATE_ABOVE the other way, re-times it again (up to
-    MAX_RECALIBRATIONS), after which the prediction is left alone."""
+    MAX_RECALIBRATIONS re-plans), after which a window that is off re-times the same plan's prediction."""
     from memstrata.manager import StepRecord
 
     model, x, y, _, mgr = _resnet18_case(tmp_path, frac=0.85)
@@ -534,10 +534,76 @@ def test_budget_watch_retimes_again_when_the_first_window_was_not_steady(tmp_pat
         mgr._watch(st, StepRecord(0, "-", "managed", 0.7 * p1))
     p2 = st.predicted_seconds
     assert st.recalibrations == 2 and st.recalibrated and abs(p2 / (0.7 * p1) - 1) < 0.15
-    for _ in range(mgr.WATCH_STEPS):  # no third re-timing
+    plan = st.plan
+    for _ in range(mgr.WATCH_STEPS):  # no third re-plan: the same plan, its prediction re-timed, no new note
         mgr._watch(st, StepRecord(0, "-", "managed", 0.3 * p2))
-    assert st.recalibrations == 2 and st.predicted_seconds == p2
+    assert st.recalibrations == 2 and st.retimings == 3 and st.plan is plan
+    assert abs(st.predicted_seconds / (0.3 * p2) - 1) < 0.15
     assert sum("re-timed" in n for n in st.notes) == 2
+    mgr.close()
+
+
+def test_budget_watch_takes_medians_and_counts_the_runtimes_own_time(tmp_path):
+    """[Note: budget watch], [Note: the runtime's own time]: the window's median step is compared (one fast
+    outlier re-timed the trace when the fastest step counted), and the runtime's measured own time is a term of
+    the prediction, not folded into the trace's op times."""
+    from memstrata.manager import StepRecord
+
+    model, x, y, _, mgr = _resnet18_case(tmp_path, frac=0.85)
+    train_steps(model, x, y, steps=2, step_ctx=lambda: mgr.step(x))  # warm-up, trace + plan
+    st = mgr._current
+    p0, ops0 = st.predicted_seconds, st.trace.step_time
+    assert mgr.WATCH_STEPS == 3 and st.simulated_seconds == p0 and st.overhead_seconds == 0.0
+    for t in (0.5 * p0, p0, p0):  # one fast outlier: the median is the prediction
+        mgr._watch(st, StepRecord(0, "-", "managed", t, stats={"overhead_seconds": 0.0}))
+    assert st.retimings == 0 and st.predicted_seconds == p0
+    ov = 0.3 * p0  # the runtime's own time: measured steps are that much longer than the simulator's step
+    for _ in range(mgr.WATCH_STEPS):
+        mgr._watch(st, StepRecord(0, "-", "managed", p0 + ov, stats={"overhead_seconds": ov}))
+    assert st.retimings == 0 and st.trace.step_time == ops0  # op times untouched
+    assert st.overhead_seconds == ov and st.predicted_seconds == st.simulated_seconds + ov
+    for _ in range(mgr.WATCH_STEPS):  # twice as slow as predicted: the ops are re-timed by what is left of each
+        mgr._watch(st, StepRecord(0, "-", "managed", 2 * (p0 + ov), stats={"overhead_seconds": ov}))
+    assert st.retimings == 1 and abs(st.trace.step_time / ops0 - (2 * (p0 + ov) - ov) / p0) < 1e-6
+    cal = mgr.report()["shapes"][next(iter(mgr.report()["shapes"]))]["calibration"]
+    assert cal["runtime_overhead_seconds"] == ov and cal["predicted_seconds"] == st.predicted_seconds
+    mgr.close()
+
+
+def test_runtime_counts_its_own_time(tmp_path, monkeypatch):
+    """[Note: the runtime's own time]: heap readings and hook time land in StepStats.overhead_seconds, which
+    stays below the step's wall time; the values stay exact."""
+    import time as _time
+
+    from memstrata.runtime import activations
+
+    calls = []
+    real = activations.heap_in_use
+
+    def slow_heap():  # a heap reading that takes 2 ms
+        calls.append(1)
+        t = _time.perf_counter()
+        while _time.perf_counter() - t < 0.002:
+            pass
+        return real()
+
+    monkeypatch.setattr(activations, "heap_in_use", slow_heap)
+    model, x, y = _first_use_model()
+    ref = train_steps(copy.deepcopy(model), x, y, steps=3)
+    mgr = Manager(model, nvme_dir=tmp_path)
+    train_steps(model, x, y, steps=3, step_ctx=lambda: mgr.step(x))
+    rec = mgr.report()["steps"][-1]
+    assert rec["mode"].startswith("managed") and rec["stats"]["packs"] > 0
+    n = len(calls)
+    calls.clear()
+    train_steps(model, x, y, steps=1, step_ctx=lambda: mgr.step(x))
+    rec = mgr.report()["steps"][-1]
+    assert len(calls) >= 4
+    assert len(calls) * 0.002 <= rec["stats"]["overhead_seconds"] < rec["seconds"]
+    ref = train_steps(ref, x, y, steps=1)
+    assert n > 0 and state_mismatches(ref, model) == []
+    cal = mgr.report()["shapes"][next(iter(mgr.report()["shapes"]))]["calibration"]  # one basis, in the report
+    assert cal["measured_seconds"] > 0 and "runtime" in str(mgr.report()) and "measured" in str(mgr.report())
     mgr.close()
 
 

@@ -17,6 +17,13 @@ def test_watch_retimes_a_slow_or_fast_trace_once():
     assert not watch_verdict(0.5, 900, **{**KW, "recalibrated": True}).replan
 
 
+def test_watch_retimes_only_what_is_left_of_the_runtimes_own_time():
+    """[Note: the runtime's own time]: 0.2 s of each step is the runtime's; the ops are scaled by 1.0 / 0.8."""
+    v = watch_verdict(1.2, 900, **{**KW, "overhead_seconds": 0.2})
+    assert v.replan and abs(v.time_scale - 1.25) < 1e-12
+    assert watch_verdict(1.2, 900, **{**KW, "overhead_seconds": 5.0}).time_scale == 1.2  # nonsense: ignored
+
+
 def test_watch_corrects_an_overshoot_but_not_below_the_minimum():
     v = watch_verdict(1.0, 1100, **KW)
     assert v.target == int(1000 - 100 - 20) and v.time_scale is None

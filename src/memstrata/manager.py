@@ -49,9 +49,10 @@ re-plans when measured peaks or step times disagree with the plan's.
 from __future__ import annotations
 
 import contextlib
-import warnings
 import os
+import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterator
 
@@ -183,7 +184,12 @@ class _ShapeState:
     # [Note: budget watch] in Manager._watch
     watch_seconds: list[float] = field(default_factory=list)
     watch_peaks: list[int] = field(default_factory=list)
-    recalibrations: int = 0
+    watch_overheads: list[float] = field(default_factory=list)
+    simulated_seconds: float | None = None  # the simulator's step for the current plan
+    overhead_seconds: float = 0.0  # the runtime's own time per step, measured ([Note: the runtime's own time])
+    managed_seconds: list[float] = field(default_factory=list)  # every managed step's wall time, in order
+    recalibrations: int = 0  # re-timings followed by a re-plan (at most MAX_RECALIBRATIONS)
+    retimings: int = 0  # every re-timing of the trace, re-plans or not
     recalibrated: bool = False  # no further re-timing (MAX_RECALIBRATIONS reached)
     warned_misaligned: bool = False
     corrections: int = 0
@@ -464,6 +470,7 @@ class Manager:
                     yield
             s = rt.last_stats or stats
             rec.stats = asdict(s)
+            st.managed_seconds.append(rec.seconds)
             if not self._cuda and s.heap_peak_bytes is not None:
                 # one basis with the budget and the prediction: what was there at the step's start, plus growth
                 rec.peak_above_start_bytes = s.heap_peak_bytes
@@ -506,6 +513,7 @@ class Manager:
                     "plan_seconds": st.plan_seconds,
                     "trace_time_scale": st.time_scale,
                 }
+                d["calibration"] = _calibration(st, self.STEADY_STEPS)
             if self.tune and st.trials:
                 d["tuning"] = {"active": st.tuning, "chosen": st.chosen,
                                "trials": [t.summary(int(st.budget or 0)) for t in st.trials]}
@@ -643,14 +651,15 @@ class Manager:
         assert trace is not None
         st.plan = plan
         st.plan_budget = budget
-        st.predicted_seconds = plan.predicted_step_time
+        st.simulated_seconds = plan.predicted_step_time
         st.predicted_peak = dict(plan.predicted_peaks).get(self.hierarchy.fast.name)
-        if st.predicted_seconds is None or st.predicted_peak is None:
+        if st.simulated_seconds is None or st.predicted_peak is None:
             from .simulate import simulate
 
             tl = simulate(trace, plan, self.hierarchy, check=False)  # PlanError for a plan outside the space
-            st.predicted_seconds = tl.step_time
+            st.simulated_seconds = tl.step_time
             st.predicted_peak = int(tl.peaks[self.hierarchy.fast.name])
+        st.predicted_seconds = st.simulated_seconds + st.overhead_seconds
         if self._copy is None:
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
@@ -668,6 +677,14 @@ class Manager:
         if record:
             st.trials.append(Trial(name, plan, budget, tiers, st.predicted_seconds, st.predicted_peak,
                                    corrections=corrections))
+
+    def _predict(self, st: _ShapeState) -> None:
+        """The current plan's prediction on the (re-timed) trace: the simulator's step plus the runtime's own time."""
+        from .simulate import simulate
+
+        assert st.trace is not None and st.plan is not None
+        st.simulated_seconds = simulate(st.trace, st.plan, self.hierarchy, check=False).step_time
+        st.predicted_seconds = st.simulated_seconds + st.overhead_seconds
 
     def _tune(self, st: _ShapeState, rec: StepRecord) -> None:
         """Carry out the tuning policy of plan/tuning.py ([Note: measured plan tuning])."""
@@ -707,17 +724,18 @@ class Manager:
             return
 
 
-    WATCH_STEPS = 2  # managed steps measured before the budget watch acts
+    WATCH_STEPS = 3  # managed steps measured before the budget watch acts (their medians count)
     CPU_PEAK_SLACK = 0.05  # CPU heap readings carry allocator noise: overshoot below 5% of the budget is let be
     RECALIBRATE_ABOVE = 0.15  # re-time the trace when measured and predicted step differ by more than this
-    MAX_RECALIBRATIONS = 2  # re-timings per shape (a loaded box: the first window can be an outlier)
+    MAX_RECALIBRATIONS = 2  # re-timings that re-plan, per shape (a loaded box: the first window can be an outlier)
+    STEADY_STEPS = 4  # the report's measured steady step: the median of this many last managed steps
 
     def _watch(self, st: _ShapeState, rec: StepRecord) -> None:
         """Keep the budget and the predictions honest after tuning (or without it).
 
         [Note: budget watch]
-        Every managed step is measured.  After `WATCH_STEPS` of them (the fastest
-        time, the largest peak):
+        Every managed step is measured.  After `WATCH_STEPS` of them (the median
+        time and runtime overhead, the largest peak):
         * peak: measured above the budget by more than the slack (on CPU the
           heap reading is noisy: `CPU_PEAK_SLACK`) -> the plan cannot be carried
           out as planned here; re-plan at the plan's budget less the overshoot
@@ -725,8 +743,20 @@ class Manager:
         * time: measured and predicted step differ by more than
           `RECALIBRATE_ABOVE` -> the trace's op times were not steady-state
           ones (a first step pays one-off costs); scale them by measured /
-          predicted and re-plan (at most `MAX_RECALIBRATIONS` times), so later
-          predictions are for this machine as it runs now.
+          predicted, both less the runtime's own time, and re-plan (at most
+          `MAX_RECALIBRATIONS` times; after that, re-time and re-simulate the
+          plan without re-planning), so later predictions are for this machine
+          as it runs now.  On the shared 2-core box plain steps of one model
+          swing by 40% within a minute (other tenants), so a prediction fixed
+          after two windows was 0.76-1.18x of the steps that followed.
+        * always: the prediction becomes the simulator's step plus the runtime's
+          own time measured in the window ([Note: the runtime's own time] in
+          runtime/activations.py).  Folding that time into the op times instead
+          made them 10% slower than plain steps (mobilenet_v3_small, 64 px), so
+          a plan with fewer hooks or replays was over-predicted.
+        Medians, not the fastest step: on a loaded box the fastest of a window
+        is an outlier, and the prediction re-timed from it was 24% too fast
+        for the steps that followed (bench/results/2026-12-05b-cpu-calibration/).
         One re-timing is not always enough: a window of two steps right after
         the trace step can still be slower than the steady state (CPU,
         mobilenet_v3_small, 64 px: 585 and 424 ms, then 346-386 ms), and a
@@ -737,30 +767,40 @@ class Manager:
         if st.plan is None or not (st.plan.storages or st.plan.units or st.plan.replays) or callable(self.planner):
             return
         st.watch_seconds.append(rec.seconds)
+        st.watch_overheads.append(float((rec.stats or {}).get("overhead_seconds") or 0.0))
         if rec.peak_bytes is not None:
             st.watch_peaks.append(int(rec.peak_bytes))
         if len(st.watch_seconds) < self.WATCH_STEPS:
             return
-        seconds, st.watch_seconds = min(st.watch_seconds), []
+        seconds, st.watch_seconds = statistics.median(st.watch_seconds), []
+        st.overhead_seconds, st.watch_overheads = statistics.median(st.watch_overheads), []
+        if st.simulated_seconds is not None:
+            st.predicted_seconds = st.simulated_seconds + st.overhead_seconds
         peak = max(st.watch_peaks) if st.watch_peaks else None
         st.watch_peaks = []
         budget = int(st.budget or 0)
-        v = watch_verdict(seconds, peak, predicted_seconds=st.predicted_seconds, budget=budget,
+        v = watch_verdict(seconds, peak, predicted_seconds=st.predicted_seconds,
+                          overhead_seconds=st.overhead_seconds, budget=budget,
                           plan_budget=int(st.plan_budget or budget), minimum_budget=st.minimum_budget,
-                          recalibrated=st.recalibrated, corrections=st.corrections,
+                          recalibrated=False, corrections=st.corrections,
                           max_corrections=self.MAX_CORRECTIONS, slack=0.0 if self._cuda else self.CPU_PEAK_SLACK,
                           recalibrate_above=self.RECALIBRATE_ABOVE)
-        st.notes.extend(v.notes)
+        retime_only = (v.time_scale is not None and st.recalibrated and v.target == st.plan_budget)
+        st.notes.extend(n for n in v.notes if not (retime_only and n.startswith("re-timed")))
         if v.stop:
             st.corrections = self.MAX_CORRECTIONS
         if not v.replan:
             return
         assert st.trace is not None and v.target is not None
         if v.time_scale is not None:
-            st.recalibrations += 1
-            st.recalibrated = st.recalibrations >= self.MAX_RECALIBRATIONS
             st.trace, _ = calibrate_durations(st.trace, st.trace.step_time * v.time_scale, allow_slower=True)
             st.time_scale *= v.time_scale
+            st.retimings += 1
+            if retime_only:  # the plan stays; its prediction follows the machine as it runs now
+                self._predict(st)
+                return
+            st.recalibrations += 1
+            st.recalibrated = st.recalibrations >= self.MAX_RECALIBRATIONS
         if v.target != st.plan_budget:
             st.corrections += 1
         target = v.target
@@ -779,6 +819,20 @@ class Manager:
         # Not agreed across ranks: only this rank measured the overshoot, and a collective here could hang.
         # Ranks may then run different plans, which changes where bytes live, never the values.
         self._install(st, "planned (watched)", plan, target, None, record=False)
+
+
+def _calibration(st: _ShapeState, tail: int) -> dict[str, Any]:
+    """Predicted vs measured step on one basis: the wall time of the `with mgr.step()` block (forward, loss and
+    backward; the optimizer step outside it is in neither), the measured one the median of the last `tail`
+    managed steps."""
+    measured = statistics.median(st.managed_seconds[-tail:]) if st.managed_seconds else None
+    pred = st.predicted_seconds
+    return {"basis": "wall time of the step block (forward, loss, backward); measured: median of the last "
+                     f"{min(tail, len(st.managed_seconds))} managed steps",
+            "predicted_seconds": pred, "simulated_seconds": st.simulated_seconds,
+            "runtime_overhead_seconds": st.overhead_seconds, "measured_seconds": measured,
+            "predicted_over_measured": None if not (pred and measured) else pred / measured,
+            "recalibrations": st.recalibrations, "retimings": st.retimings}
 
 
 def _is_compiled(model: nn.Module) -> bool:

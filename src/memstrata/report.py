@@ -486,6 +486,12 @@ class Report(dict):
             for n in list(sh.get("notes", ())) + list(p.get("notes", ())) + \
                     list((sh.get("runtime") or {}).get("notes", ()))[:8]:
                 console.print(f"  {n}")
+            cal = sh.get("calibration")
+            if cal and cal.get("measured_seconds") and cal.get("predicted_seconds"):
+                console.print(f"  step: predicted {ms(cal['predicted_seconds'])} (simulated "
+                              f"{ms(cal['simulated_seconds'])} + runtime {ms(cal['runtime_overhead_seconds'])}), "
+                              f"measured {ms(cal['measured_seconds'])} ({cal['basis']}): "
+                              f"x{cal['predicted_over_measured']:.2f}")
             tun = sh.get("tuning")
             if tun:
                 for tr in tun["trials"]:

@@ -118,17 +118,22 @@ class WatchVerdict:
 
 def watch_verdict(seconds: float, peak: int | None, *, predicted_seconds: float | None, budget: int,
                   plan_budget: int, minimum_budget: int | None, recalibrated: bool, corrections: int,
-                  max_corrections: int, slack: float, recalibrate_above: float) -> WatchVerdict:
+                  max_corrections: int, slack: float, recalibrate_above: float,
+                  overhead_seconds: float = 0.0) -> WatchVerdict:
     """Pure policy: re-time when measured and predicted step differ by more than `recalibrate_above`; re-plan
     lower when the measured peak exceeds the budget by more than `slack` (never below `minimum_budget`).
-    `recalibrated`: no further re-timing is allowed (the Manager's `MAX_RECALIBRATIONS` reached)."""
+    `recalibrated`: no further re-timing is allowed (the Manager's `MAX_RECALIBRATIONS` reached).
+    `overhead_seconds`: the runtime's own time, measured, inside both `seconds` and `predicted_seconds`; the
+    trace's op times are scaled by what is left of each ([Note: the runtime's own time] in
+    runtime/activations.py), so that time is not folded into them."""
     from ..hardware import format_size
 
     scale, target, notes, stop = None, None, [], False
     if not recalibrated and predicted_seconds and abs(seconds / predicted_seconds - 1.0) > recalibrate_above:
-        scale = seconds / predicted_seconds
+        ov = overhead_seconds if 0.0 <= overhead_seconds < min(seconds, predicted_seconds) else 0.0
+        scale = (seconds - ov) / (predicted_seconds - ov)
         notes.append(f"re-timed the trace: managed steps took {seconds * 1e3:.0f} ms against "
-                     f"{predicted_seconds * 1e3:.0f} ms predicted (x{scale:.2f})")
+                     f"{predicted_seconds * 1e3:.0f} ms predicted, {ov * 1e3:.0f} ms of each the runtime's own (ops x{scale:.2f})")
     if peak is not None and peak > budget * (1.0 + slack) and corrections < max_corrections:
         want = int(plan_budget - (peak - budget) - 0.02 * budget)
         if minimum_budget is not None and want < minimum_budget:

@@ -115,7 +115,23 @@ class _PackEntry:
 
 @dataclass
 class StepStats:
-    """What one managed step did (plain data; the manager reports it)."""
+    """What one managed step did (plain data; the manager reports it).
+
+    [Note: the runtime's own time]
+    The simulator prices what a plan adds to a step as copies (a CPU box's
+    copies as compute time), waits and re-run ops.  The runtime also adds
+    time it does not price: the Python of every pack and unpack hook (every
+    saved tensor, kept ones too), glibc heap readings on CPU (~0.1 ms each,
+    at unit boundaries), and replay capture's dispatch mode around every op
+    of a unit with replays.  On the 2-core box that was 20-30 ms of a 400 ms
+    mobilenet_v3_small step (batch 64, 64 px), which the budget watch then
+    folded into the op times (x1.18) and over-predicted the plain step by 10%
+    (bench/results/2026-12-05b-cpu-calibration/).  `overhead_seconds` times
+    exactly that: each hook's wall time less the priced work inside it
+    (mover.evict / restore, a replay's ops), plus heap sampling, plus the
+    capture's time outside the ops.  The Manager adds it to the prediction
+    as its own term (`Manager._watch`).
+    """
 
     packs: int = 0
     kept: int = 0
@@ -131,6 +147,9 @@ class StepStats:
     misaligned: str | None = None
     live_peak_bytes: int | None = None  # tier-0 bytes of saved activations memstrata sees (runtime accounting)
     heap_peak_bytes: int | None = None  # CPU: sampled glibc heap peak above the step start (memory.py)
+    # [Note: the runtime's own time]: seconds this step spent in memstrata's hooks, heap sampling and replay
+    # capture that the simulator does not price (copies, waits and replays it does price are left out)
+    overhead_seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------- per-step objects
@@ -188,6 +207,8 @@ class _StepState:
         self.next_sample = 0.0  # perf_counter time before which pack/unpack samples are skipped
         self.buffer_storages: frozenset[int] = frozenset()
         self.chain_table = ChainTable()  # steps of chains that span units ([Note: replays across units])
+        self.priced = 0.0  # seconds of priced work (copies, waits, replays) run inside the runtime's hooks
+        self.sampling = 0.0  # seconds in _sample (heap readings)
         self.recipes: dict = {}  # storage key -> RecipeEntry ([Note: replay recipes] in replay.py) ([Note: replay recipes] in replay.py)
 
 
@@ -342,6 +363,7 @@ class ActivationRuntime:
                     st.stats.heap_peak_bytes = st.heap_peak - st.heap_base
             else:
                 st.stats.live_peak_bytes = None
+            st.stats.overhead_seconds += st.sampling
             self.last_stats = st.stats
 
     def _misalign(self, st: _StepState, why: str) -> None:
@@ -353,8 +375,16 @@ class ActivationRuntime:
         st = self._state
         if st is None or self._recomputing > 0:
             return orig(*args, **kwargs)  # outside a step, or checkpoint re-running a unit: no bookkeeping
+        t0, sampling = time.perf_counter(), st.sampling
+        inner = [0.0, 0.0]  # the unit's own forward: wall time, heap sampling in it (its hooks count their own)
+        try:
+            return self._unit_call_one(st, i := st.unit_calls, name, module, orig, inner, args, kwargs)
+        finally:
+            st.stats.overhead_seconds += (time.perf_counter() - t0) - inner[0] - (st.sampling - sampling - inner[1])
+
+    def _unit_call_one(self, st: _StepState, i: int, name: str, module: nn.Module, orig, inner: list[float],
+                       args, kwargs):
         # Every forward call of a unit module counts, nested ones too (the tracer numbers them the same way).
-        i = st.unit_calls
         st.unit_calls += 1
         up = self._units[i] if i < len(self._units) else None
         # Inside a checkpointed unit, saves go to checkpoint, so pack positions cannot be checked there.
@@ -369,6 +399,7 @@ class ActivationRuntime:
             up is not None and up.recompute and st.misaligned is None and st.depth == 0 and torch.is_grad_enabled()
         )
         st.depth += 1
+        t_in, s_in = time.perf_counter(), st.sampling
         try:
             if recompute:
                 st.ckpt_depth += 1
@@ -385,6 +416,7 @@ class ActivationRuntime:
                     with ReplayCapture(self.trace, up.record, chains, st.recipes, self._replays, st.buffer_storages,
                                        st.chain_table, self._held_at) as cap:
                         out = orig(*args, **kwargs)
+                    st.stats.overhead_seconds += cap.overhead_seconds
                     st.chain_table.prune(self._all_chains, up.record.last_op)
                     if cap.broken:
                         self.notes.append(f"unit {i} ({name}): replay recording stopped ({cap.broken}); kept")
@@ -393,6 +425,7 @@ class ActivationRuntime:
                 if up is not None and check and st.misaligned is None and st.pack_counter != up.record.pack_end:
                     self._misalign(st, f"unit {i} ({name}) ends at pack {st.pack_counter}, trace says {up.record.pack_end}")
         finally:
+            inner[0], inner[1] = time.perf_counter() - t_in, st.sampling - s_in
             st.depth -= 1
         if self.track_live_bytes and st.depth == 0:
             self._sample(st)
@@ -454,9 +487,11 @@ class ActivationRuntime:
     def _on_unit_backward(self, anchor: int, grad):
         st = self._state
         if st is not None:
+            t0, sampling = time.perf_counter(), st.sampling
             self._advance(st, anchor)
             if self.track_live_bytes:
                 self._sample(st)
+            st.stats.overhead_seconds += (time.perf_counter() - t0) - (st.sampling - sampling)
         return None
 
     # ------------------------------------------------------------------ events
@@ -490,6 +525,13 @@ class ActivationRuntime:
         st = self._state
         if st is None:  # hooks outlived the step (should not happen): behave like no hooks
             return t
+        t0, priced, sampling = time.perf_counter(), st.priced, st.sampling
+        try:
+            return self._pack_one(st, t)
+        finally:
+            st.stats.overhead_seconds += (time.perf_counter() - t0) - (st.priced - priced) - (st.sampling - sampling)
+
+    def _pack_one(self, st: _StepState, t: torch.Tensor):
         k = st.pack_counter
         st.pack_counter = k + 1
         st.stats.packs += 1
@@ -542,7 +584,9 @@ class ActivationRuntime:
         )
 
     def _evict(self, st: _StepState, entry: _PackEntry, ust: torch.UntypedStorage) -> Resident:
+        t0 = time.perf_counter()
         rec = self.mover.evict(entry.storage, entry.action, ust)
+        st.priced += time.perf_counter() - t0  # the simulator prices the copy (Tier.host_cost_per_byte)
         name = entry.action.label
         st.stats.offloaded[name] += 1
         st.stats.offloaded_bytes[name] += rec.nbytes
@@ -553,10 +597,23 @@ class ActivationRuntime:
         if isinstance(obj, torch.Tensor):
             return obj
         st = self._state
+        if st is None:
+            return self._unpack_one(st, obj)
+        t0, priced, sampling = time.perf_counter(), st.priced, st.sampling
+        try:
+            return self._unpack_one(st, obj)
+        finally:
+            st.stats.overhead_seconds += (time.perf_counter() - t0) - (st.priced - priced) - (st.sampling - sampling)
+
+    def _unpack_one(self, st: _StepState | None, obj):
         if type(obj) is Replayed:
-            if st is not None:
-                self._advance(st, obj.anchor)
-            return obj.unpack()
+            if st is None:
+                return obj.unpack()
+            self._advance(st, obj.anchor)
+            t0 = time.perf_counter()
+            out = obj.unpack()
+            st.priced += time.perf_counter() - t0  # the replay's ops: priced as recompute
+            return out
         if type(obj) is _Kept:
             if st is not None:
                 self._advance(st, obj.anchor)
@@ -568,8 +625,10 @@ class ActivationRuntime:
             self._advance(st, obj.anchor)
             if rec.restored is None and rec.read is None and not rec.released:
                 st.stats.prefetches += 1  # a demand fetch also starts a copy up
+        t0 = time.perf_counter()
         got = self.mover.restore(rec)
         if st is not None:
+            st.priced += time.perf_counter() - t0  # waits and copies up: priced as stalls
             st.stats.demand_fetches += int(got.demand_fetch)
             st.stats.wait_seconds += got.waited_seconds
         with torch.no_grad():
@@ -594,6 +653,13 @@ class ActivationRuntime:
     _SAMPLE_INTERVAL = 0.002  # s; mallinfo2 walks the arenas' free lists (~0.1 ms with I/O threads around)
 
     def _sample(self, st: _StepState, rate_limited: bool = False) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._sample_heap(st, rate_limited)
+        finally:
+            st.sampling += time.perf_counter() - t0
+
+    def _sample_heap(self, st: _StepState, rate_limited: bool) -> None:
         """Update both CPU peaks (see runtime/memory.py).
 
         Always at unit boundaries and at step end; at pack/unpack at most once

@@ -50,6 +50,8 @@ storage absent from its last forward access to that event):
 
 from __future__ import annotations
 
+import time
+
 import weakref
 from typing import Any
 
@@ -207,6 +209,8 @@ class ReplayCapture(TorchDispatchMode):
         self.steps = table.steps  # op index -> step
         self.broken: str | None = None
         self.held_at = held_at if held_at is not None else {}  # op -> storages a chain through it holds
+        self.op_seconds = 0.0  # time in the unit's ops themselves
+        self.overhead_seconds = 0.0  # time the capture adds around them
 
     def _arg(self, a: Any, write: bool, sid_of: dict[int, int], op: int):
         if isinstance(a, (list, tuple)):
@@ -245,14 +249,29 @@ class ReplayCapture(TorchDispatchMode):
         return _Arg(step, leaf, recipe, held, geometry)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        # [Note: the runtime's own time] (activations.py): the capture's Python around each op, not the op
+        t0 = time.perf_counter()
+        before = self.op_seconds
+        try:
+            return self._dispatch(func, args, kwargs or {})
+        finally:
+            self.overhead_seconds += time.perf_counter() - t0 - (self.op_seconds - before)
+
+    def _run(self, func, args, kwargs):
+        t0 = time.perf_counter()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.op_seconds += time.perf_counter() - t0
+
+    def _dispatch(self, func, args, kwargs):
         name = str(func)
         ops = self.trace.ops
         if self.broken is None and self.next <= self.last and ops[self.next].name != name:
             # autograd detaches some tensors it saves (where the tracer's hooks may see none, or more): ops
             # without values (SAC_HIDDEN_OPS) are not matched against the trace
             if name in SAC_HIDDEN_OPS:
-                return func(*args, **kwargs)
+                return self._run(func, args, kwargs)
             while self.next <= self.last and ops[self.next].name in SAC_HIDDEN_OPS and self.next not in self.wanted:
                 self.next += 1
         j = self.next
@@ -260,7 +279,7 @@ class ReplayCapture(TorchDispatchMode):
         if self.broken is None and (j > self.last or str(func) != self.trace.ops[j].name):
             self.broken = f"op {j}: saw {func}, the trace has {self.trace.ops[j].name if j <= self.last else 'none'}"
         if self.broken is not None or j not in self.wanted:
-            return func(*args, **kwargs)
+            return self._run(func, args, kwargs)
         written = _written_args(func)  # the snapshot and detach below run with this mode disabled
         names = [a.name for a in func._schema.arguments]
         # arg storage -> trace storage: the tracer lists an op's distinct input storages in argument order
@@ -273,14 +292,14 @@ class ReplayCapture(TorchDispatchMode):
                     keys.append(k)
         if len(keys) != len(self.trace.ops[j].inputs):
             self.broken = f"op {j}: {len(keys)} input storages, the trace has {len(self.trace.ops[j].inputs)}"
-            return func(*args, **kwargs)
+            return self._run(func, args, kwargs)
         sid_of = dict(zip(keys, self.trace.ops[j].inputs))
         rec_args = tuple(self._arg(a, i in written, sid_of, j) for i, a in enumerate(args))
         rec_kwargs = {k: self._arg(v, names.index(k) in written if k in names else False, sid_of, j)
                       for k, v in kwargs.items()}
         step = _Step(func, rec_args, rec_kwargs)
         self.steps[j] = step
-        out = func(*args, **kwargs)
+        out = self._run(func, args, kwargs)
         leaves, _ = tree_flatten(out)
         for i, t in enumerate(leaves):
             if isinstance(t, torch.Tensor):
