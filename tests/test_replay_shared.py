@@ -159,3 +159,31 @@ def test_planner_shares_and_the_planned_plan_trains_bit_exact(stem):
     finally:
         rt.close()
     assert state_mismatches(ref, model) == []
+
+
+def test_heavy_replay_reruns_one_convolution_bit_exact(stem, monkeypatch):
+    """[Note: heavy replays] in trace/space.py: a convolution output inside a block replays by that
+    convolution alone from its kept input, priced at its forward time; bit-exact, and it frees what the
+    simulator predicts."""
+    base, x, y, trace, conv, relu, pool = stem
+    monkeypatch.setattr(ActivationRuntime, "_SAMPLE_INTERVAL", 0.0)
+    space, ix = decision_space(trace), trace_index(trace)
+    h = profile("cpu")
+    heavy = [s.id for s in trace.saved_storages() if s.producer and s.module.startswith("layer1")
+             and trace.ops[s.producer].name == "aten.convolution.default"]
+    assert heavy and all(space.replay_chain(s) == (trace.storages[s].producer,) for s in heavy)
+    held = {x for s in heavy for x in space.replay_inputs(s)}
+    assert held and all(trace.storages[x].saved for x in held)
+    rp = {s: space.replay_chain(s) for s in heavy}
+    assert sum(e.time for e in replay_effects(ix, replace(h, fused_replay=True), rp).values()) == pytest.approx(
+        sum(float(ix.dur[trace.storages[s].producer]) for s in heavy) + h.kernel_overhead * len(heavy))
+    ref = copy.deepcopy(base)
+    train_steps(ref, x, y, steps=2)
+    got = {}
+    for name, q in (("keep", {}), ("heavy", rp)):
+        p = _plan(trace, q)
+        stats, convs = _train(base, ref, trace, p, x, y)
+        got[name] = (convs, stats.heap_peak_bytes, simulate(trace, p, h, check=False).peaks[h.fast.name])
+    assert got["keep"][0] == 0 and got["heavy"][0] == len(heavy)
+    measured, predicted = got["keep"][1] - got["heavy"][1], got["keep"][2] - got["heavy"][2]
+    assert predicted > 0 and measured >= predicted - 2**18, (measured, predicted)

@@ -38,7 +38,9 @@ recomputable or heavy.
   units]) is recomputed through its last writer too.  Legal when every op of
   the chain is in `REPLAYABLE_OP_PREFIXES` (cheap and deterministic: the same
   kernel on the same inputs gives the same bits) or is a heavy op that reads
-  only the batch and parameters ([Note: replays from the batch]), none draws
+  only the batch and parameters ([Note: replays from the batch]), or the chain
+  is one heavy op whose inputs are saved storages, parameters or the batch
+  ([Note: heavy replays]), none draws
   random numbers, all run in one unit or consecutive ones with no op outside
   every unit between them, no later forward op writes the
   storage or a held input (buffers the chain updates, BatchNorm's running
@@ -102,6 +104,7 @@ REPLAYABLE_OP_PREFIXES = ("native_batch_norm", "_native_batch_norm_legit", "cudn
                           "leaky_relu", "elu", "neg", "max_pool2d_with_indices", "avg_pool2d", "_adaptive_avg_pool2d",
                           "mean")
 MAX_REPLAY_OPS = 8
+HEAVY_REPLAYS = True  # [Note: heavy replays]
 _RANDOM_MARKERS = ("dropout", "bernoulli", "rand", "normal", "uniform", "multinomial", "poisson", "exponential")
 
 
@@ -206,6 +209,15 @@ class DecisionSpace:
         return (is_heavy_op(op.name) and not draws_random_numbers(op.name) and bool(op.inputs)
                 and all(sts[x].kind in ("input", "parameter") for x in op.inputs)
                 and any(sts[x].kind == "input" for x in op.inputs))
+
+    def _from_kept(self, op) -> bool:
+        """A heavy op whose every input is a saved storage, a parameter or a step input: a replay may re-run it
+        alone, holding its saved inputs ([Note: heavy replays])."""
+        if not HEAVY_REPLAYS or not is_heavy_op(op.name) or draws_random_numbers(op.name) or not op.inputs:
+            return False
+        sts = self.trace.storages
+        return all(sts[x].kind in ("input", "parameter") or sts[x].persistent or
+                   (sts[x].saved and sts[x].kind == "activation") for x in op.inputs)
 
     def _outside_units(self) -> np.ndarray:
         """outside[j]: how many forward ops before op j run outside every unit."""
@@ -330,7 +342,7 @@ class DecisionSpace:
             op = ops[j]
             if draws_random_numbers(op.name):
                 return (), (), f"{op.name} (event {j}) draws random numbers"
-            if not is_replayable_op(op.name) and not self._from_batch(op):
+            if not is_replayable_op(op.name) and not self._from_batch(op) and not (j == last and self._from_kept(op)):
                 return (), (), f"{op.name} (event {j}) is not a cheap deterministic op a replay may re-run"
             if not joined(j):
                 return (), (), f"its ops run in more than one unit, with ops outside every unit between (event {j})"
@@ -575,6 +587,19 @@ def decision_space(trace: Trace) -> DecisionSpace:
 # (torchvision ResNet's stem: conv1, bn1, relu and maxpool are four sibling units).  The runtime records the
 # chain's steps in one table shared by the unit calls (`ChainTable` in runtime/replay.py) and forgets them
 # once the chain's last op has made its recipe.  Every unit a chain runs in must not be recomputed.
+#
+# [Note: heavy replays]
+# A saved storage made by a heavy op (a convolution, a matrix product) whose every input is a saved storage, a
+# parameter or a step input may be replayed by that op alone: the same kernel on the same kept inputs (its
+# saved inputs are held by the recipe, or replayed themselves and regenerated on demand), the same bits; this
+# is selective recompute of one op, which `UnitDecision` could only do for a whole unit with everything else in
+# it.  It is priced at the op's forward time, never fused (simulate.replay_time).  ResNet-50's bottleneck conv3
+# output (784 MiB at b256, 224 px, float32) is re-made from its 196 MiB input in 0.244 ms on the h200 profile
+# (3.1 GiB/ms, against 0.24 GiB/ms for the selective recompute of the block it replaces, which re-runs all
+# three convolutions): `memstrata plan --model resnet50 --batch 256 --res 224 --profile h200 --budget 50%
+# --fused-replay` 1.103x -> 1.066x (bench/results/2026-12-05b-cpu-activations/README.md).  On a GPU it is as
+# deterministic as recomputing the unit is (cuDNN's forward algorithms for one configuration).
+# `HEAVY_REPLAYS = False` restores the cheap-ops-only menu.
 #
 # [Note: shared replays]
 # One run of a chain regenerates every replayed storage it writes: a `ReplayDecision(s, ops)` whose `ops` are
