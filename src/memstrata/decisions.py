@@ -112,10 +112,14 @@ class UnitDecision:
 
 @dataclass(frozen=True)
 class ReplayDecision:
-    """Op-level recompute: saved `storage` regenerated in backward by re-running forward `ops` (in order)."""
+    """Op-level recompute: saved `storage` regenerated in backward by re-running forward `ops` (in order).
+
+    `ops` is the storage's own chain (`DecisionSpace.replay_chain`), or another replayed storage's chain that
+    runs the storage's last forward writer: replays with the same ops are one run ([Note: shared replays] in
+    trace/space.py)."""
 
     storage: int  # StorageRecord.id
-    ops: tuple[int, ...]  # forward op indices, in execution order; the last one writes `storage`
+    ops: tuple[int, ...]  # forward op indices, in execution order; one of them last writes `storage`
 
     def __post_init__(self) -> None:
         if not self.ops:

@@ -90,7 +90,18 @@ and the step time equals `trace.step_time`.
   least until R.  At R, before op R, the chain re-runs: eager, the sum of its
   ops' durations; with `Hierarchy.fused_replay` (a compiled, fused replay),
   one pass over the held inputs and the output at `fast_bandwidth` plus one
-  `kernel_overhead`.  Its transient (the chain's other outputs) is counted at R.
+  `kernel_overhead`.  Its transient (every other storage the chain's ops write, also one that a run of its
+  own replays: this run makes it afresh and drops it) is counted at R, less what op R itself allocates
+  ([Note: a replay runs before its op]).  Replays with the same ops are one run ([Note: shared replays] in
+  trace/space.py): at the earliest replay event of its members, priced once; every member lives from there.
+
+[Note: a replay runs before its op]
+The unpack hook that runs a recipe fires when autograd's node first needs the saved tensor, before op R
+allocates anything, so while the chain runs the live set is the occupancy at R less op R's own outputs.  The
+largest transient at an event is therefore counted less the bytes op R makes (once per event; the others in
+full).  Before, the transient left out the chain outputs that another replay regenerates (the stem
+convolution's output inside the stem ReLU's chain, max-pool's output inside its indices' replay), which the
+runtime does allocate: ResNet-18 b64 112 px, 49 MiB at the stem ReLU's replay.
 * lower tiers: a time interval [a, b) occupies every event whose time span
   [event_start[e], event_start[e+1]) meets it.
 
@@ -245,44 +256,96 @@ class ReplayEffect:
     held: tuple[int, ...]  # storages the recipe holds until R (not replayed themselves)
 
 
-def replay_time(ix: TraceIndex, hierarchy: Hierarchy, sid: int, chain: tuple[int, ...]) -> float:
+def replay_time(ix: TraceIndex, hierarchy: Hierarchy, sid: int, chain: tuple[int, ...],
+                also: tuple[int, ...] = ()) -> float:
     """Seconds one replay of sid adds ([Note: simulation semantics], replay): its chain's ops eager, or one
-    fused pass over what it reads and writes with `Hierarchy.fused_replay`."""
+    fused pass over what it reads and writes with `Hierarchy.fused_replay`.  `also`: the other storages the
+    same run regenerates ([Note: shared replays] in trace/space.py); a fused pass writes them too."""
     if hierarchy.fused_replay:
         # a heavy op of the chain (the stem convolution: [Note: replays from the batch] in trace/space.py) is
         # not fused: it costs what it cost in the forward, and the fused pass starts from its output
-        heavy = [j for j in chain if not is_replayable_op(ix.trace.ops[j].name)]
+        ops = ix.trace.ops
+        heavy = [j for j in chain if not is_replayable_op(ops[j].name)]
+        cheap = [j for j in chain if j not in heavy]
+        t = float(sum(ix.dur[j] for j in heavy)) + hierarchy.kernel_overhead * len(heavy)
+        if not cheap:  # the heavy op alone (conv1's output from the batch): no fused pass
+            return t
         space = decision_space(ix.trace)
-        moved = int(ix.nbytes[sid]) + sum(int(ix.nbytes[x]) for x in space.replay_inputs(sid))
-        moved += sum(int(ix.nbytes[o]) for j in heavy for o in ix.trace.ops[j].outputs)
-        return (float(sum(ix.dur[j] for j in heavy)) + moved / hierarchy.fast_bandwidth
-                + hierarchy.kernel_overhead * (1 + len(heavy)))
+        heavy_out = {o for j in heavy for o in ops[j].outputs}
+        read = set(space.replay_inputs(sid)) & {x for j in cheap for x in ops[j].inputs}
+        # the pass reads what it holds and the heavy ops' outputs, and writes every replayed storage it makes
+        moved = sum(int(ix.nbytes[x]) for x in read | heavy_out) + sum(
+            int(ix.nbytes[o]) for o in ({sid} | set(also)) - heavy_out)
+        return t + moved / hierarchy.fast_bandwidth + hierarchy.kernel_overhead
     return float(sum(ix.dur[j] for j in chain))
+
+
+def run_transient(ix: TraceIndex, ops: tuple[int, ...], members) -> int:
+    """Bytes one run of `ops` holds beyond the storages it regenerates (`members`, live from the run on), at
+    its worst step: the runtime drops a chain value after its last reader in the chain (`Recipe.materialize`),
+    so at step k the run holds what earlier steps made that step k or a later one reads, and what step k makes
+    ([Note: simulation semantics], replay)."""
+    trace = ix.trace
+    chain = set(ops)
+    mset = set(members)
+    made = [o for j in ops for o in dict.fromkeys(trace.ops[j].outputs) if trace.storages[o].producer == j]
+    last_read = {o: max([j for j in ops if o in trace.ops[j].inputs or o in trace.ops[j].outputs], default=-1)
+                 for o in made}
+    total_members = sum(int(ix.nbytes[m]) for m in mset if trace.storages[m].producer in chain)
+    worst = 0
+    for j in ops:
+        live = 0
+        for o in made:
+            p = trace.storages[o].producer
+            if o in mset:
+                live += int(ix.nbytes[o]) if p <= j else 0
+            elif p <= j <= last_read[o]:
+                live += int(ix.nbytes[o])
+        worst = max(worst, live - total_members)
+    return worst
 
 
 def replay_effects(ix: TraceIndex, hierarchy: Hierarchy, replays: Mapping[int, tuple[int, ...]]
                    ) -> dict[int, ReplayEffect]:
-    """Effects of legal replays (sid -> chain); the replay events propagate from readers to what they read."""
+    """Effects of legal replays (sid -> ops); the replay events propagate from readers to what they read.
+
+    Replays with the same ops are one run ([Note: shared replays] in trace/space.py): before the earliest
+    replay event of its members, priced once (on its host), holding what its chain holds; every member
+    lives from there.  The run's transient is every other storage its ops write (also one replayed by a run
+    of its own: this run makes it afresh and drops it)."""
     if not replays:
         return {}
     trace = ix.trace
     space = decision_space(trace)
     fe = trace.forward_end
+    groups = space.replay_groups(replays)
+    held_of = {ops: space.replay_inputs(members[0]) for ops, members in groups.items()}
     R = {sid: min(trace.storages[sid].backward_reads) for sid in replays}
-    for sid in sorted(replays, key=lambda s: -replays[s][-1]):  # readers are produced after what they read
-        for x in space.replay_inputs(sid):
+    E: dict[tuple[int, ...], int] = {}
+    for ops in sorted(groups, key=lambda c: -c[-1]):  # readers are produced after what they read
+        E[ops] = min(R[m] for m in groups[ops])
+        for x in held_of[ops]:
             if x in R:
-                R[x] = min(R[x], R[sid])
+                R[x] = min(R[x], E[ops])
+    transient = {ops: run_transient(ix, ops, members) for ops, members in groups.items()}
+    # [Note: a replay runs before its op]: op R's own outputs are not allocated while the chain runs; the
+    # occupancy at R counts them, so the largest transient at R is counted less what op R makes (once per event)
+    by_event: dict[int, list[tuple[int, ...]]] = {}
+    for ops in groups:
+        by_event.setdefault(E[ops], []).append(ops)
+    for ev, runs in by_event.items():
+        made = sum(int(ix.nbytes[o]) for o in trace.ops[ev].outputs if trace.storages[o].producer == ev)
+        top = max(runs, key=lambda c: transient[c])
+        transient[top] = max(0, transient[top] - made)
     out = {}
-    for sid, chain in replays.items():
-        held = tuple(x for x in space.replay_inputs(sid) if x not in replays)
-        chain_set = set(chain)
-        tmp = {o for j in chain for o in trace.ops[j].outputs
-               if o != sid and trace.storages[o].producer in chain_set and o not in replays}
-        t = replay_time(ix, hierarchy, sid, chain)
-        fwd = [a for a in ix.accesses[sid] if a <= fe]
-        out[sid] = ReplayEffect(sid, R[sid], max(fwd) if fwd else int(ix.start[sid]), t,
-                                int(sum(int(ix.nbytes[o]) for o in tmp)), held)
+    for ops, members in groups.items():
+        host = members[0]
+        held = tuple(x for x in held_of[ops] if x not in replays)
+        t = replay_time(ix, hierarchy, host, ops, also=tuple(members[1:]))
+        for m in members:
+            fwd = [a for a in ix.accesses[m] if a <= fe]
+            out[m] = ReplayEffect(m, E[ops], max(fwd) if fwd else int(ix.start[m]), t if m == host else 0.0,
+                                  transient[ops] if m == host else 0, held)
     return out
 
 
@@ -347,7 +410,8 @@ def _steps(ix: TraceIndex, offloads: Mapping[int, Offload], needs: Mapping[int, 
     for u, eff in rc.effects.items():
         out.append((eff.fb, _RECOMPUTE, u))
     for sid, reff in rc.replays.items():
-        out.append((reff.event, _REPLAY, sid))
+        if reff.time > 0 or reff.transient:  # the other members of a shared run cost nothing of their own
+            out.append((reff.event, _REPLAY, sid))
     out.sort()
     return out
 

@@ -127,7 +127,9 @@ def forced_plan(trace: Trace, kind: str, hierarchy: Hierarchy) -> Plan:
     if kind == "segment":
         units = _segment_decisions(space)
     elif kind == "replay":
-        replays = tuple(ReplayDecision(sid, space.replay_chain(sid)) for sid in space.replayable_storages())
+        # every run shared that can be ([Note: shared replays] in trace/space.py)
+        replays = tuple(ReplayDecision(sid, ops) for sid, ops in
+                        sorted(space.shared_chains(space.replayable_storages()).items()))
     elif kind == "host":
         storages = _offload_decisions(trace, host_tier(hierarchy))
     elif kind == "nvme":

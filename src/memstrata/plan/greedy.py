@@ -93,7 +93,8 @@ class State:
         return State(dict(self.offloads), dict(self.units), dict(self.floors), dict(self.replays))
 
     def key(self) -> tuple:
-        return (tuple(sorted(self.offloads.items())), tuple(sorted(self.units.items())), tuple(sorted(self.replays)))
+        return (tuple(sorted(self.offloads.items())), tuple(sorted(self.units.items())),
+                tuple(sorted(self.replays.items())))
 
 
 def assign_unit(ix: TraceIndex, st: State, u: int, m: tuple[int, ...]) -> None:
@@ -109,7 +110,16 @@ def assign_unit(ix: TraceIndex, st: State, u: int, m: tuple[int, ...]) -> None:
                 or any(trace.storages[x].producer is not None and first <= trace.storages[x].producer <= last
                        for x in space.replay_inputs(s))]:
         del st.replays[sid]
+    drop_orphans(ix, st)
     st.units[u] = m
+
+
+def drop_orphans(ix: TraceIndex, st: State) -> None:
+    """Drop shared replays whose host is gone ([Note: shared replays] in trace/space.py)."""
+    space = decision_space(ix.trace)
+    for sid in [s for s, c in st.replays.items()
+                if c != space.replay_chain(s) and space.replay_host(c, st.replays) is None]:
+        del st.replays[sid]
 
 
 def replay_held(ix: TraceIndex, st: State) -> set[int]:
@@ -1057,6 +1067,36 @@ def prune_replays(ev_: Evaluator, st: State, res: SimResult, deadline: float | N
     return st, res
 
 
+def share_replays(ev_: Evaluator, st: State, res: SimResult, deadline: float | None = None
+                  ) -> tuple[State, SimResult]:
+    """Let another replay's run regenerate a storage ([Note: shared replays] in trace/space.py): a replayed
+    storage stops running its own chain, or a storage not replayed yet is added at no compute cost, where that
+    lowers the cost and stays feasible (the storage then lives from the shared run to its last read)."""
+    ix = ev_.ix
+    space = decision_space(ix.trace)
+    floor = min(REPLAY_MIN_BYTES, ix.trace.activation_peak // 256)
+    best = cost(res)
+    for sid in sorted(space.replayable_storages(), key=lambda s: -int(ix.nbytes[s])):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        if int(ix.nbytes[sid]) < floor:
+            continue
+        own = space.replay_chain(sid)
+        if sid in st.replays and (st.replays[sid] != own
+                                  or any(g != sid and c == own for g, c in st.replays.items())):
+            continue  # already shared, or the host of a shared run
+        for h in space.shared_options(sid, st.replays):
+            if st.replays[h] != space.replay_chain(h):
+                continue
+            t = st.copy()
+            t.replays[sid] = st.replays[h]
+            r = schedule_and_run(ev_, t, res)
+            if r is not None and r.feasible and cost(r) < best - 1e-12:
+                st, res, best = t, r, cost(r)
+                break
+    return st, res
+
+
 def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...], *,
                  time_limit: float = 4.0, small: int = 60, replays: bool = False) -> tuple[State, SimResult]:
     t0 = time.perf_counter()
@@ -1093,7 +1133,14 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
             break
         try:
             st, res = peel(ev_, seed, modes, deadline=deadline + 0.25 * time_limit, deep_first=True)
-            results.append(prune_replays(ev_, st, res, deadline=deadline + 0.5 * time_limit))
+            st, res = prune_replays(ev_, st, res, deadline=deadline + 0.5 * time_limit)
+            results.append((st, res))
+            # one run for what several replays regenerate ([Note: shared replays] in trace/space.py), then
+            # what that made unnecessary
+            shared = share_replays(ev_, st, res, deadline=deadline + 0.5 * time_limit)
+            if shared[0].key() != st.key():
+                st, res = prune_replays(ev_, *shared, deadline=deadline + 0.6 * time_limit)
+                results.append(cleanup(ev_, st, res, modes, deadline=deadline + 0.7 * time_limit))
             break
         except GreedyStuck as e:
             if e.event is None or time.perf_counter() > deadline + 0.25 * time_limit:
@@ -1102,7 +1149,8 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
             if not pinned:
                 break
             for sid in pinned:
-                del seed.replays[sid]
+                seed.replays.pop(sid, None)
+            drop_orphans(ix, seed)
     fr0 = frugal_state(ix, hierarchy, tiers, budget)  # a search ([Note: frugal segments]): run it once
     fr = fr0.copy()
     r = schedule_and_run(ev_, fr, ev_(fr))
