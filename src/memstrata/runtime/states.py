@@ -52,7 +52,11 @@ still in flight when it is needed again is used from memory (no read).  NVMe
 buckets on a CPU tier 0 go through the arena ring instead: ``prefetch_depth + 2``
 arenas, reads pumped ahead into every clean arena ([Note: the pipeline of the
 arena ring] in state_arenas.py); `StatePlacement.from_plan` takes the depth
-from the planner's `window`.
+from the planner's `window`.  Given the model (`model=`), the ring's buckets
+are not stepped in `step()` at all but just before their next use in the
+next forward ([Note: deferred updates] in deferred.py): `step()` steps the
+other buckets and starts the ring's first reads, and the ring walks the
+buckets in the order the last forward used them, always in that order.
 
 [Note: no state is ever lost]
 A state's bytes are always complete in at least one place.  Every write goes to
