@@ -21,7 +21,7 @@ import test_states as t  # noqa: E402  (the same model, batches, schedule and ch
 
 NVME = t.PLACEMENTS["nvme"]  # 5 buckets, all NVMe
 MIXED = t.PLACEMENTS["mixed"]  # NVMe, kept, host, NVMe
-NVME_PARAMS = {"nvme": range(6), "mixed": (0, 1, 4, 5)}
+DEFERRED_PARAMS = {"nvme": range(6), "mixed": (0, 1, 2, 4, 5)}  # NVMe and kept buckets; not host ones
 
 
 def managed(kind: str, placement: StatePlacement, nvme_dir, **kw):
@@ -43,14 +43,14 @@ def test_deferred_bit_exact_after_five_steps(kind, placement, tmp_path):
     ref_model, ref_opt = t.run(kind, None)
     model, opt, sched = managed(kind, t.PLACEMENTS[placement], tmp_path)
     t.train(model, opt, sched, 0, t.STEPS)
-    assert opt._npending == len(opt._use_order) > 0  # the last step's NVMe updates are still pending
+    assert opt._npending == len(opt._use_order) > 0  # the last step's deferred updates are still pending
     stale = [n for n, (a, b) in enumerate(zip(ref_model.parameters(), model.parameters())) if not torch.equal(a, b)]
-    assert set(stale) == set(NVME_PARAMS[placement])  # exactly the NVMe buckets' parameters lag
+    assert set(stale) == set(DEFERRED_PARAMS[placement])  # exactly the deferred buckets' parameters lag
     assert torch.equal(forward(model, 99), forward(ref_model, 99))  # a forward applies them first
     assert opt._npending == 0
     t.assert_same_params(ref_model, model)
     t.assert_same_state(ref_opt.state_dict(), opt.state_dict())
-    # every NVMe bucket update of steps 1-4 ran in a forward, step 5's in the forward above
+    # every deferred bucket update of steps 1-4 ran in a forward, step 5's in the forward above
     assert opt.stats.deferred_updates == t.STEPS * len(opt._use_order)
     assert len(opt._ring.arenas) <= opt._ring.count  # the budget: the ring's arenas, no more
     opt.close()
@@ -171,3 +171,25 @@ def test_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="not parameters of the model"):
         TieredOptimizer(t.make_opt("adamw", model.parameters()), NVME, nvme_dir=tmp_path, model=other)
     assert os.listdir(tmp_path) == []  # the store made before the check is gone
+
+
+def test_parameters_outside_the_model_are_stepped_in_step(tmp_path):
+    """A kept parameter the model does not own (no hook could apply it) is updated inside step()."""
+    def pair(tiered: bool):
+        model = t.make_model()
+        extra = nn.Parameter(torch.ones(3))
+        inner = t.make_opt("adamw", [*model.parameters(), extra])
+        opt = TieredOptimizer(inner, NVME, nvme_dir=tmp_path, model=model) if tiered else inner
+        for s in range(2):
+            (model(t.batch(s, 0)[0]).sum() + extra.square().sum()).backward()
+            opt.step()
+            opt.zero_grad()
+        return model, extra, opt
+
+    ref_model, ref_extra, _ = pair(False)
+    model, extra, opt = pair(True)
+    assert torch.equal(ref_extra, extra)  # not pending
+    assert opt._npending == len(opt._use_order) == 5  # the model's five NVMe buckets are
+    opt.flush()
+    t.assert_same_params(ref_model, model)
+    opt.close()

@@ -1,7 +1,7 @@
-"""Deferred updates of NVMe state buckets: what a step records, and the model hooks that apply it.
+"""Deferred updates of state buckets: what a step records, and the model hooks that apply it.
 
 `TieredOptimizer(..., model=model)` (states.py) steps its NVMe buckets (the
-arena ring on a CPU tier 0) not inside `step()` but just before their
+arena ring on a CPU tier 0), and its kept ones, not inside `step()` but just before their
 parameters are next used: `step()` records, per pending bucket, the gradients
 and every param group's hyper-parameters as they are at `step()` time
 (`PendingUpdate`), and a forward pre-hook on each module that owns one of the
@@ -18,7 +18,12 @@ to be done before its parameters are next read, which is when the module that
 owns them runs in the next forward.  Deferring it there widens the window the
 state I/O may use from the optimizer step to the optimizer step *plus* the
 next forward (and the ring reads the next step's first buckets during
-backward: `TieredOptimizer._pump_idle`).
+backward: `TieredOptimizer._pump_idle`).  The kept buckets (states on the
+fast tier) whose parameters are all the model's are deferred too: stepped in
+`step()` they would run while every arena holds a bucket waiting for the
+forward, with the disk idle; in the forward their compute sits between the
+NVMe buckets' and the ring reads under it.  So `step()` itself only records;
+host buckets and parameters no module of the model owns are stepped in it.
 
 Why it is exact: the deferred update is the wrapped optimizer's own step on
 that bucket, on the same values: the gradients recorded at `step()` (after the

@@ -54,9 +54,10 @@ arenas, reads pumped ahead into every clean arena ([Note: the pipeline of the
 arena ring] in state_arenas.py); `StatePlacement.from_plan` takes the depth
 from the planner's `window`.  Given the model (`model=`), the ring's buckets
 are not stepped in `step()` at all but just before their next use in the
-next forward ([Note: deferred updates] in deferred.py): `step()` steps the
-other buckets and starts the ring's first reads, and the ring walks the
-buckets in the order the last forward used them, always in that order.
+next forward ([Note: deferred updates] in deferred.py), and so are the kept
+buckets of the model's parameters: `step()` records them and steps only the
+others, and the ring walks the buckets in the order the last forward used
+them, always in that order.
 
 [Note: no state is ever lost]
 A state's bytes are always complete in at least one place.  Every write goes to
@@ -449,7 +450,13 @@ class TieredOptimizer(torch.optim.Optimizer):
         if defer and self._ring is None:
             raise ValueError("TieredOptimizer: defer=True needs NVMe state buckets on a CPU tier 0 (the arena ring)")
         self._defer = bool(model is not None and self._ring is not None and defer is not False)
-        self._use_order: list[_Entry] = [e for e in self._entries if e.file is not None]
+        # The deferred buckets: every NVMe bucket of the ring, and the kept buckets whose parameters are all the
+        # model's (their compute in the forward keeps the disk busy: [Note: deferred updates]).
+        self._use_order: list[_Entry] = []
+        if self._defer:
+            in_model = {id(p) for p in model.parameters()}
+            self._use_order = [e for e in self._entries if e.file is not None or (
+                e.tier == Placement.KEEP and all(id(self._records[i].param) in in_model for i in e.indices))]
         self._seen: list[_Entry] = []  # buckets in the order the last forward applied them
         self._npending = 0
         self._late: list[str] = []  # write failures found outside step(): raised by the next step() / flush()
@@ -594,16 +601,17 @@ class TieredOptimizer(torch.optim.Optimizer):
         order, or, with none pending (backward), the next step's first buckets; and their positions."""
         n = self._ring.count
         if self._npending:
-            files = [first.file] if first is not None else []
-            files += [e.file for e in self._use_order if e.pending is not None and e is not first]
+            files = [first.file] if first is not None and first.file is not None else []
+            files += [e.file for e in self._use_order if e.pending is not None and e is not first
+                      and e.file is not None]
         else:
-            files = [e.file for e in self._use_order]
+            files = [e.file for e in self._use_order if e.file is not None]
         files = files[:n]
         return files, {f.position for f in files}
 
     def _step_deferred(self, failures: list[str]) -> None:
-        """`step()` with deferred updates: the non-NVMe buckets now, every NVMe bucket recorded
-        ([Note: deferred updates] in deferred.py); the reads of the first ones run under the kept buckets' compute."""
+        """`step()` with deferred updates: every deferred bucket (NVMe, and kept ones of the model) recorded
+        ([Note: deferred updates] in deferred.py), the others (host buckets, parameters outside the model) now."""
         if len(self._seen) == len(self._use_order):  # the order the last forward used them in
             self._use_order = self._seen
         self._seen = []
@@ -613,7 +621,7 @@ class TieredOptimizer(torch.optim.Optimizer):
         self._npending = len(self._use_order)
         ring = self._ring
         for e in self._entries:
-            if e.file is not None:
+            if e.pending is not None:
                 continue
             ring.pump(*self._upcoming())
             if e.tier != Placement.KEEP:
@@ -646,13 +654,14 @@ class TieredOptimizer(torch.optim.Optimizer):
                 f"flush() first, or defer=False")
         upcoming, protect = self._upcoming(e)
         ring.pump(upcoming, protect)
-        if f.arena is None and f.on_disk:  # no arena came free in time: wait for the oldest write
-            self.stats.demand_fetches += 1
-            self._ring_bring(e, protect, failures)
-        while f.reads and not all(r.done() for r in f.reads):
-            ring.wait_any(f, protect)
-            ring.pump(upcoming, protect)
-        self._ring_materialise(e, failures)
+        if f is not None:
+            if f.arena is None and f.on_disk:  # no arena came free in time: wait for the oldest write
+                self.stats.demand_fetches += 1
+                self._ring_bring(e, protect, failures)
+            while f.reads and not all(r.done() for r in f.reads):
+                ring.wait_any(f, protect)
+                ring.pump(upcoming, protect)
+            self._ring_materialise(e, failures)
         groups = self.inner.param_groups
         live_grads = [p.grad for p in params]
         live_hyper = [{key: g[key] for key in h if key in g} for g, h in zip(groups, pend.hyper)]
@@ -670,7 +679,8 @@ class TieredOptimizer(torch.optim.Optimizer):
         e.pending = None
         self._npending -= 1
         self._seen.append(e)
-        self._ring_adopt(e, protect, failures)
+        if f is not None:
+            self._ring_adopt(e, protect, failures)
         ring.pump(*self._upcoming())
         self._sync_ring_stats()
         self.stats.deferred_updates += 1
