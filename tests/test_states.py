@@ -401,6 +401,20 @@ def test_plan_models_the_ring_pipeline():
     assert deep.stall_seconds < shallow.stall_seconds and deep.fast_bytes <= 40 << 20
 
 
+def test_plan_models_deferred_updates():
+    """[Note: what the state planner models], deferred updates: the next forward's compute joins the step's as
+    the window of the ring's I/O (the same bytes move, the same budget holds; the stall shrinks by the forward)."""
+    kw = dict(state_bytes_per_element=8, fast_budget=40 << 20, read_bandwidth=1e9, write_bandwidth=1e9,
+              step_seconds=0.02, bucket_bytes=8 << 20, window=6)
+    inside = plan_states([1 << 17] * 64, **kw)
+    deferred = plan_states([1 << 17] * 64, forward_seconds=0.015, **kw)
+    assert (deferred.buckets, deferred.tiers, deferred.window) == (inside.buckets, inside.tiers, inside.window)
+    assert deferred.io_seconds == pytest.approx(inside.io_seconds) and deferred.fast_bytes <= 40 << 20
+    assert inside.stall_seconds == pytest.approx(inside.io_seconds - 0.02)
+    assert deferred.stall_seconds == pytest.approx(inside.io_seconds - 0.035)
+    assert "deferred to the next forward" in deferred.describe()
+
+
 def test_plan_infeasible_budget_is_one_line():
     with pytest.raises(InfeasibleBudgetError, match="window of 3 NVMe buckets") as ei:
         plan_states([1 << 20] * 4, state_bytes_per_element=8, fast_budget=1 << 20, hierarchy=profile("cpu"))

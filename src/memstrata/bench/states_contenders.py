@@ -9,7 +9,11 @@ size, or a percentage of the AdamW states (8 bytes per parameter).
 - ``unmanaged``: plain AdamW; every state on the fast tier.
 - ``memstrata``: `TieredOptimizer` over the same AdamW, placement from
   `plan_states` for the budget, the probed NVMe bandwidths and the measured
-  optimizer-step time of the first (untimed) step.
+  optimizer-step time of the first (untimed) step.  On a CPU its NVMe
+  buckets' updates are deferred to the next forward (``model=``, the
+  library's default with a model; [Note: deferred updates] in
+  runtime/deferred.py), planned with a timed forward as extra overlap;
+  ``MEMSTRATA_STATES_DEFER=0`` turns that off for an A/B run.
 - ``torchao_cpu_offload``: torchao's `CPUOffloadOptimizer(params, AdamW)`
   (states and the step on the host; CUDA/XPU only: it asserts otherwise).
 - ``fsdp2_cpu_offload``: `fully_shard` per block and at the root with
@@ -162,6 +166,8 @@ class Memstrata(_Base):
                 kw = dict(read_bandwidth=self.spec.nvme_read_bw, write_bandwidth=self.spec.nvme_write_bw)
             # The step compute that hides the I/O, measured on this CPU (a scratch AdamW step, scaled).
             kw["step_seconds"] = calibrate_step_seconds(numels)
+            if self.defer:  # [Note: deferred updates]: the next forward hides the I/O too
+                kw["forward_seconds"] = self._forward_seconds()
         self.plan = plan_states(numels, state_bytes_per_element=STATE_BYTES_PER_PARAM,
                                 fast_budget=int(self.spec.budget_bytes), hierarchy=hier,
                                 bucket_bytes=bucket, **kw)
@@ -169,12 +175,33 @@ class Memstrata(_Base):
         if self.device.type == "cuda":
             placement = StatePlacement(placement.buckets, tuple("host" if t == "nvme" else t for t in self.plan.tiers),
                                        placement.prefetch_depth)
-        self.opt = TieredOptimizer(self.inner, placement, nvme_dir=self.spec.nvme_dir)
+        self.opt = TieredOptimizer(self.inner, placement, nvme_dir=self.spec.nvme_dir,
+                                   model=self.model if self.defer else None)
+
+    @property
+    def defer(self) -> bool:
+        """Deferred updates ([Note: deferred updates] in runtime/deferred.py): on, as in the library, unless
+        MEMSTRATA_STATES_DEFER=0 (an A/B switch for the bench)."""
+        return self.device.type == "cpu" and os.environ.get("MEMSTRATA_STATES_DEFER", "1") != "0"
+
+    def _forward_seconds(self) -> float:
+        """The fastest of two forwards (no grad) of the bench's batch: the compute deferred updates overlap."""
+        c = gpt2.GPT2_MODELS[self.spec.model]
+        idx = torch.zeros(self.spec.batch, self.spec.seq or CPU_DEFAULTS["seq"], dtype=torch.long, device=self.device)
+        best = float("inf")
+        with torch.no_grad():
+            for _ in range(2):
+                t = time.perf_counter()
+                self.model(idx.clamp_(max=c.vocab - 1))
+                best = min(best, time.perf_counter() - t)
+        return best
 
     def _counters(self) -> dict[str, float]:
         s = self.opt.stats
         store = self.opt.mover.store
-        return {"opt_step_s": sum(s.step_seconds), "compute_s": s.compute_seconds, "reads_waited_s": s.reads_waited_s,
+        # with deferred updates the NVMe buckets are stepped in the next forward: their time counts as step time
+        return {"opt_step_s": sum(s.step_seconds) + s.deferred_seconds, "deferred_s": s.deferred_seconds,
+                "compute_s": s.compute_seconds, "reads_waited_s": s.reads_waited_s,
                 "writes_waited_s": s.writes_waited_s, "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
                 "disk_busy_s": store.busy_seconds if store is not None else 0.0}
 
@@ -205,7 +232,8 @@ class Memstrata(_Base):
         med = {k: statistics.median(d[k] for d in timed) for k in (timed[0] if timed else {})}
         out = {"plan": self.plan.describe(), "predicted_opt_step_s": self.plan.predicted_seconds,
                "predicted_stall_s": self.plan.stall_seconds, "planned_step_compute_s": self.plan.step_seconds,
-               "planned_io_s": self.plan.io_seconds, "ring": self.plan.window,
+               "planned_io_s": self.plan.io_seconds, "ring": self.plan.window, "deferred": self.defer,
+               "planned_forward_s": self.plan.forward_seconds,
                "nvme_bytes_per_step": (s.bytes_read + s.bytes_written) / steps,
                "reads_waited_s_per_step": s.reads_waited_s / steps, "writes_waited_s_per_step": s.writes_waited_s / steps,
                "opt_step_s": s.step_seconds, "arena_bytes": s.arena_bytes, "demand_fetches": s.demand_fetches,

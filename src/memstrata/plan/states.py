@@ -30,6 +30,14 @@ and the ring depth (`window`).
   everything else was written before it ends).
   ``io = moved/read_bw + moved/write_bw + 2*latency`` per request inside the
   step (reads and writes share the device, so they add).
+* Deferred updates (``forward_seconds`` > 0; [Note: deferred updates] in
+  runtime/deferred.py): the NVMe buckets are stepped in the next forward, just
+  before their module runs, in the same order every step (not reversed), so
+  the window of the ring's I/O is the step's compute plus the forward's: in the
+  formulas below ``step_seconds`` becomes ``step_seconds + forward_seconds``.
+  The bytes moved inside it are the same: the ring's last ``window`` buckets
+  are written during backward, and backward's post-accumulate-grad hooks read
+  the next step's first ``window`` buckets into the arenas those writes free.
 * Stall: the I/O overlaps the optimizer step's own compute (``step_seconds``:
   measured, or estimated as ``touch_factor`` bytes of memory traffic per state
   byte at the tier-0 bandwidth; AdamW fp32 touches ~28 bytes per 8 state
@@ -86,6 +94,7 @@ class StatePlan:
     host_seconds: float  # CPU time the disk path takes from compute (not hidden)
     stall_seconds: float  # [Note: what the state planner models]: I/O the step cannot hide
     window: int = 3  # arenas of the runtime's ring (NVMe buckets on the fast tier at once)
+    forward_seconds: float = 0.0  # the next forward's compute, hiding I/O too with deferred updates
 
     @property
     def predicted_seconds(self) -> float:
@@ -97,7 +106,8 @@ class StatePlan:
         return (f"optimizer states: {n}/{len(self.tiers)} buckets on NVMe ({format_size(self.nvme_bytes)}), "
                 f"fast tier peak {format_size(self.fast_bytes)} (ring of {self.window}); "
                 f"I/O {self.io_seconds * 1e3:.1f} ms/step inside the step against "
-                f"{(self.step_seconds + self.overlap_seconds) * 1e3:.1f} ms of overlap: predicted stall "
+                f"{(self.step_seconds + self.forward_seconds + self.overlap_seconds) * 1e3:.1f} ms of overlap"
+                f"{' (deferred to the next forward)' if self.forward_seconds else ''}: predicted stall "
                 f"{self.stall_seconds * 1e3:.1f} ms")
 
 
@@ -169,6 +179,7 @@ def plan_states(
     bucket_splits: int = 3,
     per_bucket_seconds: float = 50e-6,
     window: int | Sequence[int] = WINDOWS,
+    forward_seconds: float = 0.0,
 ) -> StatePlan:
     """Place optimizer-state buckets on the fast tier or NVMe ([Note: what the state planner models]).
 
@@ -178,6 +189,9 @@ def plan_states(
     Bandwidths come from `hierarchy.nvme_tier()` unless given.  Buckets of
     `bucket_bytes` and of its `bucket_splits` halvings are tried.  Raises
     `InfeasibleBudgetError` when even every bucket on NVMe does not fit.
+    `forward_seconds`: the forward's compute, when the runtime defers the NVMe
+    buckets' updates to it (`TieredOptimizer(..., model=)`: its I/O window is
+    the step plus the next forward); 0 for updates inside the step.
     """
     if state_bytes_per_element < 0 or fast_budget < 0:
         raise ValueError("state_bytes_per_element and fast_budget must be >= 0")
@@ -208,7 +222,7 @@ def plan_states(
         b = max(1, bucket_bytes >> k)
         try:
             cand = _plan_buckets(buckets_of(per_param, b), per_param, fast_budget, bw, step_seconds,
-                                 overlap_seconds, windows, per_bucket_seconds)
+                                 overlap_seconds, windows, per_bucket_seconds, forward_seconds)
         except _Infeasible as e:
             smallest_need = e.need if smallest_need is None else min(smallest_need, e.need)
             continue
@@ -229,10 +243,12 @@ class _Infeasible(Exception):
 
 
 def pipeline_stall(nvme_sizes: Sequence[int], window: int, step_seconds: float, overlap_seconds: float,
-                   bw: tuple[float, float, float, float]) -> tuple[float, float, int]:
-    """(in-step I/O seconds, predicted stall seconds, bytes moved inside the step) of the arena ring
-    ([Note: what the state planner models])."""
+                   bw: tuple[float, float, float, float], forward_seconds: float = 0.0) -> tuple[float, float, int]:
+    """(in-window I/O seconds, predicted stall seconds, bytes moved inside the window) of the arena ring
+    ([Note: what the state planner models]); `forward_seconds`: the next forward's compute, which also hides
+    the I/O when the NVMe buckets' updates are deferred to it ([Note: deferred updates] in runtime/deferred.py)."""
     read_bandwidth, write_bandwidth, latency, _ = bw
+    step_seconds = step_seconds + forward_seconds  # the compute the ring's buckets are spread over
     n = len(nvme_sizes)
     if n == 0:
         return 0.0, 0.0, 0
@@ -253,14 +269,15 @@ def pipeline_stall(nvme_sizes: Sequence[int], window: int, step_seconds: float, 
 
 
 def _plan_buckets(buckets, per_param, fast_budget, bw, step_seconds, overlap_seconds, windows,
-                  per_bucket_seconds) -> StatePlan:
+                  per_bucket_seconds, forward_seconds=0.0) -> StatePlan:
     host_cost_per_byte = bw[3]
     sizes = [sum(per_param[i] for i in b) for b in buckets]
     total = sum(sizes)
 
     def cost(chosen: list[int], window: int) -> tuple[float, float, float, int, int, float]:
         nb = sum(sizes[i] for i in chosen)
-        io, stall, moved = pipeline_stall([sizes[i] for i in chosen], window, step_seconds, overlap_seconds, bw)
+        io, stall, moved = pipeline_stall([sizes[i] for i in chosen], window, step_seconds, overlap_seconds, bw,
+                                          forward_seconds)
         host = 2 * moved * host_cost_per_byte + per_bucket_seconds * len(sizes)
         fast = total - nb + min(len(chosen), window) * max((sizes[i] for i in chosen), default=0)
         return step_seconds + stall + host, io, stall, nb, fast, host
@@ -294,6 +311,7 @@ def _plan_buckets(buckets, per_param, fast_budget, bw, step_seconds, overlap_sec
         host_seconds=host,
         stall_seconds=stall,
         window=window if best else WINDOW,
+        forward_seconds=forward_seconds if best else 0.0,
     )
 
 

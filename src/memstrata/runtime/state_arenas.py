@@ -42,7 +42,12 @@ forward and backward in between.  Inside a step the disk therefore moves the
 NVMe bytes less the ring's, each way: with the ring within the budget that is
 about (all states - budget) each way, the least any placement can move
 ([Note: what the state planner models] in plan/states.py), and the step is
-disk-bound once that I/O takes longer than the step's compute.  Before
+disk-bound once that I/O takes longer than the step's compute.  With
+deferred updates ([Note: deferred updates] in deferred.py) the same pump runs
+from `TieredOptimizer._apply` (a forward pre-hook) with the pending buckets in
+the forward's use order, and from post-accumulate-grad hooks during backward
+(the next step's first buckets into the arenas whose writes landed), so the
+window is the step plus the next forward.  Before
 (2026-12-02) a bucket's arena was taken from bucket k-1 by *waiting* for its
 write (a one-bucket-deep pipeline) and reads queued behind writes in one FIFO
 pool.

@@ -52,7 +52,12 @@ still in flight when it is needed again is used from memory (no read).  NVMe
 buckets on a CPU tier 0 go through the arena ring instead: ``prefetch_depth + 2``
 arenas, reads pumped ahead into every clean arena ([Note: the pipeline of the
 arena ring] in state_arenas.py); `StatePlacement.from_plan` takes the depth
-from the planner's `window`.
+from the planner's `window`.  Given the model (`model=`), the ring's buckets
+are not stepped in `step()` at all but just before their next use in the
+next forward ([Note: deferred updates] in deferred.py), and so are the kept
+buckets of the model's parameters: `step()` records them and steps only the
+others, and the ring walks the buckets in the order the last forward used
+them, always in that order.
 
 [Note: no state is ever lost]
 A state's bytes are always complete in at least one place.  Every write goes to
@@ -85,6 +90,7 @@ from typing import Any, Sequence
 import torch
 
 from ..hardware import format_size
+from .deferred import ModelHooks, PendingUpdate, capture_hyper
 from .errors import NVMeIOError
 from .mover import Placement, Resident, TierMover
 from .nvme import NVMeStore, remove_stale_stores  # noqa: F401  (re-exported)
@@ -288,17 +294,20 @@ class StateStats:
     ring_bytes_written: int = 0
     ring_write_failures: int = 0
     compute_seconds: float = 0.0  # inside the wrapped optimizer's step (the rest of step_seconds: tiering)
+    deferred_seconds: float = 0.0  # applying deferred updates outside step() (forward hooks, flush)
+    deferred_updates: int = 0  # bucket updates applied after step() returned
 
 
 class _Entry:
     """One bucket of the step order: its parameter indices, its tier, and its file in the arena ring."""
 
-    __slots__ = ("indices", "tier", "file")
+    __slots__ = ("indices", "tier", "file", "pending")
 
     def __init__(self, indices: tuple[int, ...], tier: Placement) -> None:
         self.indices = indices
         self.tier = tier
         self.file: BucketFile | None = None
+        self.pending: PendingUpdate | None = None  # [Note: deferred updates] in deferred.py
 
 
 def _interleave(nvme: list[_Entry], others: list[_Entry]) -> list[_Entry]:
@@ -324,7 +333,7 @@ class _ExitCloser:
     def __call__(self) -> None:
         opt = self.ref()
         if opt is not None:
-            opt.close(keep_states=False)
+            opt.close(keep_states=False, apply_pending=False)
 
 
 class TieredOptimizer(torch.optim.Optimizer):
@@ -337,6 +346,13 @@ class TieredOptimizer(torch.optim.Optimizer):
       `close()` (and at exit).
     * `mover`: an existing `TierMover` (shares its streams, pool and store);
       by default one is made for the parameters' device.
+    * `model`, `defer`: with the model whose parameters these are, the NVMe
+      buckets of a CPU tier 0 are stepped just before their parameters are
+      next used in a forward, not inside `step()`, so their state I/O also
+      overlaps the next forward ([Note: deferred updates] in deferred.py).
+      The default when `model` is given; `defer=False` turns it off.  Call
+      `flush()` before reading parameters outside a forward between `step()`
+      and the next forward.
 
     Use it where the optimizer was used: `step()`, `zero_grad()`,
     `state_dict()` / `load_state_dict()` (standard torch format), LR schedulers,
@@ -346,7 +362,8 @@ class TieredOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, placement: StatePlacement | Placement | str = "nvme", *,
                  nvme_dir: str | os.PathLike | None = None, mover: TierMover | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, io_workers: int | None = None) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, io_workers: int | None = None,
+                 model: torch.nn.Module | None = None, defer: bool | None = None) -> None:
         if isinstance(optimizer, TieredOptimizer):
             raise ValueError("TieredOptimizer: the optimizer is already tiered")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -427,6 +444,32 @@ class TieredOptimizer(torch.optim.Optimizer):
             arena = max(self._expected_bucket_bytes(e.indices) for e in nv)
             self._ring = ArenaRing(mover.store, arena, placement.prefetch_depth + 2)
             self._entries = _interleave(nv, [e for e in self._entries if e.tier != Placement.NVME])
+        # [Note: deferred updates] (deferred.py): the ring's buckets stepped at their next use.
+        if defer and model is None:
+            raise ValueError("TieredOptimizer: defer=True needs model= (the module whose forward applies the updates)")
+        if defer and self._ring is None:
+            raise ValueError("TieredOptimizer: defer=True needs NVMe state buckets on a CPU tier 0 (the arena ring)")
+        self._defer = bool(model is not None and self._ring is not None and defer is not False)
+        # The deferred buckets: every NVMe bucket of the ring, and the kept buckets whose parameters are all the
+        # model's (their compute in the forward keeps the disk busy: [Note: deferred updates]).
+        self._use_order: list[_Entry] = []
+        if self._defer:
+            in_model = {id(p) for p in model.parameters()}
+            self._use_order = [e for e in self._entries if e.file is not None or (
+                e.tier == Placement.KEEP and all(id(self._records[i].param) in in_model for i in e.indices))]
+        self._seen: list[_Entry] = []  # buckets in the order the last forward applied them
+        self._npending = 0
+        self._late: list[str] = []  # write failures found outside step(): raised by the next step() / flush()
+        self._hooks: ModelHooks | None = None
+        if self._defer:
+            owner = {id(self._records[i].param): e for e in self._use_order for i in e.indices}
+            try:
+                self._hooks = ModelHooks(model, owner, apply=self._apply_hook, flush=self._apply_all_pending,
+                                         idle=self._pump_idle)
+            except ValueError:
+                if self._own_mover:
+                    self.mover.close(own_store=True)
+                raise
         self._atexit = _ExitCloser(weakref.ref(self))
         atexit.register(self._atexit)
         # States that exist already (Adagrad makes them at construction, or a resumed optimizer).
@@ -551,6 +594,119 @@ class TieredOptimizer(torch.optim.Optimizer):
                     self._adopt(self._records[i])
                     self._evict(self._records[i])
         failures.extend(ring.take_failures())
+
+    # ------------------------------------------------------------------ deferred updates
+    def _upcoming(self, first: "_Entry | None" = None) -> tuple[list[BucketFile], set[int]]:
+        """The ring's next reads, in need order: the pending buckets (`first` first) in the last forward's
+        order, or, with none pending (backward), the next step's first buckets; and their positions."""
+        n = self._ring.count
+        if self._npending:
+            files = [first.file] if first is not None and first.file is not None else []
+            files += [e.file for e in self._use_order if e.pending is not None and e is not first
+                      and e.file is not None]
+        else:
+            files = [e.file for e in self._use_order if e.file is not None]
+        files = files[:n]
+        return files, {f.position for f in files}
+
+    def _step_deferred(self, failures: list[str]) -> None:
+        """`step()` with deferred updates: every deferred bucket (NVMe, and kept ones of the model) recorded
+        ([Note: deferred updates] in deferred.py), the others (host buckets, parameters outside the model) now."""
+        if len(self._seen) == len(self._use_order):  # the order the last forward used them in
+            self._use_order = self._seen
+        self._seen = []
+        hyper = capture_hyper(self.inner.param_groups)
+        for e in self._use_order:
+            e.pending = PendingUpdate(hyper, (self._records[i].param for i in e.indices))
+        self._npending = len(self._use_order)
+        ring = self._ring
+        for e in self._entries:
+            if e.pending is not None:
+                continue
+            ring.pump(*self._upcoming())
+            if e.tier != Placement.KEEP:
+                for i in e.indices:
+                    self._prefetch(self._records[i])
+                for i in e.indices:
+                    self._materialise(self._records[i])
+            self._step_bucket(e.indices)
+            if e.tier != Placement.KEEP:
+                for i in e.indices:
+                    self._adopt(self._records[i])
+                    self._evict(self._records[i])
+        ring.pump(*self._upcoming())
+        failures.extend(ring.take_failures())
+
+    def _apply(self, e: "_Entry", failures: list[str]) -> None:
+        """Bucket `e`'s pending update: its states into an arena, the wrapped optimizer's step with the
+        gradients and hyper-parameters of the `step()` that recorded it, its states written behind."""
+        pend = e.pending
+        assert pend is not None and self._ring is not None
+        t0 = time.perf_counter()
+        ring = self._ring
+        f = e.file
+        params = [self._records[i].param for i in e.indices]
+        k = pend.changed()
+        if k is not None:
+            raise ValueError(
+                f"TieredOptimizer: the gradient of parameter {e.indices[k]} changed in place between step() and its "
+                f"deferred update (model.zero_grad(set_to_none=False)?): use the optimizer's zero_grad(), call "
+                f"flush() first, or defer=False")
+        upcoming, protect = self._upcoming(e)
+        ring.pump(upcoming, protect)
+        if f is not None:
+            if f.arena is None and f.on_disk:  # no arena came free in time: wait for the oldest write
+                self.stats.demand_fetches += 1
+                self._ring_bring(e, protect, failures)
+            while f.reads and not all(r.done() for r in f.reads):
+                ring.wait_any(f, protect)
+                ring.pump(upcoming, protect)
+            self._ring_materialise(e, failures)
+        groups = self.inner.param_groups
+        live_grads = [p.grad for p in params]
+        live_hyper = [{key: g[key] for key in h if key in g} for g, h in zip(groups, pend.hyper)]
+        try:
+            for p, gr in zip(params, pend.grads):
+                p.grad = gr
+            for g, h in zip(groups, pend.hyper):
+                g.update(h)
+            self._step_bucket(e.indices)
+        finally:
+            for p, gr in zip(params, live_grads):
+                p.grad = gr
+            for g, h in zip(groups, live_hyper):
+                g.update(h)
+        e.pending = None
+        self._npending -= 1
+        self._seen.append(e)
+        if f is not None:
+            self._ring_adopt(e, protect, failures)
+        ring.pump(*self._upcoming())
+        self._sync_ring_stats()
+        self.stats.deferred_updates += 1
+        self.stats.deferred_seconds += time.perf_counter() - t0
+
+    def _apply_hook(self, e: "_Entry") -> None:
+        if self.closed:
+            return
+        with torch.no_grad():
+            self._apply(e, self._late)
+
+    def _apply_all_pending(self) -> None:
+        """Every pending update now, in the order they were last used (`flush()`, `state_dict()`, ...)."""
+        if not self._npending or self.closed:
+            return
+        with torch.no_grad():
+            for e in list(self._use_order):
+                if e.pending is not None:
+                    self._apply(e, self._late)
+
+    def _pump_idle(self) -> None:
+        """During backward (post-accumulate-grad hooks): start reading the next step's first buckets
+        into arenas whose writes have landed (never waits)."""
+        if self._npending or self.closed or self._ring is None:
+            return
+        self._ring.pump(*self._upcoming())
 
     def _step_bucket(self, bucket: Sequence[int]) -> None:
         """The wrapped optimizer's step on the parameters of `bucket` only."""
@@ -718,6 +874,16 @@ class TieredOptimizer(torch.optim.Optimizer):
         recs = self._records
         for r in recs:  # the last step's final writes had the whole forward/backward to land
             self._settle(r, block=True, failures=failures)
+        if self._defer:
+            self._apply_all_pending()  # a second step() before a forward: the last one's updates first
+            failures.extend(self._late)
+            self._late = []
+            self._step_deferred(failures)
+            self.stats.steps += 1
+            self.stats.step_seconds.append(time.perf_counter() - t0)
+            self._sync_ring_stats()
+            self._raise_failures(failures)
+            return loss
         if self._ring is not None:
             self._step_ring(failures)
             self.stats.steps += 1
@@ -767,8 +933,12 @@ class TieredOptimizer(torch.optim.Optimizer):
         """Wait for every write in flight; raise `NVMeIOError` (one line) if any failed.
 
         NVMe buckets whose values are on disk give their arenas back (`stats.resident_bytes`
-        counts only what has no copy below; the arenas stay allocated: `stats.arena_bytes`)."""
-        failures = self._settle_all()
+        counts only what has no copy below; the arenas stay allocated: `stats.arena_bytes`).  Deferred
+        updates ([Note: deferred updates] in deferred.py) are applied first."""
+        self._check_open()
+        self._apply_all_pending()
+        failures = self._settle_all() + self._late
+        self._late = []
         if self._ring is not None:
             self._ring.release_all_clean(failures)
             self._ring_count()
@@ -803,6 +973,7 @@ class TieredOptimizer(torch.optim.Optimizer):
         from the lower tiers, so the returned dict does not change under it.
         """
         self._check_open()
+        self._apply_all_pending()  # [Note: deferred updates]: the states as unmanaged would have them now
         self._settle_all()  # a failed write left its tensor on tier 0: nothing to raise, nothing lost
         for r in self._records:
             self._prefetch(r)
@@ -823,6 +994,7 @@ class TieredOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load a standard torch optimizer state dict (from this class or from the plain optimizer)."""
         self._check_open()
+        self._apply_all_pending()
         self._settle_all()
         for r in self._records:
             for slot in r.slots.values():
@@ -859,6 +1031,7 @@ class TieredOptimizer(torch.optim.Optimizer):
             raise ValueError(f"TieredOptimizer: placement must be a StatePlacement, got {placement!r}")
         if placement == self.placement:
             return
+        self._apply_all_pending()
         n = len(self._records)
         bad = [i for b in placement.buckets for i in b if i >= n]
         if bad:
@@ -877,6 +1050,16 @@ class TieredOptimizer(torch.optim.Optimizer):
         self._adopt_all()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none and self._npending:
+            # [Note: deferred updates]: a pending bucket still needs the gradient zero_() would clear; the
+            # parameter gets a fresh zero tensor (what set_to_none=False leaves), the update keeps the old one.
+            for e in self._use_order:
+                if e.pending is None:
+                    continue
+                for i, g in zip(e.indices, e.pending.grads):
+                    p = self._records[i].param
+                    if g is not None and p.grad is g:
+                        p.grad = torch.zeros_like(g)
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -895,15 +1078,24 @@ class TieredOptimizer(torch.optim.Optimizer):
         if self.closed:
             raise ValueError("TieredOptimizer: used after close()")
 
-    def close(self, *, keep_states: bool = True) -> None:
+    def close(self, *, keep_states: bool = True, apply_pending: bool = True) -> None:
         """Remove the NVMe store; with `keep_states`, first bring every state back into the wrapped optimizer.
 
         After `close()` the wrapped optimizer (`inner`) is a plain, complete
         optimizer again (or, with ``keep_states=False``, one without the
-        tiered states, e.g. at the end of a run).
+        tiered states, e.g. at the end of a run).  Deferred updates are applied
+        first (the parameters are then those of the last `step()`) unless
+        `apply_pending` is False (the exit handler).
         """
         if self.closed:
             return
+        try:
+            if apply_pending:
+                self._apply_all_pending()
+        finally:
+            if self._hooks is not None:
+                self._hooks.remove()
+                self._hooks = None
         try:
             if keep_states:
                 self._settle_all()
@@ -935,7 +1127,7 @@ class TieredOptimizer(torch.optim.Optimizer):
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close(keep_states=exc[0] is None)
+        self.close(keep_states=exc[0] is None, apply_pending=exc[0] is None)
 
     def __repr__(self) -> str:
         return f"TieredOptimizer({type(self.inner).__name__}, {self.describe()})"

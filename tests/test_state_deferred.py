@@ -1,0 +1,195 @@
+"""Deferred updates of NVMe state buckets (runtime/deferred.py, [Note: deferred updates]): `step()` records the
+NVMe buckets' updates and the next forward applies them, bit-exact with the unmanaged optimizer; everything that
+observes parameters or states sees them applied."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from memstrata.runtime.states import StatePlacement, TieredOptimizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import test_states as t  # noqa: E402  (the same model, batches, schedule and checks)
+
+NVME = t.PLACEMENTS["nvme"]  # 5 buckets, all NVMe
+MIXED = t.PLACEMENTS["mixed"]  # NVMe, kept, host, NVMe
+DEFERRED_PARAMS = {"nvme": range(6), "mixed": (0, 1, 2, 4, 5)}  # NVMe and kept buckets; not host ones
+
+
+def managed(kind: str, placement: StatePlacement, nvme_dir, **kw):
+    model = t.make_model()
+    opt = TieredOptimizer(t.make_opt(kind, model.parameters()), placement, nvme_dir=nvme_dir, model=model, **kw)
+    return model, opt, t.schedule(opt)
+
+
+def forward(model: nn.Module, step: int) -> torch.Tensor:
+    x, _ = t.batch(step, 0)
+    return model(x)
+
+
+@pytest.mark.parametrize("placement", ["nvme", "mixed"])
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_deferred_bit_exact_after_five_steps(kind, placement, tmp_path):
+    """AdamW with clipping, 2-step accumulation and an LR schedule (the schedule changes lr between step()
+    and the deferred update), SGD with Nesterov momentum: params and states equal to unmanaged."""
+    ref_model, ref_opt = t.run(kind, None)
+    model, opt, sched = managed(kind, t.PLACEMENTS[placement], tmp_path)
+    t.train(model, opt, sched, 0, t.STEPS)
+    assert opt._npending == len(opt._use_order) > 0  # the last step's deferred updates are still pending
+    stale = [n for n, (a, b) in enumerate(zip(ref_model.parameters(), model.parameters())) if not torch.equal(a, b)]
+    assert set(stale) == set(DEFERRED_PARAMS[placement])  # exactly the deferred buckets' parameters lag
+    assert torch.equal(forward(model, 99), forward(ref_model, 99))  # a forward applies them first
+    assert opt._npending == 0
+    t.assert_same_params(ref_model, model)
+    t.assert_same_state(ref_opt.state_dict(), opt.state_dict())
+    # every deferred bucket update of steps 1-4 ran in a forward, step 5's in the forward above
+    assert opt.stats.deferred_updates == t.STEPS * len(opt._use_order)
+    assert len(opt._ring.arenas) <= opt._ring.count  # the budget: the ring's arenas, no more
+    opt.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_defer_off_steps_inside_step(tmp_path):
+    model, opt, sched = managed("adamw", NVME, tmp_path, defer=False)
+    ref_model, _ = t.run("adamw", None, steps=2)
+    t.train(model, opt, sched, 0, 2)
+    assert opt._npending == 0 and opt.stats.deferred_updates == 0
+    t.assert_same_params(ref_model, model)
+    opt.close()
+
+
+@pytest.mark.parametrize("placement", ["nvme", "mixed"])
+def test_state_dict_with_updates_pending_resumes_bit_exactly(placement, tmp_path):
+    """model.state_dict() and opt.state_dict() right after step() (updates pending) are the unmanaged ones; a
+    fresh model and optimizer loaded from them continue bit-exactly."""
+    ref_model, ref_opt = t.run("adamw", None)
+    mid_model, mid_opt = t.run("adamw", None, steps=3)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    model, opt, sched = managed("adamw", t.PLACEMENTS[placement], tmp_path / "a")
+    t.train(model, opt, sched, 0, 3)
+    assert opt._npending > 0
+    msd = model.state_dict()  # the model's state-dict hook applies the pending updates
+    assert opt._npending == 0
+    for n, p in mid_model.state_dict().items():
+        assert torch.equal(msd[n], p), n
+    osd = opt.state_dict()
+    t.assert_same_state(mid_opt.state_dict(), osd)
+    ssd = sched.state_dict()
+    opt.close()
+    model2, opt2, sched2 = managed("adamw", t.PLACEMENTS[placement], tmp_path / "b")
+    model2.load_state_dict(msd)
+    opt2.load_state_dict(osd)
+    sched2.load_state_dict(ssd)
+    t.train(model2, opt2, sched2, 3, t.STEPS)
+    assert opt2._npending > 0
+    opt2.flush()
+    t.assert_same_params(ref_model, model2)
+    t.assert_same_state(ref_opt.state_dict(), opt2.state_dict())
+    opt2.close()
+
+
+def _train_zero_in_place(model, opt, steps: int) -> None:
+    sched = t.schedule(opt)
+    for step in range(steps):
+        for micro in range(t.ACCUM):
+            x, y = t.batch(step, micro)
+            (nn.functional.mse_loss(model(x), y) / t.ACCUM).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), t.CLIP)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=False)
+
+
+def test_zero_grad_keeps_the_gradient_a_pending_update_needs(tmp_path):
+    """opt.zero_grad(set_to_none=False) between step() and the forward: the parameters get zeroed gradients,
+    the pending updates still use the step's gradients."""
+    ref_model = t.make_model()
+    ref_opt = t.make_opt("adamw", ref_model.parameters())
+    _train_zero_in_place(ref_model, ref_opt, 3)
+    model = t.make_model()
+    opt = TieredOptimizer(t.make_opt("adamw", model.parameters()), NVME, nvme_dir=tmp_path, model=model)
+    _train_zero_in_place(model, opt, 3)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.flush()
+    t.assert_same_params(ref_model, model)
+    t.assert_same_state(ref_opt.state_dict(), opt.state_dict())
+    opt.close()
+
+
+def test_gradient_changed_in_place_before_the_update_is_one_line(tmp_path):
+    model, opt, sched = managed("adamw", NVME, tmp_path)
+    t.train(model, opt, sched, 0, 1)  # zero_grad() sets to None: fine
+    model(t.batch(1, 0)[0]).sum().backward()
+    opt.step()
+    model.zero_grad(set_to_none=False)  # the module's zero_grad clears the recorded gradients in place
+    with pytest.raises(ValueError, match=r"changed in place between step\(\) and its deferred update") as e:
+        model(t.batch(2, 0)[0])
+    assert "\n" not in str(e.value)
+    opt.close(keep_states=False, apply_pending=False)
+
+
+def test_second_step_before_a_forward_and_a_no_grad_eval(tmp_path):
+    """step(); step() with the same gradients, no forward in between; then an eval forward under no_grad."""
+    def loop(model, opt):
+        for s in range(3):
+            model(t.batch(s, 0)[0]).square().mean().backward()
+            opt.step()
+            opt.step()
+            opt.zero_grad()
+            model.eval()
+            with torch.no_grad():
+                out = model(t.batch(50 + s, 0)[0])
+            model.train()
+        return out
+
+    ref_model = t.make_model()
+    ref = loop(ref_model, t.make_opt("sgd", ref_model.parameters()))
+    model, opt, _ = managed("sgd", MIXED, tmp_path)
+    got = loop(model, opt)
+    assert torch.equal(ref, got)
+    assert opt.stats.deferred_updates > 0
+    t.assert_same_params(ref_model, model)
+    opt.close()
+
+
+def test_one_line_errors(tmp_path):
+    model = t.make_model()
+    with pytest.raises(ValueError, match="defer=True needs model="):
+        TieredOptimizer(t.make_opt("adamw", model.parameters()), NVME, nvme_dir=tmp_path, defer=True)
+    with pytest.raises(ValueError, match="defer=True needs NVMe state buckets"):
+        TieredOptimizer(t.make_opt("adamw", model.parameters()), "host", model=model, defer=True)
+    other = t.make_model()
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        TieredOptimizer(t.make_opt("adamw", model.parameters()), NVME, nvme_dir=tmp_path, model=other)
+    assert os.listdir(tmp_path) == []  # the store made before the check is gone
+
+
+def test_parameters_outside_the_model_are_stepped_in_step(tmp_path):
+    """A kept parameter the model does not own (no hook could apply it) is updated inside step()."""
+    def pair(tiered: bool):
+        model = t.make_model()
+        extra = nn.Parameter(torch.ones(3))
+        inner = t.make_opt("adamw", [*model.parameters(), extra])
+        opt = TieredOptimizer(inner, NVME, nvme_dir=tmp_path, model=model) if tiered else inner
+        for s in range(2):
+            (model(t.batch(s, 0)[0]).sum() + extra.square().sum()).backward()
+            opt.step()
+            opt.zero_grad()
+        return model, extra, opt
+
+    ref_model, ref_extra, _ = pair(False)
+    model, extra, opt = pair(True)
+    assert torch.equal(ref_extra, extra)  # not pending
+    assert opt._npending == len(opt._use_order) == 5  # the model's five NVMe buckets are
+    opt.flush()
+    t.assert_same_params(ref_model, model)
+    opt.close()
