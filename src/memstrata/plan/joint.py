@@ -240,11 +240,16 @@ def joint_plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str 
     records gets `plan.api.plan`'s plan.
     """
     budget = int(budget)
-    if not state_buckets(trace, bucket_bytes):
-        return plan(trace, hierarchy, budget, planner=planner, tiers=tiers, time_limit=time_limit)
     if grads is not None and states is None:
         raise ValueError("joint_plan: grads= fixes the gradients of a fixed state placement: pass states= too")
-    if states is not None:
+    if not state_buckets(trace, bucket_bytes):  # no optimizer states: parameters are the only other decision
+        psets = ([param_decisions(trace, hierarchy, params, param_tier(hierarchy, tiers))] if params is not None
+                 else _param_sets(trace, hierarchy, tiers) if tier_params else [])
+        if not psets:
+            return plan(trace, hierarchy, budget, planner=planner, tiers=tiers, time_limit=time_limit)
+        cands = [((), ps) for ps in psets] if params is not None else [((), ())] + [((), ps) for ps in psets]
+        params = None  # fixed above
+    elif states is not None:
         cands: list[Candidate] = [(state_decisions(trace, hierarchy, states, bucket_bytes, grads), ())]
     else:
         cands = _candidates(trace, hierarchy, tiers, bucket_bytes, tier_grads, tier_params and params is None)
@@ -282,6 +287,8 @@ def joint_minimum_budget(trace: Trace, hierarchy: Hierarchy, *, tiers=None, buck
     """The smallest budget `joint_plan` can plan for: the least `minimum_budget` over the candidates
     (`tier_grads=False`: every gradient kept in tier 0; `tier_params=False`: every parameter kept)."""
     if not state_buckets(trace, bucket_bytes):
-        return minimum_budget(trace, hierarchy, tiers=tiers)
+        psets = _param_sets(trace, hierarchy, tiers) if tier_params else []
+        return min(minimum_budget(planned_trace(trace, (), hierarchy, params=ps), hierarchy, tiers=tiers)
+                   for ps in [(), *psets])
     return min(minimum_budget(planned_trace(trace, dec, hierarchy, params=pdec), hierarchy, tiers=tiers)
                for dec, pdec in _candidates(trace, hierarchy, tiers, bucket_bytes, tier_grads, tier_params))
