@@ -44,11 +44,17 @@ loudly ("storage of size 0"), never silently.
   (fetch) and a hook (release) on the autograd node that made the module's
   output: the one node that reads the weight in backward ([Note: which
   modules' parameters may be tiered] in trace/param_modules.py).
-* A recompute re-runs the forward: pre-hook fetches, hook releases again (no
-  second write), and the node's pre-hook fetches for the backward anyway.
+* A recompute re-runs the forward inside backward (non-reentrant
+  checkpoint: at the first unpack of the unit, possibly inside the very node
+  that reads the weight): the pre-hook fetches if needed, the hook does *not*
+  release (`torch._C._current_graph_task_id() != -1`); the node's own hook
+  releases after it ran.  (A reentrant checkpoint's recomputed graph runs its
+  own nodes: the hooks registered on the recomputed output release there.)
 * `end()` (the step's block exits) and any optimizer's step pre-hook
   (a step inside the block) fetch every released module: the optimizer step
   sees resident parameters.
+The copies run with the dispatch modes switched off: a selective checkpoint
+counts the ops of its region and must not see them.
 Copies are synchronous (the plan prices them as exposed); NVMe files are
 opened once per parameter and overwritten in place (`NVMeStore.open_file`:
 the store owns the files' lifetime), read and written in the calling thread
@@ -65,6 +71,7 @@ from typing import Mapping
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..trace.param_modules import tierable_param_modules
 from .errors import NVMeIOError
@@ -176,7 +183,7 @@ class ParamTiering:
 
     # ------------------------------------------------------------------ copies
     def _write(self, s: _Slot) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), _disable_current_modes():  # unseen by checkpoint's dispatch modes: not the model's ops
             if s.placement == Placement.NVME:  # synchronous: the storage is resized right after
                 for p, (path, fd) in zip(s.params, s.files):
                     try:
@@ -193,12 +200,9 @@ class ParamTiering:
     def _fetch(self, s: _Slot) -> None:
         if s.resident:
             return
-        with torch.no_grad():
-            views = []
+        with torch.no_grad(), _disable_current_modes():
             for p in s.params:
-                ust = p.untyped_storage()
-                ust.resize_(p.numel() * p.element_size())
-                views.append(_bytes(p))
+                p.untyped_storage().resize_(p.numel() * p.element_size())
             if s.placement == Placement.NVME:
                 for p, (path, fd) in zip(s.params, s.files):
                     try:
@@ -207,8 +211,8 @@ class ParamTiering:
                         raise NVMeIOError(f"reading the parameters of {s.name!r} from {path} failed: "
                                           f"{e.strerror or e}") from e
             else:
-                for v, h in zip(views, s.host):
-                    v.copy_(h)
+                for p, h in zip(s.params, s.host):
+                    _bytes(p).copy_(h)
         s.resident = True
         self.stats.fetches += 1
         self.stats.bytes_read += s.nbytes
@@ -220,8 +224,9 @@ class ParamTiering:
             return
         if not s.written:
             self._write(s)
-        for p in s.params:
-            p.untyped_storage().resize_(0)
+        with _disable_current_modes():
+            for p in s.params:
+                p.untyped_storage().resize_(0)
         s.resident = False
         self.stats.releases += 1
         self._resident_bytes -= s.nbytes
@@ -242,6 +247,10 @@ class ParamTiering:
                 return  # no backward will read them (no grad, or not a tensor): keep them resident
             node.register_prehook(lambda _g: self._fetch(s) if self.active else None)
             node.register_hook(lambda _gi, _go: self._release(s) if self.active else None)
+            if torch._C._current_graph_task_id() != -1:
+                # a recompute inside backward (checkpoint): the node about to read them may be running now;
+                # the node that reads them releases them ([Note: when the runtime holds ...])
+                return
             self._release(s)
         return post
 
