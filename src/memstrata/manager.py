@@ -516,6 +516,8 @@ class Manager:
                 d["runtime"] = st.runtime.describe()
             if self.states is not None:
                 d["states"] = self.states.describe()
+            if self._params is not None and st.plan is not None and st.plan.params:
+                d["params"] = self._params.describe()
             if st.notes:
                 d["notes"] = list(st.notes)
             shapes[_key_str(key)] = d

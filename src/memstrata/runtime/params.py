@@ -39,8 +39,9 @@ loudly ("storage of size 0"), never silently.
 
 [Note: when the runtime holds a tiered module's parameters]
 * Forward: the module's forward pre-hook fetches them (if released); its
-  forward hook writes them down (once per step: the optimizer changed them
-  since the last write) and releases them, after registering a pre-hook
+  forward hook writes them down (once per step: whatever changed them since
+  the last step, an optimizer or a `p.data.copy_` that no version counter
+  sees, is written) and releases them, after registering a pre-hook
   (fetch) and a hook (release) on the autograd node that made the module's
   output: the one node that reads the weight in backward ([Note: which
   modules' parameters may be tiered] in trace/param_modules.py).
@@ -106,7 +107,7 @@ class _Slot:
         self.files: list[tuple[str, int]] = []
         self.host: list[torch.Tensor] = []
         self.resident = True
-        self.written = False  # written down since the last optimizer step (or ever)
+        self.written = False  # written down in this step (since begin() or an optimizer step inside it)
 
 
 def _bytes(p: torch.Tensor) -> torch.Tensor:
@@ -266,6 +267,8 @@ class ParamTiering:
         if self.closed:
             raise RuntimeError("this ParamTiering is closed")
         self.stats.resident_peak_bytes = self._resident_bytes
+        for s in self.slots.values():
+            s.written = False  # anything may have changed them since (an optimizer, `p.data.copy_`, a load)
         self.active = True
 
     def fetch_all(self) -> None:
