@@ -7,7 +7,7 @@ resolution, profile a100-80gb), then report
 * units: recompute units the trace found (calls),
 * min/peak: `memstrata.plan.minimum_budget` over the unmanaged peak
   (`Trace.observed_peak`, what `--budget 100%` means),
-* with states: `memstrata.plan.joint.joint_minimum_budget(..., tier_grads=False)`
+* with states: `memstrata.plan.joint.joint_minimum_budget(..., tier_grads=False, tier_params=False)`
   over the same peak: the minimum when the optimizer's states are in the plan
   too (SGD momentum buffers below tier 0 between steps, [Note: states in the plan]),
 * with gradients: `joint_minimum_budget(..., tier_params=False)` with gradients
@@ -88,7 +88,7 @@ def measure(name: str, time_limit: float = 20.0, grads_plan: bool = False) -> di
     row = {"model": name, "res": res, "units": len(tr.units), "peak_bytes": peak, "min_bytes": mb,
            "min_over_peak": mb / peak, "trace_s": round(t_trace, 2), "min_s": round(t_min, 2)}
     t0 = time.perf_counter()
-    ms = int(joint_minimum_budget(tr, h, tier_grads=False))
+    ms = int(joint_minimum_budget(tr, h, tier_grads=False, tier_params=False))
     row.update(min_states_bytes=ms, min_states_over_peak=ms / peak, min_states_s=round(time.perf_counter() - t0, 2))
     t0 = time.perf_counter()
     mg = int(joint_minimum_budget(tr, h, tier_params=False))
