@@ -299,7 +299,6 @@ def test_predicted_peak_matches_what_the_runtime_holds(tmp_path, monkeypatch):
     params = sum(p.numel() * 4 for p in base.parameters())
     m, p = measured["keep"] - measured["params"], predicted["keep"] - predicted["params"]
     assert p > params // 2, (p, params)
-    print("saving measured", m, "predicted", p, "params", params)
     assert abs(m - p) <= 2**20 + 0.05 * params, (m, p, measured, predicted)
 
 
