@@ -7,12 +7,15 @@ resolution, profile a100-80gb), then report
 * units: recompute units the trace found (calls),
 * min/peak: `memstrata.plan.minimum_budget` over the unmanaged peak
   (`Trace.observed_peak`, what `--budget 100%` means),
-* with states: `memstrata.plan.joint.joint_minimum_budget(..., tier_grads=False)`
+* with states: `memstrata.plan.joint.joint_minimum_budget(..., tier_grads=False, tier_params=False)`
   over the same peak: the minimum when the optimizer's states are in the plan
   too (SGD momentum buffers below tier 0 between steps, [Note: states in the plan]),
-* with gradients: `joint_minimum_budget` with gradients in the plan as well (a
-  bucket's gradients below tier 0 once final, the bucket stepped on the host;
-  [Note: gradients in the plan] in trace/grads.py), and the joint plan's
+* with gradients: `joint_minimum_budget(..., tier_params=False)` with gradients
+  in the plan as well (a bucket's gradients below tier 0 once final, the bucket
+  stepped on the host; [Note: gradients in the plan] in trace/grads.py),
+* with parameters: `joint_minimum_budget` with parameters in the plan as well
+  (a Linear/Conv module's parameters in host DRAM between their uses;
+  [Note: parameters in the plan] in trace/params.py), and the joint plan's
   predicted slowdown at 60% of the peak,
 * slowdown@50%: the greedy plan's predicted step time at half the unmanaged
   peak over the unmanaged step time ("infeasible" when 50% < minimum), planned
@@ -85,11 +88,14 @@ def measure(name: str, time_limit: float = 20.0, grads_plan: bool = False) -> di
     row = {"model": name, "res": res, "units": len(tr.units), "peak_bytes": peak, "min_bytes": mb,
            "min_over_peak": mb / peak, "trace_s": round(t_trace, 2), "min_s": round(t_min, 2)}
     t0 = time.perf_counter()
-    ms = int(joint_minimum_budget(tr, h, tier_grads=False))
+    ms = int(joint_minimum_budget(tr, h, tier_grads=False, tier_params=False))
     row.update(min_states_bytes=ms, min_states_over_peak=ms / peak, min_states_s=round(time.perf_counter() - t0, 2))
     t0 = time.perf_counter()
-    mg = int(joint_minimum_budget(tr, h))
+    mg = int(joint_minimum_budget(tr, h, tier_params=False))
     row.update(min_grads_bytes=mg, min_grads_over_peak=mg / peak, min_grads_s=round(time.perf_counter() - t0, 2))
+    t0 = time.perf_counter()
+    mp_ = int(joint_minimum_budget(tr, h))
+    row.update(min_params_bytes=mp_, min_params_over_peak=mp_ / peak, min_params_s=round(time.perf_counter() - t0, 2))
     if grads_plan:
         t0 = time.perf_counter()
         try:
@@ -118,8 +124,9 @@ def _row(work: tuple[str, float, bool]) -> dict:
 
 
 def best(r: dict) -> float:
-    """The least minimum over peak: activations only, with states, with states and gradients in the plan."""
-    return min(r["min_over_peak"], r["min_states_over_peak"], r.get("min_grads_over_peak", 1.0))
+    """The least minimum over peak: activations only, with states, with states and gradients, with parameters."""
+    return min(r["min_over_peak"], r["min_states_over_peak"], r.get("min_grads_over_peak", 1.0),
+               r.get("min_params_over_peak", 1.0))
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
@@ -129,8 +136,8 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
              f"torch {meta['torch']}, torchvision {meta['torchvision']}.  "
              f"{ok} of {len(rows)} models at or below {LIMIT:.0%} (best column).", "",
              "| model | res | units | peak (MiB) | minimum (MiB) | min/peak | with states in the plan | "
-             "with states and gradients | slowdown @50% | joint plan @60% |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "with states and gradients | with parameters too | slowdown @50% | joint plan @60% |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r.get('res', '')} | | | | error: {r['error']} | | |")
@@ -141,7 +148,8 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         js = "infeasible" if js is None else (f"{js:.3f}x" if js != "" else "")
         lines.append(f"| {r['model']} | {r['res']} | {r['units']} | {r['peak_bytes'] / 2**20:.0f} | "
                      f"{r['min_bytes'] / 2**20:.0f} | {r['min_over_peak']:.1%} | "
-                     f"{r['min_states_over_peak']:.1%} | {r['min_grads_over_peak']:.1%}{mark} | {sd} | {js} |")
+                     f"{r['min_states_over_peak']:.1%} | {r['min_grads_over_peak']:.1%} | "
+                     f"{r.get('min_params_over_peak', float('nan')):.1%}{mark} | {sd} | {js} |")
     return "\n".join(lines) + "\n"
 
 

@@ -153,6 +153,18 @@ class StateDecision:
 
 
 @dataclass(frozen=True)
+class ParamDecision:
+    """One module whose parameters live on `tier` between their uses ([Note: parameters in the plan] in
+    trace/params.py): in tier 0 only from the step's start to the module's forward end, over its backward, and
+    from the end of backward on.  The runtime carries it out with `runtime.params.ParamTiering`."""
+
+    module: str  # qualified module name (one of Trace.param_modules)
+    tier: str  # a lower tier's name
+    storages: tuple[int, ...] = ()  # trace storage ids of its parameters
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
 class Plan:
     planner: str  # which planner made it
     hierarchy: str  # Hierarchy.name
@@ -164,6 +176,7 @@ class Plan:
     predicted_peaks: tuple[tuple[str, int], ...] = ()  # (tier name, peak bytes)
     notes: tuple[str, ...] = ()
     states: tuple[StateDecision, ...] = ()  # optimizer-state buckets (empty: the optimizer is not managed)
+    params: tuple[ParamDecision, ...] = ()  # modules whose parameters are tiered between uses (empty: none)
 
     def decision_for(self, storage: int) -> StorageDecision:
         for d in self.storages:
@@ -193,6 +206,9 @@ class Plan:
             if d.grads is not None:
                 key = f"grads:{d.grads}"
                 out[key] = out.get(key, 0) + 1
+        for pd in self.params:
+            key = f"params:{pd.tier}"
+            out[key] = out.get(key, 0) + 1
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,6 +229,8 @@ class Plan:
                                           int(x.get("nbytes", 0)), x.get("grads"),
                                           tuple(x.get("grad_storages", ())), int(x.get("grad_nbytes", 0)))
                             for x in d.get("states", ()))
+        d["params"] = tuple(ParamDecision(str(x["module"]), str(x["tier"]), tuple(x.get("storages", ())),
+                                          int(x.get("nbytes", 0))) for x in d.get("params", ()))
         return cls(**d)
 
     @classmethod

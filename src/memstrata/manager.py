@@ -65,6 +65,8 @@ from .plan.tuning import Correct, Keep, Measure, Trial, TryNext, next_step, watc
 from .report import Report
 from .runtime.activations import ActivationRuntime
 from .runtime.managed_states import ManagedStates
+from .runtime.mover import Placement
+from .runtime.params import ParamTiering
 from .runtime.nvme import check_directory
 from .runtime.pool import HostBufferPool
 from .runtime.streams import CopyContext
@@ -245,6 +247,15 @@ class Manager:
             `clip_grad_norm_` does not see a gradient that is not in
             ``p.grad``); off by default for that reason.
 
+        tier_params: with `optimizer`, the plan may also keep the parameters
+            of large Linear/Conv modules below tier 0 between their uses
+            (NVMe files on a CPU box, host DRAM below a device; [Note:
+            parameters in the plan] in trace/params.py): fetched before the
+            module's forward and backward, released after, all resident again
+            when the step's block exits.  Default (None): on with `optimizer`
+            in a single process, off otherwise; False opts out.  Not under
+            torch.distributed or torch.compile (True there is an error).
+
     A model wrapped in DistributedDataParallel (or DataParallel) is managed
     through the module it wraps: units, trace and hooks are the inner model's.
     """
@@ -271,6 +282,7 @@ class Manager:
         fallback: str = "minimum",
         optimizer: torch.optim.Optimizer | None = None,
         tier_grads: bool = False,
+        tier_params: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Manager: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -350,6 +362,17 @@ class Manager:
             # DDP reduces a gradient after its accumulate hook fires, FSDP2 assigns sharded gradients without one
             raise ValueError("Manager: tier_grads=True is not supported under torch.distributed yet (gradients "
                              "would leave before they are reduced); tier optimizer states only")
+        if tier_params and self.world_size > 1:
+            raise ValueError("Manager: tier_params=True is not supported under torch.distributed yet (DDP and FSDP2 "
+                             "own the parameters' storage); leave it unset")
+        if tier_params and self._compiled:
+            raise ValueError("Manager: tier_params=True is not supported for a torch.compile'd model yet")
+        if tier_params and optimizer is None:
+            raise ValueError("Manager: tier_params=True needs optimizer= (parameters are planned with the optimizer's "
+                             "states)")
+        self.tier_params = (optimizer is not None and self.world_size <= 1 and not self._compiled
+                            if tier_params is None else bool(tier_params))
+        self._params: ParamTiering | None = None  # the current plan's parameter tiering (runtime/params.py)
         self._states: dict[tuple, _ShapeState] = {}
         self._steps: list[StepRecord] = []
         self._current: _ShapeState | None = None
@@ -465,9 +488,16 @@ class Manager:
             rt = st.runtime
             if self.states is not None and st.plan is not None:  # this shape's plan placed the states its way
                 self.states.apply(st.plan.states, self.hierarchy)
+            params = self._apply_params(st.plan) if st.plan is not None else None
             with self._measure(index, st, "managed") as rec:
                 with rt.step() as stats:
-                    yield
+                    if params is not None:
+                        params.begin()
+                    try:
+                        yield
+                    finally:
+                        if params is not None:
+                            params.end()  # every parameter resident again for the optimizer step
             s = rt.last_stats or stats
             rec.stats = asdict(s)
             st.managed_seconds.append(rec.seconds)
@@ -521,6 +551,8 @@ class Manager:
                 d["runtime"] = st.runtime.describe()
             if self.states is not None:
                 d["states"] = self.states.describe()
+            if self._params is not None and st.plan is not None and st.plan.params:
+                d["params"] = self._params.describe()
             if st.notes:
                 d["notes"] = list(st.notes)
             shapes[_key_str(key)] = d
@@ -548,6 +580,9 @@ class Manager:
                 st.runtime = None
         if self.states is not None:
             self.states.close()
+        if self._params is not None:
+            self._params.close()
+            self._params = None
         if self._pool is not None:
             self._pool.clear()
         if self._compiled_life is not None:
@@ -639,7 +674,7 @@ class Manager:
             from .plan.joint import joint_plan
 
             return joint_plan(trace, self.hierarchy, budget, planner=self.planner, tiers=tiers,
-                              tier_grads=self.tier_grads)
+                              tier_grads=self.tier_grads, tier_params=self.tier_params)
         from .plan.api import plan as make_plan
 
         return make_plan(trace, self.hierarchy, budget, planner=self.planner, tiers=tiers)
@@ -663,9 +698,10 @@ class Manager:
         if self._copy is None:
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
-        st.planned = planned_trace(trace, plan, self.hierarchy) if plan.states else trace
+        st.planned = planned_trace(trace, plan, self.hierarchy) if plan.states or plan.params else trace
         if self.states is not None:
             self.states.apply(plan.states, self.hierarchy)
+        self._apply_params(plan)
         runtime = ActivationRuntime(
             self.root, st.planned, plan, self.hierarchy, device=self.device, copy=self._copy, pool=self._pool,
             nvme_dir=self.nvme_dir, io_workers=self.io_workers,
@@ -685,6 +721,21 @@ class Manager:
         assert st.trace is not None and st.plan is not None
         st.simulated_seconds = simulate(st.trace, st.plan, self.hierarchy, check=False).step_time
         st.predicted_seconds = st.simulated_seconds + st.overhead_seconds
+
+    def _apply_params(self, plan: Plan) -> ParamTiering | None:
+        """Tier the parameters `plan` names (between steps; a different set re-installs the hooks)."""
+        want = {d.module: Placement.for_tier(self.hierarchy, d.tier) for d in plan.params}
+        have = self._params
+        if have is not None and {k: s.placement for k, s in have.slots.items()} == want:
+            return have
+        if want and self.world_size > 1:
+            raise ValueError("Manager: a plan that tiers parameters cannot run under torch.distributed yet")
+        if have is not None:
+            have.close()
+            self._params = None
+        if want:
+            self._params = ParamTiering(self.root, want, nvme_dir=self.nvme_dir, io_workers=self.io_workers)
+        return self._params
 
     def _tune(self, st: _ShapeState, rec: StepRecord) -> None:
         """Carry out the tuning policy of plan/tuning.py ([Note: measured plan tuning])."""

@@ -126,6 +126,7 @@ from .hardware import Hierarchy, format_size
 from .trace.index import TraceIndex, UnitEffect, occupancy, trace_index
 from .trace.schema import Trace
 from .trace.space import decision_space, is_replayable_op
+from .trace.params import param_stall_seconds
 from .trace.states import placement_stall_seconds, planned_trace
 
 __all__ = ["simulate", "Timeline", "InfeasiblePlanError", "SimResult", "Phase", "run", "try_run", "plan_to_dicts",
@@ -666,9 +667,11 @@ def simulate(trace: Trace, plan: Plan, hierarchy: Hierarchy, *, check: bool = Tr
     A plan with optimizer-state decisions is replayed on the trace as tier 0 sees it under them, and its
     step time includes their exposed I/O ([Note: optimizer states as trace records] in trace/states.py).
     """
-    if plan.states:
+    if plan.states or plan.params:
         stall, _ = placement_stall_seconds(trace, hierarchy, plan.states)  # states and gradients
-        tl = simulate(planned_trace(trace, plan, hierarchy), replace(plan, states=()), hierarchy, check=check)
+        stall += param_stall_seconds(hierarchy, plan.params)[0]  # parameters ([Note: parameters in the plan])
+        tl = simulate(planned_trace(trace, plan, hierarchy), replace(plan, states=(), params=()), hierarchy,
+                      check=check)
         return replace(tl, step_time=tl.step_time + stall, stall_time=tl.stall_time + stall)
     ix = trace_index(trace)
     offloads, units = plan_to_dicts(plan, hierarchy, trace)

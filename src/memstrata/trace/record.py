@@ -78,6 +78,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..hardware import Hierarchy
 from .roofline import is_metadata_op, op_cost, op_dtype, resolve_hierarchy, roofline_time
 from .schema import OpRecord, StorageRecord, Trace, UnitRecord
+from .param_modules import tierable_param_modules
 from .units import find_units, sequential_children
 
 __all__ = [
@@ -554,6 +555,7 @@ class StepRecorder:
             backward_end=backward_end,
             num_packs=self._num_packs,
             observed_peak=observed_peak(storages, n),
+            param_modules=tierable_param_modules(self.model),
         )
         # Drop the weak references (and the builders) now that the trace is plain data.
         self._by_key.clear()

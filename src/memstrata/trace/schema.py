@@ -117,6 +117,9 @@ class Trace:
     backward_end: int  # index of the last backward op
     num_packs: int  # number of pack-hook calls in one forward
     observed_peak: int = 0  # tier-0 bytes at the worst event, as observed (all storages, deduplicated)
+    # Modules whose own parameters the runtime can move off tier 0 between uses (runtime/params.py decides
+    # which qualify: [Note: parameters in the plan] in trace/params.py); () = none, or a trace from before.
+    param_modules: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ derived
     @property
@@ -185,6 +188,7 @@ class Trace:
             for s in d["storages"]
         )
         d["units"] = tuple(UnitRecord(**{**u, "inputs": tuple(u["inputs"])}) for u in d["units"])
+        d["param_modules"] = tuple(d.get("param_modules", ()))
         return cls(**d)
 
     @classmethod

@@ -353,6 +353,10 @@ class DecisionSpace:
                 if x == sid and j == last and writer_before(x, j) is None:
                     continue
                 sx = sts[x]
+                if sx.kind == "parameter" and sx.freed_after is not None and sx.freed_after < (sx.producer or 0):
+                    # tiered between uses ([Note: parameters in the plan] in trace/params.py): a replay runs in
+                    # another module's backward, where it is not resident
+                    return (), (), f"{op.name} (event {j}) reads a parameter kept below tier 0 between uses"
                 if sx.kind in ("parameter", "buffer") or sx.persistent:
                     continue
                 p = writer_before(x, j)

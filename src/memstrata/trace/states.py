@@ -38,9 +38,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from ..decisions import Plan, StateDecision
+from ..decisions import ParamDecision, Plan, StateDecision
 from ..hardware import Hierarchy
 from .grads import GRAD_WINDOW_MODULE, all_keep_peak, grad_stall_seconds, host_step, tier_grads
+from .params import param_groups, tier_params
 from .schema import OpRecord, StorageRecord, Trace
 
 __all__ = ["StateGroup", "state_groups", "state_buckets", "optimizer_span", "with_optimizer_phase", "tier_states",
@@ -203,10 +204,22 @@ def state_stall_seconds(trace: Trace, hierarchy: Hierarchy, buckets: Sequence[tu
     return max(0.0, io - compute) + host + over, io
 
 
-def planned_trace(trace: Trace, states: "Plan | Sequence[StateDecision]", hierarchy: Hierarchy) -> Trace:
-    """The trace as tier 0 sees it under a plan's state decisions (what its activation half was planned on)."""
+def planned_trace(trace: Trace, states: "Plan | Sequence[StateDecision]", hierarchy: Hierarchy,
+                  params: "Sequence[ParamDecision]" = ()) -> Trace:
+    """The trace as tier 0 sees it under a plan's state, gradient and parameter decisions (what its activation
+    half was planned on).  `params`: parameter decisions when `states` is a sequence (a Plan brings its own)."""
     decisions = states.states if isinstance(states, Plan) else tuple(states)
+    pdecs = states.params if isinstance(states, Plan) else tuple(params)
     names = [t.name for t in hierarchy.tiers]
+    if pdecs:  # [Note: parameters in the plan] (trace/params.py): tiered parameters are resident only when used
+        for pd in pdecs:
+            if pd.tier not in names or names.index(pd.tier) < 1:
+                raise ValueError(f"parameters of {pd.module!r}: {pd.tier!r} is not a lower tier of {hierarchy.name!r}")
+        by = {g.module: g for g in param_groups(trace)}
+        missing = [pd.module for pd in pdecs if pd.module not in by]
+        if missing:
+            raise ValueError(f"parameters of {missing[0]!r} cannot be tiered in this trace (not a tierable module)")
+        trace = tier_params(trace, [by[pd.module] for pd in pdecs])
     for d in decisions:
         if d.tier is not None and d.tier not in names:
             raise ValueError(f"state bucket {d.params}: unknown tier {d.tier!r}; hierarchy {hierarchy.name!r} has {names}")
@@ -215,6 +228,8 @@ def planned_trace(trace: Trace, states: "Plan | Sequence[StateDecision]", hierar
             raise ValueError(f"gradient bucket {d.params}: unknown tier {d.grads!r}; hierarchy {hierarchy.name!r} "
                              f"has {names}")
     # [Note: gradients in the plan] (trace/grads.py): tiered gradients leave tier 0 when final
+    if not decisions:
+        return trace
     trace = tier_grads(trace, [s for d in decisions if d.grads is not None for s in d.grad_storages])
     moved = [d for d in decisions if d.tier is not None and names.index(d.tier) >= 1]
     window = [0 if host_step(hierarchy, d) else d.nbytes + (d.grad_nbytes if d.grads is not None else 0)
