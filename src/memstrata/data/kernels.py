@@ -35,7 +35,7 @@ import numpy as np
 __all__ = ["available", "form", "affine64", "crop_into", "to_chw_affine", "to_hwc_affine"]
 
 _lock = threading.Lock()
-_kernels = None  # (crop, chw, hwc, form) once compiled; False if numba is missing or disabled
+_kernels = None  # (crop, chw, hwc, form, forms) once compiled; False if numba is missing or disabled
 
 
 def _build():
@@ -135,9 +135,10 @@ def _build():
     got_h = np.empty((1, 3 * 257), np.float32)
     chw(x, got_c, 0, scale, bias)
     hwc(x, got_h, 0, scale, bias)
+    forms = {"fast": (chw_fast, hwc_fast), "exact": (chw_exact, hwc_exact)}  # both, for the tests
     if np.array_equal(got_c[0].T, want) and np.array_equal(got_h[0].reshape(-1, 3), want):
-        return crop, chw, hwc, "fast"
-    return crop, chw_exact, hwc_exact, "exact"
+        return crop, chw, hwc, "fast", forms
+    return crop, chw_exact, hwc_exact, "exact", forms
 
 
 def _get():
