@@ -9,9 +9,11 @@ that reads it, the number of workers, or what else the program draws.
 
 [Note: two resampling paths, one set of parameters]
 On CPU, each crop is resized with torch's uint8 channels-last bilinear kernel
-(the AVX path torchvision v2 uses; ~60 us for 224x224), then converted,
-flipped and normalised straight into the (pooled) float output, sample by
-sample while the uint8 result is still in cache (see [Note: fused CPU path]).  On CUDA the batch is padded, normalised and
+(the AVX path torchvision v2 uses; ~60 us for 224x224), then converted
+and normalised straight into the (pooled) float output, sample by sample
+while the uint8 result is still in cache (see [Note: fused CPU path]; with
+numba installed the crop copy (with the flip) and the conversion are compiled
+one-pass kernels, same bits: [Note: compiled CPU path]).  On CUDA the batch is padded, normalised and
 resampled by one `grid_sample` over per-sample affine grids.  Both use the same
 crop boxes and flips; values agree to uint8 rounding when the crop is upsampled
 (always the case for stored short sides <= 160 and 224 outputs); the CPU path
