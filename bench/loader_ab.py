@@ -2,7 +2,7 @@
 
 Same process, same store, alternating; CPU seconds of the whole process (all threads) per image and
 images/s, epochs 2.. of each repeat; medians.  The two kernels' outputs are checked equal first.
-Usage: PYTHONPATH=src python bench/loader_ab.py ROOT STORE OLD_AUGMENT_PY [--workers 2] [--repeats 5]
+Usage: PYTHONPATH=src python bench/loader_ab.py ROOT STORE OLD_AUGMENT_PY [--workers 2] [--repeats 5] [--old-label L]
 (OLD_AUGMENT_PY: `git show c7f77a2:src/memstrata/data/augment.py > old_augment.py`)
 """
 
@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--old-label", default="previous (c7f77a2)", help="the previous kernel's row label")
     a = ap.parse_args(argv)
     import memstrata.data.augment as aug_mod
     from memstrata.data import TieredLoader
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
 
     sys.modules["old_augment"] = old  # dataclasses look their module up
     spec.loader.exec_module(old)
-    kernels = {"previous (c7f77a2)": old.resized_crop_fused, "this commit": aug_mod.resized_crop_fused}
+    kernels = {a.old_label: old.resized_crop_fused, "this commit": aug_mod.resized_crop_fused}
     lo = TieredLoader(a.root, 128, seed=0, epochs=a.epochs, device="cpu", store_dir=a.store, num_workers=a.workers,
                       progress=False)
     ref = {}

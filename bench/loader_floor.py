@@ -11,6 +11,8 @@ Rows:
   floor: write only       converting an already-resized uint8 (B, 224, 224, 3) batch into the normalised
                           float32 (B, 3, 224, 224) output with the fastest single kernel we have
                           (the fused per-sample path's second half), i.e. the output write.
+  floor: write only (compiled)  the same with memstrata.data.kernels' one-pass kernel (numba), the path
+                          the loader takes when numba is installed.
   floor: resize + write   both, per sample, into a reused output: the least work that produces the
                           exact output (no store reads, no parameter draws, no Python bookkeeping
                           beyond one loop over samples).
@@ -87,6 +89,19 @@ def main(argv=None) -> int:
                 for ch, p in enumerate(ot.unbind(0)):
                     torch.add(bi[ch], p, alpha=sc[ch], out=p)
     rows["floor: write only (torch cast copy_ + fma per plane, per sample)"] = _per_image(write_only, n)
+
+    from memstrata.data import kernels
+
+    if kernels.available():  # the compiled path's second half: one pass, uint8 HWC -> normalised float CHW
+        sc64, bi64 = kernels.affine64(affine, 1 / 255)
+        onf = on.reshape(B, 3, -1)
+        u8f = [u8n[k].reshape(-1) for k in range(B)]
+
+        def write_compiled():
+            for _ in range(nb):
+                for k in range(B):
+                    kernels.to_chw_affine(u8f[k], onf, k, sc64, bi64)
+        rows[f"floor: write only (compiled one-pass kernel, {kernels.form()})"] = _per_image(write_compiled, n)
 
     def write_numpy():  # the previous fused path's second half
         for _ in range(nb):

@@ -9,9 +9,11 @@ that reads it, the number of workers, or what else the program draws.
 
 [Note: two resampling paths, one set of parameters]
 On CPU, each crop is resized with torch's uint8 channels-last bilinear kernel
-(the AVX path torchvision v2 uses; ~60 us for 224x224), then converted,
-flipped and normalised straight into the (pooled) float output, sample by
-sample while the uint8 result is still in cache (see [Note: fused CPU path]).  On CUDA the batch is padded, normalised and
+(the AVX path torchvision v2 uses; ~60 us for 224x224), then converted
+and normalised straight into the (pooled) float output, sample by sample
+while the uint8 result is still in cache (see [Note: fused CPU path]; with
+numba installed the crop copy (with the flip) and the conversion are compiled
+one-pass kernels, same bits: [Note: compiled CPU path]).  On CUDA the batch is padded, normalised and
 resampled by one `grid_sample` over per-sample affine grids.  Both use the same
 crop boxes and flips; values agree to uint8 rounding when the crop is upsampled
 (always the case for stored short sides <= 160 and 224 outputs); the CPU path
@@ -31,6 +33,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import kernels as _kernels
 
 __all__ = ["TrainAugment", "crop_params", "flip_params", "uniforms", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -331,6 +335,8 @@ def resized_crop_fused(images, boxes: np.ndarray, flips: np.ndarray, size, out: 
     if not cl and not out.is_contiguous():
         raise ValueError("out must be contiguous or channels_last")
     inv255 = np.float32(1.0 / 255.0)
+    if _kernels.available():
+        return _fused_compiled(images, bl, fl, (oh, ow), out, cl, _kernels.affine64(affine, inv255), up)
     if cl:
         on = out.permute(0, 2, 3, 1).numpy()  # (B, oh, ow, 3) contiguous view
         if affine is not None:  # per element of an (ow * 3) row
@@ -372,6 +378,59 @@ def resized_crop_fused(images, boxes: np.ndarray, flips: np.ndarray, size, out: 
                 for ch, p in enumerate(out[k].unbind(0)):
                     torch.add(bi[ch], p, alpha=sc[ch], out=p)
     return out
+
+
+_tls = threading.local()  # per builder thread: the crop and resize buffers of `_fused_compiled`
+
+
+def _scratch(n_crop: int, size) -> tuple:
+    """This thread's reused buffers: a flat uint8 crop buffer (numpy, torch) and the resize output:
+    a (1, 3, oh, ow) channels-last tensor and its flat numpy view."""
+    sc = getattr(_tls, "fused", None)
+    if sc is None or sc[0].size < n_crop or sc[4] != tuple(size):
+        oh, ow = size
+        cbuf = np.empty(max(n_crop, sc[0].size if sc is not None else 0, 1), np.uint8)
+        rbuf = torch.empty((1, oh, ow, 3), dtype=torch.uint8)
+        sc = _tls.fused = (cbuf, torch.from_numpy(cbuf), rbuf.permute(0, 3, 1, 2), rbuf.numpy().reshape(-1),
+                           tuple(size))
+    return sc
+
+
+def _fused_compiled(images, bl: list, fl: list, size, out: torch.Tensor, cl: bool, affine64, up) -> torch.Tensor:
+    """`resized_crop_fused` with the compiled kernels: 2 torch calls + 2 kernel calls per sample, see
+    [Note: compiled CPU path]."""
+    oh, ow = size
+    sc64, bi64 = affine64
+    B = len(bl)
+    on = out.permute(0, 2, 3, 1).numpy().reshape(B, oh * ow * 3) if cl else out.numpy().reshape(B, 3, oh * ow)
+    convert = _kernels.to_hwc_affine if cl else _kernels.to_chw_affine
+    need = max(h * w for _, _, h, w in bl) * 3
+    cbuf, cbuf_t, rout, rnp, _ = _scratch(need, size)
+    for k in range(len(bl)):
+        t, l, h, w = bl[k]
+        x = images[k]
+        if isinstance(x, torch.Tensor):
+            x = x.numpy()
+        _kernels.crop_into(x, t, l, h, w, fl[k], cbuf)
+        if h == oh and w == ow:
+            src = cbuf[: h * w * 3]
+        else:
+            # (1, 3, h, w) channels-last view of the crop with a real batch stride (see resized_crop_loop),
+            # resampled into this thread's (1, oh, ow, 3) buffer by torch's uint8 AA kernel
+            up(cbuf_t.as_strided((1, 3, h, w), (h * w * 3, 1, w * 3, 3)), (oh, ow), False, None, None, out=rout)
+            src = rnp
+        convert(src, on, k, sc64, bi64)
+    return out
+
+
+# [Note: compiled CPU path]
+# With numba (kernels.py), the fused path makes per sample: one compiled crop copy (mirrored when
+# flipped, exactly the bytes torch.flip / np.ascontiguousarray gave the resize before), one torch
+# call to build the crop's (1, 3, h, w) view, torch's uint8 antialiased bilinear resize written into
+# a reused buffer (`out=`), and one compiled pass from that uint8 HWC buffer into the float32 slot of
+# the batch with the normalisation (one rounding, as torch's fused multiply-add).  Same resize
+# kernel, same bytes into it, same arithmetic after it: the batch is bit for bit the torch path's
+# (tests/test_data_kernels.py).  Both kernels release the GIL, so the builder threads overlap.
 
 
 class OutputPool:
