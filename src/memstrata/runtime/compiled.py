@@ -116,15 +116,36 @@ def _graph_break(module: nn.Module, args: Any) -> None:
 
 
 def split_points(units: list[nn.Module]) -> list[nn.Module]:
-    """The units a split breaks the graph before: all but those that modify their input in place.
+    """The units a split breaks the graph before: not one that modifies its input in place, nor the unit
+    just before one (units in registration order, which is the order they run in for the models we split).
 
     [Note: no break before an in-place module] A break before `nn.ReLU(inplace=True)` puts it in a graph of
     its own that writes into a tensor the previous graph saved for its backward.  Without saved-tensor hooks
     autograd's version check raises; with ours (which hand the tensor back) the backward silently reads the
     post-ReLU values: a wrong gradient (the 1.3e-3 -> 0.16 difference seen on ResNet-18 split at units).
-    Left unbroken, the in-place module joins the previous unit's graph, which functionalises the write.
+    A break before the unit *before* it does the same: dynamo splits the parent's frame at the call of a
+    split unit (the break runs in the unit's pre-hook, a nested frame), the unit runs in a frame of its own,
+    and the parent resumes in a new graph that starts right after that call, i.e. with the in-place module,
+    whose input (the unit's output) comes from outside the graph.  AOTAutograd applies such a write to the
+    input with `copy_` after the graph, and at activation budget 0 the graph saved that input: ResNet-18's
+    stem (conv1 | bn1 | relu_ | maxpool) split before bn1 failed autograd's version check unmanaged
+    (2026-12-05, b32 128 px).  So neither the in-place module nor the unit before it is a split point: both
+    join the graph that runs before them, which functionalises the write.
     """
-    return [u for u in units if not getattr(u, "inplace", False)]
+    inplace = [bool(getattr(u, "inplace", False)) for u in units]
+    return [u for i, u in enumerate(units) if not inplace[i] and not (i + 1 < len(units) and inplace[i + 1])]
+
+
+def _raise_recompile_limit(needed: int) -> None:
+    """Split graphs compile each unit's forward as a frame of its own, once per block shape and per
+    setting (a fraction's backend is guarded apart): ResNet-18's eight `BasicBlock.forward` calls alone
+    reach dynamo's default limit of 8, after which the blocks run eagerly, unmanaged and uncompiled."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < needed:
+            setattr(dynamo_config, name, needed)
+            break
 
 
 class PartitionerBudget:
@@ -173,6 +194,8 @@ class PartitionerBudget:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"an activation memory budget is in [0, 1], got {fraction}")
         split = bool(split) and bool(self.units)
+        if split:
+            _raise_recompile_limit(8 * (len(self._forwards) + 2) + 2 * len(self.units))
         if (fraction, split) == (self.fraction, self.split):
             return
         self._set_breaks(split)
