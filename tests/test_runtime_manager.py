@@ -685,6 +685,26 @@ def test_a_traced_step_with_nothing_to_manage_says_so(misuse):
     mgr.close()
 
 
+def test_manager_warnings_point_at_the_users_line():
+    """Warnings raised after the `with mgr.step(x)` body named contextlib.py (a fixed stacklevel through
+    contextlib's __exit__): the user could not see which of their lines it was about."""
+    import warnings as _w
+
+    model = tiny()
+    x, y = data()
+    mgr = Manager(model, budget="50%")
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        for _ in range(3):
+            out = model(x)
+            with mgr.step(x):
+                nn.functional.cross_entropy(out, y).backward()
+    mgr.close()
+    ours = [w for w in caught if "nothing is managed" in str(w.message)]
+    assert ours, [str(w.message) for w in caught]
+    assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
+
+
 def test_stepping_the_wrapped_optimizer_instead_of_mgr_optimizer_is_named(tmp_path):
     """With optimizer= the Manager holds the states: `opt.step()` was KeyError 'exp_avg' from inside torch.
     After close() `opt` is complete again and steps as usual."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
@@ -39,6 +38,7 @@ from .hardware import Budget, format_size
 from .plan.compiled import CompiledPlan, correct_compiled, offload_plan, plan_compiled, split_plan
 from .runtime.compiled import CompiledRuntime, CompiledStepStats
 from .trace.compiled import CompiledTrace
+from .warn import warn_user
 
 __all__ = ["CompiledLifecycle", "CompiledStepOutcome"]
 
@@ -186,7 +186,7 @@ class CompiledLifecycle:
             note = (f"a slowdown budget ({self.budget}) is not supported for compiled models: the compiled step "
                     "runs as compiled (give a size or a percentage)")
             cs.notes.append(note)
-            warnings.warn(f"memstrata: {note}", stacklevel=5)
+            warn_user(f"memstrata: {note}")
             cs.budget = trace.observed_peak
         else:
             cs.budget = self.budget.resolve(trace)
@@ -199,7 +199,7 @@ class CompiledLifecycle:
                     "a compiled step can only save less (the partitioner's activation budget); parameters, "
                     "gradients, the batch and the graph's working memory stay; pass a larger budget or "
                     "fallback='minimum'")
-            warnings.warn(f"memstrata: {plan.notes[0]}", stacklevel=5)
+            warn_user(f"memstrata: {plan.notes[0]}")
         cs.notes.extend(plan.notes)
         self._adopt(cs, plan)
 
@@ -259,7 +259,7 @@ class CompiledLifecycle:
                 "the peak is what recompute inside the graph" + (" and offloading its saves" if cs.offload_tried else "")
                 + " cannot remove (the backward's working memory, gradients, parameters, the batch)")
         cs.notes.append(note)
-        warnings.warn(f"memstrata: {note}", stacklevel=6)
+        warn_user(f"memstrata: {note}")
         if best != (cs.fraction, cs.split, cs.offload):
             if best[:2] != (cs.fraction, cs.split):
                 cs.retrace = True  # compiled already: no recompile, but its saves become the trace again
@@ -278,7 +278,7 @@ class CompiledLifecycle:
                    "another way); its values are the compiled graph's (nothing was moved) but its peak is not "
                    "the planned one; tracing again")
             cs.notes.append(msg.split(": ", 1)[1])
-            warnings.warn(msg, stacklevel=5)
+            warn_user(msg)
         if cs.traces <= self.max_retraces:
             cs.retrace = True
 

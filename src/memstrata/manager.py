@@ -52,7 +52,6 @@ import contextlib
 import os
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterator
 
@@ -75,6 +74,7 @@ from .trace.schema import Trace
 from .trace.grads import renumber_grads
 from .trace.states import planned_trace, with_optimizer_phase
 from .trace.units import out_of_place_activations, restore_inplace
+from .warn import warn_user
 
 __all__ = ["Manager", "Report", "default_hierarchy", "disabled_by_env"]
 
@@ -345,9 +345,9 @@ class Manager:
         self.states: ManagedStates | None = None
         if optimizer is not None and self.enabled and self._compiled:
             # the compiled lifecycle (compiled.py) plans activations only: say so rather than ignore optimizer=
-            warnings.warn("memstrata: optimizer= with a torch.compile'd model: its states (and gradients) are not "
+            warn_user("memstrata: optimizer= with a torch.compile'd model: its states (and gradients) are not "
                           "tiered under torch.compile yet (they stay in tier 0; mgr.optimizer is the optimizer "
-                          "itself)", stacklevel=2)
+                          "itself)")
         elif optimizer is not None and self.enabled:
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
@@ -474,7 +474,7 @@ class Manager:
                 msg = (f"memstrata: step {index} ({_key_str(key)}) {why} inside `with mgr.step(...)`: nothing is "
                        f"managed; run the forward and loss.backward() inside the block")
                 st.notes.append(msg.split(": ", 1)[1])
-                warnings.warn(msg, stacklevel=3)
+                warn_user(msg)
             trace, st.time_scale = calibrate_durations(raw, st.warmup_seconds)
             if self.states is not None:  # the optimizer step runs after the block: its records come from here
                 trace = with_optimizer_phase(trace, self.states.state_bytes(),
@@ -517,7 +517,7 @@ class Manager:
                 msg = (f"memstrata: step {index} ({_key_str(st.key)}) kept every activation (exact, no memory "
                        f"saved): {why} ({s.misaligned})")
                 st.notes.append(msg.split(": ", 1)[1])
-                warnings.warn(msg, stacklevel=3)
+                warn_user(msg)
             if s.misaligned and st.traces <= self.max_retraces:
                 # The step did not follow its trace (it kept everything: exact).  Trace again next time.
                 st.runtime.close()
@@ -643,7 +643,7 @@ class Manager:
                     f"{format_size(e.minimum_budget)} for input {_key_str(st.key)}: running at that minimum "
                     "(fallback='minimum'; pass fallback='raise' to make it an error)")
             st.notes.append(note)
-            warnings.warn(f"memstrata: {note}", stacklevel=4)
+            warn_user(f"memstrata: {note}")
             budget = st.minimum_budget = e.minimum_budget
             plan = self._make_plan(trace, budget, None)
         st.budget = budget

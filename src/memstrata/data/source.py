@@ -31,6 +31,7 @@ import torch
 from PIL import Image as _Image
 
 from .errors import CorruptSourceError
+from ..warn import warn_user
 
 __all__ = ["ImageFolderSource", "DatasetSource", "make_source", "to_compact", "decode_file", "decode_bytes",
            "Stamp", "CORRUPT"]
@@ -252,9 +253,8 @@ def make_source(data, max_side: int = 160):
         # Read its files directly (JPEG draft decoding, same samples and labels); its transform is
         # replaced by the loader's batched augmentation.
         if getattr(data, "transform", None) is not None:
-            import warnings
-
-            warnings.warn("memstrata reads the ImageFolder's files directly; its transform is not applied "
-                          "(the loader's `augment` is)", stacklevel=3)
+            
+            warn_user("memstrata reads the ImageFolder's files directly; its transform is not applied "
+                          "(the loader's `augment` is)")
         return ImageFolderSource(data.root, max_side, samples=data.samples, classes=getattr(data, "classes", None))
     return DatasetSource(data, max_side)
