@@ -500,7 +500,8 @@ class Memstrata(Contender):
         elif ctx.plan is not None:  # the bench's one plan: no re-planning, no tuning, the same plan in every repeat
             planner = lambda trace, hierarchy, b, p=ctx.plan: p  # noqa: E731
         self._mgr = Manager(m, budget=budget, nvme_dir=ctx.nvme_dir, warmup_steps=warmup,
-                            model_name=type(m).__name__, planner=planner)
+                            model_name=type(m).__name__, planner=planner,
+                            heap_readings="sparse" if ctx.plan is not None else "auto")  # the bench meters memory
         # warm-up, the trace-and-plan step, then (CUDA) the tuning steps ([Note: measured plan tuning])
         self.setup_steps = self._mgr.warmup_steps + 1 + self._mgr.max_tuning_steps
 
