@@ -17,6 +17,19 @@ alone.  The trace is still one measured step of this process; a plan can also
 be given as a file (``--memstrata-plan FILE``, the JSON this run writes), to
 run the very same plan in another session.
 
+[Note: planning on a shared box]
+The trace's op times are wall times of one step, and on the shared box a
+loaded step is slowed several-fold while the disk is not, so a loaded trace
+made NVMe copies look cheap (2026-12-05: unmanaged 10 samples/s under load
+against 37 quiet; the plan became 7 NVMe offloads and 2 units instead of 9
+replays).  With OMP_WAIT_POLICY=PASSIVE a step's process CPU time barely moves
+with load (3.1-3.6 s per ResNet-18 step at b64 on 2 threads, loaded or not),
+so the planning run scales the trace's op times to its warm-up step's CPU time
+per thread when that is shorter than the trace's step (on a quiet box it is
+~0.92 of the wall time: the threads' efficiency), and plans that.  What the
+repeats then measure is the plan for this box unloaded, whatever the load at
+planning time; the scale is in the JSON (`trace_scale_to_cpu`).
+
 Measured fit.  The bench budget counts bytes above the baseline as the bench
 measures them; the Manager plans against its trace ([Note: bench budget ->
 Manager budget] in contenders.py), whose rule leaves some of the budget unused
@@ -35,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable
 
 PLAN_TIME_LIMIT = 600.0  # s: never reached on the bench's models; the greedy's iteration counts end the search
@@ -63,10 +77,16 @@ def margin(budget_bytes: int) -> int:
     return max(MARGIN_BYTES, int(MARGIN_FRACTION * budget_bytes))
 
 
-def _measure(contender, ctx, sync: Callable[[], None], peak_meter: Callable[[], Any]) -> dict[str, Any]:
-    """Setup steps, then `METERED_STEPS` managed steps each under the bench's peak meter."""
-    for _ in range(contender.setup_steps):
+def _measure(contender, ctx, sync: Callable[[], None], peak_meter: Callable[[], Any],
+             clock: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Setup steps, then `METERED_STEPS` managed steps each under the bench's peak meter.  `clock` gets the
+    first (plain warm-up) step's wall and process CPU seconds before the trace step plans."""
+    for i in range(contender.setup_steps):
+        t0, c0 = time.perf_counter(), time.process_time()
         contender.step(ctx)
+        sync()
+        if i == 0 and clock is not None:
+            clock.update(wall=time.perf_counter() - t0, cpu=time.process_time() - c0)
     sync()
     peaks = []
     for _ in range(METERED_STEPS):
@@ -91,14 +111,24 @@ def plan_once(ctx, make_contender: Callable[[], Any], sync: Callable[[], None], 
     """Plan A at the bench's budget rule; B at the measured slack (see the note).  Returns (plan, info)."""
     from memstrata.plan.api import plan as make_plan
 
+    import torch
+
+    from memstrata.trace.calibrate import calibrate_durations
+
+    clock: dict[str, Any] = {}
+
     def planner(trace, hierarchy, budget):
+        # [Note: planning on a shared box]: op times of an unloaded step (process CPU time / threads)
+        quiet = clock.get("cpu", 0.0) / max(1, torch.get_num_threads()) if ctx.device.type == "cpu" else None
+        trace, k = calibrate_durations(trace, quiet)
+        clock.update(trace=trace, scale=k, trace_step_s=trace.step_time)
         return make_plan(trace, hierarchy, budget, time_limit=PLAN_TIME_LIMIT)
 
     c = make_contender()
     ctx.plan = planner  # a callable planner: the Manager plans through it (no watch, no tuning)
     c.prepare(ctx)
     try:
-        a = _measure(c, ctx, sync, peak_meter)
+        a = _measure(c, ctx, sync, peak_meter, clock)
         hierarchy = c._mgr.hierarchy
     finally:
         c.close()
@@ -112,7 +142,7 @@ def plan_once(ctx, make_contender: Callable[[], Any], sync: Callable[[], None], 
     if tune_fit and a["plan"] is not None and a["manager_budget"] and unused > m and not a["misaligned"]:
         target = int(a["manager_budget"]) + unused - m
         try:
-            pb = make_plan(a["trace"], hierarchy, target, time_limit=PLAN_TIME_LIMIT)
+            pb = make_plan(clock.get("trace") or a["trace"], hierarchy, target, time_limit=PLAN_TIME_LIMIT)
         except Exception as e:  # noqa: BLE001 -- B is optional
             pb, why = None, f"A (B not planned: {type(e).__name__}: {e})"
         if pb is not None and (pb.predicted_step_time or 0) < (a["predicted_seconds"] or 0) * 0.999:
@@ -136,5 +166,7 @@ def plan_once(ctx, make_contender: Callable[[], Any], sync: Callable[[], None], 
     elif tune_fit:
         why = f"A: {unused / 2**20:.1f} MiB unused (margin {m / 2**20:.1f} MiB)"
     info = {"candidates": cand, "chosen": why, "budget_bytes": budget_bytes, "margin_bytes": m,
-            "plan_time_limit_s": PLAN_TIME_LIMIT}
+            "plan_time_limit_s": PLAN_TIME_LIMIT,
+            "warmup_step": {k: clock.get(k) for k in ("wall", "cpu")}, "threads": torch.get_num_threads(),
+            "trace_scale_to_cpu": clock.get("scale"), "planned_trace_step_s": clock.get("trace_step_s")}
     return chosen, info
