@@ -170,3 +170,38 @@ def test_memstrata_line_says_plan_prediction_and_tuning():
     assert line == ("memstrata: plan recompute_units 9; last step predicted 68.8 ms, measured 71.2 ms; "
                     "tuning tried planned, recompute-only; kept recompute-only")
     assert memstrata_line([{"name": "unmanaged", "notes": {}}]) == ""
+
+
+def test_memstrata_plans_once_and_every_repeat_runs_that_plan(tmp_path):
+    """[Note: one plan for every repeat] (bench/plan_once.py): one untimed planning run per budget, no wall-clock
+    limit on its planner, and each memstrata repeat runs the plan it wrote (a given plan: no re-planning), bit-exact."""
+    from memstrata.bench import plan_once
+
+    out = tmp_path / "bench.json"
+    rc = harness.main([
+        "--model", "resnet18", "--batch", "4", "--res", "32", "--num-classes", "10", "--device", "cpu",
+        "--steps", "1", "--warmup", "1", "--repeats", "2", "--threads", "1", "--quiet", "--budget", "30%act",
+        "--contenders", "unmanaged,memstrata", "--json", str(out), "--log-dir", str(tmp_path / "logs"),
+    ])
+    assert rc == 0
+    row = {r["name"]: r for r in json.loads(out.read_text())}["memstrata"]
+    po = row["plan_once"]
+    assert po["status"] == "ok" and po["plan"] and po["plan_info"]["plan_time_limit_s"] == plan_once.PLAN_TIME_LIMIT
+    assert [r["plan_path"] for r in row["per_repeat"]] == [po["plan_path"]] * 2
+    assert row["notes"]["plan_source"] == "given (planned once for every repeat)"
+    assert row["notes"]["plan"]["counts"] == plan_once.load_plan(po["plan_path"]).counts()
+    assert row["losses_match_unmanaged"] is True
+    # a plan file runs as given (another session's plan), and --memstrata-plan each is the old behaviour
+    assert harness.config_from_args(_args(["--device", "cpu"])).memstrata_plan == "once"
+    assert harness.config_from_args(_args(["--device", "cpu", "--memstrata-plan", po["plan_path"]])).memstrata_plan \
+        == po["plan_path"]
+    with pytest.raises(harness.BenchInputError):
+        harness.config_from_args(_args(["--device", "cpu", "--memstrata-plan", str(tmp_path / "nope.json")]))
+
+
+def _args(argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    harness.add_bench_arguments(p)
+    return p.parse_args(argv)

@@ -732,3 +732,25 @@ def test_optimizer_with_a_compiled_model_says_states_are_not_tiered(tmp_path):
         mgr = Manager(torch.compile(model), optimizer=opt, nvme_dir=tmp_path)
     assert mgr.optimizer is opt
     mgr.close()
+
+
+def test_heap_readings_sparse_reads_a_plans_first_step_and_one_in_eight(tmp_path):
+    """[Note: heap sampling at steady state]: with heap_readings="sparse" (the bench, which meters memory itself)
+    a plan's first managed step and one in Manager.METER_EVERY sample the heap; the others report no peak and
+    run the same math.  The default keeps a reading at every step of a caller-made plan."""
+    x, y = data()
+    ref = train_steps(tiny(), x, y, steps=12)
+    got = {}
+    for mode in ("sparse", "auto"):
+        model = tiny()
+        mgr = Manager(model, budget="70%", nvme_dir=tmp_path, heap_readings=mode,
+                      planner=lambda tr, h, b: forced_plan(tr, "replay", h))
+        train_steps(model, x, y, steps=12, step_ctx=lambda: mgr.step(x))
+        assert state_mismatches(ref, model) == []
+        assert mgr.plan.replays
+        got[mode] = [s["peak_bytes"] is not None for s in mgr.report()["steps"] if s["mode"] == "managed"]
+        mgr.close()
+    assert got["sparse"] == [i % Manager.METER_EVERY == 0 for i in range(10)], got
+    assert got["auto"] == [True] * 10
+    with pytest.raises(ValueError, match="heap_readings"):
+        Manager(tiny(), heap_readings="never")

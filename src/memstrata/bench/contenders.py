@@ -103,6 +103,7 @@ class StepContext:
     nvme_dir: str | None = None
     unmanaged_peak_bytes: int | None = None  # measured peak above baseline of the unmanaged run
     memory_budget_fraction: float | None = None  # compile_memory_budget's activation_memory_budget
+    plan: Any = None  # memstrata: a `memstrata.decisions.Plan` to run ([Note: one plan for every repeat] in plan_once.py)
     loss_fn: Callable = field(default_factory=nn.CrossEntropyLoss)
 
     def autocast(self):
@@ -492,8 +493,15 @@ class Memstrata(Contender):
         # module loading); the Manager calibrates op times to its fastest warm-up step, so it
         # gets a second one there.
         warmup = 2 if ctx.device.type == "cuda" else 1
+        self._fixed = ctx.plan
+        planner: Any = "auto"
+        if callable(ctx.plan):  # the planning run's planner (bench/plan_once.py)
+            planner = ctx.plan
+        elif ctx.plan is not None:  # the bench's one plan: no re-planning, no tuning, the same plan in every repeat
+            planner = lambda trace, hierarchy, b, p=ctx.plan: p  # noqa: E731
         self._mgr = Manager(m, budget=budget, nvme_dir=ctx.nvme_dir, warmup_steps=warmup,
-                            model_name=type(m).__name__)
+                            model_name=type(m).__name__, planner=planner,
+                            heap_readings="sparse" if ctx.plan is not None else "auto")  # the bench meters memory
         # warm-up, the trace-and-plan step, then (CUDA) the tuning steps ([Note: measured plan tuning])
         self.setup_steps = self._mgr.warmup_steps + 1 + self._mgr.max_tuning_steps
 
@@ -508,7 +516,10 @@ class Memstrata(Contender):
         out: dict[str, Any] = {"manager_budget_bytes": self._budget, "persistent_bytes": self._persistent,
                                "budget_rule": ("trace.observed_peak - measured reduction" if self._reduction is not None
                                                else "budget + persistent bytes"),
-                               "measured_reduction_bytes": self._reduction}
+                               "measured_reduction_bytes": self._reduction,
+                               "plan_source": ("the planning run's planner" if callable(self._fixed) else
+                                               "given (planned once for every repeat)" if self._fixed is not None
+                                               else "the Manager's own")}
         try:
             report = dict(self._mgr.report())
         except Exception as e:  # noqa: BLE001 -- the report is informative only
@@ -520,6 +531,8 @@ class Memstrata(Contender):
             last = steps[-1]
             out["last_step"] = {k: last.get(k) for k in ("mode", "seconds", "predicted_seconds", "peak_bytes",
                                                          "predicted_peak_bytes", "budget_bytes", "peak_source")}
+            out["misaligned"] = [(s.get("stats") or {}).get("misaligned") for s in steps
+                                 if (s.get("stats") or {}).get("misaligned")][:3]
         shapes = report.get("shapes") or {}
         for sh in shapes.values():
             plan = sh.get("plan") or {}

@@ -76,6 +76,7 @@ class BenchConfig:
     seq: int = 0  # GPT-2 models (the state bench): tokens per sample
     nvme_bw: tuple[float, float] | None = None  # state bench: probed NVMe (read, write) bytes/s
     budget_texts: list[str] = field(default_factory=list)  # every budget (--budgets); [budget_text] for --budget
+    memstrata_plan: str = "each"  # once | each | a plan file ([Note: one plan for every repeat] in plan_once.py)
 
     @property
     def pareto(self) -> bool:
@@ -100,6 +101,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
       help="several budgets, comma-separated (30%%act,50%%act,70%%act): memstrata at each, every peer at each of its "
       "settings; a Pareto table and chart (samples/s against measured peak). Instead of --budget")
     a("--repeats", default="3", help="alternating repeats per contender (default 3)")
+    a("--memstrata-plan", default="auto", metavar="once|each|FILE",
+      help="once: one untimed planning run per budget, its plan run by every memstrata repeat (default on CPU); "
+      "each: every repeat traces and plans in its own Manager (default on CUDA, where the Manager tunes to its "
+      "measured peak); FILE: run the plan a planning run wrote (one budget)")
     a("--steps", default=None, help="timed steps per run (default: 3 on CPU, 10 on CUDA)")
     a("--warmup", default=None, help="untimed warm-up steps per run (default: 1 on CPU, 3 on CUDA)")
     a("--contenders", default=None,
@@ -318,7 +323,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise BenchInputError(f"--microbatches {microbatches} does not divide --batch {batch}")
     if microbatches is not None and microbatches > 1 and batch // microbatches < 2:
         raise BenchInputError(f"--microbatches {microbatches} leaves micro-batches of one sample (BatchNorm needs 2)")
+    mp = str(g("memstrata_plan", "auto") or "auto")
+    if mp == "auto":
+        mp = "each" if device == "cuda" else "once"
+    if mp not in ("once", "each"):
+        if not os.path.isfile(mp):
+            raise BenchInputError(f"--memstrata-plan {mp!r}: not once, each or an existing plan file")
+        if len(budget_texts) > 1:
+            raise BenchInputError("--memstrata-plan FILE takes one budget (--budget), not --budgets")
+        mp = os.path.abspath(mp)
     cfg = BenchConfig(
+        memstrata_plan=mp,
         model=model,
         batch=batch,
         res=_int("res", g("res") or d["res"], lo=16),
@@ -569,6 +584,9 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     unmanaged_peak: int | None = None
     param_bytes: int | None = None
 
+    plan_paths: dict[str, str] = {}  # arm key -> the plan every memstrata repeat runs
+    plan_runs: dict[str, dict[str, Any]] = {}  # arm key -> its planning run's result
+
     def spec_for(arm: Arm, steps: int | None = None, warmup: int | None = None) -> RunSpec:
         if arm.budget_index is not None and budgets:
             budget = budgets[arm.budget_index]
@@ -583,7 +601,30 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             max_seconds=cfg.max_seconds, threads=cfg.threads, cpu_peak=cfg.cpu_peak, seq=cfg.seq,
             setting=arm.setting, memory_budget_fraction=arm.fraction,
             nvme_read_bw=cfg.nvme_bw[0] if cfg.nvme_bw else None, nvme_write_bw=cfg.nvme_bw[1] if cfg.nvme_bw else None,
+            plan_path=plan_paths.get(arm.key(cfg.pareto)) if arm.name == "memstrata" else None,
         )
+
+    def plan_memstrata(arm: Arm, progress: BenchProgress) -> None:
+        """[Note: one plan for every repeat] in plan_once.py: the planning run, before the first repeat."""
+        key = arm.key(cfg.pareto)
+        if cfg.memstrata_plan == "each" or key in plan_runs:
+            return
+        if cfg.memstrata_plan != "once":  # a plan file
+            plan_paths[key] = cfg.memstrata_plan
+            plan_runs[key] = {"status": "ok", "plan_path": cfg.memstrata_plan, "source": "file"}
+            return
+        spec = spec_for(arm)
+        spec.plan_only = True
+        spec.plan_path = os.path.join(workdir, f"plan-{_tag(key)}.json")
+        progress.describe(f"planning · {key}")
+        r, wall = run_worker(spec, workdir, _tag(f"plan-{key}"), cfg.run_timeout)
+        r["wall_s"] = wall
+        r["source"] = "planning run"
+        plan_runs[key] = r
+        if r.get("status") == "ok":
+            plan_paths[key] = spec.plan_path
+        info = r.get("plan_info") or {}
+        progress.advance(f"  plan  {key:<21} {r.get('status')}: {info.get('chosen', r.get('reason', ''))}  ({wall:.1f} s)")
 
     def settle() -> None:
         nonlocal budgets, act_peak, arms
@@ -591,7 +632,18 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         arms = settle_arms(arms, cfg, budgets, unmanaged_peak, param_bytes)
 
     def summary() -> list[dict[str, Any]]:
-        return summarise(cfg, [a for a in arms if runs.get(a.key(cfg.pareto))], runs, budgets or [])
+        done = [a for a in arms if runs.get(a.key(cfg.pareto))]
+        rows = summarise(cfg, done, runs, budgets or [])
+        for a, row in zip(done, rows):
+            pr = plan_runs.get(a.key(cfg.pareto))
+            if pr is not None:
+                row["plan_once"] = {k: pr.get(k) for k in ("status", "reason", "source", "plan_path", "plan_info",
+                                                          "plan", "wall_s")}
+        return rows
+
+    def total_runs() -> int:
+        plans = sum(a.name == "memstrata" and not a.skip for a in arms) if cfg.memstrata_plan == "once" else 0
+        return cfg.repeats * len(arms) + (1 if need_calibration else 0) + plans
 
     kinds = [parse_budget(t).kind for t in cfg.budget_texts]
     needs_peak = any(k != "bytes" for k in kinds) or (
@@ -599,7 +651,7 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         "compile_memory_budget" in cfg.contenders and "bytes" in kinds)
     need_calibration = "unmanaged" not in cfg.contenders and needs_peak
     try:
-        with BenchProgress(cfg.repeats * len(arms) + (1 if need_calibration else 0), cfg.quiet) as progress:
+        with BenchProgress(total_runs(), cfg.quiet) as progress:
             if need_calibration:
                 progress.describe("calibrating: unmanaged peak")
                 r, wall = run_worker(spec_for(Arm("unmanaged"), steps=1, warmup=1), workdir, "calibrate-unmanaged",
@@ -615,7 +667,7 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 while i < len(arms):
                     if budgets is None and arms[i].name != "unmanaged":
                         settle()  # [Note: arms]: unmanaged (index 0) has run, or a calibration run stood in
-                        progress.set_total(cfg.repeats * len(arms) + (1 if need_calibration else 0))
+                        progress.set_total(total_runs())
                     arm = arms[i]
                     i += 1
                     key = arm.key(cfg.pareto)
@@ -626,6 +678,8 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                         runs.setdefault(key, []).append(r)
                         progress.advance(_summary_line(rep, label, r, 0.0))
                         continue
+                    if arm.name == "memstrata":
+                        plan_memstrata(arm, progress)
                     progress.describe(f"rep {rep}/{cfg.repeats} · {label}")
                     r, wall = run_worker(spec_for(arm), workdir, _tag(f"rep{rep}-{key}"), cfg.run_timeout)
                     r["repeat"] = rep
@@ -730,7 +784,8 @@ def summarise(cfg: BenchConfig, arms: list[Arm], runs: dict[str, list[dict[str, 
                 {k: r.get(k) for k in ("repeat", "status", "reason", "samples_per_s", "samples_per_s_total",
                                        "peak_bytes", "peak_total_bytes", "baseline_bytes", "peak_rss_default_bytes",
                                        "kept_bytes", "peak_method", "step_times", "step_cpu_times",
-                                       "setup_s", "warmup_s", "wall_s", "losses", "steps_done", "state_peak_bytes")}
+                                       "setup_s", "warmup_s", "wall_s", "losses", "steps_done", "state_peak_bytes",
+                                       "plan_path")}
                 for r in rs
             ],
         }

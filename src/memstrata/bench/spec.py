@@ -32,6 +32,8 @@ class RunSpec:
     seq: int = 0  # tokens per sample (GPT-2 models of the state bench)
     nvme_read_bw: float | None = None  # `memstrata probe` of the NVMe directory (state bench planning)
     nvme_write_bw: float | None = None
+    plan_path: str | None = None  # memstrata: run this plan (JSON from a planning run); with plan_only, write it there
+    plan_only: bool = False  # memstrata: the planning run ([Note: one plan for every repeat] in plan_once.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunSpec":

@@ -88,6 +88,13 @@ def run(spec: RunSpec) -> dict[str, Any]:
         # what the process holds in tensors and heap, to see what a contender keeps between steps
         return torch.cuda.memory_allocated(device) if device.type == "cuda" else anon_rss()
 
+    if spec.plan_only:
+        return _planning_run(spec, ctx, result, sync)
+    if spec.plan_path and spec.contender == "memstrata":
+        from .plan_once import load_plan
+
+        ctx.plan = load_plan(spec.plan_path)
+        result["plan_path"] = spec.plan_path
     trim_host_allocator()
     state0 = live_state()
     try:
@@ -168,6 +175,27 @@ def run(spec: RunSpec) -> dict[str, Any]:
     )
     if device.type == "cpu":
         result["peak_rss_default_bytes"] = timed_reading.peak_bytes
+    return result
+
+
+def _planning_run(spec: RunSpec, ctx, result: dict[str, Any], sync) -> dict[str, Any]:
+    """The memstrata planning run: plan (and fit) once, write the plan to `spec.plan_path`."""
+    from . import contenders
+    from .peak import PeakMeter
+    from .plan_once import plan_once, write_plan
+
+    if spec.contender != "memstrata" or not spec.plan_path or spec.budget_bytes is None:
+        raise ValueError("a planning run needs contender memstrata, plan_path and budget_bytes")
+    try:
+        plan, info = plan_once(ctx, lambda: contenders.make("memstrata"), sync, lambda: PeakMeter(ctx.device),
+                               int(spec.budget_bytes))
+    except contenders.SkipContender as e:
+        result.update(status="skipped", reason=str(e))
+        return result
+    if plan is None:
+        raise RuntimeError("the planning run made no plan")
+    write_plan(spec.plan_path, plan, info)
+    result.update(status="ok", plan_path=spec.plan_path, plan=plan.to_dict(), plan_info=info)
     return result
 
 
