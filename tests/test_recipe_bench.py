@@ -50,12 +50,40 @@ def test_config_defaults_stored_side_and_concurrent_thread_budget():
     assert c["extra"] == ["--lr", "0.2"]
 
 
+def test_source_noise_default_names_its_own_dataset_and_makes_bigger_jpegs():
+    """The recipe's default set has ImageNet-sized JPEGs (noise 16); other noises get their own cache folder."""
+    import io
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from memstrata.bench.recipe_scenario import recipe_config
+    from memstrata.data.synth import synth_image
+
+    c = recipe_config(SimpleNamespace(device="cpu"))
+    assert c["source_noise"] == 16 and c["data"].endswith("-n16")
+    assert recipe_config(SimpleNamespace(device="cpu", source_noise="6"))["data"].endswith("recipe-1024-256-10")
+
+    def jpeg(noise):
+        a, _ = synth_image(0, 5, 4, (200, 150), noise=noise)
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=90)
+        return a, len(buf.getvalue())
+
+    a6, n6 = jpeg(6.0)
+    assert np.array_equal(a6, synth_image(0, 5, 4, (200, 150))[0])  # the default set is unchanged
+    a16, n16 = jpeg(16.0)
+    assert n16 > 1.4 * n6 and a16.shape == a6.shape
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--contenders", "memstrata,peer"], "unknown contender 'peer'"),
     (["--model", "nosuchnet"], "unknown torchvision classification model"),
     (["--classes", "100", "--images", "10"], "exceeds"),
     (["--plot", "x.jpg"], ".png"),
     (["--lr", "-1"], "--lr must be > 0"),
+    (["--source-noise", "x"], "--source-noise must be a number"),
 ])
 def test_bad_input_is_one_line(argv, msg, capsys):
     assert main(["bench", "--scenario", "recipe", *argv]) == 2

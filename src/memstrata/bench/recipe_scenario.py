@@ -35,10 +35,10 @@ __all__ = ["run_recipe_scenario", "recipe_config", "summarise_recipe", "add_reci
 
 CONTENDERS = ("baseline", "memstrata")
 DEFAULTS = {
-    "cpu": dict(images=1024, val_images=256, classes=10, batch=64, res=64, epochs=3, repeats=3,
-                model="mobilenet_v3_small"),
+    "cpu": dict(images=1024, val_images=256, classes=10, batch=128, res=64, epochs=8, repeats=3,
+                model="shufflenet_v2_x0_5", source_noise=16.0),  # see [Note: the CPU default is input-bound]
     "cuda": dict(images=8192, val_images=1024, classes=100, batch=256, res=224, epochs=2, repeats=1,
-                 model="resnet50"),
+                 model="resnet50", source_noise=16.0),
 }
 
 
@@ -58,8 +58,24 @@ def add_recipe_bench_arguments(parser) -> None:
         parser.add_argument("--concurrent", action="store_true",
                             help="recipe: run each repeat's contenders at the same time, one intra-op thread each "
                                  "(see [Note: concurrent pairs] in bench/recipe_scenario.py)")
+    if "--source-noise" not in have:
+        parser.add_argument("--source-noise", default=None,
+                            help="recipe: the generated JPEGs' per-pixel noise sd (default on CPU: 16, ~95 KB "
+                                 "per 500x375 JPEG like an ImageNet photo; 6 makes ~55 KB ones)")
     if "--lr" not in have:
         parser.add_argument("--lr", default=None, help="recipe: peak learning rate (default: the recipe's 0.1 x batch / 256)")
+
+
+# [Note: the CPU default is input-bound]
+# Training on ImageNet is input-bound when decoding and cropping a JPEG costs more than the step's compute
+# per image: an H200 trains ResNet-50 at ~4,700 images/s while PIL needs ~2.7 ms of a core per photo.  On a
+# 2-core CPU box the cores do both jobs, so the analogue is a model whose compute per image is about the
+# pipeline's: shufflenet_v2_x0_5 at 64 px, batch 128 (~2.7 ms of CPU per image for a training step, as
+# much as PIL's decode + RandomResizedCrop of a 500x375, ~95 KB JPEG: --source-noise 16).  The earlier
+# default (mobilenet_v3_small, batch 64, ~55 KB JPEGs, 3 epochs) spent ~5 ms per image in the step and
+# only ~1.7 in the pipeline: compute-bound on the faster VM of 2026-12-05 (data wait 5%), and its 3 epochs
+# did not amortise the store build, which real training (90+ epochs) does; 8 epochs is still few.
+# Measured in bench/results/2026-12-05c-cpu-recipe/.
 
 
 # [Note: concurrent pairs]
@@ -84,6 +100,7 @@ def recipe_config(args) -> dict[str, Any]:
         cfg[k] = _int(k, g(k) or d[k])
     cfg["val_images"] = _int("val-images", g("val_images") or d["val_images"])
     cfg["seed"] = _int("seed", g("seed") if g("seed") is not None else 0, lo=0)
+    cfg["source_noise"] = _noise(g("source_noise"), d["source_noise"])
     from ..recipe.config import default_max_side
 
     cfg["max_side"] = _int("max-side", g("max_side"), lo=8) if g("max_side") is not None else default_max_side(cfg["res"])
@@ -127,10 +144,23 @@ def recipe_config(args) -> dict[str, Any]:
     if data is not None and Path(data).exists() and not Path(data).is_dir():
         raise RecipeBenchInputError(f"--data {data!r} is not a directory")
     base = Path(os.environ.get("MEMSTRATA_CACHE", Path.home() / ".cache" / "memstrata"))
-    name = f"recipe-{cfg['images']}-{cfg['val_images']}-{cfg['classes']}" + (f"-s{cfg['seed']}" if cfg["seed"] else "")
+    name = (f"recipe-{cfg['images']}-{cfg['val_images']}-{cfg['classes']}" + (f"-s{cfg['seed']}" if cfg["seed"] else "")
+            + (f"-n{cfg['source_noise']:g}" if cfg["source_noise"] != 6.0 else ""))
     cfg["data"] = str(Path(data).expanduser().resolve()) if data else str(base / name)
     cfg["data_given"] = data is not None
     return cfg
+
+
+def _noise(v, default: float) -> float:
+    if v is None:
+        return float(default)
+    try:
+        x = float(str(v))
+    except ValueError:
+        raise RecipeBenchInputError(f"--source-noise must be a number, got {v!r}") from None
+    if not 0 <= x <= 64:
+        raise RecipeBenchInputError(f"--source-noise must be in [0, 64], got {x:g}")
+    return x
 
 
 def ensure_root(cfg: dict[str, Any], console=None) -> Path:
@@ -143,7 +173,7 @@ def ensure_root(cfg: dict[str, Any], console=None) -> Path:
         console.print(f"dataset: {cfg['images']} + {cfg['val_images']} synthetic images in {cfg['classes']} classes "
                       f"-> {root}", highlight=False)
     return synth_recipe_root(root, cfg["images"], cfg["val_images"], cfg["classes"], seed=cfg["seed"],
-                             progress=not cfg["quiet"])
+                             progress=not cfg["quiet"], noise=cfg["source_noise"])
 
 
 def _argv(cfg: dict[str, Any], name: str, root: Path, store: str) -> list[str]:
@@ -283,7 +313,7 @@ def summarise_recipe(cfg: dict[str, Any], runs: dict[str, list[dict[str, Any]]])
             "concurrent": bool(cfg.get("concurrent")), "max_side": cfg.get("max_side"),
             "device": cfg["device"], "cores": cfg["cores"], "workers": cfg["workers"], "batch": cfg["batch"],
             "res": cfg["res"], "images": cfg["images"], "val_images": cfg["val_images"], "classes": cfg["classes"],
-            "seed": cfg["seed"], "torch_threads": cfg["threads"],
+            "seed": cfg["seed"], "torch_threads": cfg["threads"], "source_noise": cfg.get("source_noise"),
             "process_wall_s": _med([r.get("process_wall_s") for r in ok]),
             "runs": [{k: r.get(k) for k in ("repeat", "status", "reason", "wall_s", "samples_per_s",
                                             "data_wait_fraction", "top1", "step_s_median", "cpu_s_per_image",
