@@ -352,7 +352,9 @@ class TieredOptimizer(torch.optim.Optimizer):
       overlaps the next forward ([Note: deferred updates] in deferred.py).
       The default when `model` is given; `defer=False` turns it off.  Call
       `flush()` before reading parameters outside a forward between `step()`
-      and the next forward.
+      and the next forward.  `set_placement()` builds the ring and the
+      deferral anew for the new placement (the Manager's path: it starts
+      with every state kept and installs the plan's placement later).
 
     Use it where the optimizer was used: `step()`, `zero_grad()`,
     `state_dict()` / `load_state_dict()` (standard torch format), LR schedulers,
