@@ -55,6 +55,8 @@ def _train(model, opt, x, y, step_ctx=None) -> None:
 
 
 def _mismatches(ref_model, ref_opt, model, opt) -> list[str]:
+    if hasattr(opt, "flush"):  # the Manager's optimizer: deferred updates wait for the next forward until then
+        opt.flush()
     out = []
     for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
         if not torch.equal(_local(a.detach()), _local(b.detach())):

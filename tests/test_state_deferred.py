@@ -193,3 +193,35 @@ def test_parameters_outside_the_model_are_stepped_in_step(tmp_path):
     opt.flush()
     t.assert_same_params(ref_model, model)
     opt.close()
+
+
+@pytest.mark.parametrize("start", ["kept", "nvme"])
+def test_set_placement_builds_the_ring_and_defers(start, tmp_path):
+    """The Manager's path: a placement installed after construction (from all kept, as the Manager starts, or from
+    NVMe buckets already in the ring) gets the arena ring and deferred updates, the ring's states carried over;
+    bit-exact with unmanaged after 5 steps."""
+    from memstrata.runtime.mover import TierMover
+    from memstrata.runtime.nvme import NVMeStore
+    from memstrata.runtime.pool import HostBufferPool
+    from memstrata.runtime.streams import CopyContext
+
+    ref_model, ref_opt = t.run("adamw", None)
+    mover = TierMover(torch.device("cpu"), CopyContext("cpu"), HostBufferPool(pin=False), NVMeStore(tmp_path))
+    model, opt, sched = managed("adamw", t.PLACEMENTS[start], None, mover=mover)
+    assert (opt._ring is None) == (start == "kept")
+    t.train(model, opt, sched, 0, 2)
+    opt.set_placement(MIXED)
+    assert opt._ring is not None and opt._defer and opt._npending == 0
+    assert {i for e in opt._use_order for i in e.indices} == set(DEFERRED_PARAMS["mixed"])
+    t.train(model, opt, sched, 2, t.STEPS)
+    assert opt._npending == len(opt._use_order) and opt.stats.deferred_updates >= 2 * len(opt._use_order)
+    opt.flush()
+    t.assert_same_params(ref_model, model)
+    t.assert_same_state(ref_opt.state_dict(), opt.state_dict())
+    opt.set_placement(t.PLACEMENTS["kept"])  # back to all kept: no ring, nothing deferred
+    assert opt._ring is None and not opt._defer and opt._hooks is None
+    t.train(model, opt, sched, t.STEPS, t.STEPS + 1)
+    t.assert_same_params(t.run("adamw", None, steps=t.STEPS + 1)[0], model)
+    opt.close()
+    mover.close(own_store=True)
+    assert os.listdir(tmp_path) == []

@@ -37,7 +37,9 @@ def test_state_bench_options(tmp_path):
     cfg = config_from_args(args("--model", "gpt2-tiny", "--budget", "50%", "--contenders", "memstrata,unmanaged",
                                 "--nvme", str(tmp_path), "--device", "cpu"))
     assert cfg.contenders == ["unmanaged", "memstrata"] and cfg.budget_bytes == state_bytes("gpt2-tiny") // 2
-    assert cfg.seq == 64 and cfg.batch == 1
+    assert cfg.seq == 128 and cfg.batch == 1  # the CPU default (256 tokens) within gpt2-tiny's context (128)
+    assert config_from_args(args("--model", "gpt2-124m", "--budget", "50%", "--contenders", "unmanaged",
+                                 "--device", "cpu")).seq == 256
     assert cfg.nvme_bw is None or min(cfg.nvme_bw) > 0  # probed (cached) for the planner
     assert config_from_args(args("--model", "gpt2-tiny", "--budget", "2MiB", "--contenders", "unmanaged",
                                  "--device", "cpu")).budget_bytes == 2 << 20

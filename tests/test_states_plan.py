@@ -76,6 +76,8 @@ FORCED = {"kept": "keep", "host": "dram", "nvme": "nvme", "mixed": mixed}
 
 
 def assert_same(ref_model, ref_opt, model, opt):
+    if hasattr(opt, "flush"):  # the Manager's optimizer: deferred updates wait for the next forward until then
+        opt.flush()
     for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
         assert torch.equal(a, b), n
     sa, sb = ref_opt.state_dict(), opt.state_dict()
@@ -98,13 +100,19 @@ def check_bit_exact(kind: str, placement: str, tmp_path, device: str = "cpu") ->
     mgr = Manager(model, budget="100%", nvme_dir=tmp_path, optimizer=make_opt(kind, model.parameters()),
                   planner=planner)
     train(model, mgr.optimizer, step_ctx=mgr.step, kind=kind)
+    opt = mgr.optimizer
+    if placement in ("nvme", "mixed"):
+        # the arena ring and deferred updates, as TieredOptimizer(model=...) ([Note: deferred updates]): the last
+        # step's updates wait for the next forward; every earlier one ran in a forward
+        assert opt._ring is not None and opt._defer and opt._npending == len(opt._use_order) > 0
+        assert opt.stats.deferred_updates >= len(opt._use_order)
+        opt.flush()
     assert_same(ref_model, ref_opt, model, mgr.optimizer)
     plan = mgr.plan
     assert Plan.from_json(plan.to_json()) == plan
     tiers = {d.tier for d in plan.states}
     want = {"kept": {None}, "host": {"dram"}, "nvme": {"nvme"}, "mixed": {None, "nvme", "dram"}}[placement]
     assert tiers == want, plan.states
-    opt = mgr.optimizer
     tiered = [r for r in opt._records if r.placement != Placement.KEEP]
     if placement != "kept":
         assert tiered and opt.stats.bytes_written > 0 and opt.stats.bytes_read > 0

@@ -365,7 +365,7 @@ class Manager:
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
             self.states = ManagedStates(optimizer, device=self.device, copy=self._copy, pool=self._pool,
-                                        nvme_dir=self.nvme_dir, io_workers=io_workers)
+                                        nvme_dir=self.nvme_dir, io_workers=io_workers, model=self.root)
         self.optimizer = self.states.optimizer if self.states is not None else optimizer
         self.tier_grads = bool(tier_grads)
         if self.tier_grads and optimizer is None:

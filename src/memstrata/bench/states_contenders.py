@@ -57,7 +57,11 @@ from .timing import timed_steps
 
 STATES_CONTENDERS = ("unmanaged", "memstrata", "torchao_cpu_offload", "fsdp2_cpu_offload", "deepspeed_zero_offload")
 STATE_BYTES_PER_PARAM = 8  # AdamW fp32: exp_avg + exp_avg_sq
-CPU_DEFAULTS = dict(batch=1, seq=64, steps=3, warmup=1)
+# CPU: 256 tokens per step (was 64, bench/results/2026-12-05c-cpu-states/README.md): the state I/O per step is
+# fixed by the model, the compute grows with the tokens; 64 measured the disk more than training (GPT-2 trains
+# at 1024), 256 keeps gpt2-350m's 3-repeat run near 10 minutes on the CPU box.  Two warm-up steps: with
+# deferred updates a timed step pays for the last one's updates (the first step's create the states).
+CPU_DEFAULTS = dict(batch=1, seq=256, steps=3, warmup=2)
 CUDA_DEFAULTS = dict(batch=8, seq=1024, steps=5, warmup=2)
 
 

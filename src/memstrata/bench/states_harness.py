@@ -6,7 +6,7 @@ only reads the options that differ and prints the table.
 
 * ``--budget``: the fast-tier bytes for optimizer states: a size, or a
   percentage of the AdamW states (8 bytes per parameter; default 50%).
-* ``--seq`` tokens per sample, ``--batch`` samples (CPU: 64 x 1; CUDA: 1024 x 8).
+* ``--seq`` tokens per sample, ``--batch`` samples (CPU: 256 x 1, at most the model's context; CUDA: 1024 x 8).
 * The NVMe directory (``--nvme``, default a temporary directory) is probed
   with `memstrata probe` (cached); the memstrata contender plans with those
   bandwidths and the table shows what its steps moved against them.
@@ -68,7 +68,7 @@ def states_config_from_args(args: argparse.Namespace, config_cls: type, error: t
             budget = parse_size(text)
         except ValueError as e:
             raise error(f"--budget {text!r}: {e}") from None
-    seq = pos_int("seq", g("seq") or d["seq"])
+    seq = pos_int("seq", g("seq") or min(d["seq"], gpt2.GPT2_MODELS[model].ctx))  # the default within the context
     if seq > gpt2.GPT2_MODELS[model].ctx:
         raise error(f"--seq {seq} exceeds the context of {model} ({gpt2.GPT2_MODELS[model].ctx})")
     nvme = g("nvme")

@@ -404,6 +404,7 @@ class GradTieredOptimizer(TieredOptimizer):
         device = params[0].device if params else torch.device("cpu")
         self._host_enabled = plain and (device.type == "cuda" if host_step is None else bool(host_step))
         host = self._host_set(placement, grads)
+        self._grads_tiered = any(t != Placement.KEEP for t in grads.tiers)  # then no deferred updates (_may_defer)
         super().__init__(optimizer, _without(placement, host), nvme_dir=nvme_dir, mover=mover, **kw)
         if own is not None:
             self._own_mover = True
@@ -431,6 +432,11 @@ class GradTieredOptimizer(TieredOptimizer):
         if new != old and new:
             self.host = HostStepper(self.inner, new, pin=self.mover.copy.cuda)
 
+    def _may_defer(self) -> bool:
+        """Deferred updates ([Note: deferred updates] in deferred.py) only with every gradient kept: a tiered
+        gradient is below until its bucket's step, and `zero_grad()` drops it before the next forward."""
+        return not getattr(self, "_grads_tiered", False) and getattr(self, "host", None) is None
+
     def _param_list(self) -> list[torch.Tensor]:
         return [p for g in self.inner.param_groups for p in g["params"]]
 
@@ -441,6 +447,8 @@ class GradTieredOptimizer(TieredOptimizer):
             return
         if any(t == Placement.NVME for t in grads.tiers) and self.mover.store is None:
             raise ValueError("GradTieredOptimizer: gradients on NVMe need a mover with an NVMe store")
+        self._apply_all_pending()  # deferred updates read the gradients as they were at step()
+        self._grads_tiered = any(t != Placement.KEEP for t in grads.tiers)
         self.grads.bring_all_back()
         self.grads.close()
         self.grads = TieredGradients(self._param_list(), grads, self.mover, norm_types=self._norm_types)
@@ -525,8 +533,10 @@ class GradTieredOptimizer(TieredOptimizer):
             out += f"; {len(self.host.indices)} parameters stepped on the host ({self.host.state_bytes()} B of states)"
         return out
 
-    def close(self, *, keep_states: bool = True) -> None:
+    def close(self, *, keep_states: bool = True, apply_pending: bool = True) -> None:
         if not self.closed:
+            if apply_pending:
+                self._apply_all_pending()  # deferred updates read the gradients as they were at step()
             if keep_states:
                 self.grads.bring_all_back()
                 if self.host is not None:
@@ -534,7 +544,7 @@ class GradTieredOptimizer(TieredOptimizer):
             else:
                 self.grads.zero()
             self.grads.close()
-        super().close(keep_states=keep_states)
+        super().close(keep_states=keep_states, apply_pending=apply_pending)
 
 
 def _without(placement: StatePlacement, indices: set[int]) -> StatePlacement:

@@ -6,6 +6,13 @@ user's optimizer once (every state kept until a plan says otherwise), times
 its steps (the trace's optimizer phase), tells the trace what states there
 are, and moves states between tiers when a plan is installed
 (`TieredOptimizer.set_placement`, between steps; values never change).
+Given the model (the Manager passes its root), the plan's NVMe buckets on a
+CPU tier 0 go through the arena ring and their updates, and the kept
+buckets', are deferred to the next forward, as with
+`TieredOptimizer(model=...)` ([Note: deferred updates] in deferred.py),
+unless gradients are tiered (`tier_grads=True`: `GradTieredOptimizer`
+steps inside `step()` then).  The ring has ``prefetch_depth + 2 = 3``
+arenas: the state window the joint planner prices (plan/joint.py).
 """
 
 from __future__ import annotations
@@ -61,13 +68,17 @@ class ManagedStates:
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, device: torch.device, copy: CopyContext,
                  pool: HostBufferPool, nvme_dir: str | os.PathLike | None = None,
-                 io_workers: int | None = None) -> None:
+                 io_workers: int | None = None, model: torch.nn.Module | None = None,
+                 defer: bool | None = None) -> None:
         self.device = device
         self.nvme_dir = nvme_dir
         self.io_workers = io_workers
         self._copy = copy
         self.mover = TierMover(device, copy, pool, None)
-        self.optimizer = GradTieredOptimizer(optimizer, placement=StatePlacement((), ()), mover=self.mover)
+        # With the model, NVMe buckets on a CPU tier 0 go through the arena ring and their updates (and the kept
+        # buckets') are deferred to the next forward, as for TieredOptimizer(model=...) ([Note: deferred updates]).
+        self.optimizer = GradTieredOptimizer(optimizer, placement=StatePlacement((), ()), mover=self.mover,
+                                             model=model, defer=defer)
         self.step_seconds: list[float] = []
         self._t0: float | None = None
         self._stepping = False
@@ -77,7 +88,7 @@ class ManagedStates:
 
     def _guard(self, *_args) -> None:
         """The wrapped optimizer stepped by the user: its states are the TieredOptimizer's (KeyError deep in torch)."""
-        if not self._stepping:
+        if not self._stepping and not self.optimizer._stepping_inner:  # a deferred update runs in a forward hook
             raise RuntimeError("memstrata: step mgr.optimizer, not the optimizer passed to Manager(optimizer=...): "
                                "the Manager holds its states until close()")
 

@@ -352,7 +352,9 @@ class TieredOptimizer(torch.optim.Optimizer):
       overlaps the next forward ([Note: deferred updates] in deferred.py).
       The default when `model` is given; `defer=False` turns it off.  Call
       `flush()` before reading parameters outside a forward between `step()`
-      and the next forward.
+      and the next forward.  `set_placement()` builds the ring and the
+      deferral anew for the new placement (the Manager's path: it starts
+      with every state kept and installs the plan's placement later).
 
     Use it where the optimizer was used: `step()`, `zero_grad()`,
     `state_dict()` / `load_state_dict()` (standard torch format), LR schedulers,
@@ -395,17 +397,7 @@ class TieredOptimizer(torch.optim.Optimizer):
         self.placement = placement
         self.stats = StateStats()
         self._records = [_ParamStates(p, i, placement.tier_of(i)) for i, p in enumerate(params)]
-        # Step order ([Note: the state window]): kept parameters first, then the tiered buckets.
-        listed = {i for b in placement.buckets for i in b}
-        kept = [i for i in range(len(params)) if i not in listed or placement.tier_of(i) == Placement.KEEP]
-        tiered = [b for b, t in zip(placement.buckets, placement.tiers) if t != Placement.KEEP]
-        self._order: list[tuple[int, ...]] = ([tuple(kept)] if kept else []) + [tuple(b) for b in tiered]
-        self._order_tiers = ([(tuple(kept), Placement.KEEP)] if kept else []) + [
-            (tuple(b), t) for b, t in zip(placement.buckets, placement.tiers) if t != Placement.KEEP]
-        if any(t == Placement.KEEP for t in placement.tiers):  # kept buckets apart: the ring interleaves them
-            rest = [i for i in range(len(params)) if i not in listed]
-            self._order_tiers = ([(tuple(rest), Placement.KEEP)] if rest else []) + [
-                (tuple(b), t) for b, t in zip(placement.buckets, placement.tiers)]
+        self._set_orders(placement)
         self._serial = itertools.count()
         self.closed = False
 
@@ -431,11 +423,73 @@ class TieredOptimizer(torch.optim.Optimizer):
         elif needs_nvme and mover.store is None:
             raise ValueError("TieredOptimizer: NVMe state buckets need a mover with an NVMe store")
         self.mover = mover
-        # [Note: why arenas and in-place files] (state_arenas.py): NVMe buckets on a CPU tier 0.
+        self._model = model
+        self._defer_arg = defer
+        self._plain = all(type(p.data) is torch.Tensor for p in params)  # not DTensor (FSDP2) or other subclasses
         self._ring: ArenaRing | None = None
-        self._entries: list[_Entry] = [_Entry(b, t) for b, t in self._order_tiers]
-        plain = all(type(p.data) is torch.Tensor for p in params)  # not DTensor (FSDP2) or other subclasses
-        if needs_nvme and not mover.copy.asynchronous and mover.store is not None and plain:
+        self._entries: list[_Entry] = []
+        self._use_order: list[_Entry] = []
+        self._seen: list[_Entry] = []  # buckets in the order the last forward applied them
+        self._npending = 0
+        self._late: list[str] = []  # write failures found outside step(): raised by the next step() / flush()
+        self._hooks: ModelHooks | None = None
+        self._defer = False
+        self._stepping_inner = False  # inside the wrapped optimizer's step (a deferred one runs in a forward hook)
+        try:
+            if defer and model is None:
+                raise ValueError("TieredOptimizer: defer=True needs model= (the module whose forward applies the "
+                                 "updates)")
+            self._build_pipeline(strict=True)
+            if defer and self._ring is None:
+                raise ValueError("TieredOptimizer: defer=True needs NVMe state buckets on a CPU tier 0 (the arena "
+                                 "ring)")
+        except ValueError:
+            self._drop_pipeline()
+            if self._own_mover:
+                self.mover.close(own_store=True)
+            raise
+        self._atexit = _ExitCloser(weakref.ref(self))
+        atexit.register(self._atexit)
+        # States that exist already (Adagrad makes them at construction, or a resumed optimizer).
+        self._adopt_all()
+
+    def _set_orders(self, placement: StatePlacement) -> None:
+        """The step order of `placement` ([Note: the state window]): kept parameters first, then the tiered
+        buckets; kept buckets named by the placement stay apart (the ring interleaves them)."""
+        n = len(self._records)
+        listed = {i for b in placement.buckets for i in b}
+        kept = [i for i in range(n) if i not in listed or placement.tier_of(i) == Placement.KEEP]
+        tiered = [b for b, t in zip(placement.buckets, placement.tiers) if t != Placement.KEEP]
+        self._order: list[tuple[int, ...]] = ([tuple(kept)] if kept else []) + [tuple(b) for b in tiered]
+        self._order_tiers = ([(tuple(kept), Placement.KEEP)] if kept else []) + [
+            (tuple(b), t) for b, t in zip(placement.buckets, placement.tiers) if t != Placement.KEEP]
+        if any(t == Placement.KEEP for t in placement.tiers):
+            rest = [i for i in range(n) if i not in listed]
+            self._order_tiers = ([(tuple(rest), Placement.KEEP)] if rest else []) + [
+                (tuple(b), t) for b, t in zip(placement.buckets, placement.tiers)]
+
+    def _may_defer(self) -> bool:
+        """Whether deferred updates are possible beyond the ring and the model (GradTieredOptimizer: not
+        with tiered gradients, which `zero_grad()` drops before the next forward)."""
+        return True
+
+    def _wants_defer(self) -> bool:
+        return bool(self._model is not None and self._ring is not None and self._defer_arg is not False
+                    and self._may_defer())
+
+    def _build_pipeline(self, *, strict: bool) -> None:
+        """The arena ring of the NVMe buckets on a CPU tier 0 and the deferred updates, for `self.placement`
+        (at construction and after `set_placement`; nothing tiered yet).  A parameter of a deferred bucket
+        that is not the model's raises when `strict` or `defer=True`; otherwise updates are not deferred."""
+        placement = self.placement
+        mover = self.mover
+        for r in self._records:
+            r.slots_in_ring = False
+        # [Note: why arenas and in-place files] (state_arenas.py): NVMe buckets on a CPU tier 0.
+        self._ring = None
+        self._entries = [_Entry(b, t) for b, t in self._order_tiers]
+        needs_nvme = any(t == Placement.NVME for t in placement.tiers)
+        if needs_nvme and not mover.copy.asynchronous and mover.store is not None and self._plain:
             nv = [e for e in self._entries if e.tier == Placement.NVME]
             for n, e in enumerate(nv):
                 e.file = BucketFile(n)
@@ -445,35 +499,43 @@ class TieredOptimizer(torch.optim.Optimizer):
             self._ring = ArenaRing(mover.store, arena, placement.prefetch_depth + 2)
             self._entries = _interleave(nv, [e for e in self._entries if e.tier != Placement.NVME])
         # [Note: deferred updates] (deferred.py): the ring's buckets stepped at their next use.
-        if defer and model is None:
-            raise ValueError("TieredOptimizer: defer=True needs model= (the module whose forward applies the updates)")
-        if defer and self._ring is None:
-            raise ValueError("TieredOptimizer: defer=True needs NVMe state buckets on a CPU tier 0 (the arena ring)")
-        self._defer = bool(model is not None and self._ring is not None and defer is not False)
+        self._defer = self._wants_defer()
         # The deferred buckets: every NVMe bucket of the ring, and the kept buckets whose parameters are all the
         # model's (their compute in the forward keeps the disk busy: [Note: deferred updates]).
-        self._use_order: list[_Entry] = []
-        if self._defer:
-            in_model = {id(p) for p in model.parameters()}
-            self._use_order = [e for e in self._entries if e.file is not None or (
-                e.tier == Placement.KEEP and all(id(self._records[i].param) in in_model for i in e.indices))]
-        self._seen: list[_Entry] = []  # buckets in the order the last forward applied them
+        self._use_order = []
+        self._seen = []
         self._npending = 0
-        self._late: list[str] = []  # write failures found outside step(): raised by the next step() / flush()
-        self._hooks: ModelHooks | None = None
-        if self._defer:
-            owner = {id(self._records[i].param): e for e in self._use_order for i in e.indices}
-            try:
-                self._hooks = ModelHooks(model, owner, apply=self._apply_hook, flush=self._apply_all_pending,
-                                         idle=self._pump_idle)
-            except ValueError:
-                if self._own_mover:
-                    self.mover.close(own_store=True)
+        if not self._defer:
+            return
+        model = self._model
+        assert model is not None
+        in_model = {id(p) for p in model.parameters()}
+        self._use_order = [e for e in self._entries if e.file is not None or (
+            e.tier == Placement.KEEP and all(id(self._records[i].param) in in_model for i in e.indices))]
+        owner = {id(self._records[i].param): e for e in self._use_order for i in e.indices}
+        try:
+            self._hooks = ModelHooks(model, owner, apply=self._apply_hook, flush=self._apply_all_pending,
+                                     idle=self._pump_idle)
+        except ValueError:
+            if strict or self._defer_arg:
                 raise
-        self._atexit = _ExitCloser(weakref.ref(self))
-        atexit.register(self._atexit)
-        # States that exist already (Adagrad makes them at construction, or a resumed optimizer).
-        self._adopt_all()
+            self._defer, self._use_order = False, []
+
+    def _drop_pipeline(self) -> None:
+        """Undo `_build_pipeline` (the ring's states already put back or settled; no update pending)."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        if self._ring is not None:
+            for f in self._ring_files():
+                self._ring.forget(f)
+            self._ring.clear()
+        self._ring = None
+        self._defer = False
+        self._use_order, self._seen, self._npending = [], [], 0
+        self._entries = [_Entry(b, t) for b, t in self._order_tiers]
+        for r in self._records:
+            r.slots_in_ring = False
 
     # ------------------------------------------------------------------ sizes
     def _expected_nvme_bytes(self) -> int:
@@ -721,8 +783,10 @@ class TieredOptimizer(torch.optim.Optimizer):
         try:
             for g, ps in zip(groups, sub):
                 g["params"] = ps
+            self._stepping_inner = True
             self.inner.step()
         finally:
+            self._stepping_inner = False
             self.stats.compute_seconds += time.perf_counter() - t0
             for g, ps in zip(groups, full):
                 g["params"] = ps
@@ -1029,7 +1093,7 @@ class TieredOptimizer(torch.optim.Optimizer):
         self._check_open()
         if not isinstance(placement, StatePlacement):
             raise ValueError(f"TieredOptimizer: placement must be a StatePlacement, got {placement!r}")
-        if placement == self.placement:
+        if placement == self.placement and self._defer == self._wants_defer():
             return
         self._apply_all_pending()
         n = len(self._records)
@@ -1039,14 +1103,15 @@ class TieredOptimizer(torch.optim.Optimizer):
         if any(t == Placement.NVME for t in placement.tiers) and self.mover.store is None:
             raise ValueError("TieredOptimizer: NVMe state buckets need a mover with an NVMe store")
         self._raise_failures(self._settle_all())
+        if self._ring is not None:
+            self._ring_put_back()  # the NVMe buckets' states into the wrapped optimizer (fresh copies)
         self._bring_all_back()
+        self._drop_pipeline()
         self.placement = placement
         for r in self._records:
             r.placement = placement.tier_of(r.index)
-        listed = {i for b in placement.buckets for i in b}
-        kept = [i for i in range(n) if i not in listed or placement.tier_of(i) == Placement.KEEP]
-        tiered = [b for b, t in zip(placement.buckets, placement.tiers) if t != Placement.KEEP]
-        self._order = ([tuple(kept)] if kept else []) + [tuple(b) for b in tiered]
+        self._set_orders(placement)
+        self._build_pipeline(strict=False)  # the arena ring and deferred updates of the new placement
         self._adopt_all()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
