@@ -82,6 +82,7 @@ class _Shape:
     retrace: bool = False  # the next step becomes the trace (after a misaligned step)
     corrections: int = 0
     watch_peaks: list[int] = field(default_factory=list)
+    watched: list[CompiledTrace] = field(default_factory=list)  # the managed steps of the last watch
     # (fraction, split, offload, grads, params) -> measured peak
     measured: dict[tuple[float, bool, bool, bool, bool], int] = field(default_factory=dict)
     warned_misaligned: bool = False
@@ -244,19 +245,23 @@ class CompiledLifecycle:
 
     def _adopt(self, cs: _Shape, plan: CompiledPlan) -> None:
         cs.plan = plan
-        cs.watch_peaks = []
+        cs.watch_peaks, cs.watched = [], []
         if (plan.fraction, plan.split) != (cs.fraction, cs.split):
             cs.fraction, cs.split = plan.fraction, plan.split
             cs.recompile = True
 
     def _watch(self, cs: _Shape, trace: CompiledTrace) -> None:
         cs.watch_peaks.append(trace.observed_peak)
+        if len(cs.watch_peaks) < self.WATCH_STEPS:
+            cs.watched.append(trace)
         if len(cs.watch_peaks) < self.WATCH_STEPS or cs.budget is None or cs.default is None:
             return
         if cs.fraction >= 1.0 and not cs.split and not cs.offload and cs.default.observed_peak <= cs.budget:
-            cs.watch_peaks = []
+            cs.watch_peaks, cs.watched = [], []
             return  # it fitted as compiled: nothing is managed (as the eager watch, which leaves empty plans be)
         peak, cs.watch_peaks = max(cs.watch_peaks), []
+        cs.watched.append(trace)
+        cs.watched = cs.watched[-self.WATCH_STEPS:]
         cs.measured[self._key_of(cs)] = peak
         slack = 0.0 if self.cuda else self.CPU_PEAK_SLACK
         if peak <= cs.budget * (1.0 + slack) or cs.settled:
@@ -284,15 +289,20 @@ class CompiledLifecycle:
         if cs.split and not cs.offload_tried and self.runtime.can_offload:
             cs.offload_tried = True
             assert cs.budget is not None and cs.trace is not None
-            split = replace(cs.trace, peak_above_start=cs.measured[(cs.fraction, True, False, False, False)]
-                            - cs.trace.bytes_at_start)
+            # the split steps just watched (not the step that compiled them: the compiler's memory is in its
+            # readings), their what-if peaks taken at the largest ([Note: the what-if of a split step])
+            base = cs.watched[-1] if cs.watched else cs.trace
+            ws = [t.whatif_peaks for t in cs.watched if t.whatif_peaks is not None]
+            split = replace(base, peak_above_start=cs.measured[(cs.fraction, True, False, False, False)]
+                            - base.bytes_at_start,
+                            whatif_peaks=tuple(max(w[k] for w in ws) for k in range(4)) if ws else None)
             plan = offload_plan(split, cs.budget, self.runtime.offloader.describe(), grads=self.can_tier_grads,
                                 params=self.runtime.can_tier_params)
             cs.notes.extend(plan.notes)
             cs.plan = plan
             # the same graphs: no recompile; their saves (and gradients, parameters) go to the lower tier
             cs.offload, cs.grads, cs.params = True, plan.grads, plan.params
-            cs.watch_peaks = []
+            cs.watch_peaks, cs.watched = [], []
             return
         cs.settled = True
         best = min(cs.measured, key=lambda k: (cs.measured[k], -k[0]))

@@ -525,7 +525,7 @@ class GradTieredOptimizer(TieredOptimizer):
             out += f"; {len(self.host.indices)} parameters stepped on the host ({self.host.state_bytes()} B of states)"
         return out
 
-    def close(self, *, keep_states: bool = True) -> None:
+    def close(self, *, keep_states: bool = True, apply_pending: bool = True) -> None:
         if not self.closed:
             if keep_states:
                 self.grads.bring_all_back()
@@ -534,7 +534,7 @@ class GradTieredOptimizer(TieredOptimizer):
             else:
                 self.grads.zero()
             self.grads.close()
-        super().close(keep_states=keep_states)
+        super().close(keep_states=keep_states, apply_pending=apply_pending)
 
 
 def _without(placement: StatePlacement, indices: set[int]) -> StatePlacement:
