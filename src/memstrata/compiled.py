@@ -77,6 +77,7 @@ class _Shape:
     grads: bool = False  # with offload: gradients leave tier 0 once final (runtime/grads.py)
     params: bool = False  # with offload: the split units' parameters between uses (runtime/params.py)
     offload_tried: bool = False
+    offload_more_tried: bool = False
     settled: bool = False  # nothing fits: running at the best measured setting
     recompile: bool = False  # the next step compiles at `fraction` (and becomes the trace)
     retrace: bool = False  # the next step becomes the trace (after a misaligned step)
@@ -297,11 +298,24 @@ class CompiledLifecycle:
                             - base.bytes_at_start,
                             whatif_peaks=tuple(max(w[k] for w in ws) for k in range(4)) if ws else None)
             plan = offload_plan(split, cs.budget, self.runtime.offloader.describe(), grads=self.can_tier_grads,
-                                params=self.runtime.can_tier_params)
+                                params=self.runtime.can_tier_params,
+                                margin=0.0 if self.cuda else self.CPU_PEAK_SLACK)
             cs.notes.extend(plan.notes)
             cs.plan = plan
             # the same graphs: no recompile; their saves (and gradients, parameters) go to the lower tier
             cs.offload, cs.grads, cs.params = True, plan.grads, plan.params
+            cs.watch_peaks, cs.watched = [], []
+            return
+        more = (cs.split and cs.offload and not cs.offload_more_tried
+                 and ((self.can_tier_grads and not cs.grads) or (self.runtime.can_tier_params and not cs.params)))
+        if more:
+            # measured above the budget with part of the lower tier's menu: the rest of it (no recompile)
+            cs.offload_more_tried = True
+            cs.grads = cs.grads or self.can_tier_grads
+            cs.params = cs.params or self.runtime.can_tier_params
+            note = (f"offloaded split graphs measured above the budget {format_size(cs.budget)}: running at "
+                    f"{_setting(cs.fraction, cs.split, cs.offload, cs.grads, cs.params)}")
+            cs.notes.append(note)
             cs.watch_peaks, cs.watched = [], []
             return
         cs.settled = True

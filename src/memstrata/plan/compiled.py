@@ -72,11 +72,12 @@ def split_plan(budget: int) -> CompiledPlan:
 
 
 def offload_plan(split: CompiledTrace, budget: int, lower_tier: str, *, grads: bool = False,
-                 params: bool = False) -> CompiledPlan:
+                 params: bool = False, margin: float = 0.0) -> CompiledPlan:
     """Split graphs with their activation saves offloaded ([Note: offloading the saves of a split graph] in
     runtime/compiled.py), and, where available (`grads`, `params`), the gradients once final and the split
     units' parameters between uses: the first of (saves), (+ gradients), (+ parameters), (+ both) predicted to
-    fit, else the lowest.  Predicted from the measured split step's what-if peaks ([Note: the what-if of a
+    fit with `margin` to spare (a fraction of the budget: the readings miss the lower tier's in-flight copies),
+    else the lowest.  Predicted from the measured split step's what-if peaks ([Note: the what-if of a
     split step]): the heap at each sample less what each would have moved off tier 0 at that moment.
 
     >>> from memstrata.trace.compiled import CompiledTrace
@@ -99,7 +100,7 @@ def offload_plan(split: CompiledTrace, budget: int, lower_tier: str, *, grads: b
     else:
         index = {(False, False): 0, (True, False): 1, (False, True): 2, (True, True): 3}
         predicted = {lv: split.bytes_at_start + w[index[lv]] for lv in levels}
-    fits = [lv for lv in levels if predicted[lv] <= budget]
+    fits = [lv for lv in levels if predicted[lv] <= budget * (1.0 - margin)]
     chosen = fits[0] if fits else min(levels, key=lambda lv: (predicted[lv], levels.index(lv)))
     g, pr = chosen
     peak = predicted[chosen]
