@@ -197,7 +197,8 @@ class CompiledLifecycle:
             mover = self.states.mover
             if tier == Placement.NVME and mover.store is None:
                 mover.store = NVMeStore(self.nvme_dir or "", required_bytes=sum(
-                    p.numel() * p.element_size() for p in params), workers=self.states.io_workers)
+                    p.numel() * p.element_size() for p in params), workers=self.states.io_workers,
+                    direct=False)  # [Note: buffered files for compiled saves] in runtime/compiled.py
         if want != opt.grads.placement:
             opt.set_grad_placement(want)
 

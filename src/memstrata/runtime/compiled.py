@@ -70,6 +70,20 @@ peaks (`CompiledStepStats.whatif_peaks`) are what plan/compiled.py's
 and read, not what the graphs' kernels allocate inside: the readings are
 exact at the samples, and a peak between samples is missed by all four alike.
 
+[Note: buffered files for compiled saves]
+On a CPU box the saves (and, in memstrata/compiled.py, the gradients) go to
+NVMe files written through the page cache (`NVMeStore(direct=False)`, as
+runtime/params.py writes parameters), not with O_DIRECT: a direct write
+needs a 4 KiB-aligned source, torch's CPU allocator aligns to 64 bytes, so
+every save was first copied into a fresh aligned buffer, and the write job
+holds the save until the disk took it.  On the shared box (ResNet-18, b32,
+128 px, every save, gradient and split unit's parameter tiered) the step
+peaked at 201-209 MiB with direct writes and 145 MiB buffered, 2026-12-05:
+the in-flight writes and their staging copies were the difference.  Dirty
+pages are the kernel's to write back (they are not this process's memory,
+which is the basis the budget is kept on); on a machine where the page cache
+competes with tier 0 that is a real cost: not measured here.
+
 The runtime otherwise does no copying: `CompiledRuntime.step()` installs
 saved-tensor hooks that return every tensor unchanged, record what was saved
 (sizes, storages, which autograd.Function saved it) and sample the CPU heap
@@ -397,7 +411,8 @@ class SaveOffloader:
             if self.placement == Placement.NVME and self.store is None:
                 from .nvme import NVMeStore
 
-                self.store = self.mover.store = NVMeStore(self.nvme_dir or "", workers=self.io_workers)
+                # buffered files ([Note: buffered files for compiled saves])
+                self.store = self.mover.store = NVMeStore(self.nvme_dir or "", workers=self.io_workers, direct=False)
             rec = self.mover.evict(key, self.placement, s)
             self._live[key] = (rec, weakref.ref(t))
             stats.offloaded_bytes += rec.nbytes
