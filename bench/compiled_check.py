@@ -1,7 +1,7 @@
 """Compiled models under the Manager on this box (CPU inductor): peaks vs budget, step times, largest difference.
 
     MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=1048576 OMP_NUM_THREADS=1 PYTHONPATH=src \
-        python bench/compiled_check.py resnet18 32 128 50% 16 /path/to/nvme_dir
+        python bench/compiled_check.py resnet18 32 128 50% 16 /path/to/nvme_dir [tier]
 
 One process: the same model twice (same seed), one compiled and unmanaged, one compiled under the Manager,
 stepping alternately on the same batches.  The unmanaged one runs the same compiled graphs as the managed one
@@ -9,7 +9,11 @@ stepping alternately on the same batches.  The unmanaged one runs the same compi
 "bit-exact" compares equal graphs; a setting change runs the unmanaged model at the new graphs too.  The
 optional nvme_dir is the Manager's lower tier on CPU (offloading split graphs' saves).  Peaks: the Manager's reading (its basis: bytes at the step's start +
 sampled heap growth) and an independent one (VmHWM above the step's start, `bench/peak.py`; exact with the
-allocator settings above).  Prints one JSON line per step and a summary.
+allocator settings above).  `tier`: the Manager also holds the optimizer with tier_grads=True and
+tier_params=True (gradients and split units' parameters may leave tier 0 at the offload rung); the tiered
+gradients are brought back into p.grad after the step's block (outside the measured window) for the
+comparison.  `frames`: dynamo's compiled graphs so far (a managed step that adds one recompiled).
+Prints one JSON line per step and a summary.
 """
 import json, sys, time
 
@@ -46,7 +50,13 @@ def main() -> None:
     oref = torch.optim.SGD(ref.parameters(), lr=0.01)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     nvme_dir = sys.argv[6] if len(sys.argv) > 6 else None
-    mgr = Manager(cm, budget=budget, nvme_dir=nvme_dir)
+    tier = len(sys.argv) > 7 and sys.argv[7] == "tier"
+    if tier:
+        mgr = Manager(cm, budget=budget, nvme_dir=nvme_dir, optimizer=opt, tier_grads=True, tier_params=True)
+        opt = mgr.optimizer
+    else:
+        mgr = Manager(cm, budget=budget, nvme_dir=nvme_dir)
+    from torch._dynamo.utils import counters
     ref_budget = PartitionerBudget(cref)
     rt = mgr._compiled_life.runtime
     g = torch.Generator().manual_seed(1)
@@ -58,6 +68,8 @@ def main() -> None:
         with mgr.step(x):
             nn.functional.cross_entropy(cm(x), y).backward()
         t_mgr = time.perf_counter() - t0; p_mgr = meter.stop()
+        if tier:
+            opt.grads.gather(range(len(list(model.parameters()))))  # the tiered gradients, for the comparison
         prev = None
         if (rt.budget.fraction, rt.budget.split) != (ref_budget.fraction, ref_budget.split):
             # The managed step ran new graphs: first the unmanaged model's previous graphs on the same batch and
@@ -80,7 +92,11 @@ def main() -> None:
         s = mgr.report()["steps"][-1]
         st = s["stats"] or {}
         row = dict(step=i, mode=s["mode"], fraction=st.get("fraction"), split=rt.budget.split,
-                   offload=st.get("offload"), offloaded_MiB=round((st.get("offloaded_bytes") or 0) / 2**20, 1),
+                   offload=st.get("offload"), grads_tiered=bool(tier and opt.grads.placement.buckets),
+                   params_tiered=st.get("params_tiered"), frames=int(counters["stats"]["unique_graphs"]),
+                   predicted_MiB=round((s["predicted_peak_bytes"] or 0) / 2**20, 1),
+                   whatif_MiB=[round((x + (st.get("bytes_at_start") or 0)) / 2**20, 1)
+                               for x in (st.get("whatif_peaks") or ())], offloaded_MiB=round((st.get("offloaded_bytes") or 0) / 2**20, 1),
                    restore_wait_s=round(st.get("restore_wait_seconds") or 0.0, 3), graphs=st.get("graphs"),
                    ref_s=round(t_ref, 3), mgr_s=round(t_mgr, 3),
                    ref_peak_above_start_MiB=round(p_ref.peak_bytes / 2**20, 1),

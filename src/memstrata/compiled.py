@@ -74,13 +74,18 @@ class _Shape:
     split: bool = False  # one graph per recompute unit
     split_tried: bool = False
     offload: bool = False  # split graphs' activation saves moved to the lower tier
+    grads: bool = False  # with offload: gradients leave tier 0 once final (runtime/grads.py)
+    params: bool = False  # with offload: the split units' parameters between uses (runtime/params.py)
     offload_tried: bool = False
+    offload_more_tried: bool = False
     settled: bool = False  # nothing fits: running at the best measured setting
     recompile: bool = False  # the next step compiles at `fraction` (and becomes the trace)
     retrace: bool = False  # the next step becomes the trace (after a misaligned step)
     corrections: int = 0
     watch_peaks: list[int] = field(default_factory=list)
-    measured: dict[tuple[float, bool, bool], int] = field(default_factory=dict)  # (fraction, split, offload) -> peak
+    watched: list[CompiledTrace] = field(default_factory=list)  # the managed steps of the last watch
+    # (fraction, split, offload, grads, params) -> measured peak
+    measured: dict[tuple[float, bool, bool, bool, bool], int] = field(default_factory=dict)
     warned_misaligned: bool = False
     misaligned_steps: int = 0
     notes: list[str] = field(default_factory=list)
@@ -93,8 +98,11 @@ class CompiledLifecycle:
 
     def __init__(self, model: nn.Module, budget: Budget, *, fallback: str = "minimum", warmup_steps: int = 1,
                  max_retraces: int = 2, model_name: str = "", device: torch.device | None = None,
-                 nvme_dir: str | None = None, io_workers: int | None = None) -> None:
-        self.runtime = CompiledRuntime(model, nvme_dir=nvme_dir, io_workers=io_workers)
+                 nvme_dir: str | None = None, io_workers: int | None = None, states: Any = None,
+                 tier_params: bool = False) -> None:
+        self.runtime = CompiledRuntime(model, nvme_dir=nvme_dir, io_workers=io_workers, tier_params=tier_params)
+        self.states = states  # ManagedStates (runtime/managed_states.py) when gradients may be tiered, else None
+        self.nvme_dir = nvme_dir
         self.budget = budget
         self.fallback = fallback
         self.warmup_steps = int(warmup_steps)
@@ -116,13 +124,15 @@ class CompiledLifecycle:
         if cs.default is None and n < self.warmup_steps:
             out.mode = "warmup"
             self.runtime.set_fraction(1.0, False)
+            self._set_grads(False)
             t0 = time.perf_counter()
             yield out
             self._sync()
             out.seconds = time.perf_counter() - t0
             return
         rt = self.runtime
-        rt.set_fraction(cs.fraction, cs.split, cs.offload)
+        rt.set_fraction(cs.fraction, cs.split, cs.offload, cs.params)
+        self._set_grads(cs.grads)
         tracing = cs.default is None or cs.recompile or cs.retrace
         rt.expect(None if tracing else cs.trace)
         start = self._cuda_start()
@@ -160,6 +170,38 @@ class CompiledLifecycle:
         out.budget_bytes = cs.budget
         out.predicted_peak_bytes = cs.plan.predicted_peak if cs.plan is not None else None
 
+    @staticmethod
+    def _key_of(cs: _Shape) -> tuple[float, bool, bool, bool, bool]:
+        return (cs.fraction, cs.split, cs.offload, cs.grads, cs.params)
+
+    @property
+    def can_tier_grads(self) -> bool:
+        """Gradients can leave tier 0: the Manager holds the optimizer (tier_grads=True) and there is a tier."""
+        return self.states is not None and (self.cuda or self.nvme_dir is not None)
+
+    def _set_grads(self, on: bool) -> None:
+        """Every gradient tiered from its accumulate hook to its optimizer step, or none (between steps)."""
+        if self.states is None:
+            return
+        from .runtime.mover import Placement
+        from .runtime.nvme import NVMeStore
+        from .runtime.states import DEFAULT_BUCKET_BYTES, StatePlacement
+
+        opt = self.states.optimizer
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if not on:
+            want = StatePlacement((), ())
+        else:
+            tier = Placement.HOST if self.cuda else Placement.NVME
+            want = StatePlacement.uniform([p.numel() * p.element_size() for p in params], tier, DEFAULT_BUCKET_BYTES)
+            mover = self.states.mover
+            if tier == Placement.NVME and mover.store is None:
+                mover.store = NVMeStore(self.nvme_dir or "", required_bytes=sum(
+                    p.numel() * p.element_size() for p in params), workers=self.states.io_workers,
+                    direct=False)  # [Note: buffered files for compiled saves] in runtime/compiled.py
+        if want != opt.grads.placement:
+            opt.set_grad_placement(want)
+
     def _sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -190,7 +232,7 @@ class CompiledLifecycle:
             cs.budget = trace.observed_peak
         else:
             cs.budget = self.budget.resolve(trace)
-        cs.measured[(trace.fraction, False, False)] = trace.observed_peak
+        cs.measured[(trace.fraction, False, False, False, False)] = trace.observed_peak
         plan = plan_compiled(trace, cs.budget)
         if not plan.feasible:
             if self.fallback == "raise":
@@ -205,27 +247,32 @@ class CompiledLifecycle:
 
     def _adopt(self, cs: _Shape, plan: CompiledPlan) -> None:
         cs.plan = plan
-        cs.watch_peaks = []
+        cs.watch_peaks, cs.watched = [], []
         if (plan.fraction, plan.split) != (cs.fraction, cs.split):
             cs.fraction, cs.split = plan.fraction, plan.split
             cs.recompile = True
 
     def _watch(self, cs: _Shape, trace: CompiledTrace) -> None:
         cs.watch_peaks.append(trace.observed_peak)
+        if len(cs.watch_peaks) < self.WATCH_STEPS:
+            cs.watched.append(trace)
         if len(cs.watch_peaks) < self.WATCH_STEPS or cs.budget is None or cs.default is None:
             return
         if cs.fraction >= 1.0 and not cs.split and not cs.offload and cs.default.observed_peak <= cs.budget:
-            cs.watch_peaks = []
+            cs.watch_peaks, cs.watched = [], []
             return  # it fitted as compiled: nothing is managed (as the eager watch, which leaves empty plans be)
         peak, cs.watch_peaks = max(cs.watch_peaks), []
-        cs.measured[(cs.fraction, cs.split, cs.offload)] = peak
+        cs.watched.append(trace)
+        cs.watched = cs.watched[-self.WATCH_STEPS:]
+        cs.measured[self._key_of(cs)] = peak
         slack = 0.0 if self.cuda else self.CPU_PEAK_SLACK
         if peak <= cs.budget * (1.0 + slack) or cs.settled:
             return
         measured = replace(trace, peak_above_start=peak - trace.bytes_at_start)
         plan = None if cs.split else correct_compiled(cs.default, measured, cs.budget)
         cs.corrections += 1
-        if plan is None or (plan.fraction, False, False) in cs.measured or cs.corrections >= self.MAX_CORRECTIONS:
+        if plan is None or (plan.fraction, False, False, False, False) in cs.measured or \
+                cs.corrections >= self.MAX_CORRECTIONS:
             self._settle(cs)
             return
         cs.notes.extend(plan.notes)
@@ -244,12 +291,33 @@ class CompiledLifecycle:
         if cs.split and not cs.offload_tried and self.runtime.can_offload:
             cs.offload_tried = True
             assert cs.budget is not None and cs.trace is not None
-            split = replace(cs.trace, peak_above_start=cs.measured[(cs.fraction, True, False)] - cs.trace.bytes_at_start)
-            plan = offload_plan(split, cs.budget, self.runtime.offloader.describe())
+            # the split steps just watched (not the step that compiled them: the compiler's memory is in its
+            # readings), their what-if peaks taken at the largest ([Note: the what-if of a split step])
+            base = cs.watched[-1] if cs.watched else cs.trace
+            ws = [t.whatif_peaks for t in cs.watched if t.whatif_peaks is not None]
+            split = replace(base, peak_above_start=cs.measured[(cs.fraction, True, False, False, False)]
+                            - base.bytes_at_start,
+                            whatif_peaks=tuple(max(w[k] for w in ws) for k in range(4)) if ws else None)
+            plan = offload_plan(split, cs.budget, self.runtime.offloader.describe(), grads=self.can_tier_grads,
+                                params=self.runtime.can_tier_params,
+                                margin=0.0 if self.cuda else self.CPU_PEAK_SLACK)
             cs.notes.extend(plan.notes)
             cs.plan = plan
-            cs.offload = True  # the same graphs: no recompile; their saves go to the lower tier
-            cs.watch_peaks = []
+            # the same graphs: no recompile; their saves (and gradients, parameters) go to the lower tier
+            cs.offload, cs.grads, cs.params = True, plan.grads, plan.params
+            cs.watch_peaks, cs.watched = [], []
+            return
+        more = (cs.split and cs.offload and not cs.offload_more_tried
+                 and ((self.can_tier_grads and not cs.grads) or (self.runtime.can_tier_params and not cs.params)))
+        if more:
+            # measured above the budget with part of the lower tier's menu: the rest of it (no recompile)
+            cs.offload_more_tried = True
+            cs.grads = cs.grads or self.can_tier_grads
+            cs.params = cs.params or self.runtime.can_tier_params
+            note = (f"offloaded split graphs measured above the budget {format_size(cs.budget)}: running at "
+                    f"{_setting(cs.fraction, cs.split, cs.offload, cs.grads, cs.params)}")
+            cs.notes.append(note)
+            cs.watch_peaks, cs.watched = [], []
             return
         cs.settled = True
         best = min(cs.measured, key=lambda k: (cs.measured[k], -k[0]))
@@ -260,10 +328,10 @@ class CompiledLifecycle:
                 + " cannot remove (the backward's working memory, gradients, parameters, the batch)")
         cs.notes.append(note)
         warn_user(f"memstrata: {note}")
-        if best != (cs.fraction, cs.split, cs.offload):
+        if best != self._key_of(cs):
             if best[:2] != (cs.fraction, cs.split):
                 cs.retrace = True  # compiled already: no recompile, but its saves become the trace again
-            cs.fraction, cs.split, cs.offload = best
+            cs.fraction, cs.split, cs.offload, cs.grads, cs.params = best
         if cs.plan is not None:
             cs.plan = replace(cs.plan, fraction=best[0], split=best[1], predicted_peak=cs.measured[best],
                               feasible=False)
@@ -287,6 +355,7 @@ class CompiledLifecycle:
         cs = self.shapes[key]
         d: dict[str, Any] = {"steps": cs.steps, "traces": cs.traces, "compiled": True,
                              "fraction": cs.fraction, "split_at_units": cs.split, "offload": cs.offload,
+                             "grads_tiered": cs.grads, "params_tiered": cs.params,
                              "corrections": cs.corrections,
                              "misaligned_steps": cs.misaligned_steps,
                              "measured_peaks": {_setting(*k): p for k, p in cs.measured.items()}}
@@ -305,8 +374,9 @@ class CompiledLifecycle:
         self.runtime.close()
 
 
-def _setting(fraction: float, split: bool, offload: bool = False) -> str:
-    return f"{fraction:g}{' per unit' if split else ''}{' + offload' if offload else ''}"
+def _setting(fraction: float, split: bool, offload: bool = False, grads: bool = False, params: bool = False) -> str:
+    return (f"{fraction:g}{' per unit' if split else ''}{' + offload' if offload else ''}"
+            f"{' + gradients' if grads else ''}{' + parameters' if params else ''}")
 
 
 def _key(key: tuple) -> str:

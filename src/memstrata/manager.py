@@ -248,7 +248,9 @@ class Manager:
             in the plan] in trace/grads.py).  Clip them with
             `self.optimizer.clip_grad_norm_(params, max_norm)` (torch's
             `clip_grad_norm_` does not see a gradient that is not in
-            ``p.grad``); off by default for that reason.
+            ``p.grad``); off by default for that reason.  Under torch.compile
+            every gradient is tiered when the compiled step's split graphs with
+            their saves offloaded do not fit (memstrata/compiled.py).
 
         tier_params: with `optimizer`, the plan may also keep the parameters
             of large Linear/Conv modules below tier 0 between their uses
@@ -257,7 +259,10 @@ class Manager:
             module's forward and backward, released after, all resident again
             when the step's block exits.  Default (None): on with `optimizer`
             in a single process, off otherwise; False opts out.  Not under
-            torch.distributed or torch.compile (True there is an error).
+            torch.distributed (True there is an error).  Under torch.compile
+            off by default; True: the split units' parameters, when their
+            offloaded split graphs do not fit ([Note: parameters of a
+            compiled unit] in runtime/params.py).
 
         heap_readings: CPU peak readings of managed steps (heap sampling, 1-2%
             of a step): "auto" (default) reads every step while the budget
@@ -356,12 +361,13 @@ class Manager:
         self._pool: HostBufferPool | None = None
         # [Note: states in the plan] (plan/joint.py): the optimizer's states are planned with the activations.
         self.states: ManagedStates | None = None
-        if optimizer is not None and self.enabled and self._compiled:
+        if optimizer is not None and self.enabled and self._compiled and not tier_grads:
             # the compiled lifecycle (compiled.py) plans activations only: say so rather than ignore optimizer=
             warn_user("memstrata: optimizer= with a torch.compile'd model: its states (and gradients) are not "
                           "tiered under torch.compile yet (they stay in tier 0; mgr.optimizer is the optimizer "
-                          "itself)")
+                          "itself; tier_grads=True tiers the gradients)")
         elif optimizer is not None and self.enabled:
+            # (compiled, tier_grads=True: the compiled lifecycle tiers the gradients only, states stay kept)
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
             self.states = ManagedStates(optimizer, device=self.device, copy=self._copy, pool=self._pool,
@@ -378,8 +384,6 @@ class Manager:
         if tier_params and self.world_size > 1:
             raise ValueError("Manager: tier_params=True is not supported under torch.distributed yet (DDP and FSDP2 "
                              "own the parameters' storage); leave it unset")
-        if tier_params and self._compiled:
-            raise ValueError("Manager: tier_params=True is not supported for a torch.compile'd model yet")
         if tier_params and optimizer is None:
             raise ValueError("Manager: tier_params=True needs optimizer= (parameters are planned with the optimizer's "
                              "states)")
@@ -398,7 +402,9 @@ class Manager:
             self._compiled_life = CompiledLifecycle(self.root, self.budget, fallback=self.fallback,
                                                     warmup_steps=self.warmup_steps, max_retraces=self.max_retraces,
                                                     model_name=self.model_name, device=self.device,
-                                                    nvme_dir=self.nvme_dir, io_workers=io_workers)
+                                                    nvme_dir=self.nvme_dir, io_workers=io_workers,
+                                                    states=self.states if self.tier_grads else None,
+                                                    tier_params=self.tier_params)
 
     # ------------------------------------------------------------------ public
     MAX_CORRECTIONS = 2  # budget corrections per tuning candidate ([Note: measured plan tuning])

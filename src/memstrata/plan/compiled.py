@@ -53,11 +53,13 @@ class CompiledPlan:
     notes: tuple[str, ...] = ()
     split: bool = False  # one graph per recompute unit ([Note: one graph per unit] in runtime/compiled.py)
     offload: bool = False  # the split graphs' activation saves go to the lower tier
+    grads: bool = False  # and the gradients once final (runtime/grads.py)
+    params: bool = False  # and the split units' parameters between uses (runtime/params.py)
 
     def to_dict(self) -> dict:
         return {"fraction": self.fraction, "budget": self.budget, "predicted_peak": self.predicted_peak,
                 "minimum_peak": self.minimum_peak, "feasible": self.feasible, "split": self.split,
-                "offload": self.offload,
+                "offload": self.offload, "grads": self.grads, "params": self.params,
                 "notes": list(self.notes)}
 
 
@@ -69,26 +71,52 @@ def split_plan(budget: int) -> CompiledPlan:
                         split=True)
 
 
-def offload_plan(split: CompiledTrace, budget: int, lower_tier: str) -> CompiledPlan:
+def offload_plan(split: CompiledTrace, budget: int, lower_tier: str, *, grads: bool = False,
+                 params: bool = False, margin: float = 0.0) -> CompiledPlan:
     """Split graphs with their activation saves offloaded ([Note: offloading the saves of a split graph] in
-    runtime/compiled.py), predicted from the measured split step: every graph's saves leave tier 0 except
-    those of the graph whose backward runs (restored on demand when it starts).
+    runtime/compiled.py), and, where available (`grads`, `params`), the gradients once final and the split
+    units' parameters between uses: the first of (saves), (+ gradients), (+ parameters), (+ both) predicted to
+    fit with `margin` to spare (a fraction of the budget: the readings miss the lower tier's in-flight copies),
+    else the lowest.  Predicted from the measured split step's what-if peaks ([Note: the what-if of a
+    split step]): the heap at each sample less what each would have moved off tier 0 at that moment.
 
     >>> from memstrata.trace.compiled import CompiledTrace
     >>> t = CompiledTrace("m", 0.0, (), saved_activation_bytes=600, saved_static_bytes=0, unpacks=0,
     ...                   bytes_at_start=300, peak_above_start=900, peak_source="", step_time=0.1,
-    ...                   graphs=6, largest_graph_activation_bytes=100)
-    >>> p = offload_plan(t, 800, "NVMe"); p.predicted_peak, p.feasible, p.offload
-    (700, True, True)
+    ...                   graphs=6, largest_graph_activation_bytes=100, whatif_peaks=(700, 500, 600, 350))
+    >>> p = offload_plan(t, 850, "NVMe", grads=True); p.predicted_peak, p.feasible, p.grads, p.params
+    (800, True, True, False)
+    >>> p = offload_plan(t, 600, "NVMe", grads=True, params=True); p.predicted_peak, p.feasible, p.params
+    (650, False, True)
+
+    Without what-if readings (a CUDA step): every save but the largest graph's leaves (optimistic).
     """
-    predicted = max(_rest(split) + split.largest_graph_activation_bytes, split.bytes_at_start)
-    feasible = predicted <= budget
+    levels = [(False, False)] + ([(True, False)] if grads else []) + ([(False, True)] if params else []) + (
+        [(True, True)] if grads and params else [])
+    w = split.whatif_peaks
+    if w is None:
+        predicted = {(False, False): max(_rest(split) + split.largest_graph_activation_bytes, split.bytes_at_start)}
+        levels = levels[:1]
+    else:
+        index = {(False, False): 0, (True, False): 1, (False, True): 2, (True, True): 3}
+        predicted = {lv: split.bytes_at_start + w[index[lv]] for lv in levels}
+    fits = [lv for lv in levels if predicted[lv] <= budget * (1.0 - margin)]
+    chosen = fits[0] if fits else min(levels, key=lambda lv: (predicted[lv], levels.index(lv)))
+    g, pr = chosen
+    peak = predicted[chosen]
+    feasible = peak <= budget
+    what = "their activation saves" + (", the gradients once final" if g else "") + (
+        ", the split units' parameters between uses" if pr else "")
+    others = "; ".join(f"{_level(lv)}: {format_size(predicted[lv])}" for lv in levels)
     note = (f"split graphs at activation budget 0 measured {format_size(split.observed_peak)} > budget "
-            f"{format_size(budget)}: offloading their activation saves ({format_size(split.saved_activation_bytes)}"
-            f", the largest graph's {format_size(split.largest_graph_activation_bytes)}) to {lower_tier} between "
-            f"each graph's forward and backward: predicted {format_size(predicted)}"
-            + ("" if feasible else " (still above the budget: the backward's working memory stays)"))
-    return CompiledPlan(0.0, budget, predicted, predicted, feasible, (note,), split=True, offload=True)
+            f"{format_size(budget)}: offloading {what} to {lower_tier}: predicted {format_size(peak)} "
+            f"({others})" + ("" if feasible else " (still above the budget: the backward's working memory stays)"))
+    return CompiledPlan(0.0, budget, peak, min(predicted.values()), feasible, (note,), split=True, offload=True,
+                        grads=g, params=pr)
+
+
+def _level(level: tuple[bool, bool]) -> str:
+    return "saves" + (" + gradients" if level[0] else "") + (" + parameters" if level[1] else "")
 
 
 def _rest(base: CompiledTrace) -> int:

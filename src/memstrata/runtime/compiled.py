@@ -51,6 +51,39 @@ prefetch: one unit ahead would hold two full-resolution stem saves at once).
 One graph without a split gains nothing from it (its backward reads every
 save before its first kernel, see above).
 
+[Note: the what-if of a split step]
+What offloading would remove depends on *when* the peak happens: the split
+step's peak is at the stem's backward on ResNet-18, where most graphs' saves
+are already gone but every gradient exists (subtracting every save from the
+peak predicted 115 MiB where offload measured 209 MiB).  So the runtime
+keeps, at every heap sample of a step, four what-if readings: the heap less
+(a) the offloadable saves still waiting for their graph's backward (every
+graph's from its forward until its backward starts: then the saves of the
+graphs before it; the running graph's own are restored in the managed step),
+(b) also the gradients made so far (a post-accumulate-grad hook on every
+parameter: with gradient tiering they leave once final, runtime/grads.py),
+(c) the saves and the split units' parameters a dry `ParamTiering` says
+would be released ([Note: parameters of a compiled unit] in
+runtime/params.py), (d) all three.  Their
+peaks (`CompiledStepStats.whatif_peaks`) are what plan/compiled.py's
+`offload_plan` predicts the offloaded step from.  Hooks see what is made
+and read, not what the graphs' kernels allocate inside: the readings are
+exact at the samples, and a peak between samples is missed by all four alike.
+
+[Note: buffered files for compiled saves]
+On a CPU box the saves (and, in memstrata/compiled.py, the gradients) go to
+NVMe files written through the page cache (`NVMeStore(direct=False)`, as
+runtime/params.py writes parameters), not with O_DIRECT: a direct write
+needs a 4 KiB-aligned source, torch's CPU allocator aligns to 64 bytes, so
+every save was first copied into a fresh aligned buffer, and the write job
+holds the save until the disk took it.  On the shared box (ResNet-18, b32,
+128 px, every save, gradient and split unit's parameter tiered) the step
+peaked at 201-209 MiB with direct writes and 145 MiB buffered, 2026-12-05:
+the in-flight writes and their staging copies were the difference.  Dirty
+pages are the kernel's to write back (they are not this process's memory,
+which is the basis the budget is kept on); on a machine where the page cache
+competes with tier 0 that is a real cost: not measured here.
+
 The runtime otherwise does no copying: `CompiledRuntime.step()` installs
 saved-tensor hooks that return every tensor unchanged, record what was saved
 (sizes, storages, which autograd.Function saved it) and sample the CPU heap
@@ -238,34 +271,46 @@ class CompiledStepStats:
     offloaded_bytes: int = 0  # storages handed to the mover (each once)
     restores: int = 0
     restore_wait_seconds: float = 0.0
+    params_tiered: bool = False  # split units' parameters off tier 0 between uses (runtime/params.py)
+    # [Note: the what-if of a split step]: sampled heap peak above the start less what offloading the saves
+    # would have removed at each sample, also tiering the gradients, the units' parameters, both
+    whatif_peaks: tuple[int, int, int, int] | None = None
+    grad_bytes: int = 0  # gradients made in this step (final: their accumulate hooks ran)
     pack_nbytes: list[int] = field(default_factory=list, repr=False)
 
 
 class _HeapPoller(threading.Thread):
     """Samples the CPU heap every `interval` s (while the GIL lets it) between start() and finish()."""
 
-    def __init__(self, interval: float = 0.0005) -> None:
+    def __init__(self, interval: float = 0.0005, whatif: Any = None) -> None:
         super().__init__(daemon=True, name="memstrata-compiled-heap")
         self.interval = interval
         self.peak = heap_in_use() if heap_in_use is not None else 0
+        self.whatif = whatif  # () -> (offloadable saves alive, final gradients, released parameters), bytes
+        self.whatif_peaks = [self.peak] * 4
         self.samples = 0
         self._stop_evt = threading.Event()
+
+    def _take(self, h: int) -> None:
+        self.samples += 1
+        if h > self.peak:
+            self.peak = h
+        if self.whatif is not None:
+            off, grads, params = self.whatif()
+            w = self.whatif_peaks
+            for k, v in enumerate((h - off, h - off - grads, h - off - params, h - off - grads - params)):
+                if v > w[k]:
+                    w[k] = v
 
     def run(self) -> None:
         assert heap_in_use is not None
         while not self._stop_evt.is_set():
-            h = heap_in_use()
-            self.samples += 1
-            if h > self.peak:
-                self.peak = h
+            self._take(heap_in_use())
             time.sleep(self.interval)
 
     def sample(self) -> None:
         if heap_in_use is not None:
-            h = heap_in_use()
-            self.samples += 1
-            if h > self.peak:
-                self.peak = h
+            self._take(heap_in_use())
 
     def finish(self) -> int:
         self._stop_evt.set()
@@ -366,7 +411,8 @@ class SaveOffloader:
             if self.placement == Placement.NVME and self.store is None:
                 from .nvme import NVMeStore
 
-                self.store = self.mover.store = NVMeStore(self.nvme_dir or "", workers=self.io_workers)
+                # buffered files ([Note: buffered files for compiled saves])
+                self.store = self.mover.store = NVMeStore(self.nvme_dir or "", workers=self.io_workers, direct=False)
             rec = self.mover.evict(key, self.placement, s)
             self._live[key] = (rec, weakref.ref(t))
             stats.offloaded_bytes += rec.nbytes
@@ -411,6 +457,42 @@ class _Step:
         self.frame: Any = None
         self.graph_bytes = 0  # activation bytes saved by the current graph
         self.heap_base = 0
+        # [Note: the what-if of a split step]
+        self.graph_offloadable: list[int] = [0]  # per graph (index = stats.graphs when saved): offloadable bytes
+        self.save_graph: dict[int, int] = {}  # storage -> the graph that saved it
+        self.offloadable_alive = 0
+        self.backward_graph: int | None = None
+        self.grad_bytes = 0
+        self.start_storages: set[int] = set()
+        self.params: Any = None  # the runtime's ParamTiering (dry or live), if any
+
+    def whatif(self) -> tuple[int, int, int]:
+        return self.offloadable_alive, self.grad_bytes, self.released_params()
+
+    def released_params(self) -> int:
+        return self.params.released_bytes if self.params is not None else 0
+
+
+class _UnitProbe:
+    """Checks, in a dry step, that a split unit ran as one compiled graph whose node reads its parameters
+    ([Note: parameters of a compiled unit] in runtime/params.py)."""
+
+    def __init__(self, runtime: "CompiledRuntime") -> None:
+        self.runtime = runtime
+
+    def enter(self) -> Any:
+        st = self.runtime._state
+        return None if st is None else (st.stats.graphs, st.stats.eager_packs, st.frame)
+
+    def leave(self, token: Any, node: Any) -> bool:
+        st = self.runtime._state
+        if st is None or token is None:
+            return False
+        graphs, eager, frame = token
+        new_graphs = st.stats.graphs - graphs
+        one_graph = new_graphs == 1 or (new_graphs == 0 and st.frame is frame)
+        return (one_graph and st.stats.eager_packs == eager and node is not None
+                and type(node).__name__ == "CompiledFunctionBackward")
 
 
 class CompiledRuntime:
@@ -422,7 +504,7 @@ class CompiledRuntime:
     """
 
     def __init__(self, model: nn.Module, *, sample_heap: bool | None = None, nvme_dir: str | None = None,
-                 io_workers: int | None = None) -> None:
+                 io_workers: int | None = None, tier_params: bool = False) -> None:
         self.model = model
         self.budget = PartitionerBudget(model)
         if not self.budget.modules:
@@ -436,6 +518,12 @@ class CompiledRuntime:
         self.offload = False  # move activation saves to the lower tier ([Note: offloading the saves ...])
         self.last_stats: CompiledStepStats | None = None
         self._state: _Step | None = None
+        self.tier_params = bool(tier_params)
+        self.params: Any = None  # ParamTiering of the split units ([Note: parameters of a compiled unit])
+        # gradients made in a step, for the what-if ([Note: the what-if of a split step]); registered first, so
+        # they run before a gradient tier's hooks take the gradient away
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(self._grad_done)
+                            for p in model.parameters() if p.requires_grad]
 
     @property
     def fraction(self) -> float:
@@ -449,15 +537,55 @@ class CompiledRuntime:
     def can_offload(self) -> bool:
         return self.offloader.available
 
-    def set_fraction(self, fraction: float, split: bool = False, offload: bool = False) -> None:
+    @property
+    def can_tier_params(self) -> bool:
+        """Split units' parameters can leave tier 0 (asked for, split, a lower tier, units found eligible)."""
+        return self.params is not None and any(self.params.eligible.values())
+
+    def set_fraction(self, fraction: float, split: bool = False, offload: bool = False,
+                     params: bool = False) -> None:
         """Compile (on the next call) at this partitioner budget; the saves change, so forget the trace.
-        `offload`: move the activation saves to the lower tier (the saves themselves do not change)."""
+        `offload`: move the activation saves to the lower tier (the saves themselves do not change);
+        `params`: the split units' parameters too ([Note: parameters of a compiled unit])."""
         if offload and not self.can_offload:
             raise ValueError(f"no lower tier to offload compiled saves to ({self.offloader.describe()})")
+        if params and not (split and self.can_tier_params):
+            raise ValueError("the split units' parameters cannot be tiered (not split at units, tier_params off, "
+                             "no lower tier, or no unit whose backward reads its parameters in one graph)")
         self.offload = bool(offload)
         if (float(fraction), bool(split)) != (self.budget.fraction, self.budget.split):
             self.expected = None
         self.budget.set(fraction, split)
+        self._set_params(self.budget.split, bool(params))
+
+    def _set_params(self, split: bool, live: bool) -> None:
+        """A dry ParamTiering over the split units while split (the what-if), live when `live`."""
+        if self.params is not None and (not split or (self.params.dry is False and not live)):
+            self.params.close()  # every parameter resident, hooks gone
+            self.params = None
+        if self.params is None and split and self.tier_params:
+            self.params = self._param_tiering()
+        if self.params is not None and live:
+            self.params.go_live()
+
+    def _param_tiering(self) -> Any:
+        from .params import ParamTiering
+
+        if len(self.budget.modules) != 1:
+            return None  # several compiled modules: units are named per module (not built)
+        placement = Placement.HOST if self.offloader.copy.cuda else Placement.NVME
+        if placement == Placement.NVME and self.offloader.nvme_dir is None:
+            return None
+        root = self.budget.modules[0]._orig_mod
+        split = {id(u) for u in self.budget.units}
+        names = {n: placement for n, u in root.named_modules() if id(u) in split and any(True for _ in u.parameters())}
+        from .params import _whole_tierable
+
+        names = {n: pl for n, pl in names.items() if n in set(_whole_tierable(root, names))}
+        if not names:
+            return None
+        return ParamTiering(root, names, nvme_dir=self.offloader.nvme_dir, io_workers=self.offloader.io_workers,
+                            whole_modules=True, dry=True, probe=_UnitProbe(self))
 
     def expect(self, trace: CompiledTrace | None) -> None:
         self.expected = trace
@@ -474,7 +602,8 @@ class CompiledRuntime:
             saved_static_bytes=stats.saved_static_bytes, unpacks=stats.unpacks,
             bytes_at_start=stats.bytes_at_start, peak_above_start=int(above), peak_source=source,
             step_time=float(seconds), graphs=stats.graphs,
-            largest_graph_activation_bytes=stats.largest_graph_activation_bytes)
+            largest_graph_activation_bytes=stats.largest_graph_activation_bytes,
+            whatif_peaks=stats.whatif_peaks if peak_above_start is None else None, grad_bytes=stats.grad_bytes)
 
     @contextlib.contextmanager
     def step(self, inputs: Any = ()) -> Iterator[CompiledStepStats]:
@@ -502,23 +631,33 @@ class CompiledRuntime:
                     start[s._cdata] = s.nbytes()
         stats.bytes_at_start = int(sum(start.values()))
         expected = self.expected.pack_nbytes if self.expected is not None else None
+        st = _Step(stats, expected, fixed, None)
+        st.start_storages = set(start)
+        st.params = self.params
         poller = None
         if self.sample_heap:
-            poller = _HeapPoller()
-        st = _Step(stats, expected, fixed, poller)
+            poller = st.poller = _HeapPoller(whatif=st.whatif)
         if poller is not None:
             st.heap_base = poller.peak
             poller.start()
         self._state = st
+        params = self.params
+        stats.params_tiered = params is not None and not params.dry
+        if params is not None:
+            params.begin()
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield stats
         finally:
+            if params is not None:
+                params.end()  # every parameter resident again (the optimizer step runs after the block)
             self._state = None
             self.offloader.end_step()
+            stats.grad_bytes = st.grad_bytes
             if poller is not None:
                 stats.heap_peak_bytes = max(0, poller.finish() - st.heap_base)
                 stats.heap_samples = poller.samples
+                stats.whatif_peaks = tuple(max(0, w - st.heap_base) for w in poller.whatif_peaks)  # type: ignore
             if expected is not None and stats.misaligned is None and stats.packs != len(expected):
                 stats.misaligned = f"the step saved {stats.packs} tensors, its trace {len(expected)}"
             self.last_stats = stats
@@ -546,6 +685,8 @@ class CompiledRuntime:
         s = _storage(t)
         n = int(s.nbytes()) if s is not None else 0
         stats.pack_nbytes.append(n)
+        offloadable = (s is not None and s._cdata not in st.fixed and n >= SaveOffloader.MIN_BYTES
+                       and t.device == self.device and t.layout == torch.strided)
         if s is not None and s._cdata not in st.seen:
             st.seen.add(s._cdata)
             if s._cdata in st.fixed:
@@ -554,6 +695,13 @@ class CompiledRuntime:
                 stats.saved_activation_bytes += n
                 st.graph_bytes += n
                 stats.largest_graph_activation_bytes = max(stats.largest_graph_activation_bytes, st.graph_bytes)
+            if offloadable:
+                g = stats.graphs
+                while len(st.graph_offloadable) <= g:
+                    st.graph_offloadable.append(0)
+                st.graph_offloadable[g] += n
+                st.save_graph[s._cdata] = g
+                st.offloadable_alive += n
         exp = st.expected
         if exp is not None and stats.misaligned is None:
             if k >= len(exp):
@@ -562,8 +710,7 @@ class CompiledRuntime:
                 stats.misaligned = f"save {k}: a storage of {n} bytes, the trace's had {exp[k]}"
         if st.poller is not None:
             st.poller.sample()
-        if (stats.offload and s is not None and s._cdata not in st.fixed and n >= SaveOffloader.MIN_BYTES
-                and t.device == self.device and t.layout == torch.strided):
+        if stats.offload and offloadable:
             return self.offloader.pack(t, s, stats)
         return t
 
@@ -572,14 +719,39 @@ class CompiledRuntime:
         st = self._state
         if st is not None:
             st.stats.unpacks += 1
+        key = t.rec.storage if isinstance(t, _Offloaded) else None
         if isinstance(t, _Offloaded):
             t = self.offloader.unpack(t, st.stats if st is not None else None)
-        if st is not None and st.poller is not None:
-            st.poller.sample()
+        if st is not None:
+            if key is None:
+                s = _storage(t)
+                key = s._cdata if s is not None else None
+            g = st.save_graph.get(key) if key is not None else None
+            if g is not None and g != st.backward_graph:
+                # graph g's backward starts: the saves of later graphs are gone, earlier ones' still wait
+                st.backward_graph = g
+                st.offloadable_alive = sum(st.graph_offloadable[:g])
+            if st.poller is not None:
+                st.poller.sample()
         return t
 
+    @torch.compiler.disable
+    def _grad_done(self, p: torch.Tensor) -> None:
+        st = self._state
+        g = p.grad
+        if st is None or g is None:
+            return
+        s = _storage(g)
+        if s is not None and s._cdata not in st.start_storages:
+            st.start_storages.add(s._cdata)  # counted once
+            st.grad_bytes += int(s.nbytes())
+
     def close(self) -> None:
-        """Give the compiled modules their own forward back; remove the offload store."""
+        """Give the compiled modules their own forward back; parameters resident; remove the offload store."""
+        self._set_params(False, False)
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks = []
         self.budget.restore()
         self.offloader.close()
 

@@ -54,6 +54,23 @@ loudly ("storage of size 0"), never silently.
 * `end()` (the step's block exits) and any optimizer's step pre-hook
   (a step inside the block) fetch every released module: the optimizer step
   sees resident parameters.
+[Note: parameters of a compiled unit]
+Under torch.compile split at units (runtime/compiled.py, [Note: one graph
+per unit]) a unit that is a split point runs its forward as one compiled
+graph, called from an eager `Module.__call__`: its forward hooks run as
+Python (wrapped in `torch.compiler.disable`, so dynamo never traces them),
+and its output's autograd node is the graph's `CompiledFunctionBackward`,
+the one node whose backward reads the unit's parameters (saved by the
+graph: the same storages).  `whole_modules=True` tiers such a unit's
+parameters together, submodules' included, with the same hooks as above.
+Inductor's kernels read raw pointers: a released parameter read by compiled
+code would not fail loudly but read freed memory.  So tiering starts `dry`
+(hooks count, nothing moves: the what-if the plan reads) and the first dry
+step checks each unit through `probe`: exactly one graph saved inside its
+forward, no eager op saved there, and its output's node is that graph's;
+`go_live()` tiers only the units that passed.  Storage resizes change no
+tensor metadata that dynamo guards on (shape, stride, dtype, device), so
+the compiled code is reused: no recompile per step (tested).
 The copies run with the dispatch modes switched off: a selective checkpoint
 counts the ops of its region and must not see them.
 Copies are synchronous (the plan prices them as exposed); NVMe files are
@@ -67,7 +84,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -96,12 +113,14 @@ class ParamStats:
 class _Slot:
     """The parameters of one tiered module and where their bytes live between uses."""
 
-    __slots__ = ("name", "module", "params", "placement", "nbytes", "files", "host", "resident", "written")
+    __slots__ = ("name", "module", "params", "placement", "nbytes", "files", "host", "resident", "written",
+                 "enabled")
 
-    def __init__(self, name: str, module: nn.Module, placement: Placement) -> None:
+    def __init__(self, name: str, module: nn.Module, placement: Placement, recurse: bool = False) -> None:
         self.name = name
         self.module = module
-        self.params = list(module.parameters(recurse=False))
+        self.params = list(module.parameters(recurse=recurse))
+        self.enabled = True
         self.placement = placement
         self.nbytes = sum(p.untyped_storage().nbytes() for p in self.params)
         self.files: list[tuple[str, int]] = []
@@ -141,30 +160,83 @@ def _pread_all(fd: int, mv: memoryview) -> None:
         done += k
 
 
+def _whole_tierable(root: nn.Module, names: Mapping[str, Placement]) -> list[str]:
+    """Of `names`, the modules whose parameters (submodules' included) may be tiered as one: plain
+    `nn.Parameter`s that require grad, own their whole storage, and belong to no other module named."""
+    mods = dict(root.named_modules())
+    owner: dict[int, int] = {}
+    for name in names:
+        for p in (mods[name].parameters() if name in mods else ()):
+            owner[id(p)] = owner.get(id(p), 0) + 1
+    counts: dict[int, int] = {}
+    for _, p in root.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    out = []
+    for name in names:
+        m = mods.get(name)
+        ps = list(m.parameters()) if m is not None else []
+        if ps and all(type(p) is nn.Parameter and p.requires_grad and p.layout == torch.strided
+                      and p.is_contiguous() and p.storage_offset() == 0 and p.numel() > 0
+                      and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+                      and owner[id(p)] == 1 and counts[id(p)] == 1 for p in ps):
+            out.append(name)
+    return out
+
+
 class ParamTiering:
-    """Tier the parameters of the modules `placements` names ({qualified name: HOST or NVME})."""
+    """Tier the parameters of the modules `placements` names ({qualified name: HOST or NVME}).
+
+    `whole_modules`: each named module's parameters *with its submodules'* (a compiled graph per unit: [Note:
+    parameters of a compiled unit]); `dry`: only count what would be resident (no copy, no release) until
+    `go_live()`; `probe`: in a dry step, an object whose `enter()` (before a module's forward) and
+    `leave(token, node)` (after it, with its output's autograd node) say whether the module's backward reads
+    its parameters in that one node; the modules where it did not are left out by `go_live()` (`eligible`).
+    """
 
     def __init__(self, root: nn.Module, placements: Mapping[str, Placement], *,
-                 nvme_dir: str | os.PathLike | None = None, io_workers: int | None = None) -> None:
-        ok = set(tierable_param_modules(root))
+                 nvme_dir: str | os.PathLike | None = None, io_workers: int | None = None,
+                 whole_modules: bool = False, dry: bool = False,
+                 probe: Any = None) -> None:
         mods = dict(root.named_modules())
+        ok = set(_whole_tierable(root, placements) if whole_modules else tierable_param_modules(root))
         for name, pl in placements.items():
             if name not in ok:
                 raise ValueError(f"parameters of module {name!r} cannot be tiered (not a plain Linear/Conv with "
                                  "parameters of its own: [Note: which modules' parameters may be tiered])")
             if pl not in (Placement.HOST, Placement.NVME):
                 raise ValueError(f"parameters of module {name!r}: placement must be host or nvme, got {pl!r}")
-            if pl == Placement.NVME and any(p.device.type != "cpu" for p in mods[name].parameters(recurse=False)):
+            if pl == Placement.NVME and any(p.device.type != "cpu" for p in mods[name].parameters()):
                 raise ValueError(f"parameters of module {name!r}: NVMe placement is for parameters in host RAM "
                                  "(a device's parameters go to host DRAM)")
-        self.slots = {name: _Slot(name, mods[name], pl) for name, pl in placements.items()}
+        self.whole_modules = bool(whole_modules)
+        self.slots = {name: _Slot(name, mods[name], pl, self.whole_modules) for name, pl in placements.items()}
         self.stats = ParamStats()
         self.store: NVMeStore | None = None
+        self.nvme_dir = nvme_dir
+        self.io_workers = io_workers
+        self.dry = bool(dry)
+        self.probe = probe
+        self.eligible: dict[str, bool] = {name: True for name in self.slots}  # dry steps: read in one node
+        self._probed: dict[str, Any] = {}
+        if not self.dry:
+            self._allocate()
+        self.active = False
+        self._resident_bytes = sum(s.nbytes for s in self.slots.values())
+        self.total_bytes = self._resident_bytes
+        self._handles = []
+        wrap = torch.compiler.disable if self.whole_modules else (lambda f: f)  # run as Python, never traced
+        for s in self.slots.values():
+            self._handles.append(s.module.register_forward_pre_hook(wrap(self._make_pre(s))))
+            self._handles.append(s.module.register_forward_hook(wrap(self._make_post(s))))
+        self._handles.append(register_optimizer_step_pre_hook(self._before_optimizer_step))
+        self.closed = False
+
+    def _allocate(self) -> None:
         need = sum(s.nbytes for s in self.slots.values() if s.placement == Placement.NVME)
         if need:
-            if nvme_dir is None:
+            if self.nvme_dir is None:
                 raise ValueError("the plan puts parameters on NVMe but the Manager has no nvme_dir")
-            self.store = NVMeStore(nvme_dir, required_bytes=need, workers=io_workers, direct=False)
+            self.store = NVMeStore(self.nvme_dir, required_bytes=need, workers=self.io_workers, direct=False)
         for s in self.slots.values():
             if s.placement == Placement.NVME:
                 assert self.store is not None
@@ -173,14 +245,25 @@ class ParamTiering:
                 pin = s.params[0].device.type == "cuda"
                 s.host = [torch.empty(p.untyped_storage().nbytes(), dtype=torch.uint8, pin_memory=pin)
                           for p in s.params]
-        self.active = False
-        self._resident_bytes = sum(s.nbytes for s in self.slots.values())
-        self._handles = []
-        for s in self.slots.values():
-            self._handles.append(s.module.register_forward_pre_hook(self._make_pre(s)))
-            self._handles.append(s.module.register_forward_hook(self._make_post(s)))
-        self._handles.append(register_optimizer_step_pre_hook(self._before_optimizer_step))
-        self.closed = False
+
+    def go_live(self) -> None:
+        """From a dry run to real tiering (between steps), of the modules found `eligible` only."""
+        if not self.dry:
+            return
+        if self.active:
+            raise RuntimeError("ParamTiering.go_live() inside a step")
+        for name in [n for n, ok in self.eligible.items() if not ok]:
+            self.slots[name].enabled = False
+            self._resident_bytes -= self.slots[name].nbytes
+            self.total_bytes -= self.slots[name].nbytes
+        self.slots = {n: s for n, s in self.slots.items() if s.enabled}
+        self.dry = False
+        self._allocate()
+
+    @property
+    def released_bytes(self) -> int:
+        """Tiered parameter bytes not on tier 0 now (in a dry step: that would not be)."""
+        return self.total_bytes - self._resident_bytes
 
     # ------------------------------------------------------------------ copies
     def _write(self, s: _Slot) -> None:
@@ -199,7 +282,11 @@ class ParamTiering:
         self.stats.bytes_written += s.nbytes
 
     def _fetch(self, s: _Slot) -> None:
-        if s.resident:
+        if s.resident or not s.enabled:
+            return
+        if self.dry:
+            s.resident = True
+            self._resident_bytes += s.nbytes
             return
         with torch.no_grad(), _disable_current_modes():
             for p in s.params:
@@ -221,7 +308,11 @@ class ParamTiering:
         self.stats.resident_peak_bytes = max(self.stats.resident_peak_bytes, self._resident_bytes)
 
     def _release(self, s: _Slot) -> None:
-        if not s.resident:
+        if not s.resident or not s.enabled:
+            return
+        if self.dry:
+            s.resident = False
+            self._resident_bytes -= s.nbytes
             return
         if not s.written:
             self._write(s)
@@ -234,9 +325,11 @@ class ParamTiering:
 
     # ------------------------------------------------------------------ hooks
     def _make_pre(self, s: _Slot):
-        def pre(_module, _args):
+        def pre(_module, args):
             if self.active:
                 self._fetch(s)
+                if self.dry and self.probe is not None:
+                    self._probed[s.name] = self.probe.enter()
         return pre
 
     def _make_post(self, s: _Slot):
@@ -244,6 +337,9 @@ class ParamTiering:
             if not self.active:
                 return
             node = out.grad_fn if isinstance(out, torch.Tensor) else None
+            if self.dry and self.probe is not None and s.name in self._probed:
+                if not self.probe.leave(self._probed.pop(s.name), node):
+                    self.eligible[s.name] = False
             if node is None:
                 return  # no backward will read them (no grad, or not a tensor): keep them resident
             node.register_prehook(lambda _g: self._fetch(s) if self.active else None)

@@ -49,6 +49,10 @@ class CompiledTrace:
     step_time: float
     graphs: int = 0  # bursts of saves (one per compiled graph; more than one: graph breaks)
     largest_graph_activation_bytes: int = 0  # the most activation bytes one graph saved (offload keeps one's)
+    # above the start: the peak had the saves been offloaded; and the gradients tiered; and the split units'
+    # parameters; and both ([Note: the what-if of a split step] in runtime/compiled.py); None: not sampled
+    whatif_peaks: tuple[int, int, int, int] | None = None
+    grad_bytes: int = 0  # gradients the step made
 
     @property
     def num_packs(self) -> int:
