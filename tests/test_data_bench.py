@@ -1,16 +1,20 @@
 """Data benchmarks (`--scenario loader|data-train|cache-policy`) and the `memstrata data` command line."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from memstrata.bench.data_scenarios import DATA_SCENARIOS, main as bench_main
+from memstrata.bench.data_scenarios import DATA_SCENARIOS, main as bench_main, parse_core_sets
 from memstrata.cli import main
 
 ROW_KEYS = {"name", "status", "reason", "samples_per_s", "samples_per_s_values", "repeats", "per_repeat",
             "ratio_to_torchvision", "samples_per_s_per_core", "scenario"}
+
+
+LAST_CORE = max(os.sched_getaffinity(0))
 
 
 def _one_line_error(capsys, rc):
@@ -45,6 +49,7 @@ def test_loader_scenario_json(tmp_path, capsys):
     rc = bench_main(["--scenario", "loader", "--data", str(tmp_path / "d"), "--images", "12", "--classes", "3",
                      "--batch", "4", "--res", "32", "--epochs", "2", "--repeats", "1", "--workers", "1",
                      "--contenders", "memstrata,torchvision",  # the peers: tests/test_loader_peers.py
+                     "--cores", str(LAST_CORE),  # pinned: each run's process, its threads and workers
                      "--store", str(tmp_path / "store"), "--json", str(out), "--quiet"])
     rows = json.loads(out.read_text())
     assert rc == 0, rows
@@ -55,6 +60,11 @@ def test_loader_scenario_json(tmp_path, capsys):
         assert len(r["samples_per_s_values"]) == 1
         ep = r["per_repeat"][0]["epochs"]
         assert [e["images"] for e in ep] == [12, 12]  # every sample once per epoch, both loaders
+        # the worker saw only the named core (its own sched_getaffinity), whatever this process may use
+        assert r["core_set"] == [LAST_CORE] and r["per_repeat"][0]["core_set"] == [LAST_CORE]
+        assert r["cores"] == 1 and r["workers"] == 1 and r["threads"] == 1
+        assert r["samples_per_s_per_core"] == pytest.approx(r["samples_per_s"])
+        assert r["cpu_s_per_image"] == pytest.approx(1 / r["samples_per_cpu_s"])
     tv = rows[1]
     assert tv["ratio_to_torchvision"] == pytest.approx(1.0)
     assert rows[0]["ratio_to_torchvision"] == pytest.approx(rows[0]["samples_per_s"] / tv["samples_per_s"])
@@ -68,6 +78,18 @@ def test_bench_bad_input_one_line(capsys):
     assert "webdataset" in line
     line = _one_line_error(capsys, bench_main(["--scenario", "loader", "--images", "x"]))
     assert "--images" in line
+    for bad in ("x", "99999", "1-0", "0/0"):
+        line = _one_line_error(capsys, bench_main(["--scenario", "loader", "--cores", bad]))
+        assert "--cores" in line, line
+    line = _one_line_error(capsys, bench_main(["--scenario", "data-train", "--cores", "0"]))
+    assert "--cores" in line and "loader" in line
+
+
+def test_core_sets_default_to_one_core_then_all():
+    assert parse_core_sets(None, [2, 5]) == [[2], [2, 5]]
+    assert parse_core_sets(None, [3]) == [[3]]
+    assert parse_core_sets("5/2-5", [2, 3, 4, 5]) == [[5], [2, 3, 4, 5]]
+    assert parse_core_sets("3,2/all", [2, 3, 4]) == [[2, 3], [2, 3, 4]]
 
 
 def test_data_cli_synth_and_build(tmp_path, capsys):
