@@ -163,3 +163,31 @@ def test_fused_cpu_path_is_bitwise_the_reference():
     box = np.array([[0, 0, 20, 30]] * 2)
     fl = np.array([False, True])
     assert torch.equal(a(im, box, fl, impl="loop"), a(im, box, fl, impl="loop-u8"))
+
+
+def test_loader_table_and_chart_one_group_per_core_set(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "240")  # a wide table: under pytest-xdist there is no terminal to size it by
+    from memstrata.bench.data_scenarios import annotate_loader_rows, loader_groups, print_table, write_plot, _console
+
+    def row(name, sps, cs):
+        return dict(name=name, status="ok", reason="", samples_per_s=sps, samples_per_s_values=[sps],
+                    samples_per_s_per_core=sps / len(cs), samples_per_cpu_s=sps, cpu_s_per_image=1 / sps,
+                    cpu_utilisation=1.0, ratio_to_torchvision=None, images=8, cores=len(cs), workers=len(cs),
+                    core_set=cs)
+    one = [row("memstrata", 4000.0, [0]), row("ffcv", 1000.0, [0])]
+    two = [row("memstrata", 6000.0, [0, 1]), row("ffcv", 3000.0, [0, 1])]
+    annotate_loader_rows(one)
+    annotate_loader_rows(two)
+    assert one[0]["memstrata_vs_fastest_peer"] == pytest.approx(4.0)
+    assert two[0]["memstrata_vs_fastest_peer"] == pytest.approx(2.0)  # compared within its core set only
+    rows = one + two
+    assert loader_groups(rows) == [one, two]
+    cfg = dict(scenario="loader", batch=8, res=32, workers=2, cores=2, epochs=3, repeats=1, device="cpu")
+    print_table(_console(), cfg, rows, 1.0)
+    out = capsys.readouterr().out
+    assert "4.00x images/s per core at the same 1 core(s)" in out and "2.00x" in out and "pinned: 0,1" in out
+    import matplotlib.pyplot as plt
+
+    write_plot(str(tmp_path / "l.png"), cfg, rows)
+    assert (tmp_path / "l.png").stat().st_size > 0
+    plt.close("all")
