@@ -65,6 +65,7 @@ def test_loader_scenario_json(tmp_path, capsys):
         assert r["cores"] == 1 and r["workers"] == 1 and r["threads"] == 1
         assert r["samples_per_s_per_core"] == pytest.approx(r["samples_per_s"])
         assert r["cpu_s_per_image"] == pytest.approx(1 / r["samples_per_cpu_s"])
+        assert r["run_queue_wait"] is None or 0 <= r["run_queue_wait"] < 1.5
     tv = rows[1]
     assert tv["ratio_to_torchvision"] == pytest.approx(1.0)
     assert rows[0]["ratio_to_torchvision"] == pytest.approx(rows[0]["samples_per_s"] / tv["samples_per_s"])

@@ -321,6 +321,32 @@ def _cpu_seconds() -> float:
     return total
 
 
+def _run_delay_s() -> float | None:
+    """Seconds this process's threads and its children's spent runnable but waiting for a core (schedstat).
+
+    On a shared box this is the time other programs took from the run; threads that ended in between
+    are not counted, so it is a lower bound.  None where the kernel has no schedstat.
+    """
+    import psutil
+
+    total, seen = 0.0, False
+    procs = [psutil.Process()]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        try:
+            tids = os.listdir(f"/proc/{p.pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p.pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1]) / 1e9
+                    seen = True
+            except (OSError, ValueError, IndexError):
+                pass
+    return total if seen else None
+
+
 def _device(spec: dict[str, Any]):
     """The run's device with an explicit index (cuda -> cuda:<current>), so device comparisons are exact."""
     import torch
@@ -384,7 +410,7 @@ def worker_loader(spec: dict[str, Any]) -> dict[str, Any]:
     cuda = spec["device"] == "cuda"
     for e in range(spec["epochs"]):
         if e == 1:
-            cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+            cpu0, delay0, wall0 = _cpu_seconds(), _run_delay_s(), time.perf_counter()
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(e)
         t0 = time.perf_counter()
@@ -398,6 +424,7 @@ def worker_loader(spec: dict[str, Any]) -> dict[str, Any]:
         dt = time.perf_counter() - t0
         epochs.append({"epoch": e + 1, "images": seen, "wall_s": dt, "images_per_s": seen / dt if dt > 0 else None})
     cpu_s = _cpu_seconds() - cpu0
+    delay1 = _run_delay_s()
     wall = time.perf_counter() - wall0
     timed = sum(ep["images"] for ep in epochs[1:])
     if hasattr(loader, "close"):
@@ -406,6 +433,10 @@ def worker_loader(spec: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "samples_per_s": timed / wall, "samples_per_s_per_core": timed / wall / cores,
             "samples_per_cpu_s": timed / cpu_s if cpu_s > 0 else None, "cpu_utilisation": cpu_s / wall,
             "cpu_s_per_image": cpu_s / timed if timed else None,
+            # time its threads waited for a core (taken by other programs, or by its own other threads),
+            # per core-second of the run
+            "run_queue_wait": ((delay1 - delay0) / (wall * cores) if delay0 is not None and delay1 is not None
+                               and wall > 0 else None),
             "timed_images": timed, "timed_s": wall, "epochs": epochs, "setup_s": setup_s, "dataset_images": n,
             "cores": cores, "core_set": _affinity(), "workers": spec["workers"],
             "torch_threads": torch.get_num_threads()}
@@ -671,6 +702,8 @@ def summarise(cfg: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> lis
             per_img = [r["cpu_s_per_image"] for r in ok if r.get("cpu_s_per_image")]
             row["cpu_s_per_image"] = statistics.median(per_img) if per_img else None
             row["samples_per_cpu_s_values"] = cpus
+            waits = [r["run_queue_wait"] for r in ok if r.get("run_queue_wait") is not None]
+            row["run_queue_wait"] = statistics.median(waits) if waits else None
             row["core_set"] = cfg.get("core_set")
             row["threads"] = cfg.get("threads")
             pinned = [r.get("core_set") for r in ok]
@@ -699,7 +732,7 @@ def summarise(cfg: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> lis
                 row["gpu"] = gpu
         row["per_repeat"] = [{k: r.get(k) for k in ("repeat", "status", "reason", "samples_per_s",
                                                     "samples_per_s_per_core", "samples_per_cpu_s", "cpu_s_per_image",
-                                                    "cpu_utilisation", "core_set",
+                                                    "cpu_utilisation", "run_queue_wait", "core_set",
                                                     "timed_s", "timed_images", "wall_s", "setup_s", "epochs",
                                                     "process_wall_s", "torch_threads", "log")}
                              for r in rs]
@@ -867,13 +900,15 @@ def _print_loader_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]]
               caption=(f"images/s over epochs 2..{cfg['epochs']}: median of {cfg['repeats']} alternating repeats, "
                        f"each in its own process{' pinned to the same cores' if cfg.get('core_set') else ''}; "
                        f"per core = / {cfg['cores']} cores; per CPU-s = images per CPU-second used (process + "
-                       f"workers); CPU us/image = its inverse; CPU used = CPU-s / wall s; wall {elapsed:.0f} s"))
+                       f"workers); CPU us/image = its inverse; CPU used = CPU-s / wall s; run-queue wait = time its threads "
+                       f"were runnable but waited for a core (schedstat) / (wall s x cores); wall {elapsed:.0f} s"))
     t.add_column("loader")
     t.add_column("images/s", justify="right")
     t.add_column("per core", justify="right")
     t.add_column("per CPU-s", justify="right")
     t.add_column("CPU us/image", justify="right")
     t.add_column("CPU used", justify="right")
+    t.add_column("run-queue wait", justify="right")
     t.add_column("repeats", justify="right")
     t.add_column("vs torchvision", justify="right")
     t.add_column("memstrata / this", justify="right", style="bold")
@@ -889,6 +924,7 @@ def _print_loader_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]]
         t.add_row(r["name"], _f(r["samples_per_s"]), _f(r["samples_per_s_per_core"]), _f(r.get("samples_per_cpu_s")),
                   _f(None if r.get("cpu_s_per_image") is None else r["cpu_s_per_image"] * 1e6, 1),
                   _f(r.get("cpu_utilisation"), 2),
+                  "-" if r.get("run_queue_wait") is None else f"{r['run_queue_wait']:.0%}",
                   vals or "-", "-" if r["ratio_to_torchvision"] is None else f"{r['ratio_to_torchvision']:.1f}x",
                   "-" if r.get("memstrata_vs_this") is None else f"{r['memstrata_vs_this']:.1f}x",
                   *waits, f"{_f(r.get('cores_to_feed_gpu'))} / {_f(r.get('cores_to_feed_gpu_per_cpu_s'))}",
