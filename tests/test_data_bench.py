@@ -50,6 +50,7 @@ def test_loader_scenario_json(tmp_path, capsys):
                      "--batch", "4", "--res", "32", "--epochs", "2", "--repeats", "1", "--workers", "1",
                      "--contenders", "memstrata,torchvision",  # the peers: tests/test_loader_peers.py
                      "--cores", str(LAST_CORE),  # pinned: each run's process, its threads and workers
+                     "--min-timed-s", "0",  # --epochs only: [12, 12] images below
                      "--store", str(tmp_path / "store"), "--json", str(out), "--quiet"])
     rows = json.loads(out.read_text())
     assert rc == 0, rows
@@ -84,6 +85,9 @@ def test_bench_bad_input_one_line(capsys):
         assert "--cores" in line, line
     line = _one_line_error(capsys, bench_main(["--scenario", "data-train", "--cores", "0"]))
     assert "--cores" in line and "loader" in line
+    for bad in ("x", "-1"):
+        line = _one_line_error(capsys, bench_main(["--scenario", "loader", "--min-timed-s", bad]))
+        assert "--min-timed-s" in line, line
 
 
 def test_core_sets_default_to_one_core_then_all():
@@ -192,3 +196,18 @@ def test_loader_table_and_chart_one_group_per_core_set(tmp_path, capsys, monkeyp
     write_plot(str(tmp_path / "l.png"), cfg, rows)
     assert (tmp_path / "l.png").stat().st_size > 0
     plt.close("all")
+
+
+def test_loader_run_goes_on_until_its_timed_window_is_long_enough(tmp_path):
+    # [Note: equal timed windows]: epochs 2.. last at least min_timed_s, whatever --epochs says
+    from memstrata.bench.data_scenarios import worker_loader
+    from memstrata.data import synth_imagefolder
+
+    synth_imagefolder(tmp_path / "d", 6, 2, seed=0, progress=False, size=(48, 40))
+    spec = dict(scenario="loader", device="cpu", batch=4, res=16, epochs=2, seed=0, workers=0, threads=1,
+                max_side=32, classes=2, contender="torchvision", root=str(tmp_path / "d"), min_timed_s=0.3)
+    r = worker_loader(spec)
+    assert r["timed_s"] >= 0.3 and len(r["epochs"]) > 2
+    assert all(ep["images"] == 6 for ep in r["epochs"]) and r["timed_images"] == 6 * (len(r["epochs"]) - 1)
+    r0 = worker_loader(dict(spec, min_timed_s=0))
+    assert len(r0["epochs"]) == 2

@@ -108,6 +108,7 @@ def test_missing_peer_is_a_row_not_a_crash(tiny, tmp_path, monkeypatch, capsys):
     rc = bench_main(["--scenario", "loader", "--data", str(tiny), "--batch", str(BATCH), "--res", str(RES),
                      "--epochs", "2", "--repeats", "2", "--workers", "1", "--contenders", "ffcv",
                      "--cores", str(max(os.sched_getaffinity(0))),
+                     "--min-timed-s", "0",
                      "--json", str(out), "--quiet"])
     printed = capsys.readouterr().out
     assert rc == 0
