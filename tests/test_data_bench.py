@@ -67,6 +67,7 @@ def test_loader_scenario_json(tmp_path, capsys):
         assert r["samples_per_s_per_core"] == pytest.approx(r["samples_per_s"])
         assert r["cpu_s_per_image"] == pytest.approx(1 / r["samples_per_cpu_s"])
         assert r["run_queue_wait"] is None or 0 <= r["run_queue_wait"] < 1.5
+        assert r["steal"] is None or 0 <= r["steal"] <= 1.01
     tv = rows[1]
     assert tv["ratio_to_torchvision"] == pytest.approx(1.0)
     assert rows[0]["ratio_to_torchvision"] == pytest.approx(rows[0]["samples_per_s"] / tv["samples_per_s"])
@@ -208,6 +209,7 @@ def test_loader_run_goes_on_until_its_timed_window_is_long_enough(tmp_path):
                 max_side=32, classes=2, contender="torchvision", root=str(tmp_path / "d"), min_timed_s=0.3)
     r = worker_loader(spec)
     assert r["timed_s"] >= 0.3 and len(r["epochs"]) > 2
+    assert r["steal"] is None or r["samples_per_s_per_core_unstolen"] >= r["samples_per_s_per_core"] * 0.999
     assert all(ep["images"] == 6 for ep in r["epochs"]) and r["timed_images"] == 6 * (len(r["epochs"]) - 1)
     r0 = worker_loader(dict(spec, min_timed_s=0))
     assert len(r0["epochs"]) == 2

@@ -366,6 +366,24 @@ def _run_delay_s() -> float | None:
     return total if seen else None
 
 
+def _steal_s(cores: list[int] | None) -> float | None:
+    """Seconds the hypervisor took from `cores` (steal time in /proc/stat, summed): on a VM this is time
+    no program in it could run, so it hits whichever contender runs then.  None where unavailable."""
+    if not cores:
+        return None
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        with open("/proc/stat") as f:
+            for line in f:
+                parts = line.split()
+                if parts[0].startswith("cpu") and parts[0] != "cpu" and int(parts[0][3:]) in cores:
+                    total += int(parts[8]) / tick
+        return total
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _device(spec: dict[str, Any]):
     """The run's device with an explicit index (cuda -> cuda:<current>), so device comparisons are exact."""
     import torch
@@ -432,7 +450,7 @@ def worker_loader(spec: dict[str, Any]) -> dict[str, Any]:
     min_s, e = float(spec.get("min_timed_s") or 0.0), 0
     while e < spec["epochs"] or (time.perf_counter() - wall0 < min_s and e < MAX_EPOCHS):
         if e == 1:
-            cpu0, delay0, wall0 = _cpu_seconds(), _run_delay_s(), time.perf_counter()
+            cpu0, delay0, steal0, wall0 = _cpu_seconds(), _run_delay_s(), _steal_s(_affinity()), time.perf_counter()
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(e)
         t0 = time.perf_counter()
@@ -447,7 +465,7 @@ def worker_loader(spec: dict[str, Any]) -> dict[str, Any]:
         epochs.append({"epoch": e + 1, "images": seen, "wall_s": dt, "images_per_s": seen / dt if dt > 0 else None})
         e += 1
     cpu_s = _cpu_seconds() - cpu0
-    delay1 = _run_delay_s()
+    delay1, steal1 = _run_delay_s(), _steal_s(_affinity())
     wall = time.perf_counter() - wall0
     timed = sum(ep["images"] for ep in epochs[1:])
     if hasattr(loader, "close"):
@@ -460,6 +478,13 @@ def worker_loader(spec: dict[str, Any]) -> dict[str, Any]:
             # per core-second of the run
             "run_queue_wait": ((delay1 - delay0) / (wall * cores) if delay0 is not None and delay1 is not None
                                and wall > 0 else None),
+            # the hypervisor's steal time on the run's cores, per core-second of the run
+            "steal": ((steal1 - steal0) / (wall * cores) if steal0 is not None and steal1 is not None
+                      and wall > 0 else None),
+            # images per core-second the VM actually had (the run's cores, the hypervisor's steal time excluded)
+            "samples_per_s_per_core_unstolen": (timed / (wall * cores - (steal1 - steal0))
+                                                if steal0 is not None and steal1 is not None
+                                                and wall * cores > steal1 - steal0 else None),
             "timed_images": timed, "timed_s": wall, "epochs": epochs, "setup_s": setup_s, "dataset_images": n,
             "cores": cores, "core_set": _affinity(), "workers": spec["workers"],
             "torch_threads": torch.get_num_threads()}
@@ -728,6 +753,10 @@ def summarise(cfg: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> lis
             row["samples_per_cpu_s_values"] = cpus
             waits = [r["run_queue_wait"] for r in ok if r.get("run_queue_wait") is not None]
             row["run_queue_wait"] = statistics.median(waits) if waits else None
+            steals = [r["steal"] for r in ok if r.get("steal") is not None]
+            row["steal"] = statistics.median(steals) if steals else None
+            un = [r["samples_per_s_per_core_unstolen"] for r in ok if r.get("samples_per_s_per_core_unstolen")]
+            row["samples_per_s_per_core_unstolen"] = statistics.median(un) if un else None
             row["core_set"] = cfg.get("core_set")
             row["threads"] = cfg.get("threads")
             pinned = [r.get("core_set") for r in ok]
@@ -756,7 +785,8 @@ def summarise(cfg: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> lis
                 row["gpu"] = gpu
         row["per_repeat"] = [{k: r.get(k) for k in ("repeat", "status", "reason", "samples_per_s",
                                                     "samples_per_s_per_core", "samples_per_cpu_s", "cpu_s_per_image",
-                                                    "cpu_utilisation", "run_queue_wait", "core_set",
+                                                    "cpu_utilisation", "run_queue_wait", "steal", "samples_per_s_per_core_unstolen",
+                                                    "core_set",
                                                     "timed_s", "timed_images", "wall_s", "setup_s", "epochs",
                                                     "process_wall_s", "torch_threads", "log")}
                              for r in rs]
@@ -927,7 +957,8 @@ def _print_loader_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]]
                        f"each in its own process{' pinned to the same cores' if cfg.get('core_set') else ''}; "
                        f"per core = / {cfg['cores']} cores; per CPU-s = images per CPU-second used (process + "
                        f"workers); CPU us/image = its inverse; CPU used = CPU-s / wall s; run-queue wait = time its threads "
-                       f"were runnable but waited for a core (schedstat) / (wall s x cores); wall {elapsed:.0f} s"))
+                       f"were runnable but waited for a core (schedstat) / (wall s x cores); steal = the hypervisor's steal time on "
+                       f"the run's cores / (wall s x cores); wall {elapsed:.0f} s"))
     t.add_column("loader")
     t.add_column("images/s", justify="right")
     t.add_column("per core", justify="right")
@@ -935,6 +966,8 @@ def _print_loader_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]]
     t.add_column("CPU us/image", justify="right")
     t.add_column("CPU used", justify="right")
     t.add_column("run-queue wait", justify="right")
+    t.add_column("steal", justify="right")
+    t.add_column("per core, steal excl.", justify="right")
     t.add_column("repeats", justify="right")
     t.add_column("vs torchvision", justify="right")
     t.add_column("memstrata / this", justify="right", style="bold")
@@ -951,6 +984,8 @@ def _print_loader_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]]
                   _f(None if r.get("cpu_s_per_image") is None else r["cpu_s_per_image"] * 1e6, 1),
                   _f(r.get("cpu_utilisation"), 2),
                   "-" if r.get("run_queue_wait") is None else f"{r['run_queue_wait']:.0%}",
+                  "-" if r.get("steal") is None else f"{r['steal']:.0%}",
+                  _f(r.get("samples_per_s_per_core_unstolen")),
                   vals or "-", "-" if r["ratio_to_torchvision"] is None else f"{r['ratio_to_torchvision']:.1f}x",
                   "-" if r.get("memstrata_vs_this") is None else f"{r['memstrata_vs_this']:.1f}x",
                   *waits, f"{_f(r.get('cores_to_feed_gpu'))} / {_f(r.get('cores_to_feed_gpu_per_cpu_s'))}",
