@@ -965,8 +965,7 @@ def _print_loader_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]]
     t.add_column("per CPU-s", justify="right")
     t.add_column("CPU us/image", justify="right")
     t.add_column("CPU used", justify="right")
-    t.add_column("run-queue wait", justify="right")
-    t.add_column("steal", justify="right")
+    t.add_column("run-queue wait / steal", justify="right")
     t.add_column("per core, steal excl.", justify="right")
     t.add_column("repeats", justify="right")
     t.add_column("vs torchvision", justify="right")
@@ -975,7 +974,7 @@ def _print_loader_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]]
     for c in WAIT_CORES:
         t.add_column(f"{gpu['label']} waits, {c} cores", justify="right")
     t.add_column("cores to feed it (per core / per CPU-s)", justify="right")
-    t.add_column("status")
+    t.add_column("status", min_width=16)
     for r in rows:
         vals = ", ".join(f"{v:.0f}" for v in r["samples_per_s_values"])
         waits = [("-" if r.get("gpu_wait_fraction", {}).get(str(c)) is None
@@ -983,8 +982,8 @@ def _print_loader_table(console, cfg: dict[str, Any], rows: list[dict[str, Any]]
         t.add_row(r["name"], _f(r["samples_per_s"]), _f(r["samples_per_s_per_core"]), _f(r.get("samples_per_cpu_s")),
                   _f(None if r.get("cpu_s_per_image") is None else r["cpu_s_per_image"] * 1e6, 1),
                   _f(r.get("cpu_utilisation"), 2),
-                  "-" if r.get("run_queue_wait") is None else f"{r['run_queue_wait']:.0%}",
-                  "-" if r.get("steal") is None else f"{r['steal']:.0%}",
+                  ("-" if r.get("run_queue_wait") is None else f"{r['run_queue_wait']:.0%}") + " / "
+                  + ("-" if r.get("steal") is None else f"{r['steal']:.0%}"),
                   _f(r.get("samples_per_s_per_core_unstolen")),
                   vals or "-", "-" if r["ratio_to_torchvision"] is None else f"{r['ratio_to_torchvision']:.1f}x",
                   "-" if r.get("memstrata_vs_this") is None else f"{r['memstrata_vs_this']:.1f}x",
