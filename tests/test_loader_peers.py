@@ -7,6 +7,7 @@ the scenario: checked with a stand-in package that fails to import.
 """
 
 import json
+import os
 import sys
 
 import pytest
@@ -106,6 +107,8 @@ def test_missing_peer_is_a_row_not_a_crash(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "r.json"
     rc = bench_main(["--scenario", "loader", "--data", str(tiny), "--batch", str(BATCH), "--res", str(RES),
                      "--epochs", "2", "--repeats", "2", "--workers", "1", "--contenders", "ffcv",
+                     "--cores", str(max(os.sched_getaffinity(0))),
+                     "--min-timed-s", "0",
                      "--json", str(out), "--quiet"])
     printed = capsys.readouterr().out
     assert rc == 0
