@@ -13,11 +13,11 @@ mkdir -p /tmp/sb-nvme
   echo "start $(date -u +%FT%TZ) $(uptime)"
   echo "commit $(cat "$SRC/../COMMIT" 2>/dev/null || git -C "$ROOT" rev-parse HEAD)"
   $PY -m memstrata probe --nvme /tmp/sb-nvme --json --no-cache > "$HERE/$TAG.probe.json"
-  echo "disk before: $($PY "$HERE/disk_rw.py" /tmp/sb-nvme 512)"
+  echo "disk before: $($PY "$HERE/../../disk_rw.py" /tmp/sb-nvme 512)"
   $PY -m memstrata bench --model gpt2-350m --budget 50% --contenders unmanaged,memstrata --repeats 3 --steps 3 \
       --warmup 2 --threads 1 --nvme /tmp/sb-nvme --json "$HERE/$TAG.json" --log-dir /tmp/dfx/logs-$TAG --quiet \
       > "$HERE/$TAG.table.txt" 2>&1
   echo "bench rc $?"
-  echo "disk after: $($PY "$HERE/disk_rw.py" /tmp/sb-nvme 512)"
+  echo "disk after: $($PY "$HERE/../../disk_rw.py" /tmp/sb-nvme 512)"
   echo "end $(date -u +%FT%TZ) $(uptime)"
 } > "$HERE/$TAG.log" 2>&1

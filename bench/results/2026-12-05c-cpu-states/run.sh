@@ -16,12 +16,12 @@ mkdir -p /tmp/sc-nvme
   echo "commit $(cat "$SRC/../COMMIT" 2>/dev/null || git -C "$ROOT" rev-parse HEAD)"
   echo "seq $SEQ steps $STEPS"
   $PY -m memstrata probe --nvme /tmp/sc-nvme --json --no-cache > "$HERE/$TAG.probe.json"
-  echo "disk before: $($PY "$HERE/disk_rw.py" /tmp/sc-nvme 512)"
+  echo "disk before: $($PY "$HERE/../../disk_rw.py" /tmp/sc-nvme 512)"
   $PY -m memstrata bench --model gpt2-350m --budget 50% --contenders unmanaged,memstrata --repeats 3 --steps $STEPS \
       --warmup 2 --threads 1 --seq $SEQ --batch 1 --nvme /tmp/sc-nvme --json "$HERE/$TAG.json" \
       --log-dir /tmp/scx/logs-$TAG --quiet > "$HERE/$TAG.table.txt" 2>&1
   echo "bench rc $?"
-  echo "disk after: $($PY "$HERE/disk_rw.py" /tmp/sc-nvme 512)"
+  echo "disk after: $($PY "$HERE/../../disk_rw.py" /tmp/sc-nvme 512)"
   echo "end $(date -u +%FT%TZ) $(uptime)"
 } > "$HERE/$TAG.log" 2>&1
 rm -rf /tmp/sc-nvme

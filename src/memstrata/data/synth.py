@@ -175,16 +175,21 @@ def synth_imagefolder(root, images: int, classes: int, seed: int = 0, progress: 
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     it_progress = _progress(progress, images, f"synth {images} images -> {root}")
     with it_progress as bar:
-        if workers <= 1 or images < 64:
-            for j in jobs:
-                write_one_image(j)
-                bar.advance()
-        else:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-                for _ in ex.map(write_one_image, jobs, chunksize=16):
-                    bar.advance()
+        write_images(jobs, workers, bar)
     return root
+
+
+def write_images(jobs: list[tuple], workers: int, bar) -> None:
+    """`write_one_image` over `jobs`, in `workers` spawned processes when there are enough, advancing `bar`."""
+    if workers <= 1 or len(jobs) < 64:
+        for j in jobs:
+            write_one_image(j)
+            bar.advance()
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        for _ in ex.map(write_one_image, jobs, chunksize=16):
+            bar.advance()
 
 

@@ -10,7 +10,6 @@ would change the classes themselves.)
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 __all__ = ["synth_recipe_root"]
@@ -20,7 +19,7 @@ def synth_recipe_root(root, train: int, val: int, classes: int, seed: int = 0, p
                       size: tuple[int, int] = (500, 375), workers: int | None = None, noise: float = 6.0) -> Path:
     """Write (or complete) ROOT/train and ROOT/val; returns ROOT.  `noise`: see `data.synth.synth_image`."""
     from ..data.progress import progress_bar
-    from ..data.synth import class_name, synth_imagefolder, write_one_image
+    from ..data.synth import class_name, synth_imagefolder, write_images
 
     if val <= 0 or val < classes:
         raise ValueError(f"val must hold at least one image per class: val={val} < classes={classes}")
@@ -33,14 +32,5 @@ def synth_recipe_root(root, train: int, val: int, classes: int, seed: int = 0, p
     jobs = [(str(vroot), seed, i, classes, 90, tuple(size), float(noise)) for i in range(train, train + val)]
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     with progress_bar(progress, len(jobs), f"synth {val} validation images -> {vroot}") as bar:
-        if workers <= 1 or len(jobs) < 64:
-            for j in jobs:
-                write_one_image(j)
-                bar.advance()
-        else:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-                for _ in ex.map(write_one_image, jobs, chunksize=16):
-                    bar.advance()
+        write_images(jobs, workers, bar)
     return root
