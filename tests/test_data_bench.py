@@ -213,3 +213,14 @@ def test_loader_run_goes_on_until_its_timed_window_is_long_enough(tmp_path):
     assert all(ep["images"] == 6 for ep in r["epochs"]) and r["timed_images"] == 6 * (len(r["epochs"]) - 1)
     r0 = worker_loader(dict(spec, min_timed_s=0))
     assert len(r0["epochs"]) == 2
+
+
+def test_run_queue_wait_is_per_thread_so_ended_workers_cannot_make_it_negative():
+    """The wait was a difference of two sums over the threads alive at each reading: a worker thread that ended
+    in between took its whole wait out of the second sum (CI saw run_queue_wait = -8.4)."""
+    from memstrata.bench.data_scenarios import _run_delay_between
+
+    before = {(1, "1"): 2.0, (1, "7"): 9.0}          # thread 7 ends before the second reading
+    after = {(1, "1"): 2.5, (1, "9"): 0.25}          # thread 9 started in between
+    assert _run_delay_between(before, after) == 0.75
+    assert _run_delay_between(None, after) is None

@@ -340,15 +340,12 @@ def _cpu_seconds() -> float:
     return total
 
 
-def _run_delay_s() -> float | None:
-    """Seconds this process's threads and its children's spent runnable but waiting for a core (schedstat).
-
-    On a shared box this is the time other programs took from the run; threads that ended in between
-    are not counted, so it is a lower bound.  None where the kernel has no schedstat.
-    """
+def _run_delays() -> dict[tuple[int, str], float] | None:
+    """Seconds each thread of this process and its children spent runnable but waiting for a core
+    (schedstat), by (pid, tid).  None where the kernel has no schedstat."""
     import psutil
 
-    total, seen = 0.0, False
+    out: dict[tuple[int, str], float] = {}
     procs = [psutil.Process()]
     procs += procs[0].children(recursive=True)
     for p in procs:
@@ -359,11 +356,19 @@ def _run_delay_s() -> float | None:
         for tid in tids:
             try:
                 with open(f"/proc/{p.pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[1]) / 1e9
-                    seen = True
+                    out[(p.pid, tid)] = int(f.read().split()[1]) / 1e9
             except (OSError, ValueError, IndexError):
                 pass
-    return total if seen else None
+    return out or None
+
+
+def _run_delay_between(before: dict | None, after: dict | None) -> float | None:
+    """Run-queue wait between two `_run_delays` readings: per thread, so a thread that ended in between drops
+    out of both sides (a sum of totals went negative when worker threads ended); a thread started in between
+    counts from 0.  Threads that ended are not counted: a lower bound on a shared box."""
+    if before is None or after is None:
+        return None
+    return sum(max(0.0, t - before.get(k, 0.0)) for k, t in after.items())
 
 
 def _steal_s(cores: list[int] | None) -> float | None:
@@ -450,7 +455,7 @@ def worker_loader(spec: dict[str, Any]) -> dict[str, Any]:
     min_s, e = float(spec.get("min_timed_s") or 0.0), 0
     while e < spec["epochs"] or (time.perf_counter() - wall0 < min_s and e < MAX_EPOCHS):
         if e == 1:
-            cpu0, delay0, steal0, wall0 = _cpu_seconds(), _run_delay_s(), _steal_s(_affinity()), time.perf_counter()
+            cpu0, delay0, steal0, wall0 = _cpu_seconds(), _run_delays(), _steal_s(_affinity()), time.perf_counter()
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(e)
         t0 = time.perf_counter()
@@ -465,7 +470,8 @@ def worker_loader(spec: dict[str, Any]) -> dict[str, Any]:
         epochs.append({"epoch": e + 1, "images": seen, "wall_s": dt, "images_per_s": seen / dt if dt > 0 else None})
         e += 1
     cpu_s = _cpu_seconds() - cpu0
-    delay1, steal1 = _run_delay_s(), _steal_s(_affinity())
+    delay1, steal1 = _run_delays(), _steal_s(_affinity())
+    waited = _run_delay_between(delay0, delay1)
     wall = time.perf_counter() - wall0
     timed = sum(ep["images"] for ep in epochs[1:])
     if hasattr(loader, "close"):
@@ -476,8 +482,7 @@ def worker_loader(spec: dict[str, Any]) -> dict[str, Any]:
             "cpu_s_per_image": cpu_s / timed if timed else None,
             # time its threads waited for a core (taken by other programs, or by its own other threads),
             # per core-second of the run
-            "run_queue_wait": ((delay1 - delay0) / (wall * cores) if delay0 is not None and delay1 is not None
-                               and wall > 0 else None),
+            "run_queue_wait": waited / (wall * cores) if waited is not None and wall > 0 else None,
             # the hypervisor's steal time on the run's cores, per core-second of the run
             "steal": ((steal1 - steal0) / (wall * cores) if steal0 is not None and steal1 is not None
                       and wall > 0 else None),
