@@ -85,6 +85,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..decisions import Plan
 from ..hardware import Hierarchy
+from ..trace.record import is_checkpoint_dummy
 from ..trace.schema import Trace
 from ..trace.space import decision_space
 from ..trace.units import find_units
@@ -532,6 +533,8 @@ class ActivationRuntime:
             st.stats.overhead_seconds += (time.perf_counter() - t0) - (st.priced - priced) - (st.sampling - sampling)
 
     def _pack_one(self, st: _StepState, t: torch.Tensor):
+        if is_checkpoint_dummy(t):
+            return t  # not a pack of the trace: [Note: checkpoint's dummy save] in trace/record.py
         k = st.pack_counter
         st.pack_counter = k + 1
         st.stats.packs += 1

@@ -105,6 +105,23 @@ from .space import SAC_HIDDEN_OPS  # noqa: E402
 # ----------------------------------------------------------------------------- builders
 
 
+def is_checkpoint_dummy(t: torch.Tensor) -> bool:
+    """The empty leaf that non-reentrant `torch.utils.checkpoint` saves beside a unit's inputs on some torch
+    versions: not a pack of any plain step ([Note: checkpoint's dummy save])."""
+    return t.is_leaf and t.requires_grad and t.numel() == 0
+
+
+# [Note: checkpoint's dummy save]
+# The pack positions of a trace (a plain step) and of a managed step must be the same sequence.  A recomputed
+# unit runs under non-reentrant checkpoint, which saves the unit's tensor inputs through the surrounding
+# saved-tensor hooks (ours).  Up to torch 2.11 it saves them with `ctx.save_for_backward(dummy, *inputs)`,
+# `dummy = torch.empty((0,), requires_grad=True)`; from 2.12 on without the dummy.  That one extra pack
+# shifted every later pack of a unit with a single saved tensor into the next unit's positions (DenseNet's
+# transition pool: "pack 57: storage of 16384 bytes, trace storage 134 has 4096" on torch 2.11, the GPU
+# image's version).  Both the tracer and the runtime skip empty leaves that require grad: no plain step
+# saves one where it matters (it holds no bytes), and skipping it on both sides keeps the two sequences equal.
+
+
 def _param_indices(optimizer) -> list:
     """(parameter, the optimizer's index of it) in state_dict order."""
     return [(p, i) for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])]
@@ -367,6 +384,8 @@ class StepRecorder:
                     s.param_index = i
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if is_checkpoint_dummy(t):
+            return t  # [Note: checkpoint's dummy save]
         if self._phase() == "forward":
             s = self._sid(t, None)
             pos = self._num_packs
