@@ -50,6 +50,20 @@ if [ -z "$PY" ]; then   # the first interpreter that has torch
 fi
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# Peers the device image lacks (torchao, trl, deepspeed and what deepspeed needs) travel as wheels in
+# $ROOT/.whl (git-ignored; see the device README): installed into a scratch folder, after src on the path.
+WHEELS_INSTALLED=""
+if [ "${WHEELS:-1}" != 0 ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+    SITE="${TMPDIR:-/tmp}/memstrata-gpu-check-site"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+        export PYTHONPATH="$PYTHONPATH:$SITE"
+        WHEELS_INSTALLED="$(cd "$ROOT/.whl" && ls *.whl | tr '\n' ' ')"
+    else
+        WHEELS_INSTALLED="install failed"
+    fi
+fi
+export WHEELS_INSTALLED
 
 REPEATS="${REPEATS:-2}"; REPEATS2="${REPEATS2:-1}"; STEPS="${STEPS:-8}"; WARMUP="${WARMUP:-2}"
 BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
@@ -57,6 +71,7 @@ T_TESTS="${T_TESTS:-60}"; T_PROBE="${T_PROBE:-20}"; T_BENCH="${T_BENCH:-210}"; T
 T_RECIPE="${T_RECIPE:-0}"; T_PEERS="${T_PEERS:-0}"; T_STATES="${T_STATES:-0}"
 S_MODEL="${S_MODEL:-gpt2-1.5b}"; S_BATCH="${S_BATCH:-4}"; S_SEQ="${S_SEQ:-1024}"; S_BUDGET="${S_BUDGET:-50%}"
 S_CONTENDERS="${S_CONTENDERS:-unmanaged,memstrata,torchao_cpu_offload,fsdp2_cpu_offload,deepspeed_zero_offload}"
+S_STEPS="${S_STEPS:-4}"; S_WARMUP="${S_WARMUP:-2}"; S_MAX_S="${S_MAX_S:-20}"; S_RUN_TIMEOUT="${S_RUN_TIMEOUT:-75}"
 # Parts as arguments: `bench/gpu_check.sh tests bench recipe` runs only those (names: tests probe bench check
 # bench2 data recipe); without arguments the defaults above apply (data and recipe off).  A part asked for
 # by name whose T_* is 0 gets its sized default (data 150 s, recipe 240 s, states 400 s).
@@ -133,6 +148,14 @@ except Exception as e:
 # GIT_COMMIT: for copies of the tree without .git (the device runner sends no history)
 env["git_commit"] = os.environ.get("GIT_COMMIT") or sh("git", "rev-parse", "HEAD") or "unknown"
 env["git_dirty"] = bool(sh("git", "status", "--porcelain", "--untracked-files=no"))
+env["wheels_installed"] = os.environ.get("WHEELS_INSTALLED", "")
+from importlib.metadata import PackageNotFoundError, version as _version
+env["peer_versions"] = {}
+for mod in ("torchao", "trl", "deepspeed", "transformers", "accelerate", "triton"):
+    try:  # metadata only: importing deepspeed or trl costs seconds of device time
+        env["peer_versions"][mod] = _version(mod)
+    except PackageNotFoundError:
+        env["peer_versions"][mod] = "not installed"
 env["driver"] = sh("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
 try:
     with open(os.environ["PROBE"]) as f:
@@ -217,8 +240,9 @@ part bench_peers "$T_PEERS" "$OUT/bench.log" \
 #    each run capped at 20 s of timed steps and 75 s in all (model build ~15 s).  Not measured on GPU yet.
 part states "$T_STATES" "$OUT/bench.log" \
     "${BENCH[@]}" --model "$S_MODEL" --device "${DEVICE:-cuda}" --batch "$S_BATCH" --seq "$S_SEQ" \
-    --budget "$S_BUDGET" --repeats 1 --steps 4 --warmup 2 --contenders "$S_CONTENDERS" --max-seconds 20 \
-    --run-timeout 75 --nvme "$NVME" --quiet --log-dir "$LOGS/states" --json "$OUT/states.json"
+    --budget "$S_BUDGET" --repeats 1 --steps "$S_STEPS" --warmup "$S_WARMUP" --contenders "$S_CONTENDERS" \
+    --max-seconds "$S_MAX_S" --run-timeout "$S_RUN_TIMEOUT" --nvme "$NVME" --quiet --log-dir "$LOGS/states" \
+    --json "$OUT/states.json"
 
 tar -czf "$OUT/worker_logs.tar.gz" -C "$LOGS" . 2>/dev/null || true
 write_env

@@ -26,7 +26,7 @@ from torch import nn
 
 from memstrata.manager import Manager, default_hierarchy
 from memstrata.plan.api import minimum_budget
-from memstrata.plan.forced import forced_plan
+from memstrata.plan.forced import KINDS, forced_plan
 from memstrata.runtime import ActivationRuntime
 from memstrata.runtime.check import state_mismatches, train_steps
 from memstrata.trace.record import trace_step
@@ -35,8 +35,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
-
-KINDS = ("keep", "host", "nvme", "recompute", "selective", "mixed")
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +63,10 @@ MODELS = {
     "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
     "densenet": small_densenet,
+    # the transformers and ConvNeXt of the breadth issue, real architectures at a small image size
+    "vit_b_16": lambda: torchvision.models.vit_b_16(image_size=64, num_classes=10),
+    "swin_t": lambda: torchvision.models.swin_t(num_classes=10),
+    "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),
 }
 _CACHE: dict = {}
 
@@ -104,7 +106,7 @@ def test_gpu_forced_kind_bit_exact(model_name, kind, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v3_small", "swin_t", "convnext_tiny"])
 def test_gpu_planner_plan_bit_exact(model_name, tmp_path):
     base, x, y, ref, trace = setup(model_name)
     h = default_hierarchy(torch.device("cuda"), str(tmp_path))
