@@ -17,6 +17,8 @@ out = {"model": name, "budget": sh["budget_bytes"], "unmanaged_peak": sh["observ
        "peaks": [s["peak_bytes"] for s in man], "seconds": [round(s["seconds"], 3) for s in man],
        "predicted": [round(s["predicted_seconds"], 3) for s in man], "notes": sh.get("notes", []),
        "counts": sh["plan"]["counts"], "misaligned": [ (s["stats"] or {}).get("misaligned") for s in man],
+       "replayed": [(s["stats"] or {}).get("replayed") for s in man],  # packs stored as replay recipes, per step
+       "plan_seconds": round(sh["plan"]["plan_seconds"], 2), "runtime": sh.get("runtime"),
        "wall_s": round(time.time() - t0, 1)}
 print(json.dumps(out))
 mgr.close()

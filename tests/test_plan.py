@@ -205,3 +205,25 @@ def test_prefetch_scheduling_drops_offloads_nothing_reads_later():
     assert dead not in st_.offloads
     ti, ev, pf = st_.offloads[live]
     assert ev < pf <= int(ix.accesses[live][1])
+
+
+@pytest.mark.parametrize("planner", ["greedy", "milp"])
+def test_plan_does_not_depend_on_the_clock(monkeypatch, planner):
+    """[Note: deterministic planning] in plan/greedy.py: the search stops at counts of simulations, not at
+    wall-clock deadlines, so a loaded box (here: a clock that runs 1000x fast) gets the very same plan for the
+    same trace and budget (Swin-T at 50% on the shared box: 18 NVMe offloads and 41 replays quiet, 58 offloads
+    and 5 units when the deadlines cut the search)."""
+    rng = random.Random(2)
+    tr = random_trace(rng, units=(10, 12), layers=(2, 3))
+    h = small_hierarchy(rng, roomy=True)
+    m = minimum_budget(tr, h)
+    budget = int(m + 0.5 * (tr.observed_peak - m))
+    quiet = plan(tr, h, budget, planner=planner)
+    assert quiet.storages or quiet.units or quiet.replays
+    real = time.perf_counter
+    t0 = real()
+    monkeypatch.setattr(time, "perf_counter", lambda: t0 + 1000.0 * (real() - t0))
+    loaded = plan(tr, h, budget, planner=planner)
+    monkeypatch.undo()
+    assert loaded.storages == quiet.storages and loaded.units == quiet.units and loaded.replays == quiet.replays
+    assert loaded.predicted_step_time == quiet.predicted_step_time

@@ -12,7 +12,7 @@ from torch import nn
 
 from memstrata.hardware import Budget
 from memstrata.manager import Manager, default_hierarchy
-from memstrata.plan.api import minimum_budget
+from memstrata.plan.api import minimum_budget, plan
 from memstrata.decisions import InfeasibleBudgetError
 from memstrata.plan.forced import forced_plan
 from memstrata.runtime import ActivationRuntime
@@ -753,3 +753,30 @@ def test_heap_readings_sparse_reads_a_plans_first_step_and_one_in_eight(tmp_path
     assert got["auto"] == [True] * 10
     with pytest.raises(ValueError, match="heap_readings"):
         Manager(tiny(), heap_readings="never")
+
+
+def test_budget_watch_drops_copies_at_the_minimum(tmp_path):
+    """[Note: budget watch]: at the smallest feasible budget, a plan that copies to NVMe and measures over the
+    budget (copies that ran late: ResNet-18 b32 128 px on the loaded box, 1.17x) is re-planned at the same budget
+    without copies (recompute and replays only) when one exists, instead of being left over the budget."""
+    from dataclasses import replace
+
+    from memstrata.manager import StepRecord
+
+    model, x, y, _, mgr = _resnet18_case(tmp_path, frac=0.6)
+    ref = train_steps(train_steps(copy.deepcopy(model), x, y, steps=2), x, y, steps=4)  # one optimizer per call
+    train_steps(model, x, y, steps=2, step_ctx=lambda: mgr.step(x))  # warm-up, trace + plan
+    st = mgr._current
+    st.recalibrated = True  # look at the peak rule only
+    budget = st.plan_budget
+    copying = replace(forced_plan(st.trace, "nvme", mgr.hierarchy), budget=budget)  # every save copied to NVMe
+    assert any(d.action == "offload" for d in copying.storages)
+    assert plan(st.trace, mgr.hierarchy, budget, tiers=()).storages == ()  # one without copies exists
+    mgr._install(st, "copies", copying, budget, None, record=False)
+    st.minimum_budget = budget  # as if at the smallest feasible budget: no lower budget to correct to
+    mgr._watch(st, StepRecord(0, "-", "managed", 0.1, peak_bytes=int(1.2 * budget)))
+    assert st.plan is not copying and not any(d.action == "offload" for d in st.plan.storages)
+    assert st.plan_budget == budget and any("without copies" in n for n in st.notes)
+    train_steps(model, x, y, steps=4, step_ctx=lambda: mgr.step(x))
+    assert state_mismatches(ref, model) == []
+    mgr.close()

@@ -169,7 +169,7 @@ def to_plan(trace: Trace, hierarchy: Hierarchy, budget: int, st: "_greedy.State"
 
 
 def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "auto", tiers=None,
-         time_limit: float = 4.0, replays: bool = True) -> Plan:
+         time_limit: float = 4.0, replays: bool = True, work: int = _greedy.DEFAULT_WORK) -> Plan:
     """Decide where every saved activation lives and which units are recomputed, within `budget` tier-0 bytes.
 
     planner: "greedy" (fast heuristic), "milp" (exact for stated restricted problems, never worse than greedy;
@@ -180,6 +180,9 @@ def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "aut
 
     replays: let greedy choose op-level replays (`ReplayDecision`), on by default ([Note: replays in the
     default plan] below); False plans with units, segments and offloads only.
+
+    work: simulations the greedy's search phases may run (a count, so the plan does not depend on the box's
+    load: [Note: deterministic planning] in greedy.py).  time_limit: seconds for the MILP solver (milp only).
     """
     if planner not in PLANNERS:
         raise ValueError(f"planner must be one of {PLANNERS}, got {planner!r}")
@@ -199,10 +202,11 @@ def plan(trace: Trace, hierarchy: Hierarchy, budget: int, *, planner: str = "aut
         planner = "milp" if n_cand <= AUTO_MILP_MAX else "greedy"
     exactness = ()
     if planner == "milp":
-        mr = _milp.milp_solve(ix, hierarchy, budget, ti, time_limit=max(time_limit, 10.0), replays=replays)
+        mr = _milp.milp_solve(ix, hierarchy, budget, ti, time_limit=max(time_limit, 10.0), replays=replays,
+                              work=work)
         st, res, exactness = mr.state, mr.result, (mr.note,)
     else:
-        st, res = _greedy.greedy_state(ix, hierarchy, budget, ti, time_limit=time_limit, replays=replays)
+        st, res = _greedy.greedy_state(ix, hierarchy, budget, ti, work=work, replays=replays)
     if not res.feasible:  # pragma: no cover - the planners only return feasible states
         raise RuntimeError(f"{planner} planner returned an infeasible plan")
     dt = time.perf_counter() - t0

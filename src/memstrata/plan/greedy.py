@@ -61,12 +61,26 @@ from the best uniform cut while they lower the simulated peak, for at most
 FRUGAL_SEARCH_EVALS simulations (a count, not a clock: the minimum must not
 depend on the box's load).  The per-unit cover is always a candidate, so the
 minimum is never higher than without segments.
+
+[Note: deterministic planning]
+The search phases (peel, clean-up, the seeds, replay pruning and sharing,
+1-opt) used to stop at wall-clock deadlines (`time_limit`, 4 s, and shares of
+it after it).  On the shared 2-core box a loaded planning run therefore got
+through fewer simulations and returned a different plan for the same trace
+and budget: Swin-T b32 128 px at 50%, 629 simulations (3-4 s quiet) give 18
+NVMe offloads and 41 replays; stopped after 1 s, 58 offloads and 5 units;
+after 0.3 s, 48 offloads.  Now they stop at counts of simulations
+(`Evaluator.calls`, memoised states not counted): `work` simulations for the
+first phases, shares of it after, as the deadlines were (`Work`), so a plan is
+a function of the trace, the hierarchy and the budget.  The default
+(`DEFAULT_WORK`) is above what the bench's models need to finish on their own
+(the iteration and round counts end the search) and bounds planning on very
+large graphs.
 """
 
 from __future__ import annotations
 
 import bisect
-import time
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
@@ -131,6 +145,23 @@ def replay_held(ix: TraceIndex, st: State) -> set[int]:
 def cost(res: SimResult) -> float:
     """The objective: predicted step time, ties to less traffic."""
     return res.step_time + TRAFFIC_WEIGHT * res.traffic
+
+
+DEFAULT_WORK = 1500  # simulations before the search phases stop ([Note: deterministic planning])
+
+
+class Work(NamedTuple):
+    """Where a search phase stops: after `limit` simulations of `ev_` in all ([Note: deterministic planning])."""
+
+    ev_: "Evaluator"
+    limit: int
+
+    def spent(self) -> bool:
+        return self.ev_.calls >= self.limit
+
+    def share(self, f: float) -> "Work":
+        """The same evaluator, stopping at `f` x `limit` simulations (later phases get more than the first)."""
+        return Work(self.ev_, int(f * self.limit))
 
 
 class Evaluator:
@@ -745,7 +776,7 @@ def _worst_event(res: SimResult) -> int:
     return int(np.argmax(over))
 
 
-def peel(ev_: Evaluator, st: State, modes, max_iter: int = 400, deadline: float | None = None,
+def peel(ev_: Evaluator, st: State, modes, max_iter: int = 400, work: Work | None = None,
          deep_first: bool = True) -> tuple[State, SimResult]:
     ix, h = ev_.ix, ev_.h
     res = ev_(st)
@@ -781,7 +812,7 @@ def peel(ev_: Evaluator, st: State, modes, max_iter: int = 400, deadline: float 
             # simulator judge the most promising single moves, lower-tier checks relaxed
             nst, nres = _probe(ev_, st, res, p, modes, deep_first)
         st, res = nst, nres
-        if deadline is not None and time.perf_counter() > deadline:
+        if work is not None and work.spent():
             break
     if not res.feasible:
         raise GreedyStuck("iteration limit")
@@ -864,7 +895,7 @@ def _prune(ev_: Evaluator, st: State, res: SimResult, sids: list[int]) -> tuple[
     return st, res
 
 
-def cleanup(ev_: Evaluator, st: State, res: SimResult, modes, deadline: float | None = None) -> tuple[State, SimResult]:
+def cleanup(ev_: Evaluator, st: State, res: SimResult, modes, work: Work | None = None) -> tuple[State, SimResult]:
     """Drop decisions that are not needed; downgrade full recomputes to selective where it pays."""
     ix, h = ev_.ix, ev_.h
     best = cost(res)
@@ -872,7 +903,7 @@ def cleanup(ev_: Evaluator, st: State, res: SimResult, modes, deadline: float | 
     order = [("unit", u) for u in sorted(st.units, key=lambda u: -ix.unit_effect(u, st.units[u], frozenset()).time)]
     order += [("off", s) for s in sorted(st.offloads, key=lambda s: -int(ix.nbytes[s]))]
     for kind, k in order:
-        if deadline is not None and time.perf_counter() > deadline:
+        if work is not None and work.spent():
             break
         trials = []
         if kind == "unit" and k in st.units:
@@ -906,7 +937,7 @@ def cleanup(ev_: Evaluator, st: State, res: SimResult, modes, deadline: float | 
 
 
 def one_opt(ev_: Evaluator, st: State, res: SimResult, modes, options: dict[int, list[Offload]],
-            deadline: float | None = None, rounds: int = 3) -> tuple[State, SimResult]:
+            work: Work | None = None, rounds: int = 3) -> tuple[State, SimResult]:
     """Exhaustive single-decision changes (small problems): best improvement, repeated."""
     best = cost(res)
     for _ in range(rounds):
@@ -945,7 +976,7 @@ def one_opt(ev_: Evaluator, st: State, res: SimResult, modes, options: dict[int,
                             del t.units[u]
                 moves.append(t)
         for t in moves:
-            if deadline is not None and time.perf_counter() > deadline:
+            if work is not None and work.spent():
                 return st, res
             r = _valid(ev_, t)
             if r is not None and r.feasible and cost(r) < best - 1e-12:
@@ -1014,7 +1045,7 @@ REPLAY_MIN_BYTES = 1 << 16  # smaller saved storages (BatchNorm statistics) are 
 # 1/256 of the activation peak)
 
 
-def replay_seed(ev_: Evaluator, deadline: float | None = None) -> State:
+def replay_seed(ev_: Evaluator, work: Work | None = None) -> State:
     """Replays of every replayable storage worth one, best bytes per second first, until tier 0 fits."""
     ix = ev_.ix
     space = decision_space(ix.trace)
@@ -1028,7 +1059,7 @@ def replay_seed(ev_: Evaluator, deadline: float | None = None) -> State:
         scored.append((b / max(t, 1e-12), sid))
     st = State()
     for _, sid in sorted(scored, reverse=True):
-        if ev_(st).peak(0) <= ev_.budget or (deadline is not None and time.perf_counter() > deadline):
+        if ev_(st).peak(0) <= ev_.budget or (work is not None and work.spent()):
             break
         trial = st.copy()
         trial.replays[sid] = space.replay_chain(sid)
@@ -1051,13 +1082,13 @@ def replays_pinning(ev_: Evaluator, st: State, event: int) -> list[int]:
     return out
 
 
-def prune_replays(ev_: Evaluator, st: State, res: SimResult, deadline: float | None = None
+def prune_replays(ev_: Evaluator, st: State, res: SimResult, work: Work | None = None
                   ) -> tuple[State, SimResult]:
     """Drop replays the plan does not need (most expensive first)."""
     ix = ev_.ix
     best = cost(res)
     for sid in sorted(st.replays, key=lambda s: -replay_time(ix, ev_.h, s, st.replays[s])):
-        if deadline is not None and time.perf_counter() > deadline:
+        if work is not None and work.spent():
             break
         t = st.copy()
         del t.replays[sid]
@@ -1067,7 +1098,7 @@ def prune_replays(ev_: Evaluator, st: State, res: SimResult, deadline: float | N
     return st, res
 
 
-def share_replays(ev_: Evaluator, st: State, res: SimResult, deadline: float | None = None
+def share_replays(ev_: Evaluator, st: State, res: SimResult, work: Work | None = None
                   ) -> tuple[State, SimResult]:
     """Let another replay's run regenerate a storage ([Note: shared replays] in trace/space.py): a replayed
     storage stops running its own chain, or a storage not replayed yet is added at no compute cost, where that
@@ -1077,7 +1108,7 @@ def share_replays(ev_: Evaluator, st: State, res: SimResult, deadline: float | N
     floor = min(REPLAY_MIN_BYTES, ix.trace.activation_peak // 256)
     best = cost(res)
     for sid in sorted(space.replayable_storages(), key=lambda s: -int(ix.nbytes[s])):
-        if deadline is not None and time.perf_counter() > deadline:
+        if work is not None and work.spent():
             break
         if int(ix.nbytes[sid]) < floor:
             continue
@@ -1098,10 +1129,11 @@ def share_replays(ev_: Evaluator, st: State, res: SimResult, deadline: float | N
 
 
 def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...], *,
-                 time_limit: float = 4.0, small: int = 60, replays: bool = False) -> tuple[State, SimResult]:
-    t0 = time.perf_counter()
-    deadline = t0 + time_limit
+                 work: int = DEFAULT_WORK, small: int = 60, replays: bool = False) -> tuple[State, SimResult]:
+    """The greedy's plan state.  `work`: simulations before the search phases stop (a count, not a clock:
+    [Note: deterministic planning]); later phases run on to shares above it, as before."""
     ev_ = Evaluator(ix, hierarchy, budget, tiers)
+    w = Work(ev_, int(work))
     modes = unit_modes(ix, hierarchy, segments=True)
     results: list[tuple[State, SimResult]] = []
     n_cand = int(decision_space(ix.trace).offloadable.sum()) + len(modes)
@@ -1109,8 +1141,8 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
     variants = (True, False) if (n_cand <= small and len(hierarchy.tiers) > 2) else (True,)
     for deep_first in variants:
         try:
-            st, res = peel(ev_, State(), modes, deadline=deadline, deep_first=deep_first)
-            st, res = cleanup(ev_, st, res, modes, deadline=deadline)
+            st, res = peel(ev_, State(), modes, work=w, deep_first=deep_first)
+            st, res = cleanup(ev_, st, res, modes, work=w)
             results.append((st, res))
         except GreedyStuck:
             pass
@@ -1119,31 +1151,31 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
     # event only and can lock in expensive full recomputes early; this variant cannot.
     try:
         seed = ratio_seed(ev_, modes)
-        st, res = peel(ev_, seed, modes, deadline=deadline + 0.25 * time_limit, deep_first=True)
-        results.append(cleanup(ev_, st, res, modes, deadline=deadline + 0.5 * time_limit))
+        st, res = peel(ev_, seed, modes, work=w.share(1.25), deep_first=True)
+        results.append(cleanup(ev_, st, res, modes, work=w.share(1.5)))
     except GreedyStuck:
         pass
     # Replay seed: op-level recompute of every cheap-to-regenerate saved storage (best bytes per second
     # first, until the peak fits), then the peel above on top; unneeded replays are pruned.
     # A replay pins what it reads until it runs; where the peel finds nothing left to free at an event, the
     # replays pinning storages live there are dropped from the seed and the peel runs again.
-    seed = replay_seed(ev_, deadline=deadline) if replays and time.perf_counter() < deadline else State()
-    for _ in range(4):  # within the deadlines the other variants already have: planning time does not grow
+    seed = replay_seed(ev_, work=w) if replays and not w.spent() else State()
+    for _ in range(4):  # within the shares the other variants already have: planning work does not grow
         if not seed.replays:
             break
         try:
-            st, res = peel(ev_, seed, modes, deadline=deadline + 0.25 * time_limit, deep_first=True)
-            st, res = prune_replays(ev_, st, res, deadline=deadline + 0.5 * time_limit)
+            st, res = peel(ev_, seed, modes, work=w.share(1.25), deep_first=True)
+            st, res = prune_replays(ev_, st, res, work=w.share(1.5))
             results.append((st, res))
             # one run for what several replays regenerate ([Note: shared replays] in trace/space.py), then
             # what that made unnecessary
-            shared = share_replays(ev_, st, res, deadline=deadline + 0.5 * time_limit)
+            shared = share_replays(ev_, st, res, work=w.share(1.5))
             if shared[0].key() != st.key():
-                st, res = prune_replays(ev_, *shared, deadline=deadline + 0.6 * time_limit)
-                results.append(cleanup(ev_, st, res, modes, deadline=deadline + 0.7 * time_limit))
+                st, res = prune_replays(ev_, *shared, work=w.share(1.6))
+                results.append(cleanup(ev_, st, res, modes, work=w.share(1.7)))
             break
         except GreedyStuck as e:
-            if e.event is None or time.perf_counter() > deadline + 0.25 * time_limit:
+            if e.event is None or w.share(1.25).spent():
                 break
             pinned = replays_pinning(ev_, seed, e.event)
             if not pinned:
@@ -1157,12 +1189,12 @@ def greedy_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple
     if r is None or not r.feasible:
         fr = fr0
         r = ev_(fr)
-    if r.feasible and (not results or time.perf_counter() < deadline):
-        results.append(cleanup(ev_, fr, r, modes, deadline=deadline + 0.5 * time_limit))
+    if r.feasible and (not results or not w.spent()):
+        results.append(cleanup(ev_, fr, r, modes, work=w.share(1.5)))
     if not results:
         raise GreedyStuck("no feasible plan found")
     st, res = min(results, key=lambda sr: cost(sr[1]))
     if n_cand <= small:
         opts = offload_options(ix, hierarchy, tiers)
-        st, res = one_opt(ev_, st, res, modes, opts, deadline=deadline)
+        st, res = one_opt(ev_, st, res, modes, opts, work=w)
     return st, res

@@ -64,15 +64,15 @@ Why it used to predict 1.77x where greedy predicted 1.18x (resnet50, batch
 limit, HiGHS got the second that was left, found no integer point, and the
 planner fell back to the *frugal* plan (every unit recomputed, every saved
 activation offloaded), which the polish never reached because its deadline
-had passed too.  Now the options are built under their own deadline (the
-linearised step is skipped when they do not fit), HiGHS gets its own time,
+had passed too.  Now the options are built under their own limit (the
+linearised step is skipped when they are too many: a count of simulations,
+[Note: deterministic planning] in greedy.py), HiGHS gets its own time,
 and the fallback is greedy's plan.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,10 +80,12 @@ import numpy as np
 from ..hardware import Hierarchy
 from ..simulate import SimResult
 from ..trace.index import TraceIndex
-from .greedy import (TRAFFIC_WEIGHT, Evaluator, GreedyStuck, State, _valid, cost, greedy_state, offload_options,
-                     one_opt, unit_modes)
+from .greedy import (DEFAULT_WORK, TRAFFIC_WEIGHT, Evaluator, GreedyStuck, State, Work, _valid, cost, greedy_state,
+                     offload_options, one_opt, unit_modes)
 
 ENUMERATE_MAX = 4096
+LINEARISED_MAX_OPTIONS = 400  # options (each simulated alone) beyond which the linearised model is not built
+LANE_ROWS_MAX = 20_000  # lane-contention rows beyond which it is not solved (counts, not clocks)
 EXACT_KINDS = ("menu", "recompute")
 
 
@@ -240,9 +242,16 @@ def recompute_exact(ev_: Evaluator, modes: dict[int, list[tuple[int, ...]]], tim
     return (st, r), proven
 
 
-def _linearised(ev_: Evaluator, modes, opts, build_deadline: float, deadline: float,
-                rounds: int = 8) -> tuple[State, SimResult] | None:
-    """The linearised MILP of [Note: the linearised model]; None when it finds nothing the simulator accepts."""
+def _linearised(ev_: Evaluator, modes, opts, seconds: float, rounds: int = 8,
+                max_options: int = LINEARISED_MAX_OPTIONS) -> tuple[State, SimResult] | None:
+    """The linearised MILP of [Note: the linearised model]; None when it finds nothing the simulator accepts.
+
+    Its options are simulated one by one: with more than `max_options` of them the model is not built at all,
+    and with more than `LANE_ROWS_MAX` lane rows not solved (counts, not clocks: [Note: deterministic planning] in
+    greedy.py); every round's HiGHS solve gets `seconds` / `rounds` (the rounds run whatever the clock says: only
+    a solve that reaches its own limit depends on the box's speed)."""
+    if sum(map(len, modes.values())) + sum(map(len, opts.values())) > max_options:
+        return None  # the model would not leave HiGHS any time: greedy's plan stands
     ix, hierarchy, budget = ev_.ix, ev_.h, ev_.budget
     base = ev_(State())
     ntier = len(hierarchy.tiers)
@@ -262,8 +271,6 @@ def _linearised(ev_: Evaluator, modes, opts, build_deadline: float, deadline: fl
             deltas.append([r.occ[t] - base.occ[t] for t in range(ntier)])
             times.append(r.step_time - base.step_time)
     for sid, os_ in opts.items():
-        if time.perf_counter() > build_deadline:
-            return None  # the model would not leave HiGHS any time: greedy's plan stands
         for o in os_:
             r = _valid(ev_, State(offloads={sid: o}))
             if r is None:
@@ -314,7 +321,7 @@ def _linearised(ev_: Evaluator, modes, opts, build_deadline: float, deadline: fl
         jp = np.array([j[3] for j in jobs])
         seen = set()
         for a in np.unique(jr).tolist():
-            if time.perf_counter() > build_deadline:
+            if len(rows) > LANE_ROWS_MAX:
                 return None
             after = jr >= a
             for bnd in np.unique(jd[after]).tolist():
@@ -338,10 +345,8 @@ def _linearised(ev_: Evaluator, modes, opts, build_deadline: float, deadline: fl
     c = np.array(times + [1.0] * nz)
     integrality = np.array([1] * nO + [0] * nz)
     bounds = Bounds(np.zeros(nv), np.array([1.0] * nO + [np.inf] * nz))
+    left = max(0.5, seconds / max(rounds, 1))
     for _ in range(rounds):
-        left = deadline - time.perf_counter()
-        if left <= 0.5:
-            break
         cap_rows = list(rows)
         for t in range(ntier):
             D = np.array([deltas[k][t] for k in range(nO)])  # nO x n
@@ -390,18 +395,19 @@ def _linearised(ev_: Evaluator, modes, opts, build_deadline: float, deadline: fl
 
 
 def milp_solve(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...], *,
-               time_limit: float = 10.0, rounds: int = 8, polish: bool = True, replays: bool = False) -> MilpResult:
+               time_limit: float = 10.0, rounds: int = 8, polish: bool = True, replays: bool = False,
+               work: int = DEFAULT_WORK) -> MilpResult:
     """The exact planner; see [Note: what "exact" means here].  Raises MilpFailed if nothing fits.
 
     replays: let the greedy incumbent choose op-level replays (`plan()` passes its own flag, so `milp` is
-    never slower than the `greedy` plan the same call would have made)."""
-    t0 = time.perf_counter()
+    never slower than the `greedy` plan the same call would have made).  work: simulations for the greedy
+    incumbent and for the 1-opt polish, each ([Note: deterministic planning] in greedy.py); the linearised
+    model is built for at most `LINEARISED_MAX_OPTIONS` options; time_limit: seconds for the HiGHS solves."""
     ev_ = Evaluator(ix, hierarchy, budget, tiers)
     modes, opts = _menu(ix, hierarchy, tiers)
     cands: list[tuple[str, tuple[State, SimResult]]] = []
     try:  # the incumbent: whatever else happens, never return a plan slower than greedy's
-        cands.append(("greedy", greedy_state(ix, hierarchy, budget, tiers, time_limit=min(4.0, time_limit / 3),
-                                                 replays=replays)))
+        cands.append(("greedy", greedy_state(ix, hierarchy, budget, tiers, work=work, replays=replays)))
     except GreedyStuck:
         pass
     exact: str | None = None
@@ -419,17 +425,14 @@ def milp_solve(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[i
             if proven and not opts:
                 exact = "recompute"
         if opts:
-            start = time.perf_counter()
-            left = max(1.0, t0 + time_limit - start)
-            lin = _linearised(ev_, modes, opts, build_deadline=start + 0.6 * left, deadline=start + left,
-                              rounds=rounds)
+            lin = _linearised(ev_, modes, opts, seconds=max(1.0, time_limit / 3), rounds=rounds)
             if lin is not None:
                 cands.append(("linearised-milp", lin))
     if not cands:
         raise MilpFailed("no plan from the menu, the MILP or greedy fits the budget")
     source, (st, res) = min(cands, key=lambda c: cost(c[1][1]))
     if polish and exact is None:
-        st2, res2 = one_opt(ev_, st, res, modes, opts, deadline=time.perf_counter() + max(1.0, time_limit / 4))
+        st2, res2 = one_opt(ev_, st, res, modes, opts, work=Work(ev_, ev_.calls + work))
         if cost(res2) < cost(res):
             st, res, source = st2, res2, source + "+1-opt"
     if exact == "menu":
@@ -446,6 +449,7 @@ def milp_solve(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[i
 
 
 def milp_state(ix: TraceIndex, hierarchy: Hierarchy, budget: int, tiers: tuple[int, ...], *,
-               time_limit: float = 10.0, rounds: int = 8, polish: bool = True) -> tuple[State, SimResult]:
-    r = milp_solve(ix, hierarchy, budget, tiers, time_limit=time_limit, rounds=rounds, polish=polish)
+               time_limit: float = 10.0, rounds: int = 8, polish: bool = True, work: int = DEFAULT_WORK
+               ) -> tuple[State, SimResult]:
+    r = milp_solve(ix, hierarchy, budget, tiers, time_limit=time_limit, rounds=rounds, polish=polish, work=work)
     return r.state, r.result

@@ -59,7 +59,13 @@ peak predicted 115 MiB where offload measured 209 MiB).  So the runtime
 keeps, at every heap sample of a step, four what-if readings: the heap less
 (a) the offloadable saves still waiting for their graph's backward (every
 graph's from its forward until its backward starts: then the saves of the
-graphs before it; the running graph's own are restored in the managed step),
+graphs before it; the running graph's own are restored in the managed step)
+that the forward no longer holds (a save the forward still holds, such as a
+unit's output that the next graph reads, is freed by no offload: ResNet-18's
+offloaded step peaked in the stem's forward with 64 of its 70 MiB of saves
+still held there, 145 MiB measured where the what-if without this term said
+119; autograd keeps an alias of each save in the measured step, so the
+forward's own tensor dies when the forward drops it),
 (b) also the gradients made so far (a post-accumulate-grad hook on every
 parameter: with gradient tiering they leave once final, runtime/grads.py),
 (c) the saves and the split units' parameters a dry `ParamTiering` says
@@ -461,13 +467,26 @@ class _Step:
         self.graph_offloadable: list[int] = [0]  # per graph (index = stats.graphs when saved): offloadable bytes
         self.save_graph: dict[int, int] = {}  # storage -> the graph that saved it
         self.offloadable_alive = 0
+        # (the forward's own tensor, bytes, graph) per offloadable save: while the forward still holds the tensor
+        # offloading frees nothing, so the what-if does not subtract it (append-only: the poller thread reads it)
+        self.forward_held: list[tuple[Any, int, int]] = []
         self.backward_graph: int | None = None
         self.grad_bytes = 0
         self.start_storages: set[int] = set()
         self.params: Any = None  # the runtime's ParamTiering (dry or live), if any
 
     def whatif(self) -> tuple[int, int, int]:
-        return self.offloadable_alive, self.grad_bytes, self.released_params()
+        return self.offloadable_alive - self.held_by_forward(), self.grad_bytes, self.released_params()
+
+    def held_by_forward(self) -> int:
+        """Bytes of the saves still waiting for their graph's backward that the forward itself still holds."""
+        b, held = self.backward_graph, self.forward_held
+        n = 0
+        for i in range(len(held)):
+            ref, nbytes, g = held[i]
+            if (b is None or g < b) and ref() is not None:
+                n += nbytes
+        return n
 
     def released_params(self) -> int:
         return self.params.released_bytes if self.params is not None else 0
@@ -687,7 +706,8 @@ class CompiledRuntime:
         stats.pack_nbytes.append(n)
         offloadable = (s is not None and s._cdata not in st.fixed and n >= SaveOffloader.MIN_BYTES
                        and t.device == self.device and t.layout == torch.strided)
-        if s is not None and s._cdata not in st.seen:
+        first = s is not None and s._cdata not in st.seen
+        if first:
             st.seen.add(s._cdata)
             if s._cdata in st.fixed:
                 stats.saved_static_bytes += n
@@ -712,6 +732,12 @@ class CompiledRuntime:
             st.poller.sample()
         if stats.offload and offloadable:
             return self.offloader.pack(t, s, stats)
+        if offloadable and st.poller is not None and s is not None and s._cdata in st.save_graph:
+            # [Note: the what-if of a split step]: autograd keeps an alias, so the forward's own tensor object
+            # lives exactly as long as the forward holds it
+            if first:
+                st.forward_held.append((weakref.ref(t), n, st.save_graph[s._cdata]))
+            return t.detach()
         return t
 
     @torch.compiler.disable
