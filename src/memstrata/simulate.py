@@ -263,11 +263,14 @@ class ReplayEffect:
 
 
 def replay_time(ix: TraceIndex, hierarchy: Hierarchy, sid: int, chain: tuple[int, ...],
-                also: tuple[int, ...] = ()) -> float:
+                also: tuple[int, ...] = (), sign: bool | None = None) -> float:
     """Seconds one replay of sid adds ([Note: simulation semantics], replay): its chain's ops eager, or one
     fused pass over what it reads and writes with `Hierarchy.fused_replay`.  `also`: the other storages the
-    same run regenerates ([Note: shared replays] in trace/space.py); a fused pass writes them too."""
-    if not also and decision_space(ix.trace).sign_replays({sid: chain}):
+    same run regenerates ([Note: shared replays] in trace/space.py); a fused pass writes them too.  `sign`: it
+    runs as a sign replay (None: when it would on its own, `DecisionSpace.sign_replays`)."""
+    if sign is None:
+        sign = not also and bool(decision_space(ix.trace).sign_replays({sid: chain}))
+    if sign:
         # [Note: sign replays]: a compare + bit-packing pass at the pack, a table lookup at the unpack: each
         # about one pass of the ReLU that made it (measured on the trace, so the box's bandwidth is in it)
         return 2.0 * float(ix.dur[ix.trace.storages[sid].producer])
@@ -355,7 +358,7 @@ def replay_effects(ix: TraceIndex, hierarchy: Hierarchy, replays: Mapping[int, t
     for ops, members in groups.items():
         host = members[0]
         held = tuple(x for x in held_of[ops] if x not in replays)
-        t = replay_time(ix, hierarchy, host, ops, also=tuple(members[1:]))
+        t = replay_time(ix, hierarchy, host, ops, also=tuple(members[1:]), sign=ops in signs)
         for m in members:
             fwd = [a for a in ix.accesses[m] if a <= fe]
             out[m] = ReplayEffect(m, E[ops], max(fwd) if fwd else int(ix.start[m]), t if m == host else 0.0,

@@ -251,16 +251,22 @@ class DecisionSpace:
     def sign_replays(self, replays: Mapping[int, tuple[int, ...]]) -> frozenset[int]:
         """The replays of `replays` (sid -> ops) that run as sign replays ([Note: sign replays] in
         runtime/signs.py): sign-only storages replayed on their own chain with no other storage sharing the run
-        (a shared run re-runs the chain for its guests anyway, and regenerates its host on the way)."""
+        (a shared run re-runs the chain for its guests anyway, and regenerates its host on the way), and that
+        no other replay of the plan reads."""
         runs: dict[tuple[int, ...], int] = {}
         for c in replays.values():
             runs[tuple(c)] = runs.get(tuple(c), 0) + 1
-        return frozenset(s for s, c in replays.items() if runs[tuple(c)] == 1 and self.sign_only(s)
-                         and tuple(c) == self.replay_chain(s))
+        cand = [s for s, c in replays.items() if runs[tuple(c)] == 1 and self.sign_only(s)
+                and tuple(c) == self.replay_chain(s)]
+        if not cand:
+            return frozenset()
+        # another replay that reads it (max-pool's outputs re-made from the ReLU's) needs its values
+        read = {x for s in replays for x in self.replay_inputs(s)}
+        return frozenset(s for s in cand if s not in read)
 
     def sign_only(self, sid: int) -> bool:
         """Storage sid is read in backward only through its sign ([Note: sign replays] in runtime/signs.py): a
-        replay of it alone may keep one bit per element and re-run nothing, hold nothing."""
+        replay of it alone may keep one bit per element and re-run nothing, hold nothing (`sign_replays`)."""
         hit = self._sign_only.get(sid)
         if hit is None:
             hit = self._sign_only[sid] = self._derive_sign_only(sid)
