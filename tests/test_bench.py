@@ -172,6 +172,24 @@ def test_memstrata_line_says_plan_prediction_and_tuning():
     assert memstrata_line([{"name": "unmanaged", "notes": {}}]) == ""
 
 
+def test_memstrata_line_compares_a_given_plan_on_one_basis():
+    """A plan made once (plan_once.py) was predicted on the planning run's CPU-scaled trace: the line gives its
+    predicted slowdown next to the measured one, not its milliseconds next to this repeat's wall time."""
+    from memstrata.bench.report import memstrata_line
+
+    notes = {"plan_source": "given (planned once for every repeat)",
+             "plan": {"counts": {"replays": 9}, "notes": ["greedy: 9 replays",
+                                                           "predicted step 2430.185 ms vs unmanaged 2201.532 ms "
+                                                           "(1.104x); peak 1 <= budget 2"]},
+             "last_step": {"seconds": 1.863, "predicted_seconds": 2.6776}}
+    rows = [{"name": "unmanaged", "notes": {}, "samples_per_s": 41.69},
+            {"name": "memstrata", "notes": notes, "samples_per_s": 33.68}]
+    line = memstrata_line(rows)
+    assert line == ("memstrata: plan replays 9; the given plan predicted 1.104x the unmanaged step (planning "
+                    "trace), measured 1.238x (unmanaged / memstrata samples/s)")
+    assert "2677" not in line
+
+
 def test_memstrata_plans_once_and_every_repeat_runs_that_plan(tmp_path):
     """[Note: one plan for every repeat] (bench/plan_once.py): one untimed planning run per budget, no wall-clock
     limit on its planner, and each memstrata repeat runs the plan it wrote (a given plan: no re-planning), bit-exact."""

@@ -94,6 +94,10 @@ and the step time equals `trace.step_time`.
   own replays: this run makes it afresh and drops it) is counted at R, less what op R itself allocates
   ([Note: a replay runs before its op]).  Replays with the same ops are one run ([Note: shared replays] in
   trace/space.py): at the earliest replay event of its members, priced once; every member lives from there.
+  A sign replay ([Note: sign replays] in runtime/signs.py; `DecisionSpace.sign_replays`) runs no chain and holds
+  nothing: its bits (one per element) live from its producer to R, with a transient of two bytes per element
+  at the producer (the pack) and at R (the unpack); it costs twice its ReLU's time (a compare and bit-packing
+  pass, a table lookup pass).
 
 [Note: a replay runs before its op]
 The unpack hook that runs a recipe fires when autograd's node first needs the saved tensor, before op R
@@ -255,13 +259,21 @@ class ReplayEffect:
     time: float
     transient: int
     held: tuple[int, ...]  # storages the recipe holds until R (not replayed themselves)
+    signs: int = 0  # a sign replay: bytes of its bits, live from the producer to R ([Note: sign replays])
 
 
 def replay_time(ix: TraceIndex, hierarchy: Hierarchy, sid: int, chain: tuple[int, ...],
-                also: tuple[int, ...] = ()) -> float:
+                also: tuple[int, ...] = (), sign: bool | None = None) -> float:
     """Seconds one replay of sid adds ([Note: simulation semantics], replay): its chain's ops eager, or one
     fused pass over what it reads and writes with `Hierarchy.fused_replay`.  `also`: the other storages the
-    same run regenerates ([Note: shared replays] in trace/space.py); a fused pass writes them too."""
+    same run regenerates ([Note: shared replays] in trace/space.py); a fused pass writes them too.  `sign`: it
+    runs as a sign replay (None: when it would on its own, `DecisionSpace.sign_replays`)."""
+    if sign is None:
+        sign = not also and bool(decision_space(ix.trace).sign_replays({sid: chain}))
+    if sign:
+        # [Note: sign replays]: a compare + bit-packing pass at the pack, a table lookup at the unpack: each
+        # about one pass of the ReLU that made it (measured on the trace, so the box's bandwidth is in it)
+        return 2.0 * float(ix.dur[ix.trace.storages[sid].producer])
     if hierarchy.fused_replay:
         # a heavy op of the chain (the stem convolution: [Note: replays from the batch] in trace/space.py) is
         # not fused: it costs what it cost in the forward, and the fused pass starts from its output
@@ -320,7 +332,10 @@ def replay_effects(ix: TraceIndex, hierarchy: Hierarchy, replays: Mapping[int, t
     space = decision_space(trace)
     fe = trace.forward_end
     groups = space.replay_groups(replays)
-    held_of = {ops: space.replay_inputs(members[0]) for ops, members in groups.items()}
+    sign = space.sign_replays(replays)
+    signs = {ops: members[0] for ops, members in groups.items() if len(members) == 1 and members[0] in sign}
+    # a sign replay holds nothing but its bits ([Note: sign replays])
+    held_of = {ops: () if ops in signs else space.replay_inputs(members[0]) for ops, members in groups.items()}
     R = {sid: min(trace.storages[sid].backward_reads) for sid in replays}
     E: dict[tuple[int, ...], int] = {}
     for ops in sorted(groups, key=lambda c: -c[-1]):  # readers are produced after what they read
@@ -328,7 +343,8 @@ def replay_effects(ix: TraceIndex, hierarchy: Hierarchy, replays: Mapping[int, t
         for x in held_of[ops]:
             if x in R:
                 R[x] = min(R[x], E[ops])
-    transient = {ops: run_transient(ix, ops, members) for ops, members in groups.items()}
+    transient = {ops: (sign_transient(ix, signs[ops]) if ops in signs else run_transient(ix, ops, members))
+                 for ops, members in groups.items()}
     # [Note: a replay runs before its op]: op R's own outputs are not allocated while the chain runs; the
     # occupancy at R counts them, so the largest transient at R is counted less what op R makes (once per event)
     by_event: dict[int, list[tuple[int, ...]]] = {}
@@ -342,12 +358,25 @@ def replay_effects(ix: TraceIndex, hierarchy: Hierarchy, replays: Mapping[int, t
     for ops, members in groups.items():
         host = members[0]
         held = tuple(x for x in held_of[ops] if x not in replays)
-        t = replay_time(ix, hierarchy, host, ops, also=tuple(members[1:]))
+        t = replay_time(ix, hierarchy, host, ops, also=tuple(members[1:]), sign=ops in signs)
         for m in members:
             fwd = [a for a in ix.accesses[m] if a <= fe]
             out[m] = ReplayEffect(m, E[ops], max(fwd) if fwd else int(ix.start[m]), t if m == host else 0.0,
-                                  transient[ops] if m == host else 0, held)
+                                  transient[ops] if m == host else 0, held,
+                                  sign_bytes(ix, m) if ops in signs else 0)
     return out
+
+
+def sign_bytes(ix: TraceIndex, sid: int) -> int:
+    """Bytes a sign replay keeps for storage sid: one bit per element ([Note: sign replays])."""
+    s = ix.trace.storages[sid]
+    itemsize = int(np.dtype(s.dtype).itemsize) if s.dtype != "bfloat16" else 2
+    return (int(ix.nbytes[sid]) // itemsize + 7) // 8
+
+
+def sign_transient(ix: TraceIndex, sid: int) -> int:
+    """A sign replay's pack and unpack each hold two bytes per element for a moment ([Note: sign replays])."""
+    return 16 * sign_bytes(ix, sid)
 
 
 @dataclass
@@ -375,6 +404,11 @@ def _apply_replays(ix: TraceIndex, r: _Recompute) -> None:
             r.extra.append((sid, eff.event, orig_end, int(ix.nbytes[sid])))
         if eff.transient:
             r.extra.append((-1 - len(ix.units) - sid, eff.event, eff.event, eff.transient))
+        if eff.signs:  # the bits, from the pack to R; the pack's transient at the producer
+            n = len(ix.trace.storages)
+            p = int(ix.start[sid])
+            r.extra.append((-1 - len(ix.units) - n - sid, p, eff.event, eff.signs))
+            r.extra.append((-1 - len(ix.units) - 2 * n - sid, p, p, eff.transient))
 
 
 def _apply_recomputes(ix: TraceIndex, effects: dict[int, UnitEffect]) -> _Recompute:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 
@@ -125,7 +127,17 @@ def memstrata_line(rows: list[dict[str, Any]]) -> str:
     if counts:
         parts.append(f"plan {counts}")
     last = n.get("last_step") or {}
-    if last.get("predicted_seconds") and last.get("seconds"):
+    source = str(n.get("plan_source") or "")
+    if source.startswith("given"):
+        # [Note: one plan for every repeat] in plan_once.py: the plan's predicted time is on the planning run's
+        # trace (op times scaled to its CPU time), not this repeat's clock: compare slowdowns, not milliseconds
+        m = re.search(r"\(([0-9.]+)x\)", " ".join(map(str, (n.get("plan") or {}).get("notes") or ())))
+        un = next((x for x in rows if x["name"] == "unmanaged" and x.get("samples_per_s")), None)
+        pred = f"{float(m.group(1)):.3f}x" if m else "?"
+        meas = (f"{un['samples_per_s'] / r['samples_per_s']:.3f}x" if un and r.get("samples_per_s") else "?")
+        parts.append(f"the given plan predicted {pred} the unmanaged step (planning trace), measured {meas} "
+                     "(unmanaged / memstrata samples/s)")
+    elif last.get("predicted_seconds") and last.get("seconds"):
         parts.append(f"last step predicted {last['predicted_seconds'] * 1e3:.1f} ms, "
                      f"measured {last['seconds'] * 1e3:.1f} ms")
     tun = n.get("tuning")

@@ -75,6 +75,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -97,6 +98,7 @@ from .pool import HostBufferPool, round_up
 from .recompute import (build_segment_plans, build_unit_plans, checkpoint_unit, install_segment_forwards,
                         install_unit_forwards)
 from .replay import ChainTable, Replayed, ReplayCapture, held_inputs, unit_chains
+from .signs import SignBits, SignPacked
 from .streams import CopyContext
 
 KEEP, HOST, NVME = Placement.KEEP, Placement.HOST, Placement.NVME
@@ -211,6 +213,7 @@ class _StepState:
         self.chain_table = ChainTable()  # steps of chains that span units ([Note: replays across units])
         self.priced = 0.0  # seconds of priced work (copies, waits, replays) run inside the runtime's hooks
         self.sampling = 0.0  # seconds in _sample (heap readings)
+        self.signs: dict = {}  # storage key -> (StorageWeakRef, weakref to SignBits) ([Note: sign replays])
         self.recipes: dict = {}  # storage key -> RecipeEntry ([Note: replay recipes] in replay.py) ([Note: replay recipes] in replay.py)
 
 
@@ -262,12 +265,16 @@ class ActivationRuntime:
         self._units = build_unit_plans(trace, plan, decision_space(trace), self._unit_modules, self.notes)
         self._all_modules: dict[str, nn.Module] = dict(self.model.named_modules())
         self._segments = build_segment_plans(trace, plan, decision_space(trace), self._all_modules, self.notes)
-        self._replays = decision_space(trace).replays_of(plan)
-        self._replay_sids = frozenset(self._replays)
+        space = decision_space(trace)
+        self._replays = space.replays_of(plan)
+        # [Note: sign replays] (signs.py): kept as bits at the pack, no chain captured
+        self._sign_sids = space.sign_replays(self._replays)
+        chains = {sid: c for sid, c in self._replays.items() if sid not in self._sign_sids}
+        self._replay_sids = frozenset(chains)
         self._last_pack = {sid: max(trace.storages[sid].pack_indices) for sid in self._replays}
-        self._chains_by_unit = unit_chains(trace, self._replays)
-        self._all_chains = {c[-1]: c for c in self._replays.values()}
-        self._held_at = held_inputs(decision_space(trace), self._replays)
+        self._chains_by_unit = unit_chains(trace, chains)
+        self._all_chains = {c[-1]: c for c in chains.values()}
+        self._held_at = held_inputs(space, chains)
 
         # The NVMe store: validated here, before any managed step (see nvme.py).
         self.nvme_bytes = sum(round_up(self.trace.storages[e.storage].nbytes) for e in self._offloaded_storages(NVME))
@@ -548,6 +555,10 @@ class ActivationRuntime:
         if entry is None:
             st.stats.kept += 1
             return t
+        if entry.storage in self._sign_sids:
+            packed = self._pack_signs(st, k, entry, t)
+            if packed is not None:
+                return packed
         if entry.storage in self._replay_sids:
             hit = st.recipes.get(t.untyped_storage()._cdata)
             recipe = hit.recipe() if hit is not None and hit.sid == entry.storage and not hit.ref.expired() else None
@@ -579,6 +590,30 @@ class ActivationRuntime:
             st.by_storage[key] = (StorageWeakRef(ust), rec)
             st.by_sid.setdefault(entry.storage, rec)
         return _Packed(rec, t, entry.anchor)
+
+    def _pack_signs(self, st: _StepState, k: int, entry: _PackEntry, t: torch.Tensor) -> SignPacked | None:
+        """A sign replay ([Note: sign replays] in signs.py): the storage's bits, made at its first pack and
+        shared by its later packs (weakly held by the step: they live as long as a pack holding them)."""
+        if not (type(t) is torch.Tensor and t.layout == torch.strided and t.is_floating_point()
+                and not t.is_conj() and not t.is_neg()):
+            return None
+        ust = t.untyped_storage()
+        key = ust._cdata
+        hit = st.signs.get(key)
+        signs = hit[1]() if hit is not None and not hit[0].expired() else None
+        if signs is None:
+            if ust.nbytes() != entry.nbytes:
+                self._misalign(st, f"pack {k}: storage of {ust.nbytes()} bytes, trace storage {entry.storage} "
+                                   f"has {entry.nbytes}")
+                return None
+            t0 = time.perf_counter()
+            signs = SignBits(ust, t.dtype)
+            st.priced += time.perf_counter() - t0  # priced as the replay's time (simulate.replay_time)
+            st.signs[key] = (StorageWeakRef(ust), weakref.ref(signs))
+        if k >= self._last_pack[entry.storage]:
+            st.signs.pop(key, None)
+        st.stats.replayed += 1
+        return SignPacked(signs, t, entry.anchor)
 
     def _offloadable(self, t: torch.Tensor) -> bool:
         return (
@@ -622,6 +657,14 @@ class ActivationRuntime:
             st.stats.overhead_seconds += (time.perf_counter() - t0) - (st.priced - priced) - (st.sampling - sampling)
 
     def _unpack_one(self, st: _StepState | None, obj):
+        if type(obj) is SignPacked:
+            if st is None:
+                return obj.unpack()
+            self._advance(st, obj.anchor)
+            t0 = time.perf_counter()
+            out = obj.unpack()
+            st.priced += time.perf_counter() - t0  # priced as the replay's time
+            return out
         if type(obj) is Replayed:
             if st is None:
                 return obj.unpack()
