@@ -110,6 +110,8 @@ def test_compiled_model_under_a_fitting_budget_is_bit_exact():
     (shape,) = rep["shapes"].values()
     assert shape["compiled"] and shape["fraction"] == 1.0 and shape["misaligned_steps"] == 0
     assert shape["trace"]["saved_activation_bytes"] > 0
+    # one watch window at the setting changed nothing: settled (what the bench waits for before timing)
+    assert mgr._compiled_life.settled() and shape["settled"]
     mgr.close()
     assert_same(ref, model)
 
@@ -134,6 +136,7 @@ def test_compiled_model_below_its_peak_recompiles_with_a_smaller_activation_budg
     (shape,) = rep["shapes"].values()
     assert set(shape["measured_peaks"]) == {"1", "0"}  # 0 did not fit either: next, one graph per unit
     assert shape["plan"]["split"] and any("one graph per recompute unit" in n for n in shape["notes"])
+    assert not mgr._compiled_life.settled() and not shape["settled"]  # the split graphs are yet to compile
     mgr.close()
     assert cm.forward is mgr._compiled_life.runtime.budget.original[0]  # close() gives the user's forward back
 
