@@ -42,7 +42,7 @@ def test_memstrata_compile_bench_run_keeps_its_budgets_in_the_compiled_group(tmp
         "--model", "resnet18", "--batch", "4", "--res", "32", "--num-classes", "10", "--device", "cpu",
         "--steps", "2", "--warmup", "1", "--repeats", "1", "--threads", "1", "--quiet",
         "--contenders", "memstrata_compile", "--budgets", "200MiB,90MiB",
-        "--json", str(out), "--log-dir", str(tmp_path / "logs"), "--nvme", str(tmp_path / "nvme"),
+        "--json", str(out), "--log-dir", str(tmp_path / "logs"),
     ])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -63,4 +63,4 @@ def test_memstrata_compile_bench_run_keeps_its_budgets_in_the_compiled_group(tmp
     # the tight budget: the Manager recompiled at a smaller activation budget during the untimed setup
     assert tight["setting"]["fraction"] < 1.0 and any(m.startswith("compile (") for m in tight["step_modes"])
     assert tight["step_modes"][-2:] == ["managed", "managed"]  # the timed steps ran at the settled setting
-    assert "memstrata_compile samples/s" in printed  # the per-budget table has its columns
+    assert "within each budget" in printed and "memstrata_compile" in printed
