@@ -37,30 +37,32 @@ def test_best_per_budget_sets_memstrata_compile_against_the_compile_peers():
 
 @pytest.mark.slow
 def test_memstrata_compile_bench_run_keeps_its_budgets_in_the_compiled_group(tmp_path, capsys):
+    """Two budgets the compiled step fits (a smaller activation budget: tests/test_compiled.py; a run through
+    the whole ladder takes minutes): each arm fits, in the compiled group, settled before its timed steps, and
+    its Manager budget is the bench budget on the Manager's basis ([Note: memstrata under compile in the bench])."""
     out = tmp_path / "b.json"
     rc = harness.main([
         "--model", "resnet18", "--batch", "4", "--res", "32", "--num-classes", "10", "--device", "cpu",
         "--steps", "2", "--warmup", "1", "--repeats", "1", "--threads", "1", "--quiet",
-        "--contenders", "memstrata_compile", "--budgets", "200MiB,90MiB",
+        "--contenders", "memstrata_compile", "--budgets", "150MiB,200MiB",
         "--json", str(out), "--log-dir", str(tmp_path / "logs"),
     ])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     rows = json.loads(out.read_text())
     assert [(r["name"], r["setting"]) for r in rows] == [
-        ("memstrata_compile", "budget 200MiB"), ("memstrata_compile", "budget 90MiB")]
+        ("memstrata_compile", "budget 150MiB"), ("memstrata_compile", "budget 200MiB")]
     for r in rows:
         assert r["status"] == "ok", (r["name"], r["reason"])
         assert r["compiled"] is True and r["samples_per_s"] > 0
-    for r in rows:
         n = r["notes"]
         assert r["within_budget"] is True and r["peak_bytes"] <= r["budget_bytes"], (r["setting"], n)
-        assert n["settled"] is True and n["misaligned_steps"] == 0 and n["graphs"] >= 1, n
-        assert n["plan"]["feasible"] and n["manager_budget_bytes"] > 0
-        assert r["per_repeat"][0]["steps_done"] == 2 and n["setup_steps"] >= 4
-    loose, tight = rows[0]["notes"], rows[1]["notes"]
-    assert loose["setting"]["fraction"] == 1.0 and "compile (" not in " ".join(loose["step_modes"])
-    # the tight budget: the Manager recompiled at a smaller activation budget during the untimed setup
-    assert tight["setting"]["fraction"] < 1.0 and any(m.startswith("compile (") for m in tight["step_modes"])
-    assert tight["step_modes"][-2:] == ["managed", "managed"]  # the timed steps ran at the settled setting
+        assert n["settled"] is True and n["misaligned_steps"] == 0 and n["graphs"] == 1, n
+        assert n["setting"]["fraction"] == 1.0 and n["plan"]["feasible"], n  # fits as compiled: nothing to do
+        assert n["step_modes"][:2] == ["warmup", "trace"] and set(n["step_modes"][2:]) == {"managed"}
+        assert r["per_repeat"][0]["steps_done"] == 2 and n["setup_steps"] == 4  # warm-up, trace, one watch
+        # the basis: the bench's reading of the trace step, less the bench budget, off the Manager's reading
+        want = (n["observed_peak"] - (n["trace_bench_peak_bytes"] - r["budget_bytes"])) / 1.05
+        assert n["manager_budget_bytes"] == max(1, int(want)) and n["trace_bench_peak_bytes"] > 0
+    assert rows[1]["notes"]["manager_budget_bytes"] > rows[0]["notes"]["manager_budget_bytes"]
     assert "within each budget" in printed and "memstrata_compile" in printed

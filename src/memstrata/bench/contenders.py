@@ -578,16 +578,19 @@ class MemstrataCompiled(Contender):
     The budget, on the bench's basis: the bench budget B counts bytes above
     the baseline (what the step adds to what lives between steps); the
     Manager's compiled trace counts ``bytes_at_start`` (parameters, buffers,
-    gradients, the batch) plus the measured growth above the step's start (on
-    CUDA ``max_memory_allocated`` less ``memory_allocated`` at the start, the
-    bench's own reading; on CPU the sampled heap, which the bench reads as
-    resident memory).  So the Manager is asked for ``bytes_at_start + B``,
-    resolved on its own trace; on CPU divided by ``1 + CPU_PEAK_SLACK``: the
-    compiled watch accepts a CPU reading up to that slack over its budget,
-    and the bench's check has none.  The eager ``memstrata`` arm's rule (cut
-    the unmanaged run's measured reduction off the traced peak, [Note: bench
-    budget -> Manager budget]) does not apply: the unmanaged run here is the
-    eager model, whose peak is not the compiled step's.
+    gradients, the batch) plus the measured growth above the step's start.
+    On CUDA that growth is ``max_memory_allocated`` less ``memory_allocated``
+    at the start, the bench's own reading, so the Manager is asked for
+    ``bytes_at_start + B``.  On CPU the Manager reads a sampled heap and the
+    bench reads resident memory (they differed by ~20 MB on a tiny ResNet-18,
+    the heap reading higher), so the contender meters the Manager's trace
+    step with the bench's meter too (reading P) and asks for
+    ``observed_peak - (P - B)``: the reduction the bench wants, cut off the
+    Manager's own reading (the eager arm's rule, [Note: bench budget ->
+    Manager budget], with the compiled step's own P; P < B gives room).  On
+    CPU either is divided by ``1 + CPU_PEAK_SLACK``: the compiled watch
+    accepts a CPU reading up to that slack over its budget, the bench's check
+    has none.
 
     Like the ``memstrata`` arm the Manager gets no optimizer (activations
     only); on CUDA it resets the peak-memory statistics at each step's start
@@ -607,11 +610,21 @@ class MemstrataCompiled(Contender):
             raise ValueError("memstrata_compile needs a budget in bytes")
         Compiled.prepare(Compiled(), ctx)  # ctx.model = torch.compile(model), the compile peer's options
         b = int(ctx.budget_bytes)
-        slack = 0.0 if ctx.device.type == "cuda" else CompiledLifecycle.CPU_PEAK_SLACK
+        cuda = ctx.device.type == "cuda"
+        slack = 0.0 if cuda else CompiledLifecycle.CPU_PEAK_SLACK
         self._slack, self._bench_budget = slack, b
-        budget = lambda trace, b=b, s=slack: max(1, int((trace.bytes_at_start + b) / (1.0 + s)))  # noqa: E731
+        self._trace_bench_peak: int | None = None  # CPU: the bench's meter over the trace step
+
+        def budget(trace) -> int:
+            if self._trace_bench_peak is None:  # CUDA: the trace reads max_memory_allocated above the start
+                total = trace.bytes_at_start + b
+            else:  # CPU: cut the reduction the bench's meter asks for off the Manager's own reading
+                total = trace.observed_peak - (self._trace_bench_peak - b)  # (more room when it is below b)
+            return max(1, int(total / (1.0 + slack)))
+
         # CUDA: a second plain step before the trace (the first one of a process pays one-off set-up costs)
-        warmup = 2 if ctx.device.type == "cuda" else 1
+        warmup = 2 if cuda else 1
+        self._meter_call = None if cuda else warmup + 1  # the trace step
         self._mgr = Manager(ctx.model, budget=budget, nvme_dir=ctx.nvme_dir, warmup_steps=warmup,
                             model_name=type(getattr(ctx.model, "_orig_mod", ctx.model)).__name__)
         self._life = self._mgr._compiled_life
@@ -622,16 +635,24 @@ class MemstrataCompiled(Contender):
         self._calls = 0
         self._extra = 0
 
-    def _one(self, ctx: StepContext):
+    def _one(self, ctx: StepContext, meter: bool = False):
         with self._mgr.step(ctx.x):
+            m = None
+            if meter:
+                from .peak import PeakMeter
+
+                m = PeakMeter(ctx.device)
+                m.start()
             loss = ctx.forward_loss(ctx.x, ctx.y)
             ctx.backward(loss)
+            if m is not None:  # read before the step's block ends: the Manager resolves its budget there
+                self._trace_bench_peak = m.stop().peak_bytes
         ctx.optimizer_step()
         return loss.detach()
 
     def step(self, ctx: StepContext):
         self._calls += 1
-        loss = self._one(ctx)
+        loss = self._one(ctx, meter=self._calls == self._meter_call)
         if self._calls == self.setup_steps:  # the last setup step: the rest of the ladder, untimed
             while not self._life.settled() and self.setup_steps + self._extra < self.MAX_SETUP_STEPS:
                 self._extra += 1
@@ -640,8 +661,11 @@ class MemstrataCompiled(Contender):
 
     def notes(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": "inductor", "mode": "default", "bench_budget_bytes": self._bench_budget,
-                               "budget_rule": "trace.bytes_at_start + bench budget"
+                               "budget_rule": ("trace.bytes_at_start + bench budget" if self._trace_bench_peak is None
+                                               else "trace.observed_peak - (the bench's reading of the trace step "
+                                                    "- bench budget)")
                                + (f", / {1 + self._slack:g} (the compiled watch's CPU slack)" if self._slack else ""),
+                               "trace_bench_peak_bytes": self._trace_bench_peak,
                                "setup_steps": self.setup_steps + self._extra, "settled": self._life.settled()}
         try:
             report = dict(self._mgr.report())
