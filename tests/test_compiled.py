@@ -269,3 +269,23 @@ def test_split_graphs_never_start_with_an_in_place_write_to_their_input():
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6)
     assert [type(u).__name__ for u in budget.units] == ["Linear", "Linear"]  # fc1 (graph 1), fc2 (graph 2)
     budget.restore()
+
+
+def test_a_fraction_that_measured_no_lower_than_compiled_goes_to_split_graphs_at_once():
+    """[Note: a fraction that saved nothing] in memstrata/compiled.py: no further one-graph recompiles."""
+    from memstrata.compiled import CompiledLifecycle, _Shape
+    from memstrata.hardware import Budget
+
+    life = CompiledLifecycle(torch.compile(make_model()), Budget.parse(760))  # nothing compiles: no step runs
+    assert life.runtime.budget.units  # the model has units to split at
+    for peak_at_06, split in ((1100, True), (900, False)):
+        cs = _Shape(key=())
+        cs.default, cs.budget, cs.fraction = trace(), 760, 0.6  # compiled as is: 1000
+        for _ in range(life.WATCH_STEPS):
+            life._watch(cs, trace(0.6, act=300, above=peak_at_06 - 300))
+        assert cs.recompile and cs.split is split, peak_at_06
+        if split:  # higher than as compiled: one graph per unit at once, and said why
+            assert cs.fraction == 0.0 and any("does not lower this step's peak" in n for n in cs.notes)
+        else:  # lower, not enough: a smaller fraction of the one graph, as before
+            assert 0.0 <= cs.fraction < 0.6 and not any("does not lower" in n for n in cs.notes)
+    life.close()
