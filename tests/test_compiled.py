@@ -110,6 +110,8 @@ def test_compiled_model_under_a_fitting_budget_is_bit_exact():
     (shape,) = rep["shapes"].values()
     assert shape["compiled"] and shape["fraction"] == 1.0 and shape["misaligned_steps"] == 0
     assert shape["trace"]["saved_activation_bytes"] > 0
+    # one watch window at the setting changed nothing: settled (what the bench waits for before timing)
+    assert mgr._compiled_life.settled() and shape["settled"]
     mgr.close()
     assert_same(ref, model)
 
@@ -134,6 +136,7 @@ def test_compiled_model_below_its_peak_recompiles_with_a_smaller_activation_budg
     (shape,) = rep["shapes"].values()
     assert set(shape["measured_peaks"]) == {"1", "0"}  # 0 did not fit either: next, one graph per unit
     assert shape["plan"]["split"] and any("one graph per recompute unit" in n for n in shape["notes"])
+    assert not mgr._compiled_life.settled() and not shape["settled"]  # the split graphs are yet to compile
     mgr.close()
     assert cm.forward is mgr._compiled_life.runtime.budget.original[0]  # close() gives the user's forward back
 
@@ -266,3 +269,23 @@ def test_split_graphs_never_start_with_an_in_place_write_to_their_input():
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6)
     assert [type(u).__name__ for u in budget.units] == ["Linear", "Linear"]  # fc1 (graph 1), fc2 (graph 2)
     budget.restore()
+
+
+def test_a_fraction_that_measured_no_lower_than_compiled_goes_to_split_graphs_at_once():
+    """[Note: a fraction that saved nothing] in memstrata/compiled.py: no further one-graph recompiles."""
+    from memstrata.compiled import CompiledLifecycle, _Shape
+    from memstrata.hardware import Budget
+
+    life = CompiledLifecycle(torch.compile(make_model()), Budget.parse(760))  # nothing compiles: no step runs
+    assert life.runtime.budget.units  # the model has units to split at
+    for peak_at_06, split in ((1100, True), (900, False)):
+        cs = _Shape(key=())
+        cs.default, cs.budget, cs.fraction = trace(), 760, 0.6  # compiled as is: 1000
+        for _ in range(life.WATCH_STEPS):
+            life._watch(cs, trace(0.6, act=300, above=peak_at_06 - 300))
+        assert cs.recompile and cs.split is split, peak_at_06
+        if split:  # higher than as compiled: one graph per unit at once, and said why
+            assert cs.fraction == 0.0 and any("does not lower this step's peak" in n for n in cs.notes)
+        else:  # lower, not enough: a smaller fraction of the one graph, as before
+            assert 0.0 <= cs.fraction < 0.6 and not any("does not lower" in n for n in cs.notes)
+    life.close()

@@ -88,6 +88,7 @@ class _Shape:
     measured: dict[tuple[float, bool, bool, bool, bool], int] = field(default_factory=dict)
     warned_misaligned: bool = False
     misaligned_steps: int = 0
+    quiet: bool = False  # the last watch window at the current setting changed nothing (see `settled`)
     notes: list[str] = field(default_factory=list)
 
 
@@ -179,6 +180,15 @@ class CompiledLifecycle:
         """Gradients can leave tier 0: the Manager holds the optimizer (tier_grads=True) and there is a tier."""
         return self.states is not None and (self.cuda or self.nvme_dir is not None)
 
+    def settled(self) -> bool:
+        """Every input shape seen has been traced and its last watch window at its current setting changed
+        nothing (no recompile, retrace or correction pending): the steps from here run as they will keep
+        running.  What a benchmark waits for before it times steps ([Note: memstrata under compile in the
+        bench] in bench/contenders.py)."""
+        return bool(self.shapes) and all(
+            cs.default is not None and cs.quiet and not cs.recompile and not cs.retrace
+            for cs in self.shapes.values())
+
     def _set_grads(self, on: bool) -> None:
         """Every gradient tiered from its accumulate hook to its optimizer step, or none (between steps)."""
         if self.states is None:
@@ -247,6 +257,7 @@ class CompiledLifecycle:
 
     def _adopt(self, cs: _Shape, plan: CompiledPlan) -> None:
         cs.plan = plan
+        cs.quiet = False
         cs.watch_peaks, cs.watched = [], []
         if (plan.fraction, plan.split) != (cs.fraction, cs.split):
             cs.fraction, cs.split = plan.fraction, plan.split
@@ -260,6 +271,7 @@ class CompiledLifecycle:
             return
         if cs.fraction >= 1.0 and not cs.split and not cs.offload and cs.default.observed_peak <= cs.budget:
             cs.watch_peaks, cs.watched = [], []
+            cs.quiet = True
             return  # it fitted as compiled: nothing is managed (as the eager watch, which leaves empty plans be)
         peak, cs.watch_peaks = max(cs.watch_peaks), []
         cs.watched.append(trace)
@@ -267,9 +279,20 @@ class CompiledLifecycle:
         cs.measured[self._key_of(cs)] = peak
         slack = 0.0 if self.cuda else self.CPU_PEAK_SLACK
         if peak <= cs.budget * (1.0 + slack) or cs.settled:
+            cs.quiet = True
             return
+        cs.quiet = False
         measured = replace(trace, peak_above_start=peak - trace.bytes_at_start)
-        plan = None if cs.split else correct_compiled(cs.default, measured, cs.budget)
+        # [Note: a fraction that saved nothing] A smaller partitioner budget that measured no lower than the
+        # step as compiled says the peak is not the graph's saves (it is the backward's working memory, the
+        # recompute's temporaries): on ResNet-18 (CPU) 0.55, 0.05 and 0 all measured above 1.0, and so did 0.2,
+        # 0.15 and 0 on a tiny one, each a recompile.  Smaller fractions are skipped: one graph per unit next.
+        no_gain = not cs.split and cs.fraction < 1.0 and peak >= cs.default.observed_peak
+        if no_gain:
+            cs.notes.append(f"activation budget {cs.fraction:g} measured {format_size(peak)}, not below the step "
+                            f"as compiled ({format_size(cs.default.observed_peak)}): recompute inside one graph "
+                            "does not lower this step's peak; no smaller fraction is tried")
+        plan = None if cs.split or no_gain else correct_compiled(cs.default, measured, cs.budget)
         cs.corrections += 1
         if plan is None or (plan.fraction, False, False, False, False) in cs.measured or \
                 cs.corrections >= self.MAX_CORRECTIONS:
@@ -338,6 +361,7 @@ class CompiledLifecycle:
 
     def _misaligned(self, cs: _Shape, stats: CompiledStepStats, out: CompiledStepOutcome) -> None:
         cs.misaligned_steps += 1
+        cs.quiet = False
         out.mode = "managed (misaligned)"
         if not cs.warned_misaligned:
             cs.warned_misaligned = True
@@ -357,7 +381,7 @@ class CompiledLifecycle:
                              "fraction": cs.fraction, "split_at_units": cs.split, "offload": cs.offload,
                              "grads_tiered": cs.grads, "params_tiered": cs.params,
                              "corrections": cs.corrections,
-                             "misaligned_steps": cs.misaligned_steps,
+                             "misaligned_steps": cs.misaligned_steps, "settled": cs.quiet,
                              "measured_peaks": {_setting(*k): p for k, p in cs.measured.items()}}
         if cs.default is not None:
             d["observed_peak"] = cs.default.observed_peak

@@ -33,6 +33,12 @@ What each peer does with the budget (the knob, where it has one):
   min-cut partitioner then saves about that fraction of the activation bytes
   and recomputes the rest (its own knob).  Both compile peers run generated
   kernels, so their losses are close to, not bitwise equal to, eager's.
+- ``memstrata_compile``: ``Manager(torch.compile(model), budget=...)``, the
+  way a user writes it (the ``compile`` peer's compile options), at each bench
+  budget: the Manager's compiled lifecycle (memstrata/compiled.py) picks the
+  partitioner's activation budget, splits the graph at units, offloads the
+  split graphs' saves, until the step fits ([Note: memstrata under compile in
+  the bench]).  Compiled like the compile peers: in the compiled group.
 - ``trl_offload``: TRL's stream-overlapped saved-tensor offload
   (``trl.models.activation_offloading.get_act_offloading_ctx_manager``, the
   maintained copy of torchtune's ``OffloadActivations``) around the forward.
@@ -69,13 +75,14 @@ CONTENDERS = (
     "microbatch",
     "compile",
     "compile_memory_budget",
+    "memstrata_compile",
     "trl_offload",
 )
 REPORTED_APART = ("microbatch",)
-COMPILED = ("compile", "compile_memory_budget")  # generated kernels: same model, not bit-identical losses
+COMPILED = ("compile", "compile_memory_budget", "memstrata_compile")  # generated kernels: same model, not bit-identical losses
 # Contenders with a knob the harness sets from each budget (one run per budget, fewer when two budgets
 # give the same setting); the others have one setting, named here for the table and JSON.
-BUDGET_KNOBS = ("memstrata", "microbatch", "compile_memory_budget")
+BUDGET_KNOBS = ("memstrata", "microbatch", "compile_memory_budget", "memstrata_compile")
 FIXED_SETTINGS = {
     "unmanaged": "eager",
     "checkpoint": "every block",
@@ -551,9 +558,151 @@ class Memstrata(Contender):
             mgr.close()
 
 
+# --------------------------------------------------------------- memstrata under torch.compile
+class MemstrataCompiled(Contender):
+    """`Manager(torch.compile(model), budget=...)`: memstrata over the compiled model, at the bench budget.
+
+    [Note: memstrata under compile in the bench]
+    The model is compiled exactly as the ``compile`` peer compiles it
+    (`Compiled.prepare`: inductor, default mode; one compile thread on CPU) and
+    handed to the Manager, which finds the compiled module and runs its
+    compiled lifecycle (memstrata/compiled.py): warm-up, a trace step, the
+    partitioner fraction predicted to fit, recompiles, the budget watch
+    (corrections, one graph per unit, offloaded saves).  Every step of that
+    ladder is setup: the contender keeps stepping, untimed, until the
+    lifecycle says it is `settled` (a watch window at the current setting
+    changed nothing), at most `MAX_SETUP_STEPS`; the bench's warm-up and timed
+    steps then run at the setting it settled on.  A ladder that did not settle
+    is said in the notes (``settled: false``), not hidden.
+
+    The budget, on the bench's basis: the bench budget B counts bytes above
+    the baseline (what the step adds to what lives between steps); the
+    Manager's compiled trace counts ``bytes_at_start`` (parameters, buffers,
+    gradients, the batch) plus the measured growth above the step's start.
+    On CUDA that growth is ``max_memory_allocated`` less ``memory_allocated``
+    at the start, the bench's own reading, so the Manager is asked for
+    ``bytes_at_start + B``.  On CPU the Manager reads a sampled heap and the
+    bench reads resident memory (they differed by ~20 MB on a tiny ResNet-18,
+    the heap reading higher), so the contender meters the Manager's trace
+    step with the bench's meter too (reading P) and asks for
+    ``observed_peak - (P - B)``: the reduction the bench wants, cut off the
+    Manager's own reading (the eager arm's rule, [Note: bench budget ->
+    Manager budget], with the compiled step's own P; P < B gives room).  On
+    CPU either is divided by ``1 + CPU_PEAK_SLACK``: the compiled watch
+    accepts a CPU reading up to that slack over its budget, the bench's check
+    has none.
+
+    Like the ``memstrata`` arm the Manager gets no optimizer (activations
+    only); on CUDA it resets the peak-memory statistics at each step's start
+    (as the eager Manager does), so the bench's peak is the last timed step's.
+    """
+
+    name = "memstrata_compile"
+    MAX_SETUP_STEPS = 40
+
+    def prepare(self, ctx: StepContext) -> None:
+        try:
+            from memstrata.compiled import CompiledLifecycle
+            from memstrata.manager import Manager
+        except ImportError as e:
+            raise SkipContender(f"memstrata.manager is not available ({e})") from None
+        if ctx.budget_bytes is None:
+            raise ValueError("memstrata_compile needs a budget in bytes")
+        Compiled.prepare(Compiled(), ctx)  # ctx.model = torch.compile(model), the compile peer's options
+        b = int(ctx.budget_bytes)
+        cuda = ctx.device.type == "cuda"
+        slack = 0.0 if cuda else CompiledLifecycle.CPU_PEAK_SLACK
+        self._slack, self._bench_budget = slack, b
+        self._trace_bench_peak: int | None = None  # CPU: the bench's meter over the trace step
+
+        def budget(trace) -> int:
+            if self._trace_bench_peak is None:  # CUDA: the trace reads max_memory_allocated above the start
+                total = trace.bytes_at_start + b
+            else:  # CPU: cut the reduction the bench's meter asks for off the Manager's own reading
+                total = trace.observed_peak - (self._trace_bench_peak - b)  # (more room when it is below b)
+            return max(1, int(total / (1.0 + slack)))
+
+        # CUDA: a second plain step before the trace (the first one of a process pays one-off set-up costs)
+        warmup = 2 if cuda else 1
+        self._meter_call = None if cuda else warmup + 1  # the trace step
+        self._mgr = Manager(ctx.model, budget=budget, nvme_dir=ctx.nvme_dir, warmup_steps=warmup,
+                            model_name=type(getattr(ctx.model, "_orig_mod", ctx.model)).__name__)
+        self._life = self._mgr._compiled_life
+        if self._life is None:
+            raise SkipContender("the Manager did not see a compiled model (memstrata disabled?)")
+        # warm-up, trace, and at least one watch window; `step` keeps going until the lifecycle settles
+        self.setup_steps = warmup + 1 + self._life.WATCH_STEPS
+        self._calls = 0
+        self._extra = 0
+
+    def _one(self, ctx: StepContext, meter: bool = False):
+        with self._mgr.step(ctx.x):
+            m = None
+            if meter:
+                from .peak import PeakMeter
+
+                m = PeakMeter(ctx.device)
+                m.start()
+            loss = ctx.forward_loss(ctx.x, ctx.y)
+            ctx.backward(loss)
+            if m is not None:  # read before the step's block ends: the Manager resolves its budget there
+                self._trace_bench_peak = m.stop().peak_bytes
+        ctx.optimizer_step()
+        return loss.detach()
+
+    def step(self, ctx: StepContext):
+        self._calls += 1
+        loss = self._one(ctx, meter=self._calls == self._meter_call)
+        if self._calls == self.setup_steps:  # the last setup step: the rest of the ladder, untimed
+            while not self._life.settled() and self.setup_steps + self._extra < self.MAX_SETUP_STEPS:
+                self._extra += 1
+                loss = self._one(ctx)
+        return loss
+
+    def notes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"backend": "inductor", "mode": "default", "bench_budget_bytes": self._bench_budget,
+                               "budget_rule": ("trace.bytes_at_start + bench budget" if self._trace_bench_peak is None
+                                               else "trace.observed_peak - (the bench's reading of the trace step "
+                                                    "- bench budget)")
+                               + (f", / {1 + self._slack:g} (the compiled watch's CPU slack)" if self._slack else ""),
+                               "trace_bench_peak_bytes": self._trace_bench_peak,
+                               "setup_steps": self.setup_steps + self._extra, "settled": self._life.settled()}
+        try:
+            report = dict(self._mgr.report())
+        except Exception as e:  # noqa: BLE001 -- the report is informative only
+            out["report_error"] = f"{type(e).__name__}: {e}"
+            return out
+        steps = report.get("steps") or []
+        out["step_modes"] = [s.get("mode") for s in steps]
+        if steps:
+            last = steps[-1]
+            st = last.get("stats") or {}
+            out["graphs"] = st.get("graphs")
+            out["last_step"] = {k: last.get(k) for k in ("mode", "seconds", "peak_bytes", "peak_above_start_bytes",
+                                                         "predicted_peak_bytes", "budget_bytes", "peak_source")}
+            out["last_step"].update({k: st.get(k) for k in ("fraction", "offload", "offloaded_bytes",
+                                                            "saved_activation_bytes", "restore_wait_seconds")})
+        for sh in (report.get("shapes") or {}).values():
+            out["misaligned_steps"] = sh.get("misaligned_steps")
+            out["setting"] = {k: sh.get(k) for k in ("fraction", "split_at_units", "offload", "grads_tiered",
+                                                     "params_tiered", "corrections")}
+            out["manager_budget_bytes"] = sh.get("budget_bytes")
+            out["observed_peak"] = sh.get("observed_peak")
+            out["measured_peaks"] = sh.get("measured_peaks")
+            out["plan"] = sh.get("plan")
+            out["lifecycle_notes"] = (sh.get("notes") or [])[:6]
+            out["runtime"] = sh.get("runtime")
+        return out
+
+    def close(self) -> None:
+        mgr = getattr(self, "_mgr", None)
+        if mgr is not None:
+            mgr.close()
+
+
 _BY_NAME: dict[str, type[Contender]] = {
     c.name: c for c in (Unmanaged, Memstrata, Checkpoint, SelectiveCheckpoint, SaveOnCpu, DiskOffloadHooks, Microbatch,
-                        Compiled, CompiledMemoryBudget, TrlOffload)
+                        Compiled, CompiledMemoryBudget, MemstrataCompiled, TrlOffload)
 }
 
 

@@ -230,10 +230,12 @@ def best_per_budget(rows: list[dict[str, Any]], budgets: list[dict[str, Any]]) -
         fits = [r for r in ok if r["peak_bytes"] <= cap]
         mine = next((r for r in rows if r["name"] == "memstrata" and r.get("budget_text") == text), None)
         peers = [r for r in fits if r["name"] not in ("memstrata", "unmanaged") and _section(r) == 0]
-        compiled = [r for r in fits if _section(r) == 1]
+        compiled = [r for r in fits if _section(r) == 1 and r["name"] != "memstrata_compile"]
         best = max(peers, key=lambda r: r["samples_per_s"], default=None)
         best_c = max(compiled, key=lambda r: r["samples_per_s"], default=None)
         m_sps = mine["samples_per_s"] if mine and mine["status"] == "ok" else None
+        mc = next((r for r in rows if r["name"] == "memstrata_compile" and r.get("budget_text") == text), None)
+        mc_sps = mc["samples_per_s"] if mc and mc["status"] == "ok" else None
         out.append({
             "budget_text": text, "budget_bytes": cap,
             "memstrata_samples_per_s": m_sps,
@@ -245,6 +247,11 @@ def best_per_budget(rows: list[dict[str, Any]], budgets: list[dict[str, Any]]) -
             "best_compiled": None if best_c is None else f"{best_c['name']} ({best_c['setting']})",
             "best_compiled_samples_per_s": best_c["samples_per_s"] if best_c else None,
             "memstrata_vs_best_compiled": (m_sps / best_c["samples_per_s"]) if (m_sps and best_c) else None,
+            # memstrata over the compiled model, against the compiled peers (torch.compile, its own knob)
+            "memstrata_compile_samples_per_s": mc_sps,
+            "memstrata_compile_peak_bytes": mc.get("peak_bytes") if mc else None,
+            "memstrata_compile_fits": (mc["peak_bytes"] <= cap) if mc and mc.get("peak_bytes") is not None else None,
+            "memstrata_compile_vs_best_compiled": (mc_sps / best_c["samples_per_s"]) if (mc_sps and best_c) else None,
         })
     return out
 
@@ -294,22 +301,32 @@ def print_pareto_table(console, rows: list[dict[str, Any]], cfg, meta: dict[str,
         console.print(f"[{i}] {n}", highlight=False, markup=False)
 
     b = Table(title="within each budget: memstrata vs the fastest peer whose measured peak fits it")
-    for col in ("budget", "memstrata samples/s", "fits", "best identical-math peer", "samples/s", "memstrata vs it",
-                "best compiled peer", "samples/s ", "memstrata vs it "):
+    per = best_per_budget(rows, budgets)
+    mc = any(r["name"] == "memstrata_compile" for r in rows)
+    cols = ["budget", "memstrata samples/s", "fits", "best identical-math peer", "samples/s", "memstrata vs it",
+            "best compiled peer", "samples/s ", "memstrata vs it "]
+    if mc:
+        cols += ["memstrata_compile samples/s", "fits ", "memstrata_compile vs it"]
+    for col in cols:
         b.add_column(col, justify="left" if col.startswith(("budget", "best", "fits")) else "right")
-    for p in best_per_budget(rows, budgets):
+    yes = {True: "yes", False: "[red]no[/]", None: "-"}
+    for p in per:
         f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        b.add_row(f"{p['budget_text']} ({fmt_bytes(p['budget_bytes'])})", f(p["memstrata_samples_per_s"]),
-                  {True: "yes", False: "[red]no[/]", None: "-"}[p["memstrata_fits"]],
-                  p["best_identical_peer"] or "none fits", f(p["best_identical_peer_samples_per_s"]),
-                  _ratio(p["memstrata_vs_best_identical_peer"]), p["best_compiled"] or "none fits",
-                  f(p["best_compiled_samples_per_s"]), _ratio(p["memstrata_vs_best_compiled"]))
+        cells = [f"{p['budget_text']} ({fmt_bytes(p['budget_bytes'])})", f(p["memstrata_samples_per_s"]),
+                 yes[p["memstrata_fits"]],
+                 p["best_identical_peer"] or "none fits", f(p["best_identical_peer_samples_per_s"]),
+                 _ratio(p["memstrata_vs_best_identical_peer"]), p["best_compiled"] or "none fits",
+                 f(p["best_compiled_samples_per_s"]), _ratio(p["memstrata_vs_best_compiled"])]
+        if mc:
+            cells += [f(p["memstrata_compile_samples_per_s"]), yes[p["memstrata_compile_fits"]],
+                      _ratio(p["memstrata_compile_vs_best_compiled"])]
+        b.add_row(*cells)
     console.print(b)
 
 
 def _short_setting(r: dict[str, Any]) -> str:
     s = r.get("setting") or ""
-    if r["name"] == "memstrata" and r.get("budget_text"):
+    if r["name"] in ("memstrata", "memstrata_compile") and r.get("budget_text"):
         return r["budget_text"]
     return s.replace("activation_memory_budget=", "amb=")
 
@@ -323,6 +340,7 @@ _LINE_STYLE = {
     "trl_offload": dict(color="#e377c2", marker="P"),
     "compile": dict(color="#2ca02c", marker="^"),
     "compile_memory_budget": dict(color="#2ca02c", marker="^", ls="--"),
+    "memstrata_compile": dict(color="#17becf", lw=2.5, marker="o", ms=8, ls="--", zorder=5),
     "microbatch": dict(color="#aaaaaa", marker=".", ls=":"),
 }
 
