@@ -65,6 +65,22 @@ CPU_DEFAULTS = dict(batch=1, seq=256, steps=3, warmup=2)
 CUDA_DEFAULTS = dict(batch=8, seq=1024, steps=5, warmup=2)
 
 
+def adamw_kernel(device: torch.device) -> dict[str, bool]:
+    """The AdamW kernel every arm pins ([Note: per-bucket steps are the full step] in runtime/states.py).
+
+    CPU: ``foreach=False``, torch's CPU default.  CUDA: ``fused=True``, the fastest kernel torch has and the
+    one torchao documents for `CPUOffloadOptimizer` (there its step runs on the host, where torch has a fused
+    AdamW too); a per-bucket fused step applies the same per-tensor formula as a full one."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": False}
+
+
+def on_device_state_bytes(states: Any, device: torch.device) -> int:
+    """Bytes of the optimizer states (tensors with ``dim() > 0``) that live on `device`'s kind of memory: on
+    CUDA the states a peer keeps on the host are off the fast tier ([Note: what "state peak" is])."""
+    return sum(v.numel() * v.element_size() for st in states for v in st.values()
+               if torch.is_tensor(v) and v.dim() > 0 and v.device.type == device.type)
+
+
 def state_bytes(model: str) -> int:
     return gpt2.param_count(model) * STATE_BYTES_PER_PARAM
 
@@ -95,7 +111,7 @@ class _Base:
         self.opt: Any = None
 
     def prepare(self) -> None:
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, foreach=False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, **adamw_kernel(self.device))
 
     def parameters(self):
         return self.model.parameters()
@@ -110,8 +126,7 @@ class _Base:
         return loss.detach()
 
     def state_peak_bytes(self) -> int:
-        return sum(v.numel() * v.element_size() for st in self.opt.state.values() for v in st.values()
-                   if torch.is_tensor(v) and v.dim() > 0)
+        return on_device_state_bytes(self.opt.state.values(), self.device)
 
     def notes(self) -> dict[str, Any]:
         return {}
@@ -259,17 +274,20 @@ class TorchaoCPUOffload(_Base):
     name = "torchao_cpu_offload"
 
     def prepare(self) -> None:
-        from torchao.optim import CPUOffloadOptimizer
+        try:
+            from torchao.optim import CPUOffloadOptimizer
+        except ImportError as e:  # torchao, or a package it needs, is missing
+            raise SkipContender(f"not installed: {one_line(e)}") from None
 
         try:
             self.opt = CPUOffloadOptimizer(self.model.parameters(), torch.optim.AdamW, lr=1e-4, weight_decay=0.1,
-                                           foreach=False)
+                                           **adamw_kernel(self.device))
         except AssertionError as e:  # "CPU Offload currently only supports CUDA & XPU"
             raise SkipContender(f"needs CUDA: torchao CPUOffloadOptimizer says: {e}") from None
 
     def state_peak_bytes(self) -> int:
-        return sum(v.numel() * v.element_size() for o in self.opt.optim_dict.values() for st in o.state.values()
-                   for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+        return on_device_state_bytes((st for o in self.opt.optim_dict.values() for st in o.state.values()),
+                                     self.device)
 
 
 class FSDP2CPUOffload(_Base):
@@ -299,7 +317,15 @@ class DeepSpeedZeroOffload(_Base):
     name = "deepspeed_zero_offload"
 
     def prepare(self) -> None:
-        import deepspeed
+        from .states_prebuild import wait_for_build
+
+        why = wait_for_build() if self.device.type == "cuda" else None  # [Note: the DeepSpeed build]
+        if why:
+            raise SkipContender(why)
+        try:
+            import deepspeed
+        except ImportError as e:  # deepspeed, or one of its dependencies (hjson, msgpack, pydantic, ...)
+            raise SkipContender(f"not installed: {one_line(e)}") from None
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -326,16 +352,25 @@ class DeepSpeedZeroOffload(_Base):
         return loss.detach()
 
     def state_peak_bytes(self) -> int:
-        return state_bytes_of(self.opt)
+        return state_bytes_of(self.opt, self.device)
 
 
-def state_bytes_of(opt: Any) -> int:
+def state_bytes_of(opt: Any, device: torch.device) -> int:
     inner = getattr(opt, "optimizer", opt)
-    return sum(v.numel() * v.element_size() for st in getattr(inner, "state", {}).values() for v in st.values()
-               if torch.is_tensor(v) and v.dim() > 0)
+    return on_device_state_bytes(getattr(inner, "state", {}).values(), device)
 
 
 _CLASSES = {c.name: c for c in (Unmanaged, Memstrata, TorchaoCPUOffload, FSDP2CPUOffload, DeepSpeedZeroOffload)}
+
+
+def say(text: str) -> None:
+    """A progress line in the worker's log (the harness keeps it; a run killed by its timeout shows how far it got)."""
+    print(f"[states {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def sync_now(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_states(spec: RunSpec) -> dict[str, Any]:
@@ -356,8 +391,12 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
         torch.cuda.set_device(device)
         result["gpu"] = torch.cuda.get_device_name(device)
     torch.manual_seed(spec.seed)
-    model = gpt2.build(spec.model).to(device)
+    t_build = time.perf_counter()
+    model = gpt2.build(spec.model, device)  # [Note: building on the device] in gpt2.py
     model.train()
+    sync_now(device)
+    result["build_s"] = time.perf_counter() - t_build
+    say(f"{spec.contender}: {spec.model} built on {device} in {result['build_s']:.1f} s")
     cfg = gpt2.GPT2_MODELS[spec.model]
     seq = spec.seq or CPU_DEFAULTS["seq"]
     if seq > cfg.ctx:
@@ -375,18 +414,30 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
     meter = PeakMeter(device)
     meter.start()  # baseline: the model alone; the peak covers states, gradients and activations
     try:
+        t_prep = time.perf_counter()
         try:
             contender.prepare()
         except SkipContender as e:
             result.update(status="skipped", reason=str(e))
+            say(f"{spec.contender}: skipped: {e}")
             return result
+        sync()
+        result["prepare_s"] = time.perf_counter() - t_prep
+        say(f"{spec.contender}: prepared in {result['prepare_s']:.1f} s")
         losses: list[float] = []
         t0 = time.perf_counter()
-        for _ in range(spec.warmup):
+        for i in range(spec.warmup):
+            t1 = time.perf_counter()
             losses.append(float(contender.step(idx)))
-        sync()
+            sync()
+            say(f"{spec.contender}: warm-up step {i + 1}/{spec.warmup} {time.perf_counter() - t1:.2f} s")
         result["warmup_s"] = time.perf_counter() - t0
-        timed, step_times, cpu_times, total = timed_steps(lambda: contender.step(idx), sync, spec.steps,
+
+        def sync_and_say() -> None:
+            sync()
+            say(f"{spec.contender}: timed step done, {time.perf_counter() - t0:.1f} s after the first warm-up")
+
+        timed, step_times, cpu_times, total = timed_steps(lambda: contender.step(idx), sync_and_say, spec.steps,
                                                           spec.max_seconds)
         losses += timed
         reading = meter.stop()
