@@ -84,6 +84,66 @@ def test_state_bench_peer_that_cannot_run_says_why(tmp_path):
         assert r["status"] == "skipped" and r["reason"].startswith("needs CUDA"), r
 
 
+def test_deepspeed_is_not_started_on_a_cpu_box():
+    """DeepSpeed does not refuse a CPU box: it JIT-builds its CPU ops for minutes (a run-timeout, not a row)."""
+    from memstrata.bench.states_contenders import states_skip_reason
+    from memstrata.bench.states_prebuild import start_peer_builds
+
+    why = states_skip_reason("deepspeed_zero_offload", "cpu")
+    assert why.startswith("not installed") or why.startswith("needs CUDA"), why
+    assert start_peer_builds(["deepspeed_zero_offload"], "cpu", "/nonexistent", 75.0) is None
+
+
+def test_deepspeed_worker_waits_for_the_background_build(tmp_path, monkeypatch):
+    """[Note: the DeepSpeed build]: the worker reads the build's status file; a failed or unfinished build is a
+    one-line reason (a skipped row), never a hang; no background build: DeepSpeed builds it itself."""
+    from memstrata.bench import states_prebuild as sp
+
+    status = tmp_path / "status.json"
+    monkeypatch.delenv(sp.STATUS_ENV, raising=False)
+    assert sp.wait_for_build() is None
+    monkeypatch.setenv(sp.STATUS_ENV, str(status))
+    monkeypatch.setenv(sp.WAIT_ENV, "0.2")
+    assert "not built after" in sp.wait_for_build(poll_s=0.05)
+    status.write_text(json.dumps({"status": "failed", "reason": "CalledProcessError: ninja", "seconds": 3.0}))
+    assert sp.wait_for_build().startswith("DeepSpeed's CPU Adam JIT build failed after 3.0 s: CalledProcessError")
+    status.write_text(json.dumps({"status": "failed", "reason": "not installed: No module named 'hjson'"}))
+    assert sp.wait_for_build() == "not installed: No module named 'hjson'"
+    status.write_text(json.dumps({"status": "ok", "reason": "", "seconds": 50.0}))
+    assert sp.wait_for_build() is None
+
+
+def test_deepspeed_background_build_reports_a_missing_package(tmp_path, monkeypatch):
+    """The build process itself: without deepspeed importable its status says so (and the process exits)."""
+    from memstrata.bench import states_prebuild as sp
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'deepspeed'")
+
+    monkeypatch.setattr(sp, "build_deepspeed_cpu_adam", missing)
+    status = tmp_path / "s.json"
+    assert sp.main(["--status", str(status)]) == 1
+    got = json.loads(status.read_text())
+    assert got["status"] == "failed" and got["reason"].startswith("not installed: ModuleNotFoundError")
+
+
+def test_gpt2_built_on_a_device_and_states_counted_on_the_fast_tier_only():
+    """[Note: building on the device]: the parameters are made where asked (meta here: no CUDA on this box), the
+    CPU build is unchanged; a state on another kind of memory is not on the fast tier."""
+    from memstrata.bench.states_contenders import on_device_state_bytes
+
+    m = gpt2.build("gpt2-tiny", "meta")
+    assert {p.device.type for p in m.parameters()} == {"meta"} and m.lm_head.weight is m.wte.weight
+    torch.manual_seed(0)
+    a = gpt2.build("gpt2-tiny")
+    torch.manual_seed(0)
+    b = gpt2.build("gpt2-tiny", "cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    states = [{"step": torch.tensor(1.0), "exp_avg": torch.zeros(4), "exp_avg_sq": torch.zeros(4, device="meta")}]
+    assert on_device_state_bytes(states, torch.device("cpu")) == 16
+    assert on_device_state_bytes(states, torch.device("meta")) == 16
+
+
 @pytest.mark.slow
 def test_state_bench_end_to_end_json(tmp_path):
     from memstrata.bench.harness import main

@@ -90,6 +90,11 @@ def states_skip_reason(name: str, device: str) -> str | None:
     mod = {"torchao_cpu_offload": "torchao", "deepspeed_zero_offload": "deepspeed"}.get(name)
     if mod and importlib.util.find_spec(mod) is None:
         return f"not installed: {mod} is not importable in this environment (pip install {mod})"
+    if name == "deepspeed_zero_offload" and device != "cuda":
+        # DeepSpeed does not refuse a CPU box: it JIT-builds its CPU accelerator's ops (minutes of c++) and would
+        # "offload" from host RAM to host RAM.  [Note: the DeepSpeed build] in states_prebuild.py.
+        return ("needs CUDA: ZeRO-Offload moves states from an accelerator to host RAM, the same memory on a CPU box "
+                "(and DeepSpeed would first JIT-build its CPU ops for minutes)")
     return None
 
 

@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build_deepspeed_cpu_adam()
         status: dict[str, Any] = {"status": "ok", "reason": ""}
+    except ImportError as e:  # deepspeed or one of its dependencies (hjson, msgpack, pydantic, ...)
+        status = {"status": "failed", "reason": f"not installed: {type(e).__name__}: {e}"[:300]}
     except BaseException as e:  # noqa: BLE001 -- every failure becomes the row's reason
         text = str(e).strip().splitlines()
         status = {"status": "failed", "reason": f"{type(e).__name__}: {text[-1] if text else ''}"[:300]}
@@ -73,7 +76,10 @@ class PeerBuilds:
     def stop(self) -> None:
         """End the build if it still runs (the bench is over); restore the environment."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            try:  # its own session: the compilers ninja started go with it
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                self.proc.kill()
             self.proc.wait()
         for k, v in self._old.items():
             if v is None:
@@ -98,7 +104,7 @@ def start_peer_builds(contenders: list[str], device: str, workdir: str, run_time
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
         proc = subprocess.Popen([sys.executable, "-m", "memstrata.bench.states_prebuild", "--status", status],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     finally:
         log.close()
     return PeerBuilds(proc, status, max(0.0, run_timeout - DS_ROW_SECONDS))
@@ -120,6 +126,8 @@ def wait_for_build(poll_s: float = 0.5) -> str | None:
     with open(path) as f:
         st = json.load(f)
     if st.get("status") != "ok":
+        if str(st.get("reason", "")).startswith("not installed"):
+            return str(st["reason"])
         return f"DeepSpeed's CPU Adam JIT build failed after {st.get('seconds')} s: {st.get('reason')}"
     return None
 
