@@ -291,8 +291,10 @@ class TorchaoCPUOffload(_Base):
             raise SkipContender(f"needs CUDA: torchao CPUOffloadOptimizer says: {e}") from None
 
     def state_peak_bytes(self) -> int:
-        return on_device_state_bytes((st for o in self.opt.optim_dict.values() for st in o.state.values()),
-                                     self.device)
+        # the host optimizers' states, and those of `d_opt`: the parameters under `minimal_size` it keeps
+        # on the device (LayerNorms, small biases)
+        opts = list(self.opt.optim_dict.values()) + ([self.opt.d_opt] if self.opt.d_opt is not None else [])
+        return on_device_state_bytes((st for o in opts for st in o.state.values()), self.device)
 
 
 class FSDP2CPUOffload(_Base):
