@@ -1,8 +1,9 @@
 """The optimizer-state bench of `memstrata bench --model gpt2-*`: AdamW states kept, tiered, or offloaded by a peer.
 
-A GPT-2-style decoder (bench/gpt2.py, randomly initialised), fp32, AdamW
-(``foreach=False``, torch's CPU default, pinned on every arm so the kernels are
-the same), global-norm clipping at 1.0, random tokens.  The budget is the
+A GPT-2-style decoder (bench/gpt2.py, randomly initialised, built directly
+on the bench's device), fp32, AdamW (`adamw_kernel`: ``foreach=False`` on a CPU,
+``fused=True`` on CUDA, pinned on every arm that runs torch's AdamW),
+global-norm clipping at 1.0, random tokens.  The budget is the
 fast-tier bytes for optimizer states (host RAM on a CPU box, HBM on CUDA): a
 size, or a percentage of the AdamW states (8 bytes per parameter).
 
@@ -21,6 +22,19 @@ size, or a percentage of the AdamW states (8 bytes per parameter).
   parameters, gradients and states live on the host.
 - ``deepspeed_zero_offload``: DeepSpeed ZeRO stage 2 with
   ``offload_optimizer: cpu`` (DeepSpeedCPUAdam), one rank.
+
+[Note: the state bench on CUDA]
+HBM is the fast tier, pinned host RAM the slow one: memstrata's buckets below
+the budget live in pinned host buffers and are streamed through HBM for the
+step (H2D on the high-priority copy stream, D2H written behind; no host sync);
+the step itself runs on the GPU.  torchao keeps every state (and a pinned copy
+of every parameter and gradient) on the host and steps there (its default
+``fused=True`` CPU AdamW); it copies gradients down in post-accumulate-grad
+hooks, before `clip_grad_norm_` runs, so clipping does not reach its update
+(its documented limit).  FSDP2 keeps parameters, gradients and states on the
+host.  DeepSpeed's CPU Adam is JIT-built in the background while the others run
+([Note: the DeepSpeed build] in states_prebuild.py).  The worker log has one
+line per phase and step (build, prepare, each step).
 
 Each runs in its own worker process (`memstrata.bench.worker` dispatches here
 for GPT-2 models).  A peer that refuses this machine reports its own error as
