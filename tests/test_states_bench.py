@@ -73,6 +73,22 @@ def test_state_bench_worker_memstrata_is_exact_and_within_budget(tmp_path):
     assert os.listdir(tmp_path) == []  # the store is gone with the run
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_state_bench_worker_memstrata_is_exact_and_within_budget(tmp_path):
+    """[Note: the state bench on CUDA]: the bench's own arms (model built on the GPU, fused AdamW, host buckets
+    streamed through HBM): memstrata's losses equal unmanaged's bit for bit, its states on HBM within budget."""
+    import dataclasses
+
+    budget = int(state_bytes("gpt2-tiny") * 0.75)
+    ref = run_states(dataclasses.replace(spec("unmanaged", tmp_path, budget), device="cuda"))
+    got = run_states(dataclasses.replace(spec("memstrata", tmp_path, budget), device="cuda"))
+    assert ref["status"] == got["status"] == "ok", (ref.get("reason"), got.get("reason"))
+    assert got["losses"] == ref["losses"] and len(got["losses"]) == 3
+    assert 0 < got["state_peak_bytes"] <= budget < ref["state_peak_bytes"]
+    assert got["notes"]["nvme_bytes_per_step"] > 0 and got["notes"]["arena_bytes"] == 0  # host buffers, no ring
+
+
 def test_state_bench_peer_that_cannot_run_says_why(tmp_path):
     r = run_states(spec("torchao_cpu_offload", tmp_path, 1 << 20))
     from memstrata.bench.states_contenders import states_skip_reason
