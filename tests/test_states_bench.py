@@ -71,6 +71,17 @@ def test_state_bench_worker_memstrata_is_exact_and_within_budget(tmp_path):
     assert n["measured_stall_s"] == pytest.approx(med["opt_step_s"] - med["compute_s"])
     assert n["planned_step_compute_s"] > 0 and n["predicted_stall_s"] >= 0
     assert os.listdir(tmp_path) == []  # the store is gone with the run
+    for r in (ref, got):  # [Note: steal while the disk is busy]: recorded for every arm (None off Linux)
+        assert r["steal_share"] is None or 0.0 <= r["steal_share"] <= 1.0
+
+
+def test_steal_share_from_two_readings():
+    from memstrata.bench.states_contenders import cpu_steal_jiffies, steal_share
+
+    assert steal_share((10, 1000), (40, 1100)) == pytest.approx(0.3)
+    assert steal_share(None, (40, 1100)) is None and steal_share((10, 1000), (10, 1000)) is None
+    now = cpu_steal_jiffies()
+    assert now is None or 0 <= now[0] <= now[1]
 
 
 @pytest.mark.gpu

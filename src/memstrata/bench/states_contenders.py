@@ -40,6 +40,15 @@ Each runs in its own worker process (`memstrata.bench.worker` dispatches here
 for GPT-2 models).  A peer that refuses this machine reports its own error as
 the reason ("needs CUDA: ..."), one that is missing "not installed: ...".
 
+[Note: steal while the disk is busy]
+On the CPU box (a 2-vCPU VM whose disk is virtio) the hypervisor takes ~31%
+of *each* vCPU as steal time while the disk moves data, reads or writes alike,
+whatever the request size or the I/O threads' affinity, and ~0% otherwise
+(measured 2026-12-05 evening, bench/results/2026-12-05d-cpu-states/README.md).
+So every second the state ring keeps the disk busy also slows the training
+thread by ~0.3 s, on top of any wait for the disk.  ``steal_share`` records the
+machine's steal share over each run's timed steps, for every arm.
+
 [Note: what "state peak" is]
 ``state_peak_bytes`` is what the budget limits: optimizer-state bytes on the
 fast tier at their peak.  For ``memstrata`` that is the kept buckets' states
@@ -90,7 +99,16 @@ def adamw_kernel(device: torch.device) -> dict[str, bool]:
 
 def on_device_state_bytes(states: Any, device: torch.device) -> int:
     """Bytes of the optimizer states (tensors with ``dim() > 0``) that live on `device`'s kind of memory: on
-    CUDA the states a peer keeps on the host are off the fast tier ([Note: what "state peak" is])."""
+    CUDA the states a peer keeps on the host are off the fast tier ([Note: steal while the disk is busy]
+On the CPU box (a 2-vCPU VM whose disk is virtio) the hypervisor takes ~31%
+of *each* vCPU as steal time while the disk moves data, reads or writes alike,
+whatever the request size or the I/O threads' affinity, and ~0% otherwise
+(measured 2026-12-05 evening, bench/results/2026-12-05d-cpu-states/README.md).
+So every second the state ring keeps the disk busy also slows the training
+thread by ~0.3 s, on top of any wait for the disk.  ``steal_share`` records the
+machine's steal share over each run's timed steps, for every arm.
+
+[Note: what "state peak" is])."""
     return sum(v.numel() * v.element_size() for st in states for v in st.values()
                if torch.is_tensor(v) and v.dim() > 0 and v.device.type == device.type)
 
@@ -384,6 +402,24 @@ def state_bytes_of(opt: Any, device: torch.device) -> int:
 _CLASSES = {c.name: c for c in (Unmanaged, Memstrata, TorchaoCPUOffload, FSDP2CPUOffload, DeepSpeedZeroOffload)}
 
 
+def cpu_steal_jiffies() -> tuple[int, int] | None:
+    """(steal, all) jiffies of every CPU of this (virtual) machine so far, from /proc/stat (None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (v[7], sum(v)) if len(v) == 8 else None
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time the hypervisor took between two readings ([Note: steal while the
+    disk is busy]: on the CPU box ~31% of each vCPU while the disk moves data, ~0% otherwise)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def say(text: str) -> None:
     """A progress line in the worker's log (the harness keeps it; a run killed by its timeout shows how far it got)."""
     print(f"[states {time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -458,8 +494,10 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
             sync()
             say(f"{spec.contender}: timed step done, {time.perf_counter() - t0:.1f} s after the first warm-up")
 
+        steal0 = cpu_steal_jiffies()
         timed, step_times, cpu_times, total = timed_steps(lambda: contender.step(idx), sync_and_say, spec.steps,
                                                           spec.max_seconds)
+        result["steal_share"] = steal_share(steal0, cpu_steal_jiffies())
         losses += timed
         reading = meter.stop()
         state_peak = contender.state_peak_bytes()
