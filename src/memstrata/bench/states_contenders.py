@@ -338,7 +338,10 @@ class FSDP2CPUOffload(_Base):
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        # CUDA: gloo for the CPU tensors too: with CPUOffloadPolicy the gradients are CPU DTensors, and
+        # clip_grad_norm_'s reduction of their norms over the mesh needs a CPU backend (pytorch #148532: "No
+        # backend type associated with device type cpu" under nccl alone)
+        backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=0, world_size=1)
         self._dist = dist
         policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
