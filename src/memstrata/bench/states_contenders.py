@@ -99,16 +99,7 @@ def adamw_kernel(device: torch.device) -> dict[str, bool]:
 
 def on_device_state_bytes(states: Any, device: torch.device) -> int:
     """Bytes of the optimizer states (tensors with ``dim() > 0``) that live on `device`'s kind of memory: on
-    CUDA the states a peer keeps on the host are off the fast tier ([Note: steal while the disk is busy]
-On the CPU box (a 2-vCPU VM whose disk is virtio) the hypervisor takes ~31%
-of *each* vCPU as steal time while the disk moves data, reads or writes alike,
-whatever the request size or the I/O threads' affinity, and ~0% otherwise
-(measured 2026-12-05 evening, bench/results/2026-12-05d-cpu-states/README.md).
-So every second the state ring keeps the disk busy also slows the training
-thread by ~0.3 s, on top of any wait for the disk.  ``steal_share`` records the
-machine's steal share over each run's timed steps, for every arm.
-
-[Note: what "state peak" is])."""
+    CUDA the states a peer keeps on the host are off the fast tier ([Note: what "state peak" is])."""
     return sum(v.numel() * v.element_size() for st in states for v in st.values()
                if torch.is_tensor(v) and v.dim() > 0 and v.device.type == device.type)
 
