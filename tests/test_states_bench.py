@@ -71,6 +71,33 @@ def test_state_bench_worker_memstrata_is_exact_and_within_budget(tmp_path):
     assert n["measured_stall_s"] == pytest.approx(med["opt_step_s"] - med["compute_s"])
     assert n["planned_step_compute_s"] > 0 and n["predicted_stall_s"] >= 0
     assert os.listdir(tmp_path) == []  # the store is gone with the run
+    for r in (ref, got):  # [Note: steal while the disk is busy]: recorded for every arm (None off Linux)
+        assert r["steal_share"] is None or 0.0 <= r["steal_share"] <= 1.0
+
+
+def test_steal_share_from_two_readings():
+    from memstrata.bench.states_contenders import cpu_steal_jiffies, steal_share
+
+    assert steal_share((10, 1000), (40, 1100)) == pytest.approx(0.3)
+    assert steal_share(None, (40, 1100)) is None and steal_share((10, 1000), (10, 1000)) is None
+    now = cpu_steal_jiffies()
+    assert now is None or 0 <= now[0] <= now[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_state_bench_worker_memstrata_is_exact_and_within_budget(tmp_path):
+    """[Note: the state bench on CUDA]: the bench's own arms (model built on the GPU, fused AdamW, host buckets
+    streamed through HBM): memstrata's losses equal unmanaged's bit for bit, its states on HBM within budget."""
+    import dataclasses
+
+    budget = int(state_bytes("gpt2-tiny") * 0.75)
+    ref = run_states(dataclasses.replace(spec("unmanaged", tmp_path, budget), device="cuda"))
+    got = run_states(dataclasses.replace(spec("memstrata", tmp_path, budget), device="cuda"))
+    assert ref["status"] == got["status"] == "ok", (ref.get("reason"), got.get("reason"))
+    assert got["losses"] == ref["losses"] and len(got["losses"]) == 3
+    assert 0 < got["state_peak_bytes"] <= budget < ref["state_peak_bytes"]
+    assert got["notes"]["nvme_bytes_per_step"] > 0 and got["notes"]["arena_bytes"] == 0  # host buffers, no ring
 
 
 def test_state_bench_peer_that_cannot_run_says_why(tmp_path):
@@ -82,6 +109,66 @@ def test_state_bench_peer_that_cannot_run_says_why(tmp_path):
         assert why.startswith("not installed")
     else:
         assert r["status"] == "skipped" and r["reason"].startswith("needs CUDA"), r
+
+
+def test_deepspeed_is_not_started_on_a_cpu_box():
+    """DeepSpeed does not refuse a CPU box: it JIT-builds its CPU ops for minutes (a run-timeout, not a row)."""
+    from memstrata.bench.states_contenders import states_skip_reason
+    from memstrata.bench.states_prebuild import start_peer_builds
+
+    why = states_skip_reason("deepspeed_zero_offload", "cpu")
+    assert why.startswith("not installed") or why.startswith("needs CUDA"), why
+    assert start_peer_builds(["deepspeed_zero_offload"], "cpu", "/nonexistent", 75.0) is None
+
+
+def test_deepspeed_worker_waits_for_the_background_build(tmp_path, monkeypatch):
+    """[Note: the DeepSpeed build]: the worker reads the build's status file; a failed or unfinished build is a
+    one-line reason (a skipped row), never a hang; no background build: DeepSpeed builds it itself."""
+    from memstrata.bench import states_prebuild as sp
+
+    status = tmp_path / "status.json"
+    monkeypatch.delenv(sp.STATUS_ENV, raising=False)
+    assert sp.wait_for_build() is None
+    monkeypatch.setenv(sp.STATUS_ENV, str(status))
+    monkeypatch.setenv(sp.WAIT_ENV, "0.2")
+    assert "not built after" in sp.wait_for_build(poll_s=0.05)
+    status.write_text(json.dumps({"status": "failed", "reason": "CalledProcessError: ninja", "seconds": 3.0}))
+    assert sp.wait_for_build().startswith("DeepSpeed's CPU Adam JIT build failed after 3.0 s: CalledProcessError")
+    status.write_text(json.dumps({"status": "failed", "reason": "not installed: No module named 'hjson'"}))
+    assert sp.wait_for_build() == "not installed: No module named 'hjson'"
+    status.write_text(json.dumps({"status": "ok", "reason": "", "seconds": 50.0}))
+    assert sp.wait_for_build() is None
+
+
+def test_deepspeed_background_build_reports_a_missing_package(tmp_path, monkeypatch):
+    """The build process itself: without deepspeed importable its status says so (and the process exits)."""
+    from memstrata.bench import states_prebuild as sp
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'deepspeed'")
+
+    monkeypatch.setattr(sp, "build_deepspeed_cpu_adam", missing)
+    status = tmp_path / "s.json"
+    assert sp.main(["--status", str(status)]) == 1
+    got = json.loads(status.read_text())
+    assert got["status"] == "failed" and got["reason"].startswith("not installed: ModuleNotFoundError")
+
+
+def test_gpt2_built_on_a_device_and_states_counted_on_the_fast_tier_only():
+    """[Note: building on the device]: the parameters are made where asked (meta here: no CUDA on this box), the
+    CPU build is unchanged; a state on another kind of memory is not on the fast tier."""
+    from memstrata.bench.states_contenders import on_device_state_bytes
+
+    m = gpt2.build("gpt2-tiny", "meta")
+    assert {p.device.type for p in m.parameters()} == {"meta"} and m.lm_head.weight is m.wte.weight
+    torch.manual_seed(0)
+    a = gpt2.build("gpt2-tiny")
+    torch.manual_seed(0)
+    b = gpt2.build("gpt2-tiny", "cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    states = [{"step": torch.tensor(1.0), "exp_avg": torch.zeros(4), "exp_avg_sq": torch.zeros(4, device="meta")}]
+    assert on_device_state_bytes(states, torch.device("cpu")) == 16
+    assert on_device_state_bytes(states, torch.device("meta")) == 16
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """The optimizer-state bench of `memstrata bench --model gpt2-*`: AdamW states kept, tiered, or offloaded by a peer.
 
-A GPT-2-style decoder (bench/gpt2.py, randomly initialised), fp32, AdamW
-(``foreach=False``, torch's CPU default, pinned on every arm so the kernels are
-the same), global-norm clipping at 1.0, random tokens.  The budget is the
+A GPT-2-style decoder (bench/gpt2.py, randomly initialised, built directly
+on the bench's device), fp32, AdamW (`adamw_kernel`: ``foreach=False`` on a CPU,
+``fused=True`` on CUDA, pinned on every arm that runs torch's AdamW),
+global-norm clipping at 1.0, random tokens.  The budget is the
 fast-tier bytes for optimizer states (host RAM on a CPU box, HBM on CUDA): a
 size, or a percentage of the AdamW states (8 bytes per parameter).
 
@@ -22,9 +23,31 @@ size, or a percentage of the AdamW states (8 bytes per parameter).
 - ``deepspeed_zero_offload``: DeepSpeed ZeRO stage 2 with
   ``offload_optimizer: cpu`` (DeepSpeedCPUAdam), one rank.
 
+[Note: the state bench on CUDA]
+HBM is the fast tier, pinned host RAM the slow one: memstrata's buckets below
+the budget live in pinned host buffers and are streamed through HBM for the
+step (H2D on the high-priority copy stream, D2H written behind; no host sync);
+the step itself runs on the GPU.  torchao keeps every state (and a pinned copy
+of every parameter and gradient) on the host and steps there (its default
+``fused=True`` CPU AdamW); it copies gradients down in post-accumulate-grad
+hooks, before `clip_grad_norm_` runs, so clipping does not reach its update
+(its documented limit).  FSDP2 keeps parameters, gradients and states on the
+host.  DeepSpeed's CPU Adam is JIT-built in the background while the others run
+([Note: the DeepSpeed build] in states_prebuild.py).  The worker log has one
+line per phase and step (build, prepare, each step).
+
 Each runs in its own worker process (`memstrata.bench.worker` dispatches here
 for GPT-2 models).  A peer that refuses this machine reports its own error as
 the reason ("needs CUDA: ..."), one that is missing "not installed: ...".
+
+[Note: steal while the disk is busy]
+On the CPU box (a 2-vCPU VM whose disk is virtio) the hypervisor takes ~31%
+of *each* vCPU as steal time while the disk moves data, reads or writes alike,
+whatever the request size or the I/O threads' affinity, and ~0% otherwise
+(measured 2026-12-05 evening, bench/results/2026-12-05d-cpu-states/README.md).
+So every second the state ring keeps the disk busy also slows the training
+thread by ~0.3 s, on top of any wait for the disk.  ``steal_share`` records the
+machine's steal share over each run's timed steps, for every arm.
 
 [Note: what "state peak" is]
 ``state_peak_bytes`` is what the budget limits: optimizer-state bytes on the
@@ -65,6 +88,22 @@ CPU_DEFAULTS = dict(batch=1, seq=256, steps=3, warmup=2)
 CUDA_DEFAULTS = dict(batch=8, seq=1024, steps=5, warmup=2)
 
 
+def adamw_kernel(device: torch.device) -> dict[str, bool]:
+    """The AdamW kernel every arm pins ([Note: per-bucket steps are the full step] in runtime/states.py).
+
+    CPU: ``foreach=False``, torch's CPU default.  CUDA: ``fused=True``, the fastest kernel torch has and the
+    one torchao documents for `CPUOffloadOptimizer` (there its step runs on the host, where torch has a fused
+    AdamW too); a per-bucket fused step applies the same per-tensor formula as a full one."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": False}
+
+
+def on_device_state_bytes(states: Any, device: torch.device) -> int:
+    """Bytes of the optimizer states (tensors with ``dim() > 0``) that live on `device`'s kind of memory: on
+    CUDA the states a peer keeps on the host are off the fast tier ([Note: what "state peak" is])."""
+    return sum(v.numel() * v.element_size() for st in states for v in st.values()
+               if torch.is_tensor(v) and v.dim() > 0 and v.device.type == device.type)
+
+
 def state_bytes(model: str) -> int:
     return gpt2.param_count(model) * STATE_BYTES_PER_PARAM
 
@@ -74,6 +113,11 @@ def states_skip_reason(name: str, device: str) -> str | None:
     mod = {"torchao_cpu_offload": "torchao", "deepspeed_zero_offload": "deepspeed"}.get(name)
     if mod and importlib.util.find_spec(mod) is None:
         return f"not installed: {mod} is not importable in this environment (pip install {mod})"
+    if name == "deepspeed_zero_offload" and device != "cuda":
+        # DeepSpeed does not refuse a CPU box: it JIT-builds its CPU accelerator's ops (minutes of c++) and would
+        # "offload" from host RAM to host RAM.  [Note: the DeepSpeed build] in states_prebuild.py.
+        return ("needs CUDA: ZeRO-Offload moves states from an accelerator to host RAM, the same memory on a CPU box "
+                "(and DeepSpeed would first JIT-build its CPU ops for minutes)")
     return None
 
 
@@ -95,7 +139,7 @@ class _Base:
         self.opt: Any = None
 
     def prepare(self) -> None:
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, foreach=False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, **adamw_kernel(self.device))
 
     def parameters(self):
         return self.model.parameters()
@@ -110,8 +154,7 @@ class _Base:
         return loss.detach()
 
     def state_peak_bytes(self) -> int:
-        return sum(v.numel() * v.element_size() for st in self.opt.state.values() for v in st.values()
-                   if torch.is_tensor(v) and v.dim() > 0)
+        return on_device_state_bytes(self.opt.state.values(), self.device)
 
     def notes(self) -> dict[str, Any]:
         return {}
@@ -259,17 +302,22 @@ class TorchaoCPUOffload(_Base):
     name = "torchao_cpu_offload"
 
     def prepare(self) -> None:
-        from torchao.optim import CPUOffloadOptimizer
+        try:
+            from torchao.optim import CPUOffloadOptimizer
+        except ImportError as e:  # torchao, or a package it needs, is missing
+            raise SkipContender(f"not installed: {one_line(e)}") from None
 
         try:
             self.opt = CPUOffloadOptimizer(self.model.parameters(), torch.optim.AdamW, lr=1e-4, weight_decay=0.1,
-                                           foreach=False)
+                                           **adamw_kernel(self.device))
         except AssertionError as e:  # "CPU Offload currently only supports CUDA & XPU"
             raise SkipContender(f"needs CUDA: torchao CPUOffloadOptimizer says: {e}") from None
 
     def state_peak_bytes(self) -> int:
-        return sum(v.numel() * v.element_size() for o in self.opt.optim_dict.values() for st in o.state.values()
-                   for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+        # the host optimizers' states, and those of `d_opt`: the parameters under `minimal_size` it keeps
+        # on the device (LayerNorms, small biases)
+        opts = list(self.opt.optim_dict.values()) + ([self.opt.d_opt] if self.opt.d_opt is not None else [])
+        return on_device_state_bytes((st for o in opts for st in o.state.values()), self.device)
 
 
 class FSDP2CPUOffload(_Base):
@@ -281,7 +329,10 @@ class FSDP2CPUOffload(_Base):
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        # CUDA: gloo for the CPU tensors too: with CPUOffloadPolicy the gradients are CPU DTensors, and
+        # clip_grad_norm_'s reduction of their norms over the mesh needs a CPU backend (pytorch #148532: "No
+        # backend type associated with device type cpu" under nccl alone)
+        backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=0, world_size=1)
         self._dist = dist
         policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
@@ -299,7 +350,15 @@ class DeepSpeedZeroOffload(_Base):
     name = "deepspeed_zero_offload"
 
     def prepare(self) -> None:
-        import deepspeed
+        from .states_prebuild import wait_for_build
+
+        why = wait_for_build() if self.device.type == "cuda" else None  # [Note: the DeepSpeed build]
+        if why:
+            raise SkipContender(why)
+        try:
+            import deepspeed
+        except ImportError as e:  # deepspeed, or one of its dependencies (hjson, msgpack, pydantic, ...)
+            raise SkipContender(f"not installed: {one_line(e)}") from None
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -326,16 +385,43 @@ class DeepSpeedZeroOffload(_Base):
         return loss.detach()
 
     def state_peak_bytes(self) -> int:
-        return state_bytes_of(self.opt)
+        return state_bytes_of(self.opt, self.device)
 
 
-def state_bytes_of(opt: Any) -> int:
+def state_bytes_of(opt: Any, device: torch.device) -> int:
     inner = getattr(opt, "optimizer", opt)
-    return sum(v.numel() * v.element_size() for st in getattr(inner, "state", {}).values() for v in st.values()
-               if torch.is_tensor(v) and v.dim() > 0)
+    return on_device_state_bytes(getattr(inner, "state", {}).values(), device)
 
 
 _CLASSES = {c.name: c for c in (Unmanaged, Memstrata, TorchaoCPUOffload, FSDP2CPUOffload, DeepSpeedZeroOffload)}
+
+
+def cpu_steal_jiffies() -> tuple[int, int] | None:
+    """(steal, all) jiffies of every CPU of this (virtual) machine so far, from /proc/stat (None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (v[7], sum(v)) if len(v) == 8 else None
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time the hypervisor took between two readings ([Note: steal while the
+    disk is busy]: on the CPU box ~31% of each vCPU while the disk moves data, ~0% otherwise)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def say(text: str) -> None:
+    """A progress line in the worker's log (the harness keeps it; a run killed by its timeout shows how far it got)."""
+    print(f"[states {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def sync_now(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_states(spec: RunSpec) -> dict[str, Any]:
@@ -356,8 +442,12 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
         torch.cuda.set_device(device)
         result["gpu"] = torch.cuda.get_device_name(device)
     torch.manual_seed(spec.seed)
-    model = gpt2.build(spec.model).to(device)
+    t_build = time.perf_counter()
+    model = gpt2.build(spec.model, device)  # [Note: building on the device] in gpt2.py
     model.train()
+    sync_now(device)
+    result["build_s"] = time.perf_counter() - t_build
+    say(f"{spec.contender}: {spec.model} built on {device} in {result['build_s']:.1f} s")
     cfg = gpt2.GPT2_MODELS[spec.model]
     seq = spec.seq or CPU_DEFAULTS["seq"]
     if seq > cfg.ctx:
@@ -375,19 +465,33 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
     meter = PeakMeter(device)
     meter.start()  # baseline: the model alone; the peak covers states, gradients and activations
     try:
+        t_prep = time.perf_counter()
         try:
             contender.prepare()
         except SkipContender as e:
             result.update(status="skipped", reason=str(e))
+            say(f"{spec.contender}: skipped: {e}")
             return result
+        sync()
+        result["prepare_s"] = time.perf_counter() - t_prep
+        say(f"{spec.contender}: prepared in {result['prepare_s']:.1f} s")
         losses: list[float] = []
         t0 = time.perf_counter()
-        for _ in range(spec.warmup):
+        for i in range(spec.warmup):
+            t1 = time.perf_counter()
             losses.append(float(contender.step(idx)))
-        sync()
+            sync()
+            say(f"{spec.contender}: warm-up step {i + 1}/{spec.warmup} {time.perf_counter() - t1:.2f} s")
         result["warmup_s"] = time.perf_counter() - t0
-        timed, step_times, cpu_times, total = timed_steps(lambda: contender.step(idx), sync, spec.steps,
+
+        def sync_and_say() -> None:
+            sync()
+            say(f"{spec.contender}: timed step done, {time.perf_counter() - t0:.1f} s after the first warm-up")
+
+        steal0 = cpu_steal_jiffies()
+        timed, step_times, cpu_times, total = timed_steps(lambda: contender.step(idx), sync_and_say, spec.steps,
                                                           spec.max_seconds)
+        result["steal_share"] = steal_share(steal0, cpu_steal_jiffies())
         losses += timed
         reading = meter.stop()
         state_peak = contender.state_peak_bytes()

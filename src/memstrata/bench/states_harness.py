@@ -87,7 +87,7 @@ def states_config_from_args(args: argparse.Namespace, config_cls: type, error: t
         quiet=bool(g("quiet", False)), seq=seq,
         budget_texts=[str(budget)],  # resolved here (a share of the states), so the harness sees bytes
     )
-    if "memstrata" in names:
+    if "memstrata" in names and device == "cpu":  # on CUDA the slow tier is pinned host RAM ([Note: states on CUDA])
         cfg.nvme_bw = probe_nvme(cfg.nvme_dir or tempfile.gettempdir())
     return cfg
 
@@ -119,14 +119,18 @@ def print_states_table(console, rows: list[dict[str, Any]], cfg, meta: dict[str,
     from .report import fmt_bytes
 
     total = state_bytes(cfg.model)
+    cuda = cfg.device == "cuda"
     t = Table(title=f"{cfg.model} · AdamW fp32 · batch {cfg.batch} x {cfg.seq} · {cfg.device} · "
                     f"state budget {fmt_bytes(cfg.budget_bytes)} of {fmt_bytes(total)} states",
               caption=(f"samples/s: median of {cfg.repeats} alternating repeats; state peak: optimizer states on the "
-                       f"fast tier; process peak: resident set above the built model (VmHWM); NVMe: bytes moved per "
-                       f"step / median step time (probe: read/write); wall {elapsed:.0f} s"))
+                       f"fast tier; " + (
+                           "process peak: CUDA max allocated above the built model; host I/O: state bytes moved "
+                           "to and from pinned host RAM per step / median step time" if cuda else
+                           "process peak: resident set above the built model (VmHWM); NVMe: bytes moved per "
+                           "step / median step time (probe: read/write)") + f"; wall {elapsed:.0f} s"))
     for col, just in (("contender", "left"), ("samples/s", "right"), ("vs unmanaged", "right"),
                       ("state peak", "right"), ("fits", "center"), ("process peak", "right"),
-                      ("NVMe", "right"), ("same losses", "center"), ("status", "left")):
+                      ("host I/O" if cuda else "NVMe", "right"), ("same losses", "center"), ("status", "left")):
         t.add_column(col, justify=just, no_wrap=True)
     notes: list[str] = []
     bw = cfg.nvme_bw
