@@ -6,6 +6,20 @@
 # EfficientNet-B0 run): every part has its own `timeout`; a part that fails or
 # times out is recorded in env.json, its partial JSON kept, and the script goes on.
 #
+# A 15-minute device lease (start ~1.5 min): two calls back to back on the warm machine, prepared on
+# 2026-12-05 (not run: no machine was lent that session), peers' wheels in .whl (carry it):
+#   call 1 (~330 s, caps 460 s): T_TESTS=120 T_PROBE=15 T_BENCH=170 T_CHECK=40 T_BENCH2=90 REPEATS=2 REPEATS2=1 \
+#       CONTENDERS=unmanaged,memstrata,checkpoint CONTENDERS2=unmanaged,memstrata,checkpoint RUN_TIMEOUT=50 \
+#       bench/gpu_check.sh tests probe bench check bench2
+#   call 2 (~300 s): S_STEPS=3 S_MAX_S=12 S_RUN_TIMEOUT=90 T_STATES=230 T_PEERS=260 PEER_RUN_TIMEOUT=120 \
+#       S_CONTENDERS=unmanaged,memstrata,torchao_cpu_offload,deepspeed_zero_offload,fsdp2_cpu_offload \
+#       PEER_CONTENDERS=unmanaged,memstrata,compile,compile_memory_budget,memstrata_compile,trl_offload \
+#       bench/gpu_check.sh states peers
+# .whl for the image (torch 2.11.0+cu130, Python 3.12): torchao 0.17.0 (its extensions are built for torch
+# 2.11), trl 1.16.0 (transformers/accelerate are on the image), deepspeed 0.19.8 (py3 wheel built here from the
+# sdist: its CPU Adam is JIT-built there), hjson, pydantic 2.14 + pydantic-core (cp312), annotated-types,
+# typing-inspection, typing-extensions 4.16.
+#
 # Usage (from anywhere; runs against the checkout it lives in, no install needed):
 #   OUT=/some/dir bench/gpu_check.sh [PART ...]      parts: tests probe bench check bench2 data recipe peers states
 # Without OUT, results go to bench/results/<date>-<gpu>/.
