@@ -15,7 +15,7 @@
 #       S_CONTENDERS=unmanaged,memstrata,torchao_cpu_offload,deepspeed_zero_offload,fsdp2_cpu_offload \
 #       PEER_CONTENDERS=unmanaged,memstrata,compile,compile_memory_budget,memstrata_compile,trl_offload \
 #       bench/gpu_check.sh states peers
-# .whl for the image (torch 2.11.0+cu130, Python 3.12): torchao 0.17.0 (its extensions are built for torch
+# .whl (bench/gpu_wheels.sh makes it) for the image (torch 2.11.0+cu130, Python 3.12): torchao 0.17.0 (its extensions are built for torch
 # 2.11), trl 1.16.0 (transformers/accelerate are on the image), deepspeed 0.19.8 (py3 wheel built here from the
 # sdist: its CPU Adam is JIT-built there), hjson, pydantic 2.14 + pydantic-core (cp312), annotated-types,
 # typing-inspection, typing-extensions 4.16.
