@@ -11,7 +11,7 @@
 #   call 1 (~330 s, caps 460 s): T_TESTS=120 T_PROBE=15 T_BENCH=170 T_CHECK=40 T_BENCH2=90 REPEATS=2 REPEATS2=1 \
 #       CONTENDERS=unmanaged,memstrata,checkpoint CONTENDERS2=unmanaged,memstrata,checkpoint RUN_TIMEOUT=50 \
 #       bench/gpu_check.sh tests probe bench check bench2
-#   call 2 (~300 s): S_STEPS=3 S_MAX_S=12 S_RUN_TIMEOUT=90 T_STATES=230 T_PEERS=260 PEER_RUN_TIMEOUT=120 \
+#   call 2 (~300 s): T_STATES=230 T_PEERS=260 PEER_RUN_TIMEOUT=120 \
 #       S_CONTENDERS=unmanaged,memstrata,torchao_cpu_offload,deepspeed_zero_offload,fsdp2_cpu_offload \
 #       PEER_CONTENDERS=unmanaged,memstrata,compile,compile_memory_budget,memstrata_compile,trl_offload \
 #       bench/gpu_check.sh states peers
@@ -85,7 +85,7 @@ T_TESTS="${T_TESTS:-60}"; T_PROBE="${T_PROBE:-20}"; T_BENCH="${T_BENCH:-210}"; T
 T_RECIPE="${T_RECIPE:-0}"; T_PEERS="${T_PEERS:-0}"; T_STATES="${T_STATES:-0}"
 S_MODEL="${S_MODEL:-gpt2-1.5b}"; S_BATCH="${S_BATCH:-4}"; S_SEQ="${S_SEQ:-1024}"; S_BUDGET="${S_BUDGET:-50%}"
 S_CONTENDERS="${S_CONTENDERS:-unmanaged,memstrata,torchao_cpu_offload,fsdp2_cpu_offload,deepspeed_zero_offload}"
-S_STEPS="${S_STEPS:-4}"; S_WARMUP="${S_WARMUP:-2}"; S_MAX_S="${S_MAX_S:-20}"; S_RUN_TIMEOUT="${S_RUN_TIMEOUT:-75}"
+S_STEPS="${S_STEPS:-3}"; S_WARMUP="${S_WARMUP:-2}"; S_MAX_S="${S_MAX_S:-12}"; S_RUN_TIMEOUT="${S_RUN_TIMEOUT:-90}"
 # Parts as arguments: `bench/gpu_check.sh tests bench recipe` runs only those (names: tests probe bench check
 # bench2 data recipe); without arguments the defaults above apply (data and recipe off).  A part asked for
 # by name whose T_* is 0 gets its sized default (data 150 s, recipe 240 s, states 400 s).
@@ -250,12 +250,14 @@ part bench_peers "$T_PEERS" "$OUT/bench.log" \
     --log-dir "$LOGS/resnet50_peers" --json "$OUT/resnet50_peers.json" --plot "$OUT/resnet50_peers.png"
 
 # 7. Optimizer states (issue 12): a ~1.5B GPT-2 with AdamW (fp32 states: 12.5 GB) at a states budget of half
-#    of them (HBM over pinned host RAM), against the peers' CPU offload.  Sized for 400 s: 5 contenders x 1 repeat,
-#    each run capped at 20 s of timed steps and 75 s in all (model build ~15 s).  Not measured on GPU yet.
+#    of them (HBM over pinned host RAM), against the peers' CPU offload.  5 contenders x 1 repeat, 2 warm-up + 3
+#    timed steps, each run capped at 12 s of timed steps and 90 s in all (the model is built on the GPU); estimated
+#    ~110-160 s in all (bench/results/2026-12-05d-cpu-states/GPU_PART.md).  Not --quiet: a line per finished run.
+#    DeepSpeed's CPU Adam is JIT-built in the background from the bench's start.  Not measured on GPU yet.
 part states "$T_STATES" "$OUT/bench.log" \
     "${BENCH[@]}" --model "$S_MODEL" --device "${DEVICE:-cuda}" --batch "$S_BATCH" --seq "$S_SEQ" \
     --budget "$S_BUDGET" --repeats 1 --steps "$S_STEPS" --warmup "$S_WARMUP" --contenders "$S_CONTENDERS" \
-    --max-seconds "$S_MAX_S" --run-timeout "$S_RUN_TIMEOUT" --nvme "$NVME" --quiet --log-dir "$LOGS/states" \
+    --max-seconds "$S_MAX_S" --run-timeout "$S_RUN_TIMEOUT" --nvme "$NVME" --log-dir "$LOGS/states" \
     --json "$OUT/states.json"
 
 tar -czf "$OUT/worker_logs.tar.gz" -C "$LOGS" . 2>/dev/null || true
