@@ -5,7 +5,9 @@ Some saved activations are read in backward only through their sign pattern:
 ReLU's own backward is `threshold_backward(grad, result, 0)` (grad where
 result > 0, else 0: it compares, never multiplies), and max-pooling's backward
 `max_pool2d_with_indices_backward(grad, self, ..., indices)` reads `self` for
-its sizes and memory format only (the indices say where each gradient goes).
+its sizes and memory format only (the indices say where each gradient goes;
+so do ATen's CPU and CUDA kernels: `gradInput.zero_()`, then a scatter of
+`gradOutput` by `indices`).
 A ResNet's stem ReLU output (ResNet-18, b64, 112 px: 49 MiB) is read by
 exactly these two.  A replay of it re-ran conv1 + BatchNorm + ReLU in the
 backward (the costliest replay of the CPU plan: conv1 alone is ~2% of a step);

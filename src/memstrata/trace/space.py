@@ -70,7 +70,8 @@ from .index import TraceIndex, UnitEffect, trace_index
 from .sac import is_inplace_op, sac_cacheable_ops
 from .schema import Trace, UnitRecord
 
-__all__ = ["DecisionSpace", "SIGN_READERS", "SIGN_WRITERS", "SIGN_DTYPES", "decision_space", "is_heavy_op", "op_base_name", "HEAVY_OP_PREFIXES", "SAC_HIDDEN_OPS",
+__all__ = ["DecisionSpace", "SIGN_READERS", "SIGN_WRITERS", "SIGN_DTYPES", "decision_space", "is_heavy_op",
+           "op_base_name", "HEAVY_OP_PREFIXES", "SAC_HIDDEN_OPS",
            "REPLAYABLE_OP_PREFIXES", "is_replayable_op", "draws_random_numbers", "MAX_REPLAY_OPS"]
 
 # Compute-bound op families: convolutions, matrix products, attention.  Matched on the aten base name with
