@@ -514,6 +514,29 @@ def test_budget_watch_corrects_on_cpu_and_stops_at_the_minimum(tmp_path):
     mgr.close()
 
 
+def test_budget_watch_says_so_when_nothing_can_correct_it(tmp_path):
+    """At the smallest feasible budget with no plan without copies, a plan over its budget is not corrected: the
+    user is told in one warning (the issue: "the Manager corrects it or says so")."""
+    from dataclasses import replace
+
+    from memstrata.manager import StepRecord
+
+    model, x, y, _, mgr = _resnet18_case(tmp_path, frac=0.6)
+    train_steps(model, x, y, steps=2, step_ctx=lambda: mgr.step(x))  # warm-up, trace + plan
+    st = mgr._current
+    st.recalibrated = True
+    budget = st.plan_budget
+    copying = replace(forced_plan(st.trace, "nvme", mgr.hierarchy), budget=budget)
+    mgr._install(st, "copies", copying, budget, None, record=False)
+    st.minimum_budget = budget
+    mgr._without_copies = lambda st: False  # as if no plan without copies fitted
+    with pytest.warns(UserWarning, match=r"over the budget .* not corrected") as rec:
+        mgr._watch(st, StepRecord(0, "-", "managed", 0.1, peak_bytes=int(1.2 * budget)))
+    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    assert st.plan is copying
+    mgr.close()
+
+
 def test_budget_watch_retimes_again_when_the_first_window_was_not_steady(tmp_path):
     """[Note: budget watch]: a window still slower than the steady state (right after the trace step) re-times
     the trace; the next window, off by more than RECALIBRATE_ABOVE the other way, re-times it again (up to

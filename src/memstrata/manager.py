@@ -907,6 +907,10 @@ class Manager:
             st.corrections = self.MAX_CORRECTIONS
             if self._without_copies(st):
                 return
+            # nothing left to correct to: say so once, in one line ([Note: budget watch])
+            warn_user(f"memstrata: measured peak {format_size(peak)} is {peak / max(budget, 1) - 1:.0%} over the "
+                      f"budget {format_size(budget)} at the smallest feasible budget, and no plan without copies "
+                      "fits it: not corrected (its copies ran later than planned; mgr.report() has the steps)")
         if not v.replan:
             return
         assert st.trace is not None and v.target is not None
