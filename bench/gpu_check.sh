@@ -11,10 +11,12 @@
 #   call 1 (~330 s, caps 460 s): T_TESTS=120 T_PROBE=15 T_BENCH=170 T_CHECK=40 T_BENCH2=90 REPEATS=2 REPEATS2=1 \
 #       CONTENDERS=unmanaged,memstrata,checkpoint CONTENDERS2=unmanaged,memstrata,checkpoint RUN_TIMEOUT=50 \
 #       bench/gpu_check.sh tests probe bench check bench2
-#   call 2 (~300 s): T_STATES=230 T_PEERS=260 PEER_RUN_TIMEOUT=120 \
+#   call 2 (~300-500 s): T_STATES=230 T_PEERS=480 PEER_RUN_TIMEOUT=480 \
 #       S_CONTENDERS=unmanaged,memstrata,torchao_cpu_offload,deepspeed_zero_offload,fsdp2_cpu_offload \
 #       PEER_CONTENDERS=unmanaged,memstrata,compile,compile_memory_budget,memstrata_compile,trl_offload \
 #       bench/gpu_check.sh states peers
+#   (memstrata_compile recompiles ResNet-50 once per setting it tries, 1-3 settings: 2-6 min estimated; it runs
+#   after compile and compile_memory_budget, whose inductor cache it reuses.  If the lease is short, leave it out.)
 # .whl (bench/gpu_wheels.sh makes it) for the image (torch 2.11.0+cu130, Python 3.12): torchao 0.17.0 (its extensions are built for torch
 # 2.11), trl 1.16.0 (transformers/accelerate are on the image), deepspeed 0.19.8 (py3 wheel built here from the
 # sdist: its CPU Adam is JIT-built there), hjson, pydantic 2.14 + pydantic-core (cp312), annotated-types,
