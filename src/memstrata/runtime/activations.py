@@ -607,7 +607,8 @@ class ActivationRuntime:
                                    f"has {entry.nbytes}")
                 return None
             t0 = time.perf_counter()
-            signs = SignBits(ust, t.dtype)
+            with _disable_current_modes():  # its compare and packing are memstrata's ops: [Note: the runtime's own ops]
+                signs = SignBits(ust, t.dtype)
             st.priced += time.perf_counter() - t0  # priced as the replay's time (simulate.replay_time)
             st.signs[key] = (StorageWeakRef(ust), weakref.ref(signs))
         if k >= self._last_pack[entry.storage]:
