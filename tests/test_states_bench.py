@@ -210,8 +210,12 @@ def test_arena_ring_one_file_per_bucket_hot_buckets_not_reread(tmp_path):
     opt.flush()  # the last writes are counted once they landed
     assert len(opt._ring.arenas) == 3 and opt.stats.arena_bytes == 3 * bucket
     assert opt.stats.peak_resident_bytes <= 3 * bucket
-    # steps 2-4 each read only the 3 buckets that were not left in arenas by the step before
-    assert opt.stats.bytes_read == 3 * 3 * bucket and opt.stats.bytes_written == 4 * 6 * bucket
+    # steps 2-4 each read only the 3 buckets that were not left in arenas by the step before (18 reads if the hot
+    # ones were re-read).  A read ahead that finds the least recently used arena's write still in flight takes the
+    # next ready arena instead of waiting (`try_acquire`), which can cost a hot bucket one re-read: 10 reads, seen
+    # once in a fresh-clone CI run on the loaded box; values are exact either way.
+    assert 3 * 3 * bucket <= opt.stats.bytes_read <= (3 * 3 + 2) * bucket, opt.stats.bytes_read // bucket
+    assert opt.stats.bytes_written == 4 * 6 * bucket
     for a, b in zip(ref.parameters(), model.parameters()):
         assert torch.equal(a, b)
     sd, rsd = opt.state_dict(), ref_opt.state_dict()
