@@ -453,6 +453,17 @@ class TrlOffload(Contender):
 
 
 # --------------------------------------------------------------- memstrata
+def _manager_report(mgr: Any, out: dict[str, Any]) -> dict[str, Any] | None:
+    """The Manager's report, with its step modes put in `out`; None (the error put in `out`) if it fails."""
+    try:
+        report = dict(mgr.report())
+    except Exception as e:  # noqa: BLE001 -- the report is informative only
+        out["report_error"] = f"{type(e).__name__}: {e}"
+        return None
+    out["step_modes"] = [s.get("mode") for s in report.get("steps") or []]
+    return report
+
+
 class Memstrata(Contender):
     """`memstrata.manager.Manager` at the bench budget.
 
@@ -527,13 +538,10 @@ class Memstrata(Contender):
                                "plan_source": ("the planning run's planner" if callable(self._fixed) else
                                                "given (planned once for every repeat)" if self._fixed is not None
                                                else "the Manager's own")}
-        try:
-            report = dict(self._mgr.report())
-        except Exception as e:  # noqa: BLE001 -- the report is informative only
-            out["report_error"] = f"{type(e).__name__}: {e}"
+        report = _manager_report(self._mgr, out)
+        if report is None:
             return out
         steps = report.get("steps") or []
-        out["step_modes"] = [s.get("mode") for s in steps]
         if steps:
             last = steps[-1]
             out["last_step"] = {k: last.get(k) for k in ("mode", "seconds", "predicted_seconds", "peak_bytes",
@@ -667,13 +675,10 @@ class MemstrataCompiled(Contender):
                                + (f", / {1 + self._slack:g} (the compiled watch's CPU slack)" if self._slack else ""),
                                "trace_bench_peak_bytes": self._trace_bench_peak,
                                "setup_steps": self.setup_steps + self._extra, "settled": self._life.settled()}
-        try:
-            report = dict(self._mgr.report())
-        except Exception as e:  # noqa: BLE001 -- the report is informative only
-            out["report_error"] = f"{type(e).__name__}: {e}"
+        report = _manager_report(self._mgr, out)
+        if report is None:
             return out
         steps = report.get("steps") or []
-        out["step_modes"] = [s.get("mode") for s in steps]
         if steps:
             last = steps[-1]
             st = last.get("stats") or {}

@@ -658,21 +658,13 @@ class ActivationRuntime:
             st.stats.overhead_seconds += (time.perf_counter() - t0) - (st.priced - priced) - (st.sampling - sampling)
 
     def _unpack_one(self, st: _StepState | None, obj):
-        if type(obj) is SignPacked:
+        if type(obj) is Replayed or type(obj) is SignPacked:
             if st is None:
                 return obj.unpack()
             self._advance(st, obj.anchor)
             t0 = time.perf_counter()
             out = obj.unpack()
-            st.priced += time.perf_counter() - t0  # priced as the replay's time
-            return out
-        if type(obj) is Replayed:
-            if st is None:
-                return obj.unpack()
-            self._advance(st, obj.anchor)
-            t0 = time.perf_counter()
-            out = obj.unpack()
-            st.priced += time.perf_counter() - t0  # the replay's ops: priced as recompute
+            st.priced += time.perf_counter() - t0  # the replay's ops (or the bits' lookup): priced as recompute
             return out
         if type(obj) is _Kept:
             if st is not None:
