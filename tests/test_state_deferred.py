@@ -21,7 +21,8 @@ import test_states as t  # noqa: E402  (the same model, batches, schedule and ch
 
 NVME = t.PLACEMENTS["nvme"]  # 5 buckets, all NVMe
 MIXED = t.PLACEMENTS["mixed"]  # NVMe, kept, host, NVMe
-DEFERRED_PARAMS = {"nvme": range(6), "mixed": (0, 1, 2, 4, 5)}  # NVMe and kept buckets; not host ones
+HOST = t.PLACEMENTS["host"]  # 3 buckets, all host (a separate host buffer on CPU: [Note: deferred host buckets])
+DEFERRED_PARAMS = {"nvme": range(6), "mixed": range(6), "host": range(6)}  # NVMe, kept and host buckets
 
 
 def managed(kind: str, placement: StatePlacement, nvme_dir, **kw):
@@ -35,7 +36,7 @@ def forward(model: nn.Module, step: int) -> torch.Tensor:
     return model(x)
 
 
-@pytest.mark.parametrize("placement", ["nvme", "mixed"])
+@pytest.mark.parametrize("placement", ["nvme", "mixed", "host"])
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_deferred_bit_exact_after_five_steps(kind, placement, tmp_path):
     """AdamW with clipping, 2-step accumulation and an LR schedule (the schedule changes lr between step()
@@ -52,7 +53,8 @@ def test_deferred_bit_exact_after_five_steps(kind, placement, tmp_path):
     t.assert_same_state(ref_opt.state_dict(), opt.state_dict())
     # every deferred bucket update of steps 1-4 ran in a forward, step 5's in the forward above
     assert opt.stats.deferred_updates == t.STEPS * len(opt._use_order)
-    assert len(opt._ring.arenas) <= opt._ring.count  # the budget: the ring's arenas, no more
+    if opt._ring is not None:
+        assert len(opt._ring.arenas) <= opt._ring.count  # the budget: the ring's arenas, no more
     opt.close()
     assert os.listdir(tmp_path) == []
 
@@ -66,7 +68,7 @@ def test_defer_off_steps_inside_step(tmp_path):
     opt.close()
 
 
-@pytest.mark.parametrize("placement", ["nvme", "mixed"])
+@pytest.mark.parametrize("placement", ["nvme", "mixed", "host"])
 def test_state_dict_with_updates_pending_resumes_bit_exactly(placement, tmp_path):
     """model.state_dict() and opt.state_dict() right after step() (updates pending) are the unmanaged ones; a
     fresh model and optimizer loaded from them continue bit-exactly."""
@@ -165,8 +167,8 @@ def test_one_line_errors(tmp_path):
     model = t.make_model()
     with pytest.raises(ValueError, match="defer=True needs model="):
         TieredOptimizer(t.make_opt("adamw", model.parameters()), NVME, nvme_dir=tmp_path, defer=True)
-    with pytest.raises(ValueError, match="defer=True needs NVMe state buckets"):
-        TieredOptimizer(t.make_opt("adamw", model.parameters()), "host", model=model, defer=True)
+    with pytest.raises(ValueError, match="defer=True needs tiered state buckets"):
+        TieredOptimizer(t.make_opt("adamw", model.parameters()), "keep", model=model, defer=True)
     other = t.make_model()
     with pytest.raises(ValueError, match="not parameters of the model"):
         TieredOptimizer(t.make_opt("adamw", model.parameters()), NVME, nvme_dir=tmp_path, model=other)
@@ -222,6 +224,87 @@ def test_set_placement_builds_the_ring_and_defers(start, tmp_path):
     assert opt._ring is None and not opt._defer and opt._hooks is None
     t.train(model, opt, sched, t.STEPS, t.STEPS + 1)
     t.assert_same_params(t.run("adamw", None, steps=t.STEPS + 1)[0], model)
+    opt.close()
+    mover.close(own_store=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_host_buckets_are_updated_in_the_forward_not_in_step(tmp_path):
+    """[Note: deferred host buckets]: step() leaves the host buckets' parameters as they were (it only records
+    and reads the first bucket ahead); the forward's pre-hooks apply them, one bucket per module, with at most
+    prefetch_depth + 1 host buckets' states on tier 0; the result is the unmanaged one."""
+    ref_model, ref_opt = t.run("adamw", None, steps=2)
+    model, opt, sched = managed("adamw", HOST, None)
+    assert opt._defer and opt._ring is None and len(opt._use_order) == 3
+    t.train(model, opt, sched, 0, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    applied = opt.stats.deferred_updates
+    for micro in range(t.ACCUM):
+        x, y = t.batch(1, micro)
+        (nn.functional.mse_loss(model(x), y) / t.ACCUM).backward()  # the forward applies step 0's updates
+    assert opt.stats.deferred_updates == applied + 3
+    nn.utils.clip_grad_norm_(model.parameters(), t.CLIP)
+    read = opt.stats.bytes_read
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing updated in step()
+    assert opt.stats.bytes_read == read and opt._npending == 3
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, _a: seen.append(
+        (opt._npending, [torch.equal(p, before[i]) for i, p in enumerate(model.parameters())])))
+        for m in model if any(True for _ in m.parameters())]  # after ours (registered later)
+    forward(model, 7)
+    for h in hooks:
+        h.remove()
+    assert [n for n, _ in seen] == [2, 1, 0]  # each Linear's bucket applied just before it runs
+    assert seen[0][1] == [False, False, True, True, True, True]  # the first Linear updated, the others not yet
+    assert opt.stats.bytes_read > read
+    t.assert_same_params(ref_model, model)
+    t.assert_same_state(ref_opt.state_dict(), opt.state_dict())
+    state_bytes = 2 * max(sum(p.numel() * 4 for p in m.parameters()) for m in model)  # AdamW: 2 fp32 states
+    assert 0 < opt.stats.peak_resident_bytes <= 2 * state_bytes  # prefetch_depth (1) + 1 buckets of states
+    opt.close()
+
+
+def test_deferred_host_and_nvme_buckets_on_the_cuda_hand_off_path(tmp_path):
+    """The CUDA path on CPU (RecordingStreams: no arena ring, every tiered bucket in slots): host and NVMe
+    buckets deferred, bit-exact; step() issues only the first bucket's read ahead (h2d), the forward the
+    rest: every copy on the d2h / h2d side streams, none on compute."""
+    from memstrata.runtime.mover import TierMover
+    from memstrata.runtime.nvme import NVMeStore
+    from memstrata.runtime.pool import HostBufferPool
+    from memstrata.runtime.streams import CopyContext, RecordingStreams
+
+    ref_model, ref_opt = t.run("adamw", None)
+    copy = CopyContext("cpu", streams=RecordingStreams())
+    pool = HostBufferPool(pin=False)
+    mover = TierMover(torch.device("cpu"), copy, pool, NVMeStore(tmp_path, pool=pool))
+    placement = StatePlacement(((0, 1), (2, 3), (4, 5)), ("host", "nvme", "host"))
+    model, opt, sched = managed("adamw", placement, None, mover=mover)
+    assert opt._defer and opt._ring is None and len(opt._use_order) == 3
+    t.train(model, opt, sched, 0, t.STEPS - 1)
+    log = copy.streams.entries
+    for micro in range(t.ACCUM):
+        x, y = t.batch(t.STEPS - 1, micro)
+        (nn.functional.mse_loss(model(x), y) / t.ACCUM).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), t.CLIP)
+    n0 = len(log)
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    n1 = len(log)
+    forward(model, 99)
+    n2 = len(log)
+    in_step = [e[1] for e in log[n0:n1] if e[0] == "copy"]
+    in_forward = [e[1] for e in log[n1:n2] if e[0] == "copy"]
+    assert in_step == ["h2d"] * 4  # the first bucket (weight, bias) x (exp_avg, exp_avg_sq), read ahead
+    assert in_forward.count("h2d") == 8 and in_forward.count("d2h") == 12  # the other two up; all three down
+    assert all(e[1] != "compute" for e in log if e[0] == "copy")
+    assert ("wait_event", "compute") in {(e[0], e[1]) for e in log[n1:n2]}  # compute waits only at the update
+    t.assert_same_params(ref_model, model)
+    t.assert_same_state(ref_opt.state_dict(), opt.state_dict())
     opt.close()
     mover.close(own_store=True)
     assert os.listdir(tmp_path) == []
