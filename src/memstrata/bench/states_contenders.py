@@ -55,8 +55,14 @@ state peak is ~0: only the small parameters it leaves on the GPU), so
 ``memstrata_lowpeak`` puts every state bucket below (budget ignored; buckets
 of at most 64 MiB of states, at least 32 of them), read ahead one bucket
 and written behind around the forward, so at most two buckets' states are
-on the device at once: a state peak of a few tens of MiB against torchao's
-~0 plus its device gradients.  Gradients stay on the device (as torchao's
+on the device at once.  A bucket is never smaller than one parameter: GPT-2's
+tied embedding alone has 50257 x d states (643 MB for gpt2-1.5b, 309 MB for
+gpt2-124m), so on CUDA the state peak is that bucket plus one more (at the
+forward's start, where the embedding's update is applied and activations
+are few; nothing is read ahead during backward, where the process peaks),
+against torchao's ~0 states on the device.  On a CPU the NVMe ring's three
+arenas are each as large as that bucket (~0.9 GB for gpt2-124m): the arm is
+meant for CUDA.  Gradients stay on the device (as torchao's
 default, ``offload_gradients=False``): the updates stay bit-exact with
 clipping.  ``MEMSTRATA_LOWPEAK_GRADS=1`` also sends the gradients down when
 final (`GradTieredOptimizer`; on CUDA the buckets then step on the host, as
