@@ -111,14 +111,16 @@ def _train_zero_in_place(model, opt, steps: int) -> None:
         opt.zero_grad(set_to_none=False)
 
 
-def test_zero_grad_keeps_the_gradient_a_pending_update_needs(tmp_path):
+@pytest.mark.parametrize("placement", ["nvme", "host"])
+def test_zero_grad_keeps_the_gradient_a_pending_update_needs(placement, tmp_path):
     """opt.zero_grad(set_to_none=False) between step() and the forward: the parameters get zeroed gradients,
     the pending updates still use the step's gradients."""
     ref_model = t.make_model()
     ref_opt = t.make_opt("adamw", ref_model.parameters())
     _train_zero_in_place(ref_model, ref_opt, 3)
     model = t.make_model()
-    opt = TieredOptimizer(t.make_opt("adamw", model.parameters()), NVME, nvme_dir=tmp_path, model=model)
+    opt = TieredOptimizer(t.make_opt("adamw", model.parameters()), t.PLACEMENTS[placement], nvme_dir=tmp_path,
+                          model=model)
     _train_zero_in_place(model, opt, 3)
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
     opt.flush()
@@ -404,3 +406,52 @@ def test_manager_states_with_host_decisions_defer_them():
     t.assert_same_state(ref_opt.state_dict(), opt.state_dict())
     assert "host" in ms.describe()
     ms.close()
+
+
+def test_disk_full_during_deferred_nvme_slot_writes_is_one_line_state_intact(tmp_path, monkeypatch):
+    """NVMe buckets outside the ring (the CUDA path, RecordingStreams here), deferred: writes that fail in the
+    forward's write-behind surface at flush() / the next step() as one line; the states are those after the
+    step, on tier 0; once space comes back training ends where the unmanaged run does."""
+    import errno
+
+    import memstrata.runtime.nvme as nvme_mod
+    from memstrata.runtime import NVMeIOError
+    from memstrata.runtime.mover import TierMover
+    from memstrata.runtime.nvme import NVMeStore
+    from memstrata.runtime.pool import HostBufferPool
+    from memstrata.runtime.streams import CopyContext, RecordingStreams
+
+    ref3_model, ref3_opt = t.run("adamw", None, steps=3)
+    ref_model, ref_opt = t.run("adamw", None)
+    pool = HostBufferPool(pin=False)
+    mover = TierMover(torch.device("cpu"), CopyContext("cpu", streams=RecordingStreams()), pool,
+                      NVMeStore(tmp_path, pool=pool))
+    model, opt, sched = managed("adamw", NVME, None, mover=mover)
+    assert opt._defer and opt._ring is None
+    t.train(model, opt, sched, 0, 2)
+    opt.flush()
+    real = nvme_mod._pwrite_all
+
+    def full(fd, x, offset=0):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(nvme_mod, "_pwrite_all", full)
+    t.train(model, opt, sched, 2, 3)  # step 3 recorded; its updates wait for the next forward
+    with pytest.raises(NVMeIOError) as ei:
+        opt.flush()  # applies them: every write behind fails
+    msg = str(ei.value)
+    assert "\n" not in msg and "is full" in msg and "intact" in msg and opt.stats.write_failures > 0
+    t.assert_same_params(ref3_model, model)
+    t.assert_same_state(ref3_opt.state_dict(), opt.state_dict())
+    monkeypatch.setattr(nvme_mod, "_pwrite_all", real)
+    try:
+        opt.flush()
+    except NVMeIOError:
+        pass  # writes started by state_dict() while the disk was still full
+    t.train(model, opt, sched, 3, t.STEPS)
+    opt.flush()
+    t.assert_same_params(ref_model, model)
+    t.assert_same_state(ref_opt.state_dict(), opt.state_dict())
+    opt.close()
+    mover.close(own_store=True)
+    assert os.listdir(tmp_path) == []
