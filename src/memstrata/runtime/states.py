@@ -55,9 +55,11 @@ arena ring] in state_arenas.py); `StatePlacement.from_plan` takes the depth
 from the planner's `window`.  Given the model (`model=`), the ring's buckets
 are not stepped in `step()` at all but just before their next use in the
 next forward ([Note: deferred updates] in deferred.py), and so are the kept
-buckets of the model's parameters: `step()` records them and steps only the
-others, and the ring walks the buckets in the order the last forward used
-them, always in that order.
+and the host buckets of the model's parameters (and NVMe buckets outside a
+ring, as on CUDA: [Note: deferred host buckets]): `step()` records them and
+steps only the others, and the ring walks the buckets in the order the last
+forward used them, always in that order; a deferred host bucket is read
+ahead ``prefetch_depth`` buckets before its update and written behind it.
 
 [Note: no state is ever lost]
 A state's bytes are always complete in at least one place.  Every write goes to
@@ -346,10 +348,13 @@ class TieredOptimizer(torch.optim.Optimizer):
       `close()` (and at exit).
     * `mover`: an existing `TierMover` (shares its streams, pool and store);
       by default one is made for the parameters' device.
-    * `model`, `defer`: with the model whose parameters these are, the NVMe
-      buckets of a CPU tier 0 are stepped just before their parameters are
-      next used in a forward, not inside `step()`, so their state I/O also
-      overlaps the next forward ([Note: deferred updates] in deferred.py).
+    * `model`, `defer`: with the model whose parameters these are, the
+      tiered buckets (NVMe through the arena ring on a CPU tier 0; host, and
+      NVMe on CUDA, read ahead and written behind on the copy streams) and
+      the kept ones are stepped just before their parameters are next used in
+      a forward, not inside `step()`, so their state I/O also overlaps the
+      next forward ([Note: deferred updates], [Note: deferred host buckets]
+      in deferred.py).
       The default when `model` is given; `defer=False` turns it off.  Call
       `flush()` before reading parameters outside a forward between `step()`
       and the next forward.  `set_placement()` builds the ring and the
