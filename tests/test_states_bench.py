@@ -90,7 +90,7 @@ def test_state_bench_worker_lowpeak_is_exact_with_a_window_of_buckets(grads, tmp
     assert largest < total // 4 and 0 < got["state_peak_bytes"] <= 3 * largest  # the ring: 3 arenas, the
     # largest bucket (the tied embedding's states) each, of 32 buckets
     n = got["notes"]
-    assert "every bucket" in n["plan"] and n["nvme_bytes_per_step"] > 0 and n["deferred"]
+    assert "every bucket" in n["plan"] and n["nvme_bytes_per_step"] > 0 and n["deferred"] == (grads == "0")
     assert os.listdir(tmp_path) == []
 
 

@@ -315,7 +315,7 @@ class Memstrata(_Base):
         med = {k: statistics.median(d[k] for d in timed) for k in (timed[0] if timed else {})}
         out = {"plan": self.plan.describe(), "predicted_opt_step_s": self.plan.predicted_seconds,
                "predicted_stall_s": self.plan.stall_seconds, "planned_step_compute_s": self.plan.step_seconds,
-               "planned_io_s": self.plan.io_seconds, "ring": self.plan.window, "deferred": self.defer,
+               "planned_io_s": self.plan.io_seconds, "ring": self.plan.window, "deferred": bool(self.opt._defer),
                "planned_forward_s": self.plan.forward_seconds,
                "nvme_bytes_per_step": (s.bytes_read + s.bytes_written) / steps,
                "reads_waited_s_per_step": s.reads_waited_s / steps, "writes_waited_s_per_step": s.writes_waited_s / steps,
@@ -391,7 +391,8 @@ class _LowPeakPlan:
         self.predicted_seconds = self.stall_seconds = self.step_seconds = self.io_seconds = 0.0
         self.forward_seconds = 0.0
         self._text = (f"optimizer states: every bucket ({len(buckets)}) on {'host RAM' if tier == 'host' else 'NVMe'}, "
-                      f"deferred to the next forward{'; gradients below too' if grads else ''} (no plan: lowest peak)")
+                      + ("gradients below too, stepped in step()" if grads else "deferred to the next forward")
+                      + " (no plan: lowest peak)")
 
     def describe(self) -> str:
         return self._text
