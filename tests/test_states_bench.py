@@ -132,7 +132,7 @@ def test_gpu_state_bench_worker_lowpeak_is_exact_on_a_window_of_host_buckets(tmp
     assert ref["status"] == got["status"] == "ok", (ref.get("reason"), got.get("reason"))
     assert got["losses"] == ref["losses"] and len(got["losses"]) == 3
     largest = max(p.numel() for p in gpt2.build("gpt2-tiny", torch.device("cpu")).parameters()) * 8
-    assert 0 < got["state_peak_bytes"] <= 2 * largest + 4 * (total // 32)  # read ahead + applied (+ rounding)
+    assert 0 < got["state_peak_bytes"] <= 4 * largest < total  # the bucket applied + 3 read ahead, none larger
     assert "host RAM" in got["notes"]["plan"] and got["notes"]["arena_bytes"] == 0
 
 

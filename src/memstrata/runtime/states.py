@@ -824,7 +824,11 @@ class TieredOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer's step on the parameters of `bucket` only."""
         groups = self.inner.param_groups
         full = [g["params"] for g in groups]
-        owner = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
+        key = (id(groups), *(id(ps) for ps in full))
+        cached = getattr(self, "_owner_cache", None)
+        if cached is None or cached[0] != key:  # once per param-group layout, not once per bucket
+            cached = self._owner_cache = (key, {id(p): gi for gi, g in enumerate(groups) for p in g["params"]})
+        owner = cached[1]
         sub: list[list[torch.Tensor]] = [[] for _ in groups]
         for i in bucket:
             p = self._records[i].param
