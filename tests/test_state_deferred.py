@@ -312,22 +312,20 @@ def test_deferred_host_and_nvme_buckets_on_the_cuda_hand_off_path(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-class _LoggedCudaStreams:
-    """`CudaStreams` that also logs which stream each copy was issued on (and the stream compute was on)."""
+def _logged_cuda_streams(device: torch.device):
+    """`CudaStreams` that also log each copy: (its stream's name, whether that is not the compute stream)."""
+    from memstrata.runtime.streams import CudaStreams
 
-    def __new__(cls, device):
-        from memstrata.runtime.streams import CudaStreams
+    class Logged(CudaStreams):
+        def __init__(self, device):
+            super().__init__(device)
+            self.copies: list[tuple[str, bool]] = []
 
-        class Logged(CudaStreams):
-            def __init__(self, device):
-                super().__init__(device)
-                self.copies: list[tuple[str, bool]] = []
+        def copy(self, stream, dst, src):
+            self.copies.append((stream, self._s(stream) != torch.cuda.current_stream(self.device)))
+            super().copy(stream, dst, src)
 
-            def copy(self, stream, dst, src):
-                self.copies.append((stream, self._s(stream) != torch.cuda.current_stream(self.device)))
-                super().copy(stream, dst, src)
-
-        return Logged(device)
+    return Logged(device)
 
 
 @pytest.mark.gpu
@@ -348,7 +346,7 @@ def test_gpu_deferred_host_buckets_are_exact_and_copy_on_the_side_streams(kind, 
         opt, copy, mover = inner, None, None
         if tiered:
             dev = torch.device("cuda", torch.cuda.current_device())
-            copy = CopyContext(dev, streams=_LoggedCudaStreams(dev))
+            copy = CopyContext(dev, streams=_logged_cuda_streams(dev))
             mover = TierMover(dev, copy, HostBufferPool(pin=True))
             opt = TieredOptimizer(inner, HOST, mover=mover, model=model)
             assert opt._defer and len(opt._use_order) == 3
