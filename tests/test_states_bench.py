@@ -75,22 +75,21 @@ def test_state_bench_worker_memstrata_is_exact_and_within_budget(tmp_path):
         assert r["steal_share"] is None or 0.0 <= r["steal_share"] <= 1.0
 
 
-@pytest.mark.parametrize("grads", ["0", "1"])
-def test_state_bench_worker_lowpeak_is_exact_with_a_window_of_buckets(grads, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["memstrata_lowpeak", "memstrata_lowpeak_grads"])
+def test_state_bench_worker_lowpeak_is_exact_with_a_window_of_buckets(name, tmp_path):
     """[Note: the low-peak arm]: every bucket below (NVMe files on a CPU), deferred: losses equal unmanaged's bit
-    for bit, the state peak a window of buckets whatever the budget; with MEMSTRATA_LOWPEAK_GRADS=1 the
-    gradients go below too (stepped inside step(), no deferral; on a CPU the same kernels: still exact)."""
-    monkeypatch.setenv("MEMSTRATA_LOWPEAK_GRADS", grads)
+    for bit, the state peak a window of buckets whatever the budget; memstrata_lowpeak_grads sends the gradients
+    below too (stepped inside step(), no deferral; on a CPU the same kernels: still exact)."""
     total = state_bytes("gpt2-tiny")
     ref = run_states(spec("unmanaged", tmp_path, total))
-    got = run_states(spec("memstrata_lowpeak", tmp_path, total))
+    got = run_states(spec(name, tmp_path, total))
     assert ref["status"] == got["status"] == "ok", (ref.get("reason"), got.get("reason"))
     assert got["losses"] == ref["losses"] and len(got["losses"]) == 3
     largest = max(p.numel() for p in gpt2.build("gpt2-tiny", torch.device("cpu")).parameters()) * 8
     assert largest < total // 4 and 0 < got["state_peak_bytes"] <= 3 * largest  # the ring: 3 arenas, the
     # largest bucket (the tied embedding's states) each, of 32 buckets
     n = got["notes"]
-    assert "every bucket" in n["plan"] and n["nvme_bytes_per_step"] > 0 and n["deferred"] == (grads == "0")
+    assert "every bucket" in n["plan"] and n["nvme_bytes_per_step"] > 0 and n["deferred"] == (name == "memstrata_lowpeak")
     assert os.listdir(tmp_path) == []
 
 

@@ -20,7 +20,7 @@ size, or a percentage of the AdamW states (8 bytes per parameter).
   the fast tier whatever the budget (pinned host RAM on CUDA, NVMe files on
   a CPU), deferred as above: the state peak is a window of a few buckets,
   to compare with torchao at equal or lower peak ([Note: the low-peak
-  arm]).
+  arm]); ``memstrata_lowpeak_grads``: the gradients below too.
 - ``torchao_cpu_offload``: torchao's `CPUOffloadOptimizer(params, AdamW)`
   (states and the step on the host; CUDA/XPU only: it asserts otherwise).
   ``torchao_cpu_offload_grads``: the same with ``offload_gradients=True``
@@ -64,11 +64,12 @@ against torchao's ~0 states on the device.  On a CPU the NVMe ring's three
 arenas are each as large as that bucket (~0.9 GB for gpt2-124m): the arm is
 meant for CUDA.  Gradients stay on the device (as torchao's
 default, ``offload_gradients=False``): the updates stay bit-exact with
-clipping.  ``MEMSTRATA_LOWPEAK_GRADS=1`` also sends the gradients down when
+clipping.  ``memstrata_lowpeak_grads`` also sends the gradients down when
 final (`GradTieredOptimizer`; on CUDA the buckets then step on the host, as
 torchao's do): the peak of ``torchao_cpu_offload_grads``, no deferral (a
 tiered gradient is gone by the next forward), not bit-exact on CUDA (CPU
-kernels).  Not measured on GPU.
+kernels).  Pairs at equal peak: memstrata_lowpeak / torchao_cpu_offload,
+memstrata_lowpeak_grads / torchao_cpu_offload_grads.  Not measured on GPU.
 
 [Note: steal while the disk is busy]
 On the CPU box (a 2-vCPU VM whose disk is virtio) the hypervisor takes ~31%
@@ -108,8 +109,8 @@ from .failures import is_oom, one_line
 from .spec import RunSpec
 from .timing import timed_steps
 
-STATES_CONTENDERS = ("unmanaged", "memstrata", "memstrata_lowpeak", "torchao_cpu_offload", "torchao_cpu_offload_grads",
-                     "fsdp2_cpu_offload", "deepspeed_zero_offload")
+STATES_CONTENDERS = ("unmanaged", "memstrata", "memstrata_lowpeak", "memstrata_lowpeak_grads", "torchao_cpu_offload",
+                     "torchao_cpu_offload_grads", "fsdp2_cpu_offload", "deepspeed_zero_offload")
 STATE_BYTES_PER_PARAM = 8  # AdamW fp32: exp_avg + exp_avg_sq
 # CPU: 256 tokens per step (was 64, bench/results/2026-12-05c-cpu-states/README.md): the state I/O per step is
 # fixed by the model, the compute grows with the tokens; 64 measured the disk more than training (GPT-2 trains
@@ -338,10 +339,7 @@ class MemstrataLowPeak(Memstrata):
     """Every state bucket below the fast tier, deferred ([Note: the low-peak arm])."""
 
     name = "memstrata_lowpeak"
-
-    @property
-    def tier_grads(self) -> bool:
-        return os.environ.get("MEMSTRATA_LOWPEAK_GRADS", "0") not in ("0", "")
+    tier_grads = False  # memstrata_lowpeak_grads: the gradients below too, when final
 
     def prepare(self) -> None:
         from memstrata.runtime.grads import GradTieredOptimizer
@@ -383,6 +381,13 @@ class MemstrataLowPeak(Memstrata):
     def state_peak_bytes(self) -> int:
         s = self.opt.stats
         return s.arena_bytes + (s.peak_resident_bytes if not s.arena_bytes else 0)
+
+
+class MemstrataLowPeakGrads(MemstrataLowPeak):
+    """`memstrata_lowpeak` with the gradients below too ([Note: the low-peak arm])."""
+
+    name = "memstrata_lowpeak_grads"
+    tier_grads = True
 
 
 class _LowPeakPlan:
@@ -504,8 +509,8 @@ def state_bytes_of(opt: Any, device: torch.device) -> int:
     return on_device_state_bytes(getattr(inner, "state", {}).values(), device)
 
 
-_CLASSES = {c.name: c for c in (Unmanaged, Memstrata, MemstrataLowPeak, TorchaoCPUOffload, TorchaoCPUOffloadGrads,
-                                 FSDP2CPUOffload, DeepSpeedZeroOffload)}
+_CLASSES = {c.name: c for c in (Unmanaged, Memstrata, MemstrataLowPeak, MemstrataLowPeakGrads, TorchaoCPUOffload,
+                                 TorchaoCPUOffloadGrads, FSDP2CPUOffload, DeepSpeedZeroOffload)}
 
 
 def cpu_steal_jiffies() -> tuple[int, int] | None:
