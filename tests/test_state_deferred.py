@@ -376,6 +376,7 @@ def test_gpu_deferred_host_buckets_are_exact_and_copy_on_the_side_streams(kind, 
     assert streams == {"d2h", "h2d"} and all(side for _, side in copy.streams.copies)
     assert not any(torch.is_tensor(v) and v.dim() > 0 for st in opt.inner.state.values() for v in st.values())
     opt.close()
+    opt.mover.close(own_store=True)
 
 
 def test_manager_states_with_host_decisions_defer_them():
