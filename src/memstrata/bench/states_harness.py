@@ -157,9 +157,10 @@ def print_states_table(console, rows: list[dict[str, Any]], cfg, meta: dict[str,
     console.print(t)
     for i, n in enumerate(notes, 1):
         console.print(f"[{i}] {n}", highlight=False, markup=False)
-    m = next((r for r in rows if r["name"] == "memstrata" and r["status"] == "ok"), None)
-    if m and m.get("notes", {}).get("plan"):
-        console.print(f"memstrata: {m['notes']['plan']}", highlight=False, markup=False)
+    for name in ("memstrata", "memstrata_lowpeak", "memstrata_lowpeak_grads"):
+        m = next((r for r in rows if r["name"] == name and r["status"] == "ok"), None)
+        if m and m.get("notes", {}).get("plan"):
+            console.print(f"{name}: {m['notes']['plan']}", highlight=False, markup=False)
 
 
 __all__ = ["states_config_from_args", "print_states_header", "print_states_table", "probe_nvme"]
