@@ -63,6 +63,7 @@ from .hardware import Budget, Hierarchy, format_size, profile
 from .plan.tuning import Correct, Keep, Measure, Trial, TryNext, next_step, watch_verdict
 from .report import Report
 from .runtime.activations import ActivationRuntime
+from .runtime.ddp_grads import check_ddp, is_ddp
 from .runtime.managed_states import ManagedStates
 from .runtime.mover import Placement
 from .runtime.params import ParamTiering
@@ -319,6 +320,20 @@ class Manager:
         self.budget = Budget.parse(budget, max_percent=100.0)  # above 100% of the peak nothing is managed
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.agree_plans = bool(agree_plans)
+        # under DDP a tiered gradient leaves once DDP reduced it ([Note: tiered gradients under DDP])
+        ddp = model if tier_grads and is_ddp(model) else None
+        if ddp is not None:
+            check_ddp(ddp)
+        elif tier_grads and self.world_size > 1:
+            # FSDP2 assigns its sharded gradients after reduce-scatter without an accumulate hook; other wrappers
+            # reduce after the hook fires
+            sharded = any(type(q).__name__ == "DTensor" for q in model.parameters())
+            raise ValueError("Manager: tier_grads=True under torch.distributed needs the model wrapped in "
+                             "DistributedDataParallel(..., gradient_as_bucket_view=True)"
+                             + (" (not FSDP2 yet: tier optimizer states only)" if sharded else ""))
+        if tier_params and self.world_size > 1:
+            raise ValueError("Manager: tier_params=True is not supported under torch.distributed yet (DDP and FSDP2 "
+                             "own the parameters' storage); leave it unset")
         if fallback not in ("raise", "minimum"):
             raise ValueError(f"fallback must be 'raise' or 'minimum', got {fallback!r}")
         self.fallback = fallback
@@ -371,19 +386,13 @@ class Manager:
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
             self.states = ManagedStates(optimizer, device=self.device, copy=self._copy, pool=self._pool,
-                                        nvme_dir=self.nvme_dir, io_workers=io_workers, model=self.root)
+                                        nvme_dir=self.nvme_dir, io_workers=io_workers, model=self.root,
+                                        ddp=ddp)
         self.optimizer = self.states.optimizer if self.states is not None else optimizer
         self.tier_grads = bool(tier_grads)
         if self.tier_grads and optimizer is None:
             raise ValueError("Manager: tier_grads=True needs optimizer= (gradients are tiered with their bucket's "
                              "optimizer step)")
-        if self.tier_grads and self.world_size > 1:
-            # DDP reduces a gradient after its accumulate hook fires, FSDP2 assigns sharded gradients without one
-            raise ValueError("Manager: tier_grads=True is not supported under torch.distributed yet (gradients "
-                             "would leave before they are reduced); tier optimizer states only")
-        if tier_params and self.world_size > 1:
-            raise ValueError("Manager: tier_params=True is not supported under torch.distributed yet (DDP and FSDP2 "
-                             "own the parameters' storage); leave it unset")
         if tier_params and optimizer is None:
             raise ValueError("Manager: tier_params=True needs optimizer= (parameters are planned with the optimizer's "
                              "states)")
