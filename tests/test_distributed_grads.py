@@ -26,6 +26,21 @@ def _net() -> nn.Module:
                          nn.Sequential(nn.Linear(32, 32), nn.Tanh()), nn.Linear(32, 4))
 
 
+class _Branchy(nn.Module):
+    """`_net()` plus a Linear only rank 1 uses (locally unused on rank 0) and one nobody uses."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.body = _net()
+        self.extra = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 4)
+        self.rank = rank
+
+    def forward(self, x):
+        y = self.body(x)
+        return y + self.extra(y) if self.rank == 1 else y
+
+
 def _ddp(model: nn.Module, **kw) -> nn.Module:
     # small buckets: several per model, so some hold tiered gradients only
     return nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, bucket_cap_mb=0.004, **kw)
@@ -128,7 +143,22 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str) -> No
         mgr.close()
         res["manager"]["left"] = os.listdir(d)
 
-        # 3. what stays unsupported: one-line errors
+        # 3. find_unused_parameters=True: a parameter one rank does not use, one no rank uses (both tiered)
+        ref = _ddp(_Branchy(rank), find_unused_parameters=True)
+        ref_opt = _adamw(ref.parameters())
+        _train(ref, ref_opt, xs, ys)
+        model = _ddp(_Branchy(rank), find_unused_parameters=True)
+        opt = GradTieredOptimizer(_adamw(model.parameters()), grads=StatePlacement(((0, 1, 2, 3, 8, 9, 10, 11),), ("nvme",)),
+                                  nvme_dir=d, ddp=model)
+        nones: list = []
+        _train(model, opt, xs, ys, clip=opt.clip_grad_norm_,
+               after_backward=lambda s: nones.append([p.grad is None for p in model.parameters()]))
+        res["unused"] = {"mismatches": _mismatches(ref, ref_opt, model, opt), "none": nones,
+                         "ref_none": [p.grad is None for p in ref.parameters()],
+                         "freed": opt.grads.reduction.peak_freed_bytes}
+        opt.close()
+
+        # 4. what stays unsupported: one-line errors
         errs = []
         for kw in ({"gradient_as_bucket_view": False}, {"gradient_as_bucket_view": True, "static_graph": True}):
             m = nn.parallel.DistributedDataParallel(_net(), **kw)
@@ -175,6 +205,13 @@ def test_ddp_tiered_grads_reduced_then_sent_down_equal_unmanaged(tmp_path):
         # the plan's tiered gradients leave tier 0 from the first optimizer step run wholly under it
         assert m["none"] == [0] + [m["none"][1]] * (STEPS - 1) and 0 < m["none"][1] < 8, m
         assert m["left"] == [], m
+        u = r["unused"]
+        assert u["mismatches"] == [], (i, u)
+        # every tiered gradient below after backward (rank 0's extra: DDP's reduced view of rank 1's gradient);
+        # the never-used Linear has none, as in unmanaged DDP
+        tiered = [True] * 4 + [False] * 4 + [True] * 4
+        assert u["none"] == [tiered] * STEPS, u["none"]
+        assert u["freed"] > 0, u
         assert len(r["errors"]) == 3 and all("\n" not in e for e in r["errors"]), r["errors"]
         assert "gradient_as_bucket_view=True" in r["errors"][0] and "static_graph=False" in r["errors"][1], r
         assert "tier_params" in r["errors"][2], r

@@ -104,7 +104,6 @@ class DDPReduction:
         check_ddp(ddp)
         self.ddp = ddp
         self.grads = grads
-        self._pending: list["_Grad"] = []
         self._queued = False
         # freed bucket storages: data_ptr -> (storage, bytes), and each tiered parameter's (by id)
         self._freed: dict[int, tuple[torch.UntypedStorage, int]] = {}
@@ -127,7 +126,6 @@ class DDPReduction:
             p.grad = acc
         if not getattr(self.ddp, "require_forward_param_sync", True):
             return  # a no_sync() backward: nothing is reduced, the gradient stays in p.grad
-        self._pending.append(g)
         if not self._queued:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._queue_after_finalize)
@@ -139,12 +137,13 @@ class DDPReduction:
     # ------------------------------------------------------------------ after DDP's finalize_backward
     @torch.no_grad()
     def _after_reduce(self) -> None:
-        pending, self._pending, self._queued = self._pending, [], False
+        self._queued = False
+        # every tiered gradient DDP left in p.grad: those whose hook ran in this backward, and those of parameters
+        # this rank did not use that another rank did (find_unused_parameters: DDP sets the reduced bucket view)
+        pending = [g for g in self.grads._grads.values() if g.param.grad is not None and g.rec is None]
         sent: dict[int, tuple[torch.UntypedStorage, int, int]] = {}  # param id -> (storage, its address, bytes)
         for g in pending:
             t = g.param.grad
-            if t is None or g.rec is not None:  # globally unused (DDP left it None), or already below
-                continue
             st = t.untyped_storage()
             sent[id(g.param)] = (st, st.data_ptr(), st.nbytes())  # (read before any storage is freed)
             # a compact copy goes down: the bucket's storage is freed below while an NVMe write may still run
