@@ -249,7 +249,13 @@ class Manager:
             in the plan] in trace/grads.py).  Clip them with
             `self.optimizer.clip_grad_norm_(params, max_norm)` (torch's
             `clip_grad_norm_` does not see a gradient that is not in
-            ``p.grad``); off by default for that reason.  Under torch.compile
+            ``p.grad``); off by default for that reason.  Under torch.distributed
+            the model must be wrapped in ``DistributedDataParallel(...,
+            gradient_as_bucket_view=True)`` (not ``static_graph``; FSDP2 not
+            yet): a tiered gradient leaves once DDP has reduced it, at the end
+            of the backward, and DDP's buckets that held only tiered gradients
+            are freed until the next backward ([Note: tiered gradients under
+            DDP] in runtime/ddp_grads.py).  Under torch.compile
             every gradient is tiered when the compiled step's split graphs with
             their saves offloaded do not fit (memstrata/compiled.py).
 

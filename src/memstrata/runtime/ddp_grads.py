@@ -70,12 +70,9 @@ for a power-of-two world size (tested with 2).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .grads import TieredGradients, _Grad
 
 __all__ = ["DDPReduction", "check_ddp", "is_ddp"]
 
@@ -100,7 +97,8 @@ def check_ddp(ddp: torch.nn.Module) -> None:
 class DDPReduction:
     """Sends `grads`' tiered gradients down once `ddp` has reduced them; frees DDP's buckets meanwhile."""
 
-    def __init__(self, ddp: torch.nn.Module, grads: "TieredGradients") -> None:
+    def __init__(self, ddp: torch.nn.Module, grads: Any) -> None:
+        # `grads`: the `TieredGradients` (runtime/grads.py) that owns this; its records are `_Grad`s
         check_ddp(ddp)
         self.ddp = ddp
         self.grads = grads
@@ -116,7 +114,7 @@ class DDPReduction:
 
     # ------------------------------------------------------------------ the hook (before DDP's for that gradient)
     @torch.no_grad()
-    def on_ready(self, g: "_Grad", p: torch.Tensor) -> None:
+    def on_ready(self, g: Any, p: torch.Tensor) -> None:
         self._grow(id(p))
         if g.rec is not None:  # a gradient of an earlier backward is below (no zero_grad since): accumulate
             acc = self.grads._bring(g)
