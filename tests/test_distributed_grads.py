@@ -1,7 +1,8 @@
-"""Tiered gradients under DistributedDataParallel (gloo, 2 ranks on localhost): reduced by DDP first, then sent
-down (host / NVMe) with DDP's bucket storage freed until the next backward; parameters and optimizer states equal
-(`torch.equal`) to unmanaged DDP after AdamW steps with 2-step accumulation (`no_sync`), clipping and an LR
-schedule ([Note: tiered gradients under DDP] in runtime/ddp_grads.py)."""
+"""Tiered gradients under DistributedDataParallel and FSDP2 (gloo, 2 ranks on localhost): reduced first, then sent
+down (host / NVMe), DDP's bucket storage freed until the next backward, FSDP2's reduce-scatter outputs freed with
+their last shard; parameters and optimizer states equal (`torch.equal`) to the unmanaged run after AdamW steps with
+2-step accumulation (`no_sync` / `set_requires_gradient_sync(False)`), clipping and an LR schedule
+([Note: tiered gradients under DDP], [Note: tiered gradients under FSDP2] in runtime/ddp_grads.py)."""
 
 from __future__ import annotations
 
@@ -215,3 +216,130 @@ def test_ddp_tiered_grads_reduced_then_sent_down_equal_unmanaged(tmp_path):
         assert len(r["errors"]) == 3 and all("\n" not in e for e in r["errors"]), r["errors"]
         assert "gradient_as_bucket_view=True" in r["errors"][0] and "static_graph=False" in r["errors"][1], r
         assert "tier_params" in r["errors"][2], r
+
+
+def _fsdp2(model: nn.Module) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    for m in list(model)[:-1]:
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _train_fsdp2(model, opt, xs, ys, *, step_ctx=None, clip=None, after_backward=None) -> None:
+    """As `_train`, the first micro-batch without gradient reduction (`set_requires_gradient_sync(False)`)."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
+    for s in range(STEPS):
+        for m in range(2):
+            model.set_requires_gradient_sync(m == 1)
+            inner = step_ctx(xs[m]) if step_ctx is not None else torch.enable_grad()
+            with inner:
+                nn.functional.mse_loss(model(xs[m]), ys[m]).backward()
+        if after_backward is not None:
+            after_backward(s)
+        (clip or nn.utils.clip_grad_norm_)(model.parameters(), 0.05)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
+def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str) -> None:
+    import torch.distributed as dist
+
+    from memstrata import Manager
+    from memstrata.plan.joint import joint_plan
+    from memstrata.runtime.grads import GradTieredOptimizer
+    from memstrata.runtime.states import StatePlacement
+    from memstrata.trace.states import state_buckets
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    res: dict = {}
+    try:
+        g = torch.Generator().manual_seed(100 + rank)
+        xs = [torch.randn(16, 12, generator=g) for _ in range(2)]
+        ys = [torch.randn(16, 4, generator=g) for _ in range(2)]
+
+        def mism(ref, ref_opt, model, opt):
+            out = [n for (n, a), (_, b) in zip(ref.named_parameters(), model.named_parameters())
+                   if not torch.equal(_local(a.detach()), _local(b.detach()))]
+            sa, sb = ref_opt.state_dict()["state"], opt.state_dict()["state"]
+            out += [f"state[{i}][{k}]" for i in sa for k, v in sa[i].items()
+                    if not torch.equal(_local(v), _local(sb[i][k]))]
+            return out
+
+        ref = _fsdp2(_net())
+        ref_opt = _adamw(ref.parameters())
+        _train_fsdp2(ref, ref_opt, xs, ys)
+
+        # 1. the runtime: the sharded gradients of the first three Linears below once reduce-scattered
+        model = _fsdp2(_net())
+        d = os.path.join(nvme_dir, f"rt{rank}")
+        os.makedirs(d)
+        opt = GradTieredOptimizer(_adamw(model.parameters()), StatePlacement(((2, 3),), ("nvme",)),
+                                  grads=StatePlacement(((0, 1), (2, 3), (4, 5)), ("host", "nvme", "host")), nvme_dir=d)
+        nones: list = []
+        held: list = []
+
+        def look(_s):
+            nones.append([p.grad is None for p in model.parameters()])
+            held.append(sorted({_local(p.grad).untyped_storage().nbytes() for p in model.parameters()
+                                if p.grad is not None}))
+
+        _train_fsdp2(model, opt, xs, ys, clip=opt.clip_grad_norm_, after_backward=look)
+        res["runtime"] = {"mismatches": mism(ref, ref_opt, model, opt), "none": nones, "held": held,
+                          "down": opt.grads.stats.bytes_down, "acc": opt.grads.stats.accumulations}
+        opt.close()
+        res["runtime"]["left"] = os.listdir(d)
+
+        # 2. the Manager, a forced plan that tiers gradients and states
+        model = _fsdp2(_net())
+        d = os.path.join(nvme_dir, f"mgr{rank}")
+        os.makedirs(d)
+
+        def forced(tr, h, b):
+            n = len(state_buckets(tr))
+            return joint_plan(tr, h, b, states=[("nvme", "dram", None)[i % 3] for i in range(n)],
+                              grads=[("nvme", None, "nvme")[i % 3] for i in range(n)])
+
+        mgr = Manager(model, budget="100%", nvme_dir=d, planner=forced, tier_grads=True,
+                      optimizer=_adamw(model.parameters()))
+        none: list = []
+        _train_fsdp2(model, mgr.optimizer, xs, ys, step_ctx=mgr.step, clip=mgr.optimizer.clip_grad_norm_,
+                     after_backward=lambda s: none.append(sum(p.grad is None for p in model.parameters())))
+        res["manager"] = {"mismatches": mism(ref, ref_opt, model, mgr.optimizer), "none": none,
+                          "grad_tiers": sorted({str(dd.grads) for dd in mgr.plan.states}),
+                          "down": mgr.optimizer.grads.stats.bytes_down}
+        mgr.close()
+        res["manager"]["left"] = os.listdir(d)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def test_fsdp2_tiered_sharded_grads_after_reduce_scatter_equal_unmanaged(tmp_path):
+    ranks = run_two_ranks(_fsdp2_worker, tmp_path)
+    for i, r in enumerate(ranks):
+        rt = r["runtime"]
+        assert rt["mismatches"] == [], (i, rt)
+        assert rt["none"] == [[True] * 6 + [False] * 2] * STEPS, rt["none"]
+        # what stays on tier 0 after backward: one reduce-scatter output, the root group's (this rank's shard
+        # of the last Linear: 2 of its 4 rows and 2 of its biases); the other groups' outputs went with their views
+        assert rt["held"] == [[4 * (2 * 32 + 2)]] * STEPS, rt["held"]
+        assert rt["down"] > 0 and rt["left"] == [], rt
+        m = r["manager"]
+        assert m["mismatches"] == [], (i, m)
+        assert m["grad_tiers"] == ["None", "nvme"], m
+        assert m["none"] == [0] + [m["none"][1]] * (STEPS - 1) and 0 < m["none"][1] < 8, m
+        assert m["down"] > 0 and m["left"] == [], m

@@ -251,11 +251,13 @@ class Manager:
             `clip_grad_norm_` does not see a gradient that is not in
             ``p.grad``); off by default for that reason.  Under torch.distributed
             the model must be wrapped in ``DistributedDataParallel(...,
-            gradient_as_bucket_view=True)`` (not ``static_graph``; FSDP2 not
-            yet): a tiered gradient leaves once DDP has reduced it, at the end
-            of the backward, and DDP's buckets that held only tiered gradients
-            are freed until the next backward ([Note: tiered gradients under
-            DDP] in runtime/ddp_grads.py).  Under torch.compile
+            gradient_as_bucket_view=True)`` (not ``static_graph``) or FSDP2's
+            ``fully_shard``: a tiered gradient leaves once reduced (DDP: at the
+            end of the backward, and DDP's buckets that held only tiered
+            gradients are freed until the next backward; FSDP2: this rank's
+            shard after its group's reduce-scatter; [Note: tiered gradients
+            under DDP], [Note: tiered gradients under FSDP2] in
+            runtime/ddp_grads.py).  Under torch.compile
             every gradient is tiered when the compiled step's split graphs with
             their saves offloaded do not fit (memstrata/compiled.py).
 
@@ -330,13 +332,11 @@ class Manager:
         ddp = model if tier_grads and is_ddp(model) else None
         if ddp is not None:
             check_ddp(ddp)
-        elif tier_grads and self.world_size > 1:
-            # FSDP2 assigns its sharded gradients after reduce-scatter without an accumulate hook; other wrappers
-            # reduce after the hook fires
-            sharded = any(type(q).__name__ == "DTensor" for q in model.parameters())
+        elif tier_grads and self.world_size > 1 and not any(type(q).__name__ == "DTensor" for q in model.parameters()):
+            # FSDP2 calls the post-accumulate-grad hooks of its sharded parameters after reduce-scatter (their
+            # gradients reduced: [Note: tiered gradients under FSDP2]); other wrappers reduce after the hook fires
             raise ValueError("Manager: tier_grads=True under torch.distributed needs the model wrapped in "
-                             "DistributedDataParallel(..., gradient_as_bucket_view=True)"
-                             + (" (not FSDP2 yet: tier optimizer states only)" if sharded else ""))
+                             "DistributedDataParallel(..., gradient_as_bucket_view=True) or FSDP2 (fully_shard)")
         if tier_params and self.world_size > 1:
             raise ValueError("Manager: tier_params=True is not supported under torch.distributed yet (DDP and FSDP2 "
                              "own the parameters' storage); leave it unset")

@@ -1,4 +1,4 @@
-"""Tiered gradients under DistributedDataParallel: reduced first, then sent down; DDP's buckets freed meanwhile.
+"""Tiered gradients under torch.distributed: reduced first, then sent down (DDP here; FSDP2 needs nothing more).
 
 `DDPReduction` is what `TieredGradients` hands a tiered gradient to when the
 model is wrapped in `DistributedDataParallel`: it lets DDP reduce the
@@ -66,6 +66,24 @@ Exactness across ranks: the reduction is DDP's; a gradient brought back and
 accumulated before a synced backward is scaled by DDP with ``mul(1/world)``
 where unmanaged DDP divides a bucket view in place (``div_(world)``): equal
 for a power-of-two world size (tested with 2).
+
+[Note: tiered gradients under FSDP2]
+FSDP2 (`fully_shard`) needs nothing of this module: its post-backward
+reduce-scatters a group's unsharded gradients, assigns each sharded
+parameter its reduced shard (a view of the group's reduce-scatter output;
+``grad._local_tensor += shard`` when a gradient is already there) and only
+then calls that parameter's post-accumulate-grad hooks (`foreach_reduce`
+in torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, torch 2.11 and
+2.14).  So `TieredGradients`' ordinary hook (runtime/grads.py) sees the
+reduced sharded DTensor gradient, sends this rank's shard down (`_Slot`
+keeps the DTensor's mesh and placements) and sets ``p.grad = None``; once
+every gradient of a group is gone, the group's reduce-scatter output is
+freed with its last view.  A backward under
+``set_requires_gradient_sync(False)`` reduces nothing and calls no hook: the
+unsharded gradients accumulate in FSDP2's own buffers as without memstrata.
+A gradient already below when a reduced one arrives (no `zero_grad()` in
+between) is brought back and added in place, the same add FSDP2 does.
+`clip_grad_norm_` runs torch's arithmetic over DTensor norms as torch does.
 """
 
 from __future__ import annotations
