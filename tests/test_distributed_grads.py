@@ -51,7 +51,7 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=3e-2, weight_decay=0.1, foreach=False)
 
 
-def _train(ddp, opt, xs, ys, *, step_ctx=None, clip=None, after_backward=None) -> None:
+def _train(ddp, opt, xs, ys, *, step_ctx=None, clip=None, after_backward=None, after_no_sync=None) -> None:
     """STEPS optimizer steps, each over 2 micro-batches (the first under no_sync)."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
     for s in range(STEPS):
@@ -61,6 +61,8 @@ def _train(ddp, opt, xs, ys, *, step_ctx=None, clip=None, after_backward=None) -
                 inner = step_ctx(xs[m]) if step_ctx is not None else torch.enable_grad()
                 with inner:
                     nn.functional.mse_loss(ddp(xs[m]), ys[m]).backward()
+            if m == 0 and after_no_sync is not None:
+                after_no_sync(s)
         if after_backward is not None:
             after_backward(s)
         (clip or nn.utils.clip_grad_norm_)(ddp.parameters(), 0.05)
@@ -106,7 +108,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str) -> No
         tiered = StatePlacement(((0, 1), (2, 3), (4, 5)), ("host", "nvme", "host"))
         opt = GradTieredOptimizer(_adamw(model.parameters()), StatePlacement(((2, 3),), ("nvme",)),
                                   grads=tiered, nvme_dir=d, ddp=model)
-        seen: dict = {"none": [], "freed": [], "resident": []}
+        seen: dict = {"none": [], "freed": [], "resident": [], "freed_no_sync": []}
         params = list(model.parameters())
 
         def look(_s):
@@ -114,7 +116,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str) -> No
             seen["freed"].append(opt.grads.reduction.freed_bytes)
             seen["resident"].append(sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None))
 
-        _train(model, opt, xs, ys, clip=opt.clip_grad_norm_, after_backward=look)
+        _train(model, opt, xs, ys, clip=opt.clip_grad_norm_, after_backward=look,
+               after_no_sync=lambda s: seen["freed_no_sync"].append(opt.grads.reduction.freed_bytes))
         res["runtime"] = {"mismatches": _mismatches(ref, ref_opt, model, opt), **seen,
                           "down": opt.grads.stats.bytes_down, "up": opt.grads.stats.bytes_up,
                           "nvme_written": opt.mover.store.bytes_written}
@@ -195,6 +198,8 @@ def test_ddp_tiered_grads_reduced_then_sent_down_equal_unmanaged(tmp_path):
         # through the last Linear's weight and bias gradients)
         first, second, third, last = 12 * 32 + 32, 32 * 32 + 32, 32 * 32 + 32, 32 * 4 + 4
         assert rt["freed"] == [0] + [4 * (first + second)] * (STEPS - 1), rt["freed"]
+        # a no_sync() backward writes no bucket: the freed ones stay freed through it
+        assert rt["freed_no_sync"] == [0, 0] + [4 * (first + second)] * (STEPS - 2), rt["freed_no_sync"]
         assert rt["resident"] == [2 * 4 * (first + second + third + last)] + [2 * 4 * (third + last)] * (STEPS - 1), rt
         assert rt["down"] > 0 and rt["up"] > 0 and rt["nvme_written"] > 0, rt
         assert rt["left"] == [], rt

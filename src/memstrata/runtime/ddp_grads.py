@@ -28,11 +28,14 @@ What we do instead, per synced backward:
    untouched: `torch.equal` to unmanaged DDP by construction), sends a
    compact copy down through the tier mover (the norm for
    `clip_grad_norm_` recorded first, as on one process), sets ``p.grad =
-   None``, and frees (`untyped_storage().resize_(0)`) every bucket storage
-   that holds only tiered gradients: with ``gradient_as_bucket_view=True``
+   None``, and, bucket by bucket (so tier 0 holds at most one bucket and its
+   copies at once, plus copies whose NVMe write has not landed), frees
+   (`untyped_storage().resize_(0)`) every bucket storage that holds only
+   tiered gradients: with ``gradient_as_bucket_view=True``
    ``p.grad`` is a view of DDP's bucket, which is where the memory is (a
    bucket of kept gradients stays: its views are the user's ``p.grad``).
-3. The next synced backward: the hook of each tiered parameter (it runs
+3. The next synced backward (a backward under `no_sync()` writes no
+   bucket: freed ones stay freed): the hook of each tiered parameter (it runs
    before DDP's hook for that parameter) gives the parameter's bucket
    storage its bytes back before DDP copies the new gradient into it, so a
    bucket is on tier 0 from its first gradient of the backward to the end
@@ -133,14 +136,16 @@ class DDPReduction:
     # ------------------------------------------------------------------ the hook (before DDP's for that gradient)
     @torch.no_grad()
     def on_ready(self, g: Any, p: torch.Tensor) -> None:
-        self._grow(id(p))
+        synced = getattr(self.ddp, "require_forward_param_sync", True)  # this backward's forward asked DDP to reduce
+        if synced:
+            self._grow(id(p))  # (a no_sync() backward writes no bucket: a freed one stays freed)
         if g.rec is not None:  # a gradient of an earlier backward is below (no zero_grad since): accumulate
             acc = self.grads._bring(g)
             acc.add_(p.grad)  # autograd's own accumulation: old += new
             self.grads.stats.accumulations += 1
             self.grads.stats.resident_bytes -= g.nbytes
             p.grad = acc
-        if not getattr(self.ddp, "require_forward_param_sync", True):
+        if not synced:
             return  # a no_sync() backward: nothing is reduced, the gradient stays in p.grad
         if not self._queued:
             self._queued = True
@@ -157,26 +162,34 @@ class DDPReduction:
         # every tiered gradient DDP left in p.grad: those whose hook ran in this backward, and those of parameters
         # this rank did not use that another rank did (find_unused_parameters: DDP sets the reduced bucket view)
         pending = [g for g in self.grads._grads.values() if g.param.grad is not None and g.rec is None]
-        sent: dict[int, tuple[torch.UntypedStorage, int, int]] = {}  # param id -> (storage, its address, bytes)
-        for g in pending:
-            t = g.param.grad
-            st = t.untyped_storage()
-            sent[id(g.param)] = (st, st.data_ptr(), st.nbytes())  # (read before any storage is freed)
-            # a compact copy goes down: the bucket's storage is freed below while an NVMe write may still run
-            self.grads._send_down(g, t.clone(memory_format=torch.contiguous_format))
-            g.param.grad = None
-        if not sent:
+        if not pending:
             return
-        kept = {p.grad.untyped_storage().data_ptr() for p in self.ddp.parameters() if p.grad is not None}
+        mine = {id(g.param) for g in pending}
+        kept = {p.grad.untyped_storage().data_ptr() for p in self.ddp.parameters()
+                if p.grad is not None and id(p) not in mine}
+        by_bucket: dict[int, list] = {}  # storage address -> its tiered gradients (read before any is freed)
+        storages: dict[int, tuple[torch.UntypedStorage, int]] = {}
+        for g in pending:
+            st = g.param.grad.untyped_storage()
+            by_bucket.setdefault(st.data_ptr(), []).append(g)
+            storages[st.data_ptr()] = (st, st.nbytes())
         self._note_rebuild()
-        for pid, (st, ptr, n) in sent.items():
+        # bucket by bucket, so tier 0 holds at most one bucket and its compact copies at a time (plus copies whose
+        # NVMe write has not landed yet)
+        for ptr, gs in by_bucket.items():
+            for g in gs:
+                # a compact copy goes down: the bucket's storage is freed below while an NVMe write may still run
+                self.grads._send_down(g, g.param.grad.clone(memory_format=torch.contiguous_format))
+                g.param.grad = None
+            st, n = storages[ptr]
             if ptr in kept or n == 0:
-                continue
+                continue  # a bucket that also holds kept gradients stays
             if ptr not in self._freed:
                 self._freed[ptr] = (st, n)
                 st.resize_(0)
                 self.freed_bytes += n
-            self._bucket_of[pid] = ptr
+            for g in gs:
+                self._bucket_of[id(g.param)] = ptr
         self.peak_freed_bytes = max(self.peak_freed_bytes, self.freed_bytes)
 
     # ------------------------------------------------------------------ buckets back
