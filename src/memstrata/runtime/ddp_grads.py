@@ -110,6 +110,9 @@ def check_ddp(ddp: torch.nn.Module) -> None:
         raise ValueError("memstrata: tier_grads=True under DDP needs DistributedDataParallel(..., "
                          "gradient_as_bucket_view=True) (the reduced gradients leave from DDP's buckets, whose "
                          "memory is freed until the next backward)")
+    if getattr(ddp, "_use_python_reducer", False):
+        raise ValueError("memstrata: tier_grads=True is not supported with DDP's python reducer (compiled DDP, "
+                         "torch._dynamo.config.optimize_ddp='python_reducer'); use DDP's default reducer")
     if getattr(ddp, "static_graph", False):
         raise ValueError("memstrata: tier_grads=True is not supported with DistributedDataParallel(static_graph="
                          "True); pass static_graph=False")
