@@ -143,7 +143,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str) -> No
         res["manager"] = {"mismatches": _mismatches(ref, ref_opt, model, mopt), "none": none,
                           "grad_tiers": sorted({str(dd.grads) for dd in mgr.plan.states}),
                           "modes": [s["mode"] for s in mgr.report()["steps"]],
-                          "down": mopt.grads.stats.bytes_down, "freed": mopt.grads.reduction.peak_freed_bytes}
+                          "down": mopt.grads.stats.bytes_down, "freed": mopt.grads.reduction.peak_freed_bytes,
+                          "at_end": mgr.trace.grads_at_backward_end}
         mgr.close()
         res["manager"]["left"] = os.listdir(d)
 
@@ -208,6 +209,7 @@ def test_ddp_tiered_grads_reduced_then_sent_down_equal_unmanaged(tmp_path):
         assert m["modes"] == ["warmup", "trace"] + ["managed"] * (2 * STEPS - 2), m  # one Manager step per micro-batch
         assert m["grad_tiers"] == ["None", "nvme"], m
         assert m["down"] > 0 and m["freed"] > 0, m
+        assert m["at_end"] is True, m  # the plan prices them as leaving at the end of the backward
         # the plan's tiered gradients leave tier 0 from the first optimizer step run wholly under it
         assert m["none"] == [0] + [m["none"][1]] * (STEPS - 1) and 0 < m["none"][1] < 8, m
         assert m["left"] == [], m
@@ -321,7 +323,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str)
                      after_backward=lambda s: none.append(sum(p.grad is None for p in model.parameters())))
         res["manager"] = {"mismatches": mism(ref, ref_opt, model, mgr.optimizer), "none": none,
                           "grad_tiers": sorted({str(dd.grads) for dd in mgr.plan.states}),
-                          "down": mgr.optimizer.grads.stats.bytes_down}
+                          "down": mgr.optimizer.grads.stats.bytes_down, "at_end": mgr.trace.grads_at_backward_end}
         mgr.close()
         res["manager"]["left"] = os.listdir(d)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -348,3 +350,4 @@ def test_fsdp2_tiered_sharded_grads_after_reduce_scatter_equal_unmanaged(tmp_pat
         assert m["grad_tiers"] == ["None", "nvme"], m
         assert m["none"] == [0] + [m["none"][1]] * (STEPS - 1) and 0 < m["none"][1] < 8, m
         assert m["down"] > 0 and m["left"] == [], m
+        assert m["at_end"] is False, m  # FSDP2: each group's gradients leave after its reduce-scatter

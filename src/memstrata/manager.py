@@ -330,6 +330,7 @@ class Manager:
         self.agree_plans = bool(agree_plans)
         # under DDP a tiered gradient leaves once DDP reduced it ([Note: tiered gradients under DDP])
         ddp = model if tier_grads and is_ddp(model) else None
+        self._ddp = ddp
         if ddp is not None:
             check_ddp(ddp)
         elif tier_grads and self.world_size > 1 and not any(type(q).__name__ == "DTensor" for q in model.parameters()):
@@ -514,6 +515,8 @@ class Manager:
                 trace = with_optimizer_phase(trace, self.states.state_bytes(),
                                              self.states.trace_step_seconds(self.hierarchy), self.states.dtypes())
                 trace = renumber_grads(trace, self.states.model_to_optimizer(self.root))
+                if self._ddp is not None:  # tiered gradients leave once DDP reduced them: at the backward's end
+                    trace = replace(trace, grads_at_backward_end=True)
             self._plan(st, trace)
             self._steps[-1].peak_bytes = st.trace.observed_peak
             self._steps[-1].peak_source = "tracer (all storages, observed)"
