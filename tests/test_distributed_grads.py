@@ -51,7 +51,8 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=3e-2, weight_decay=0.1, foreach=False)
 
 
-def _train(ddp, opt, xs, ys, *, step_ctx=None, clip=None, after_backward=None, after_no_sync=None) -> None:
+def _train(ddp, opt, xs, ys, *, step_ctx=None, clip=None, after_backward=None, after_no_sync=None,
+           after_step=None) -> None:
     """STEPS optimizer steps, each over 2 micro-batches (the first under no_sync)."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
     for s in range(STEPS):
@@ -69,6 +70,8 @@ def _train(ddp, opt, xs, ys, *, step_ctx=None, clip=None, after_backward=None, a
         opt.step()
         sched.step()
         opt.zero_grad()
+        if after_step is not None:
+            after_step(s)
 
 
 def _mismatches(ref, ref_opt, model, opt) -> list[str]:
@@ -351,3 +354,76 @@ def test_fsdp2_tiered_sharded_grads_after_reduce_scatter_equal_unmanaged(tmp_pat
         assert m["none"] == [0] + [m["none"][1]] * (STEPS - 1) and 0 < m["none"][1] < 8, m
         assert m["down"] > 0 and m["left"] == [], m
         assert m["at_end"] is False, m  # FSDP2: each group's gradients leave after its reduce-scatter
+
+
+def _one_rank_worker(rank: int, port: int, out_dir: str, device: str) -> None:
+    """DDP over one rank on `device` (gloo on CPU, NCCL on CUDA): the same mechanism, the device's copy paths."""
+    import torch.distributed as dist
+
+    from memstrata.runtime.grads import GradTieredOptimizer
+    from memstrata.runtime.states import StatePlacement
+
+    torch.set_num_threads(1)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+    res: dict = {}
+    try:
+        dev = torch.device(device)
+        g = torch.Generator().manual_seed(7)
+        xs = [torch.randn(16, 12, generator=g).to(dev) for _ in range(2)]
+        ys = [torch.randn(16, 4, generator=g).to(dev) for _ in range(2)]
+        kw = {"device_ids": [0]} if device == "cuda" else {}
+        allocated: dict = {}
+
+        def run(tiered: bool):
+            model = _ddp(_net().to(dev), **kw)
+            inner = _adamw(model.parameters())
+            opt = (GradTieredOptimizer(inner, grads=StatePlacement(((0, 1), (2, 3)), ("host", "host")), ddp=model)
+                   if tiered else inner)
+            seen: list = []
+
+            def look(_s):  # between steps: unmanaged DDP keeps its buckets, the tiered run freed two of them
+                if device == "cuda":
+                    torch.cuda.synchronize(dev)
+                seen.append(torch.cuda.memory_allocated(dev) if device == "cuda" else 0)
+
+            _train(model, opt, xs, ys, clip=opt.clip_grad_norm_ if tiered else None, after_step=look)
+            allocated["tiered" if tiered else "ref"] = seen
+            return model, opt
+
+        ref, ref_opt = run(False)
+        model, opt = run(True)
+        res = {"mismatches": _mismatches(ref, ref_opt, model, opt),
+               "freed": opt.grads.reduction.peak_freed_bytes, "allocated": allocated}
+        opt.close()
+        with open(os.path.join(out_dir, "rank0.json"), "w") as f:
+            json.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_ddp_one_rank_tiered_grads_equal_unmanaged(device, tmp_path):
+    """One rank (the GPU tier's case: one device, NCCL): tiered gradients through (pinned) host buffers equal
+    unmanaged DDP; on CUDA the freed buckets show in torch.cuda.memory_allocated between steps."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_one_rank_worker, args=(port, str(tmp_path), device), nprocs=1, join=True,
+                       start_method="spawn")
+    r = json.loads((tmp_path / "rank0.json").read_text())
+    assert r["mismatches"] == [], r
+    first, second = 12 * 32 + 32, 32 * 32 + 32
+    assert r["freed"] == 4 * (first + second), r
+    if device == "cuda":
+        ref, got = r["allocated"]["ref"], r["allocated"]["tiered"]
+        # from the second step on (after DDP's rebuild) the two freed buckets are missing (at least the larger one:
+        # the allocator's rounding and memstrata's own small tensors blur the smaller)
+        assert all(a - b >= 4 * second for a, b in zip(ref[1:], got[1:])), (ref, got)
