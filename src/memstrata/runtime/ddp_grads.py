@@ -126,7 +126,7 @@ class DDPReduction:
         check_ddp(ddp)
         self.ddp = ddp
         self.grads = grads
-        self._queued = False
+        self._queued = -1  # the autograd graph task whose end is queued
         # freed bucket storages: data_ptr -> (storage, bytes), and each tiered parameter's (by id)
         self._freed: dict[int, tuple[torch.UntypedStorage, int]] = {}
         self._bucket_of: dict[int, int] = {}
@@ -150,8 +150,9 @@ class DDPReduction:
             p.grad = acc
         if not synced:
             return  # a no_sync() backward: nothing is reduced, the gradient stays in p.grad
-        if not self._queued:
-            self._queued = True
+        task = torch._C._current_graph_task_id()  # once per backward (a backward that raised queued nothing)
+        if task != self._queued:
+            self._queued = task
             torch.autograd.Variable._execution_engine.queue_callback(self._queue_after_finalize)
 
     def _queue_after_finalize(self) -> None:
@@ -161,7 +162,6 @@ class DDPReduction:
     # ------------------------------------------------------------------ after DDP's finalize_backward
     @torch.no_grad()
     def _after_reduce(self) -> None:
-        self._queued = False
         # every tiered gradient DDP left in p.grad: those whose hook ran in this backward, and those of parameters
         # this rank did not use that another rank did (find_unused_parameters: DDP sets the reduced bucket view)
         pending = [g for g in self.grads._grads.values() if g.param.grad is not None and g.rec is None]
