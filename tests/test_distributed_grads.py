@@ -52,12 +52,13 @@ def _adamw(params):
 
 
 def _train(ddp, opt, xs, ys, *, step_ctx=None, clip=None, after_backward=None, after_no_sync=None,
-           after_step=None) -> None:
-    """STEPS optimizer steps, each over 2 micro-batches (the first under no_sync)."""
+           after_step=None, no_sync=True) -> None:
+    """STEPS optimizer steps, each over 2 micro-batches (the first under no_sync, unless `no_sync=False`: then
+    both are reduced and the second adds to the first's reduced gradient)."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
     for s in range(STEPS):
         for m in range(2):
-            ctx = ddp.no_sync() if m == 0 else torch.enable_grad()
+            ctx = ddp.no_sync() if m == 0 and no_sync else torch.enable_grad()
             with ctx:
                 inner = step_ctx(xs[m]) if step_ctx is not None else torch.enable_grad()
                 with inner:
@@ -375,7 +376,7 @@ def _one_rank_worker(rank: int, port: int, out_dir: str, device: str) -> None:
         kw = {"device_ids": [0]} if device == "cuda" else {}
         allocated: dict = {}
 
-        def run(tiered: bool):
+        def run(tiered: bool, no_sync: bool = True):
             model = _ddp(_net().to(dev), **kw)
             inner = _adamw(model.parameters())
             opt = (GradTieredOptimizer(inner, grads=StatePlacement(((0, 1), (2, 3)), ("host", "host")), ddp=model)
@@ -387,13 +388,19 @@ def _one_rank_worker(rank: int, port: int, out_dir: str, device: str) -> None:
                     torch.cuda.synchronize(dev)
                 seen.append(torch.cuda.memory_allocated(dev) if device == "cuda" else 0)
 
-            _train(model, opt, xs, ys, clip=opt.clip_grad_norm_ if tiered else None, after_step=look)
+            _train(model, opt, xs, ys, clip=opt.clip_grad_norm_ if tiered else None, after_step=look, no_sync=no_sync)
             allocated["tiered" if tiered else "ref"] = seen
             return model, opt
 
+        # two reduced backwards per step: the second adds to the first's reduced gradient (brought back from below)
+        ref, ref_opt = run(False, no_sync=False)
+        model, opt = run(True, no_sync=False)
+        twice = _mismatches(ref, ref_opt, model, opt)
+        accumulations = opt.grads.stats.accumulations
+        opt.close()
         ref, ref_opt = run(False)
         model, opt = run(True)
-        res = {"mismatches": _mismatches(ref, ref_opt, model, opt),
+        res = {"mismatches": _mismatches(ref, ref_opt, model, opt), "twice": twice, "accumulations": accumulations,
                "freed": opt.grads.reduction.peak_freed_bytes, "allocated": allocated}
         opt.close()
         with open(os.path.join(out_dir, "rank0.json"), "w") as f:
@@ -419,7 +426,8 @@ def test_ddp_one_rank_tiered_grads_equal_unmanaged(device, tmp_path):
     mp.start_processes(_one_rank_worker, args=(port, str(tmp_path), device), nprocs=1, join=True,
                        start_method="spawn")
     r = json.loads((tmp_path / "rank0.json").read_text())
-    assert r["mismatches"] == [], r
+    assert r["mismatches"] == [] and r["twice"] == [], r
+    assert r["accumulations"] == 4 * STEPS, r  # params 0-3, once per step
     first, second = 12 * 32 + 32, 32 * 32 + 32
     assert r["freed"] == 4 * (first + second), r
     if device == "cuda":
