@@ -278,3 +278,27 @@ def test_clipping_twice_before_the_step_is_torchs(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ref_norms, norms)) and float(norms[1]) < float(norms[0])
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
     opt.close()
+
+
+def test_tier_grads_under_distributed_needs_ddp_or_fsdp2_one_line():
+    """Ranks without a DDP / FSDP2 wrapper: gradients would leave unreduced; the error says what to wrap with (the
+    DDP and FSDP2 paths themselves: tests/test_distributed_grads.py)."""
+    from types import SimpleNamespace
+
+    from memstrata import Manager
+    from memstrata.runtime.ddp_grads import check_ddp
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"DistributedDataParallel\(\.\.\., gradient_as_bucket_view=True\) or FSDP2"):
+        Manager(model, optimizer=opt, tier_grads=True, rank=0, world_size=2)
+    mgr = Manager(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), tier_grads=True)  # one process
+    assert mgr.tier_grads
+    mgr.close()
+    for kw, what in (({"gradient_as_bucket_view": False}, "gradient_as_bucket_view=True"),
+                     ({"gradient_as_bucket_view": True, "static_graph": True}, "static_graph=False"),
+                     ({"gradient_as_bucket_view": True, "_use_python_reducer": True}, "python reducer")):
+        with pytest.raises(ValueError, match=what) as e:
+            check_ddp(SimpleNamespace(**kw))
+        assert "\n" not in str(e.value)
+    check_ddp(SimpleNamespace(gradient_as_bucket_view=True, static_graph=False))

@@ -71,6 +71,12 @@ def assert_same(ref_model, ref_opt, model, opt) -> None:
             assert torch.equal(v, w) if torch.is_tensor(v) else v == w, (i, k)
 
 
+def _roundtrip(tr):
+    from memstrata.trace.schema import Trace
+
+    return Trace.from_json(tr.to_json())
+
+
 def _traced(opt_kind: str = "sgd"):
     model = make_model()
     opt = make_opt(opt_kind, model.parameters())
@@ -93,6 +99,19 @@ def test_gradient_records_carry_the_optimizer_index_and_leave_tier0_when_final()
     assert out.observed_peak < tr.observed_peak
     with pytest.raises(ValueError, match="not a gradient"):
         tier_grads(tr, [next(s.id for s in tr.storages if s.kind == "parameter")])
+    # under DDP (the Manager sets grads_at_backward_end) they leave at the end of the backward, once reduced,
+    # and their copies down are exposed
+    from dataclasses import replace
+
+    from memstrata.trace.grads import grad_stall_seconds
+
+    ddp = tier_grads(replace(tr, grads_at_backward_end=True), sids)
+    assert {ddp.storages[sid].freed_after for sid in sids} == {tr.backward_end}
+    assert ddp.observed_peak > out.observed_peak
+    assert _roundtrip(ddp).grads_at_backward_end
+    h = profile("cpu")
+    decs = state_decisions(tr, h, "keep", None, "nvme")
+    assert grad_stall_seconds(ddp, h, decs)[0] > grad_stall_seconds(tr, h, decs)[0]
     # the Manager's trace (no optimizer step in it) numbers gradients by the model's order: renumbered
     swapped = renumber_grads(tr, {i: 7 - i for i in range(8)})
     assert sorted(grad_groups(swapped)) == list(range(8)) and grad_groups(swapped)[7] == groups[0]

@@ -63,6 +63,7 @@ from .hardware import Budget, Hierarchy, format_size, profile
 from .plan.tuning import Correct, Keep, Measure, Trial, TryNext, next_step, watch_verdict
 from .report import Report
 from .runtime.activations import ActivationRuntime
+from .runtime.ddp_grads import check_ddp, is_ddp
 from .runtime.managed_states import ManagedStates
 from .runtime.mover import Placement
 from .runtime.params import ParamTiering
@@ -248,7 +249,15 @@ class Manager:
             in the plan] in trace/grads.py).  Clip them with
             `self.optimizer.clip_grad_norm_(params, max_norm)` (torch's
             `clip_grad_norm_` does not see a gradient that is not in
-            ``p.grad``); off by default for that reason.  Under torch.compile
+            ``p.grad``); off by default for that reason.  Under torch.distributed
+            the model must be wrapped in ``DistributedDataParallel(...,
+            gradient_as_bucket_view=True)`` (not ``static_graph``) or FSDP2's
+            ``fully_shard``: a tiered gradient leaves once reduced (DDP: at the
+            end of the backward, and DDP's buckets that held only tiered
+            gradients are freed until the next backward; FSDP2: this rank's
+            shard after its group's reduce-scatter; [Note: tiered gradients
+            under DDP], [Note: tiered gradients under FSDP2] in
+            runtime/ddp_grads.py).  Under torch.compile
             every gradient is tiered when the compiled step's split graphs with
             their saves offloaded do not fit (memstrata/compiled.py).
 
@@ -319,6 +328,19 @@ class Manager:
         self.budget = Budget.parse(budget, max_percent=100.0)  # above 100% of the peak nothing is managed
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.agree_plans = bool(agree_plans)
+        # under DDP a tiered gradient leaves once DDP reduced it ([Note: tiered gradients under DDP])
+        ddp = model if tier_grads and is_ddp(model) else None
+        self._ddp = ddp
+        if ddp is not None:
+            check_ddp(ddp)
+        elif tier_grads and self.world_size > 1 and not any(type(q).__name__ == "DTensor" for q in model.parameters()):
+            # FSDP2 calls the post-accumulate-grad hooks of its sharded parameters after reduce-scatter (their
+            # gradients reduced: [Note: tiered gradients under FSDP2]); other wrappers reduce after the hook fires
+            raise ValueError("Manager: tier_grads=True under torch.distributed needs the model wrapped in "
+                             "DistributedDataParallel(..., gradient_as_bucket_view=True) or FSDP2 (fully_shard)")
+        if tier_params and self.world_size > 1:
+            raise ValueError("Manager: tier_params=True is not supported under torch.distributed yet (DDP and FSDP2 "
+                             "own the parameters' storage); leave it unset")
         if fallback not in ("raise", "minimum"):
             raise ValueError(f"fallback must be 'raise' or 'minimum', got {fallback!r}")
         self.fallback = fallback
@@ -371,19 +393,13 @@ class Manager:
             self._copy = CopyContext(self.device)
             self._pool = HostBufferPool(pin=self._copy.cuda)
             self.states = ManagedStates(optimizer, device=self.device, copy=self._copy, pool=self._pool,
-                                        nvme_dir=self.nvme_dir, io_workers=io_workers, model=self.root)
+                                        nvme_dir=self.nvme_dir, io_workers=io_workers, model=self.root,
+                                        ddp=ddp)
         self.optimizer = self.states.optimizer if self.states is not None else optimizer
         self.tier_grads = bool(tier_grads)
         if self.tier_grads and optimizer is None:
             raise ValueError("Manager: tier_grads=True needs optimizer= (gradients are tiered with their bucket's "
                              "optimizer step)")
-        if self.tier_grads and self.world_size > 1:
-            # DDP reduces a gradient after its accumulate hook fires, FSDP2 assigns sharded gradients without one
-            raise ValueError("Manager: tier_grads=True is not supported under torch.distributed yet (gradients "
-                             "would leave before they are reduced); tier optimizer states only")
-        if tier_params and self.world_size > 1:
-            raise ValueError("Manager: tier_params=True is not supported under torch.distributed yet (DDP and FSDP2 "
-                             "own the parameters' storage); leave it unset")
         if tier_params and optimizer is None:
             raise ValueError("Manager: tier_params=True needs optimizer= (parameters are planned with the optimizer's "
                              "states)")
@@ -499,6 +515,8 @@ class Manager:
                 trace = with_optimizer_phase(trace, self.states.state_bytes(),
                                              self.states.trace_step_seconds(self.hierarchy), self.states.dtypes())
                 trace = renumber_grads(trace, self.states.model_to_optimizer(self.root))
+                if self._ddp is not None:  # tiered gradients leave once DDP reduced them: at the backward's end
+                    trace = replace(trace, grads_at_backward_end=True)
             self._plan(st, trace)
             self._steps[-1].peak_bytes = st.trace.observed_peak
             self._steps[-1].peak_source = "tracer (all storages, observed)"

@@ -65,6 +65,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .ddp_grads import DDPReduction
 from .mover import Placement, Resident, TierMover
 from .nvme import NVMeStore
 from .pool import HostBufferPool
@@ -132,7 +133,7 @@ class TieredGradients:
     """
 
     def __init__(self, params: Sequence[torch.Tensor], placement: StatePlacement, mover: TierMover, *,
-                 norm_types: Sequence[float] = (2.0,)) -> None:
+                 norm_types: Sequence[float] = (2.0,), ddp: torch.nn.Module | None = None) -> None:
         self.mover = mover
         self.placement = placement
         self.norm_types = tuple(float(n) for n in norm_types)
@@ -153,6 +154,8 @@ class TieredGradients:
             self._grads[i] = g
             self._by_param[id(p)] = g
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        # under DDP a gradient leaves once reduced ([Note: tiered gradients under DDP] in ddp_grads.py)
+        self.reduction = DDPReduction(ddp, self) if ddp is not None and self._grads else None
 
     # ------------------------------------------------------------------ queries
     def tiered(self, index: int) -> bool:
@@ -172,6 +175,9 @@ class TieredGradients:
             return
         self.stats.hooks += 1
         g.consumed = False
+        if self.reduction is not None:
+            self.reduction.on_ready(g, p)
+            return
         if g.rec is not None:  # an earlier micro-step's gradient is below: bring it back and accumulate
             acc = self._bring(g)
             acc.add_(new)  # autograd's own accumulation: old += new ([Note: tiered gradients are exact])
@@ -371,6 +377,8 @@ class TieredGradients:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.reduction is not None:
+            self.reduction.close()
 
 
 class GradTieredOptimizer(TieredOptimizer):
@@ -383,8 +391,9 @@ class GradTieredOptimizer(TieredOptimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, placement: StatePlacement | Placement | str = "keep", *,
                  grads: StatePlacement | None = None, nvme_dir: str | os.PathLike | None = None,
                  mover: TierMover | None = None, norm_types: Sequence[float] = (2.0,),
-                 host_step: bool | None = None, **kw: Any) -> None:
+                 host_step: bool | None = None, ddp: torch.nn.Module | None = None, **kw: Any) -> None:
         grads = grads if grads is not None else StatePlacement((), ())
+        self._ddp = ddp  # gradients reduced by this DistributedDataParallel before they leave (ddp_grads.py)
         if not isinstance(placement, StatePlacement) and isinstance(optimizer, torch.optim.Optimizer):
             placement = StatePlacement.uniform(
                 [p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]], placement,
@@ -410,7 +419,7 @@ class GradTieredOptimizer(TieredOptimizer):
             self._own_mover = True
         self._norm_types = tuple(norm_types)
         self._seqs: dict[int, list[tuple[int, ...]]] = {}  # bucket order of the last step of each parity
-        self.grads = TieredGradients(self._param_list(), grads, self.mover, norm_types=norm_types)
+        self.grads = TieredGradients(self._param_list(), grads, self.mover, norm_types=norm_types, ddp=ddp)
         self.host: HostStepper | None = HostStepper(self.inner, host, pin=device.type == "cuda") if host else None
 
     # ------------------------------------------------------------------ host steps
@@ -451,7 +460,8 @@ class GradTieredOptimizer(TieredOptimizer):
         self._grads_tiered = any(t != Placement.KEEP for t in grads.tiers)
         self.grads.bring_all_back()
         self.grads.close()
-        self.grads = TieredGradients(self._param_list(), grads, self.mover, norm_types=self._norm_types)
+        self.grads = TieredGradients(self._param_list(), grads, self.mover, norm_types=self._norm_types,
+                                     ddp=self._ddp)
         self._rehost(self._want, grads)
 
     def set_placement(self, placement: StatePlacement) -> None:

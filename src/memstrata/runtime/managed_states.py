@@ -71,7 +71,7 @@ class ManagedStates:
     def __init__(self, optimizer: torch.optim.Optimizer, *, device: torch.device, copy: CopyContext,
                  pool: HostBufferPool, nvme_dir: str | os.PathLike | None = None,
                  io_workers: int | None = None, model: torch.nn.Module | None = None,
-                 defer: bool | None = None) -> None:
+                 defer: bool | None = None, ddp: torch.nn.Module | None = None) -> None:
         self.device = device
         self.nvme_dir = nvme_dir
         self.io_workers = io_workers
@@ -80,7 +80,7 @@ class ManagedStates:
         # With the model, NVMe buckets on a CPU tier 0 go through the arena ring and their updates (and the kept
         # buckets') are deferred to the next forward, as for TieredOptimizer(model=...) ([Note: deferred updates]).
         self.optimizer = GradTieredOptimizer(optimizer, placement=StatePlacement((), ()), mover=self.mover,
-                                             model=model, defer=defer)
+                                             model=model, defer=defer, ddp=ddp)
         self.step_seconds: list[float] = []
         self._t0: float | None = None
         self._stepping = False

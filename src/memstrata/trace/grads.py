@@ -22,6 +22,9 @@ Plain data in, plain data out, like trace/states.py.
   window; any other tiered bucket brings its gradients back with its states.  Gradients tiered
   while the states are kept come back to tier 0 for the kept step: one record
   of their bytes over the optimizer phase.
+* Under DDP (`Trace.grads_at_backward_end`) a tiered gradient leaves at the
+  end of the backward, once DDP has reduced it ([Note: tiered gradients
+  under DDP] in runtime/ddp_grads.py): freed there, its copy down exposed.
 * Time (`grad_stall_seconds`): the copies down overlap the rest of backward
   (exposed: what exceeds the backward compute); a host step costs the host's
   optimizer arithmetic (3x the gradient bytes + 2x the state bytes touched, at
@@ -102,6 +105,8 @@ def tier_grads(trace: Trace, storages: Iterable[int]) -> Trace:
         if s.kind != "gradient":
             raise ValueError(f"tier_grads: storage {sid} is a {s.kind}, not a gradient")
         end = max(ready[sid], s.producer if s.producer is not None else 0)
+        if trace.grads_at_backward_end:  # under DDP: sent down once reduced, at the end of the backward
+            end = max(end, trace.backward_end)
         sts[sid] = replace(s, freed_after=end, last_use=end, persistent=False)
     out = replace(trace, storages=tuple(sts))
     return replace(out, observed_peak=all_keep_peak(out))
@@ -146,6 +151,7 @@ def grad_stall_seconds(trace: Trace, hierarchy: Hierarchy,
             host += (3 * d.grad_nbytes + 2 * d.nbytes) / HOST_STEP_BANDWIDTH
             up = hierarchy.host_tier() or t
             upload += d.grad_nbytes / up.read_bandwidth + up.latency if up.read_bandwidth > 0 else 0.0
-    exposed = max(0.0, down - backward) + back + host + upload
+    # the copies down overlap the rest of backward, unless they start at its end (under DDP)
+    exposed = (down if trace.grads_at_backward_end else max(0.0, down - backward)) + back + host + upload
     return exposed, down + back, host
 

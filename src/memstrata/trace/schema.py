@@ -120,6 +120,9 @@ class Trace:
     # Modules whose own parameters the runtime can move off tier 0 between uses (runtime/params.py decides
     # which qualify: [Note: parameters in the plan] in trace/params.py); () = none, or a trace from before.
     param_modules: tuple[str, ...] = ()
+    # Tiered gradients leave tier 0 at the end of the backward, not at their ready event: under DDP they are
+    # sent down once DDP has reduced them ([Note: tiered gradients under DDP] in runtime/ddp_grads.py).
+    grads_at_backward_end: bool = False
 
     # ------------------------------------------------------------------ derived
     @property
