@@ -335,6 +335,34 @@ def test_manager_plans_and_trains_master_weights_bit_exact(states, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.filterwarnings("ignore:memstrata. budget")
+def test_manager_own_plan_with_tiered_gradients_is_bit_exact(tmp_path):
+    """No forced plan: a budget below the unmanaged peak; the planner sends the fp32 states (masters included) and
+    the bf16 gradients down, and training through `mgr.optimizer.clip_grad_norm_` stays bit-exact."""
+    ref_model, ref_opt = untiered()
+    model = make_model()
+    mgr = Manager(model, budget="75%", nvme_dir=tmp_path, optimizer=make_mw("adamw", model.parameters()),
+                  tier_grads=True)
+    opt = mgr.optimizer
+    train(model, opt, schedule(opt), 0, STEPS, ctx=mgr.step, clip=opt.clip_grad_norm_)
+    opt.flush()
+    assert_same_params(ref_model, model)
+    assert_same_state(ref_opt.state_dict(), opt.state_dict())
+    assert any(d.tier is not None for d in mgr.plan.states) and any(d.grads is not None for d in mgr.plan.states)
+    assert opt.grads.stats.bytes_down > 0 and opt.stats.bytes_read > 0
+    mgr.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_module_doctest():
+    import doctest
+
+    import memstrata.runtime.master as mod
+
+    failed, tried = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failed == 0
+
+
 # ---------------------------------------------------------------------------------------------- fresh process
 RESUME = """
 import sys, torch
