@@ -181,6 +181,8 @@ def test_one_line_errors():
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="MasterWeights itself"):
         MasterWeights(bf.parameters(), MasterWeights)
+    with pytest.raises(ValueError, match="one tensor"):
+        MasterWeights(bf[0].weight, torch.optim.AdamW)
 
 
 def test_factory_param_groups_add_param_group_and_in_process_load():

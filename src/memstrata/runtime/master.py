@@ -97,6 +97,9 @@ class MasterWeights(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], optimizer_class: Callable[..., torch.optim.Optimizer],
                  **defaults: Any) -> None:
+        if torch.is_tensor(params):
+            raise ValueError("MasterWeights: params must be an iterable of tensors or param groups, got one tensor "
+                             "(pass [tensor] or model.parameters())")
         if isinstance(params, torch.optim.Optimizer):
             raise ValueError("MasterWeights: pass the model's parameters and the optimizer class "
                              "(MasterWeights(model.parameters(), torch.optim.AdamW, lr=...)), not a built optimizer")
