@@ -285,6 +285,7 @@ def test_tiered_master_weights_are_bit_exact(case, tmp_path):
         below = [i for i, p in enumerate(params) if placement.tier_of(i) != Placement.KEEP]
         assert below and all("master" not in opt.inner.state[params[i]] for i in below)
         assert opt.stats.bytes_written > 0 and opt.stats.bytes_read > 0
+        assert opt.stats.resident_bytes == 0  # after flush(): no tiered state (master or moment) on tier 0
         if placement.tier_of(0) == Placement.NVME:  # CPU tier 0: NVMe buckets live in the arena ring's files
             assert opt._ring is not None
             in_files = {(e.indices[j], k) for e in opt._entries if e.file is not None for (j, k) in e.file.layout}
@@ -427,3 +428,69 @@ def test_state_dict_resumes_bit_exactly_in_a_fresh_process(tmp_path):
     assert_same_state(ref_opt.state_dict(), opt.state_dict())
     opt.close()
     assert os.listdir(tmp_path / "a") == [] and os.listdir(tmp_path / "b") == []
+
+
+# ---------------------------------------------------------------------------------------------- two ranks
+def _dist_worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str) -> None:
+    """DDP and FSDP2 (gloo, 2 ranks) with a bf16 model and MasterWeights under the Manager (states on NVMe, host
+    and kept), against the same without memstrata (test_distributed_states.py's harness)."""
+    import json
+
+    import torch.distributed as dist
+
+    from memstrata.trace.states import state_buckets
+    from test_distributed_states import _mismatches, _net, _train, _wrap
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    res = {}
+    try:
+        g = torch.Generator().manual_seed(100 + rank)
+        x, y = torch.randn(16, 12, generator=g).to(BF16), torch.randn(16, 4, generator=g).to(BF16)
+
+        def mixed(tr, h, b):
+            n = len(state_buckets(tr))
+            return joint_plan(tr, h, b, states=[("nvme", "dram", None)[i % 3] for i in range(n)])
+
+        for mode in ("ddp", "fsdp2"):
+            try:
+                ref = _wrap(mode, _net().to(BF16))
+                ref_opt = make_mw("adamw", ref.parameters())
+                _train(ref, ref_opt, x, y)
+                model = _wrap(mode, _net().to(BF16))
+                d = os.path.join(nvme_dir, f"{mode}{rank}")
+                os.makedirs(d)
+                mgr = Manager(model, budget="100%", nvme_dir=d, planner=mixed,
+                              optimizer=make_mw("adamw", model.parameters()))
+                _train(model, mgr.optimizer, x, y, step_ctx=mgr.step)
+                opt = mgr.optimizer
+                masters = [st["master"] for st in opt.state_dict()["state"].values()]
+                res[mode] = {"mismatches": _mismatches(ref, ref_opt, model, opt),
+                             "tiers": sorted({str(dd.tier) for dd in mgr.plan.states}),
+                             "masters": len(masters), "fp32": all(m.dtype == torch.float32 for m in masters),
+                             "nvme_written": opt.mover.store.bytes_written if opt.mover.store else 0}
+                mgr.close()
+                res[mode]["left"] = os.listdir(d)
+            except Exception as e:  # noqa: BLE001 - reported to the test
+                res[mode] = {"error": f"{type(e).__name__}: {e}"}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp2_master_weights_under_the_manager_equal_unmanaged(tmp_path):
+    from ranks import run_two_ranks
+
+    ranks = run_two_ranks(_dist_worker, tmp_path)
+    for i, r in enumerate(ranks):
+        for mode in ("ddp", "fsdp2"):
+            m = r[mode]
+            assert "error" not in m, (i, mode, m)
+            assert m["mismatches"] == [], (i, mode, m)
+            assert m["tiers"] == ["None", "dram", "nvme"] and m["nvme_written"] > 0, m
+            assert m["masters"] == 8 and m["fp32"] and m["left"] == [], m
