@@ -227,6 +227,21 @@ def test_expected_state_bytes_counts_the_fp32_master():
         expected_state_bytes(opt, w))
 
 
+def test_trace_step_records_the_master_as_an_optimizer_state():
+    """The tracer (trace/record.py: global optimizer-step hooks, which also see the private engine's step) numbers
+    each state by its parameter in MasterWeights' order: master + moments, 12 bytes per bf16 element."""
+    from memstrata.trace import trace_step
+    from memstrata.trace.states import state_groups
+
+    model = make_model()
+    opt = make_mw("adamw", model.parameters())
+    x, y = batch(0, 0)
+    for _ in range(2):  # the second step's trace sees the states made by the first
+        tr = trace_step(model, x, y, loss_fn=nn.functional.mse_loss, optimizer=opt)
+    assert [(g.param, g.nbytes) for g in state_groups(tr)] == [(i, 12 * p.numel())
+                                                              for i, p in enumerate(model.parameters())]
+
+
 # ---------------------------------------------------------------------------------------------- tiered
 PLACEMENTS = {
     "nvme": StatePlacement(((0,), (1,), (2,), (3,), (4, 5)), ("nvme",) * 5),
