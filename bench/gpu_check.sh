@@ -11,12 +11,15 @@
 #   call 1 (~330 s, caps 460 s): T_TESTS=120 T_PROBE=15 T_BENCH=170 T_CHECK=40 T_BENCH2=90 REPEATS=2 REPEATS2=1 \
 #       CONTENDERS=unmanaged,memstrata,checkpoint CONTENDERS2=unmanaged,memstrata,checkpoint RUN_TIMEOUT=50 \
 #       bench/gpu_check.sh tests probe bench check bench2
-#   call 2 (~300-500 s): T_STATES=230 T_PEERS=480 PEER_RUN_TIMEOUT=480 \
-#       S_CONTENDERS=unmanaged,memstrata,torchao_cpu_offload,deepspeed_zero_offload,fsdp2_cpu_offload \
+#   call 2 (~360-570 s): T_STATES=320 T_PEERS=480 PEER_RUN_TIMEOUT=480 \
+#       S_CONTENDERS=unmanaged,memstrata,memstrata_lowpeak,torchao_cpu_offload,memstrata_lowpeak_grads,torchao_cpu_offload_grads,deepspeed_zero_offload,fsdp2_cpu_offload \
 #       PEER_CONTENDERS=unmanaged,memstrata,compile,compile_memory_budget,memstrata_compile,trl_offload \
 #       bench/gpu_check.sh states peers
 #   (memstrata_compile recompiles ResNet-50 once per setting it tries, 1-3 settings: 2-6 min estimated; it runs
 #   after compile and compile_memory_budget, whose inductor cache it reuses.  If the lease is short, leave it out.)
+#   (2026-12-05 late: the states part gained the equal-peak pairs memstrata_lowpeak / torchao_cpu_offload and
+#   memstrata_lowpeak_grads / torchao_cpu_offload_grads, 3 new arms at ~15-25 s each: T_STATES 230 -> 320, call 2's
+#   estimate +60-70 s.  If the lease is short, leave fsdp2_cpu_offload out (no CUDA target).  Not measured on GPU.)
 # .whl (bench/gpu_wheels.sh makes it) for the image (torch 2.11.0+cu130, Python 3.12): torchao 0.17.0 (its extensions are built for torch
 # 2.11), trl 1.16.0 (transformers/accelerate are on the image), deepspeed 0.19.8 (py3 wheel built here from the
 # sdist: its CPU Adam is JIT-built there), hjson, pydantic 2.14 + pydantic-core (cp312), annotated-types,
@@ -86,7 +89,7 @@ BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
 T_TESTS="${T_TESTS:-60}"; T_PROBE="${T_PROBE:-20}"; T_BENCH="${T_BENCH:-210}"; T_BENCH2="${T_BENCH2:-120}"; T_DATA="${T_DATA:-0}"; T_CHECK="${T_CHECK:-40}"
 T_RECIPE="${T_RECIPE:-0}"; T_PEERS="${T_PEERS:-0}"; T_STATES="${T_STATES:-0}"
 S_MODEL="${S_MODEL:-gpt2-1.5b}"; S_BATCH="${S_BATCH:-4}"; S_SEQ="${S_SEQ:-1024}"; S_BUDGET="${S_BUDGET:-50%}"
-S_CONTENDERS="${S_CONTENDERS:-unmanaged,memstrata,torchao_cpu_offload,fsdp2_cpu_offload,deepspeed_zero_offload}"
+S_CONTENDERS="${S_CONTENDERS:-unmanaged,memstrata,memstrata_lowpeak,memstrata_lowpeak_grads,torchao_cpu_offload,torchao_cpu_offload_grads,fsdp2_cpu_offload,deepspeed_zero_offload}"
 S_STEPS="${S_STEPS:-3}"; S_WARMUP="${S_WARMUP:-2}"; S_MAX_S="${S_MAX_S:-12}"; S_RUN_TIMEOUT="${S_RUN_TIMEOUT:-90}"
 # Parts as arguments: `bench/gpu_check.sh tests bench recipe` runs only those (names: tests probe bench check
 # bench2 data recipe); without arguments the defaults above apply (data and recipe off).  A part asked for
@@ -252,9 +255,12 @@ part bench_peers "$T_PEERS" "$OUT/bench.log" \
     --log-dir "$LOGS/resnet50_peers" --json "$OUT/resnet50_peers.json" --plot "$OUT/resnet50_peers.png"
 
 # 7. Optimizer states (issue 12): a ~1.5B GPT-2 with AdamW (fp32 states: 12.5 GB) at a states budget of half
-#    of them (HBM over pinned host RAM), against the peers' CPU offload.  5 contenders x 1 repeat, 2 warm-up + 3
-#    timed steps, each run capped at 12 s of timed steps and 90 s in all (the model is built on the GPU); estimated
-#    ~110-160 s in all (bench/results/2026-12-05d-cpu-states/GPU_PART.md).  Not --quiet: a line per finished run.
+#    of them (HBM over pinned host RAM, updates deferred to the forward), against the peers' CPU offload; and the
+#    equal-peak pairs: memstrata_lowpeak (every state bucket in host RAM, deferred) vs torchao_cpu_offload, and
+#    memstrata_lowpeak_grads (gradients to host RAM too) vs torchao_cpu_offload_grads.  8 contenders x 1 repeat,
+#    2 warm-up + 3 timed steps, each run capped at 12 s of timed steps and 90 s in all (the model is built on the
+#    GPU); estimated ~170-240 s in all (bench/results/2026-12-05d-cpu-states/GPU_PART.md plus ~20 s per new arm).
+#    Not --quiet: a line per finished run.
 #    DeepSpeed's CPU Adam is JIT-built in the background from the bench's start.  Not measured on GPU yet.
 part states "$T_STATES" "$OUT/bench.log" \
     "${BENCH[@]}" --model "$S_MODEL" --device "${DEVICE:-cuda}" --batch "$S_BATCH" --seq "$S_SEQ" \

@@ -413,6 +413,10 @@ def test_plan_models_deferred_updates():
     assert inside.stall_seconds == pytest.approx(inside.io_seconds - 0.02)
     assert deferred.stall_seconds == pytest.approx(inside.io_seconds - 0.035)
     assert "deferred to the next forward" in deferred.describe()
+    assert "buckets on NVMe" in deferred.describe()
+    host = plan_states([1 << 17] * 64, forward_seconds=0.015, below="host RAM", **kw)  # PCIe below HBM (CUDA)
+    assert host.tiers == deferred.tiers and "buckets on host RAM" in host.describe()
+    assert "NVMe" not in host.describe()
 
 
 def test_plan_infeasible_budget_is_one_line():

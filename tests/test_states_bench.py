@@ -80,20 +80,39 @@ def test_state_bench_bf16_master_weights_worker_is_exact_and_within_budget(tmp_p
     arms; memstrata's plan counts the masters and tiers them with the moments, losses bitwise equal."""
     cfg = config_from_args(args("--model", "gpt2-tiny", "--budget", "50%", "--precision", "bf16", "--device", "cpu",
                                 "--nvme", str(tmp_path)))
-    assert cfg.precision == "bf16" and cfg.contenders == ["unmanaged", "memstrata"]
+    assert cfg.precision == "bf16" and cfg.contenders == ["unmanaged", "memstrata", "memstrata_lowpeak",
+                                                          "memstrata_lowpeak_grads"]
     assert cfg.budget_bytes == state_bytes("gpt2-tiny", "bf16") // 2 == 12 * gpt2.param_count("gpt2-tiny") // 2
     with pytest.raises(BenchInputError, match="--precision"):
         config_from_args(args("--model", "gpt2-tiny", "--precision", "fp8", "--device", "cpu"))
     budget = int(state_bytes("gpt2-tiny", "bf16") * 0.75)
-    specs = [spec(n, tmp_path, budget) for n in ("unmanaged", "memstrata", "fsdp2_cpu_offload")]
+    specs = [spec(n, tmp_path, budget) for n in ("unmanaged", "memstrata", "fsdp2_cpu_offload", "memstrata_lowpeak")]
     for s in specs:
         s.precision = "bf16"
-    ref, got, peer = (run_states(s) for s in specs)
-    assert ref["status"] == got["status"] == "ok", (ref.get("reason"), got.get("reason"))
+    ref, got, peer, low = (run_states(s) for s in specs)
+    assert ref["status"] == got["status"] == low["status"] == "ok", (ref.get("reason"), got.get("reason"))
     assert peer["status"] == "skipped" and "--precision bf16" in peer["reason"]
-    assert got["losses"] == ref["losses"] and len(got["losses"]) == 3  # bitwise, step for step
+    assert got["losses"] == ref["losses"] == low["losses"] and len(got["losses"]) == 3  # bitwise, step for step
     assert ref["state_peak_bytes"] == state_bytes("gpt2-tiny", "bf16") == ref["state_bytes_total"]
     assert got["state_peak_bytes"] <= budget and got["notes"]["nvme_bytes_per_step"] > 0
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["memstrata_lowpeak", "memstrata_lowpeak_grads"])
+def test_state_bench_worker_lowpeak_is_exact_with_a_window_of_buckets(name, tmp_path):
+    """[Note: the low-peak arm]: every bucket below (NVMe files on a CPU), deferred: losses equal unmanaged's bit
+    for bit, the state peak a window of buckets whatever the budget; memstrata_lowpeak_grads sends the gradients
+    below too (stepped inside step(), no deferral; on a CPU the same kernels: still exact)."""
+    total = state_bytes("gpt2-tiny")
+    ref = run_states(spec("unmanaged", tmp_path, total))
+    got = run_states(spec(name, tmp_path, total))
+    assert ref["status"] == got["status"] == "ok", (ref.get("reason"), got.get("reason"))
+    assert got["losses"] == ref["losses"] and len(got["losses"]) == 3
+    largest = max(p.numel() for p in gpt2.build("gpt2-tiny", torch.device("cpu")).parameters()) * 8
+    assert largest < total // 4 and 0 < got["state_peak_bytes"] <= 3 * largest  # the ring: 3 arenas, the
+    # largest bucket (the tied embedding's states) each, of 32 buckets
+    n = got["notes"]
+    assert "every bucket" in n["plan"] and n["nvme_bytes_per_step"] > 0 and n["deferred"] == (name == "memstrata_lowpeak")
     assert os.listdir(tmp_path) == []
 
 
@@ -120,6 +139,23 @@ def test_gpu_state_bench_worker_memstrata_is_exact_and_within_budget(tmp_path):
     assert got["losses"] == ref["losses"] and len(got["losses"]) == 3
     assert 0 < got["state_peak_bytes"] <= budget < ref["state_peak_bytes"]
     assert got["notes"]["nvme_bytes_per_step"] > 0 and got["notes"]["arena_bytes"] == 0  # host buffers, no ring
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_state_bench_worker_lowpeak_is_exact_on_a_window_of_host_buckets(tmp_path):
+    """[Note: the low-peak arm] on CUDA: every bucket in pinned host RAM, deferred to the forward; losses equal
+    unmanaged's bit for bit; at most a few buckets' states on HBM."""
+    import dataclasses
+
+    total = state_bytes("gpt2-tiny")
+    ref = run_states(dataclasses.replace(spec("unmanaged", tmp_path, total), device="cuda"))
+    got = run_states(dataclasses.replace(spec("memstrata_lowpeak", tmp_path, total), device="cuda"))
+    assert ref["status"] == got["status"] == "ok", (ref.get("reason"), got.get("reason"))
+    assert got["losses"] == ref["losses"] and len(got["losses"]) == 3
+    largest = max(p.numel() for p in gpt2.build("gpt2-tiny", torch.device("cpu")).parameters()) * 8
+    assert 0 < got["state_peak_bytes"] <= 4 * largest < total  # the bucket applied + 3 read ahead, none larger
+    assert "host RAM" in got["notes"]["plan"] and got["notes"]["arena_bytes"] == 0
 
 
 def test_state_bench_peer_that_cannot_run_says_why(tmp_path):

@@ -101,10 +101,12 @@ def check_bit_exact(kind: str, placement: str, tmp_path, device: str = "cpu") ->
                   planner=planner)
     train(model, mgr.optimizer, step_ctx=mgr.step, kind=kind)
     opt = mgr.optimizer
-    if placement in ("nvme", "mixed"):
-        # the arena ring and deferred updates, as TieredOptimizer(model=...) ([Note: deferred updates]): the last
-        # step's updates wait for the next forward; every earlier one ran in a forward
-        assert opt._ring is not None and opt._defer and opt._npending == len(opt._use_order) > 0
+    if placement != "kept":
+        # the arena ring (NVMe on a CPU) and deferred updates, as TieredOptimizer(model=...) ([Note: deferred
+        # updates]; host buckets, and NVMe ones on CUDA: [Note: deferred host buckets]): the last step's updates
+        # wait for the next forward; every earlier one ran in a forward
+        assert (opt._ring is not None) == (placement in ("nvme", "mixed") and device == "cpu")
+        assert opt._defer and opt._npending == len(opt._use_order) > 0
         assert opt.stats.deferred_updates >= len(opt._use_order)
         opt.flush()
     assert_same(ref_model, ref_opt, model, mgr.optimizer)
@@ -206,6 +208,35 @@ def test_planned_trace_models_the_state_window():
     assert pt.bytes_at_start < tr.bytes_at_start - total + win[0].nbytes
     with pytest.raises(ValueError, match="unknown tier"):
         state_decisions(tr, h, "hbm")
+
+
+def test_deferred_updates_below_a_device_are_priced_against_the_forward_too():
+    """[Note: optimizer states as trace records]: on a device hierarchy with every gradient kept, the moved buckets'
+    copies overlap the forward too (the runtime defers their updates there), and the forward holds a window of two
+    buckets; with gradients tiered, or on a CPU hierarchy, priced as before."""
+    from memstrata.trace.states import (STATE_WINDOW_MODULE, deferred_forward_seconds, defers_updates,
+                                        moved_state_bytes, placement_stall_seconds, state_stall_seconds)
+
+    h = profile("h200")
+    tr, _ = _toy_trace()
+    dec = state_decisions(tr, h, "dram")
+    fwd = sum(op.duration for op in tr.ops if op.phase == "forward")
+    assert defers_updates(h, dec) and deferred_forward_seconds(tr, h, dec) == fwd > 0
+    moved = moved_state_bytes(h, dec)
+    stall, _ = placement_stall_seconds(tr, h, dec)
+    assert stall == state_stall_seconds(tr, h, moved, fwd)[0] < state_stall_seconds(tr, h, moved)[0]
+    pt = planned_trace(tr, dec, h)
+    first = next(op.index for op in tr.ops if op.phase == "forward")
+    win = [s for s in pt.storages[len(tr.storages):] if s.module == STATE_WINDOW_MODULE and s.producer == first]
+    sizes = [d.nbytes for d in dec]
+    assert len(win) == 1 and win[0].nbytes == max(sum(sizes[k:k + 2]) for k in range(len(sizes)))
+    with_grads = state_decisions(tr, h, "dram", grads="dram")
+    assert not defers_updates(h, with_grads) and deferred_forward_seconds(tr, h, with_grads) == 0.0
+    assert not defers_updates(profile("cpu"), state_decisions(tr, profile("cpu"), "nvme"))  # CPU: unchanged
+    # a budget the states must leave half of: the joint plan sends some down, its predicted peak within budget
+    states = sum(d.nbytes for d in dec)
+    tight = joint_plan(tr, h, tr.observed_peak - states // 2, tier_params=False)
+    assert any(d.tier == "dram" for d in tight.states) and dict(tight.predicted_peaks)["hbm"] <= tight.budget
 
 
 def test_plan_json_without_states_still_loads():

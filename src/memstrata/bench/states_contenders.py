@@ -10,13 +10,21 @@ size, or a percentage of the AdamW states (8 bytes per parameter).
 - ``unmanaged``: plain AdamW; every state on the fast tier.
 - ``memstrata``: `TieredOptimizer` over the same AdamW, placement from
   `plan_states` for the budget, the probed NVMe bandwidths and the measured
-  optimizer-step time of the first (untimed) step.  On a CPU its NVMe
-  buckets' updates are deferred to the next forward (``model=``, the
-  library's default with a model; [Note: deferred updates] in
-  runtime/deferred.py), planned with a timed forward as extra overlap;
-  ``MEMSTRATA_STATES_DEFER=0`` turns that off for an A/B run.
+  optimizer-step time of the first (untimed) step.  Its tiered buckets'
+  updates (NVMe on a CPU, pinned host RAM on CUDA) are deferred to the next
+  forward (``model=``, the library's default with a model; [Note: deferred
+  updates] and [Note: deferred host buckets] in runtime/deferred.py),
+  planned with a timed forward as extra overlap; ``MEMSTRATA_STATES_DEFER=0``
+  turns that off for an A/B run.
+- ``memstrata_lowpeak``: the same `TieredOptimizer` with every bucket below
+  the fast tier whatever the budget (pinned host RAM on CUDA, NVMe files on
+  a CPU), deferred as above: the state peak is a window of a few buckets,
+  to compare with torchao at equal or lower peak ([Note: the low-peak
+  arm]); ``memstrata_lowpeak_grads``: the gradients below too.
 - ``torchao_cpu_offload``: torchao's `CPUOffloadOptimizer(params, AdamW)`
   (states and the step on the host; CUDA/XPU only: it asserts otherwise).
+  ``torchao_cpu_offload_grads``: the same with ``offload_gradients=True``
+  (the gradients leave the device too: torchao's lowest peak).
 - ``fsdp2_cpu_offload``: `fully_shard` per block and at the root with
   `CPUOffloadPolicy` on a one-rank process group (gloo on CPU, nccl on CUDA);
   parameters, gradients and states live on the host.
@@ -39,6 +47,29 @@ line per phase and step (build, prepare, each step).
 Each runs in its own worker process (`memstrata.bench.worker` dispatches here
 for GPT-2 models).  A peer that refuses this machine reports its own error as
 the reason ("needs CUDA: ..."), one that is missing "not installed: ...".
+
+[Note: the low-peak arm]
+torchao's `CPUOffloadOptimizer` keeps no optimizer state on the device (its
+state peak is ~0: only the small parameters it leaves on the GPU), so
+``memstrata`` at a budget of half the states is not an equal-peak comparison.
+``memstrata_lowpeak`` puts every state bucket below (budget ignored; buckets
+of at most 64 MiB of states, at least 32 of them), read ahead one bucket
+and written behind around the forward, so at most two buckets' states are
+on the device at once.  A bucket is never smaller than one parameter: GPT-2's
+tied embedding alone has 50257 x d states (643 MB for gpt2-1.5b, 309 MB for
+gpt2-124m), so on CUDA the state peak is that bucket plus one more (at the
+forward's start, where the embedding's update is applied and activations
+are few; nothing is read ahead during backward, where the process peaks),
+against torchao's ~0 states on the device.  On a CPU the NVMe ring's three
+arenas are each as large as that bucket (~0.9 GB for gpt2-124m): the arm is
+meant for CUDA.  Gradients stay on the device (as torchao's
+default, ``offload_gradients=False``): the updates stay bit-exact with
+clipping.  ``memstrata_lowpeak_grads`` also sends the gradients down when
+final (`GradTieredOptimizer`; on CUDA the buckets then step on the host, as
+torchao's do): the peak of ``torchao_cpu_offload_grads``, no deferral (a
+tiered gradient is gone by the next forward), not bit-exact on CUDA (CPU
+kernels).  Pairs at equal peak: memstrata_lowpeak / torchao_cpu_offload,
+memstrata_lowpeak_grads / torchao_cpu_offload_grads.  Not measured on GPU.
 
 [Note: steal while the disk is busy]
 On the CPU box (a 2-vCPU VM whose disk is virtio) the hypervisor takes ~31%
@@ -78,9 +109,11 @@ from .failures import is_oom, one_line
 from .spec import RunSpec
 from .timing import timed_steps
 
-STATES_CONTENDERS = ("unmanaged", "memstrata", "torchao_cpu_offload", "fsdp2_cpu_offload", "deepspeed_zero_offload")
+STATES_CONTENDERS = ("unmanaged", "memstrata", "memstrata_lowpeak", "memstrata_lowpeak_grads", "torchao_cpu_offload",
+                     "torchao_cpu_offload_grads", "fsdp2_cpu_offload", "deepspeed_zero_offload")
 STATE_BYTES_PER_PARAM = 8  # AdamW fp32: exp_avg + exp_avg_sq
 PRECISIONS = {"fp32": 8, "bf16": 12}  # state bytes per parameter: bf16 parameters add the fp32 master (MasterWeights)
+MASTER_WEIGHT_ARMS = ("unmanaged", "memstrata", "memstrata_lowpeak", "memstrata_lowpeak_grads")  # --precision bf16
 # CPU: 256 tokens per step (was 64, bench/results/2026-12-05c-cpu-states/README.md): the state I/O per step is
 # fixed by the model, the compute grows with the tokens; 64 measured the disk more than training (GPT-2 trains
 # at 1024), 256 keeps gpt2-350m's 3-repeat run near 10 minutes on the CPU box.  Two warm-up steps: with
@@ -125,7 +158,8 @@ def make_adamw(params, device: torch.device, precision: str) -> torch.optim.Opti
 
 def states_skip_reason(name: str, device: str) -> str | None:
     """Why `name` cannot run here, known before starting a worker (None: try it)."""
-    mod = {"torchao_cpu_offload": "torchao", "deepspeed_zero_offload": "deepspeed"}.get(name)
+    mod = {"torchao_cpu_offload": "torchao", "torchao_cpu_offload_grads": "torchao",
+           "deepspeed_zero_offload": "deepspeed"}.get(name)
     if mod and importlib.util.find_spec(mod) is None:
         return f"not installed: {mod} is not importable in this environment (pip install {mod})"
     if name == "deepspeed_zero_offload" and device != "cuda":
@@ -226,7 +260,9 @@ class Memstrata(_Base):
             # [Note: states on CUDA] HBM over pinned host RAM: the buckets the planner sends down go to
             # the host tier (planned with its PCIe bandwidth), not to files.  Not measured on GPU yet.
             host = hier.host_tier()
-            kw = dict(read_bandwidth=host.read_bandwidth, write_bandwidth=host.write_bandwidth)
+            kw = dict(read_bandwidth=host.read_bandwidth, write_bandwidth=host.write_bandwidth, below="host RAM")
+            if self.defer:  # [Note: deferred host buckets]: the copies overlap the next forward
+                kw["forward_seconds"] = self._forward_seconds()
         else:
             if self.spec.nvme_read_bw and self.spec.nvme_write_bw:  # `memstrata probe` of the NVMe directory
                 kw = dict(read_bandwidth=self.spec.nvme_read_bw, write_bandwidth=self.spec.nvme_write_bw)
@@ -248,7 +284,7 @@ class Memstrata(_Base):
     def defer(self) -> bool:
         """Deferred updates ([Note: deferred updates] in runtime/deferred.py): on, as in the library, unless
         MEMSTRATA_STATES_DEFER=0 (an A/B switch for the bench)."""
-        return self.device.type == "cpu" and os.environ.get("MEMSTRATA_STATES_DEFER", "1") != "0"
+        return os.environ.get("MEMSTRATA_STATES_DEFER", "1") != "0"
 
     def _forward_seconds(self) -> float:
         """The fastest of two forwards (no grad) of the bench's batch: the compute deferred updates overlap."""
@@ -257,8 +293,10 @@ class Memstrata(_Base):
         best = float("inf")
         with torch.no_grad():
             for _ in range(2):
+                sync_now(self.device)
                 t = time.perf_counter()
                 self.model(idx.clamp_(max=c.vocab - 1))
+                sync_now(self.device)
                 best = min(best, time.perf_counter() - t)
         return best
 
@@ -298,7 +336,7 @@ class Memstrata(_Base):
         med = {k: statistics.median(d[k] for d in timed) for k in (timed[0] if timed else {})}
         out = {"plan": self.plan.describe(), "predicted_opt_step_s": self.plan.predicted_seconds,
                "predicted_stall_s": self.plan.stall_seconds, "planned_step_compute_s": self.plan.step_seconds,
-               "planned_io_s": self.plan.io_seconds, "ring": self.plan.window, "deferred": self.defer,
+               "planned_io_s": self.plan.io_seconds, "ring": self.plan.window, "deferred": bool(self.opt._defer),
                "planned_forward_s": self.plan.forward_seconds,
                "nvme_bytes_per_step": (s.bytes_read + s.bytes_written) / steps,
                "reads_waited_s_per_step": s.reads_waited_s / steps, "writes_waited_s_per_step": s.writes_waited_s / steps,
@@ -317,8 +355,80 @@ class Memstrata(_Base):
             self.opt.close(keep_states=False)
 
 
+class MemstrataLowPeak(Memstrata):
+    """Every state bucket below the fast tier, deferred ([Note: the low-peak arm])."""
+
+    name = "memstrata_lowpeak"
+    tier_grads = False  # memstrata_lowpeak_grads: the gradients below too, when final
+
+    def prepare(self) -> None:
+        from memstrata.runtime.grads import GradTieredOptimizer
+        from memstrata.runtime.states import StatePlacement, TieredOptimizer
+
+        _Base.prepare(self)
+        self.inner = self.opt
+        self.per_step = []
+        params = [p for g in self.inner.param_groups for p in g["params"]]
+        nbytes = [p.numel() * PRECISIONS[self.spec.precision] for p in params]
+        bucket = min(64 << 20, max(64 << 10, sum(nbytes) // 32))
+        tier = "host" if self.device.type == "cuda" else "nvme"
+        u = StatePlacement.uniform(nbytes, tier, bucket)
+        # three buckets read ahead (<= 192 MiB): a 64 MiB bucket's copy up (~1.3 ms at PCIe 5) against one
+        # Linear's forward (~1-2 ms for gpt2-1.5b) leaves one bucket of read ahead too little slack
+        placement = StatePlacement(u.buckets, u.tiers, prefetch_depth=3 if self.device.type == "cuda" else 1)
+        self.plan = _LowPeakPlan(placement.buckets, tuple(placement.tiers), tier, self.tier_grads)
+        if self.tier_grads:
+            self.opt = GradTieredOptimizer(self.inner, placement, grads=placement, nvme_dir=self.spec.nvme_dir,
+                                           model=self.model if self.defer else None)
+        else:
+            self.opt = TieredOptimizer(self.inner, placement, nvme_dir=self.spec.nvme_dir,
+                                       model=self.model if self.defer else None)
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        if not self.tier_grads:
+            return super().step(idx)
+        before = self._counters()
+        logits = self.model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+        loss.backward()
+        self.opt.clip_grad_norm_(list(self.parameters()), 1.0)  # sees the tiered gradients
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        after = self._counters()
+        self.per_step.append({k: after[k] - before[k] for k in after})
+        return loss.detach()
+
+    def state_peak_bytes(self) -> int:
+        s = self.opt.stats
+        return s.arena_bytes + (s.peak_resident_bytes if not s.arena_bytes else 0)
+
+
+class MemstrataLowPeakGrads(MemstrataLowPeak):
+    """`memstrata_lowpeak` with the gradients below too ([Note: the low-peak arm])."""
+
+    name = "memstrata_lowpeak_grads"
+    tier_grads = True
+
+
+class _LowPeakPlan:
+    """What `Memstrata.notes` reads from a plan, for the low-peak arm's fixed placement (nothing predicted)."""
+
+    def __init__(self, buckets, tiers, tier: str, grads: bool) -> None:
+        self.buckets, self.tiers = buckets, tiers
+        self.window = 3
+        self.predicted_seconds = self.stall_seconds = self.step_seconds = self.io_seconds = 0.0
+        self.forward_seconds = 0.0
+        self._text = (f"optimizer states: every bucket ({len(buckets)}) on {'host RAM' if tier == 'host' else 'NVMe'}, "
+                      + ("gradients below too, stepped in step()" if grads else "deferred to the next forward")
+                      + " (no plan: lowest peak)")
+
+    def describe(self) -> str:
+        return self._text
+
+
 class TorchaoCPUOffload(_Base):
     name = "torchao_cpu_offload"
+    offload_gradients = False
 
     def prepare(self) -> None:
         try:
@@ -328,7 +438,7 @@ class TorchaoCPUOffload(_Base):
 
         try:
             self.opt = CPUOffloadOptimizer(self.model.parameters(), torch.optim.AdamW, lr=1e-4, weight_decay=0.1,
-                                           **adamw_kernel(self.device))
+                                           offload_gradients=self.offload_gradients, **adamw_kernel(self.device))
         except AssertionError as e:  # "CPU Offload currently only supports CUDA & XPU"
             raise SkipContender(f"needs CUDA: torchao CPUOffloadOptimizer says: {e}") from None
 
@@ -337,6 +447,13 @@ class TorchaoCPUOffload(_Base):
         # on the device (LayerNorms, small biases)
         opts = list(self.opt.optim_dict.values()) + ([self.opt.d_opt] if self.opt.d_opt is not None else [])
         return on_device_state_bytes((st for o in opts for st in o.state.values()), self.device)
+
+
+class TorchaoCPUOffloadGrads(TorchaoCPUOffload):
+    """torchao with ``offload_gradients=True``: its lowest peak ([Note: the low-peak arm])."""
+
+    name = "torchao_cpu_offload_grads"
+    offload_gradients = True
 
 
 class FSDP2CPUOffload(_Base):
@@ -412,7 +529,8 @@ def state_bytes_of(opt: Any, device: torch.device) -> int:
     return on_device_state_bytes(getattr(inner, "state", {}).values(), device)
 
 
-_CLASSES = {c.name: c for c in (Unmanaged, Memstrata, TorchaoCPUOffload, FSDP2CPUOffload, DeepSpeedZeroOffload)}
+_CLASSES = {c.name: c for c in (Unmanaged, Memstrata, MemstrataLowPeak, MemstrataLowPeakGrads, TorchaoCPUOffload,
+                                 TorchaoCPUOffloadGrads, FSDP2CPUOffload, DeepSpeedZeroOffload)}
 
 
 def cpu_steal_jiffies() -> tuple[int, int] | None:
@@ -454,9 +572,10 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
     result["threads"] = torch.get_num_threads()
     result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     use_default_host_allocator()  # the steps run with glibc's usual thresholds on every arm
-    if spec.precision != "fp32" and spec.contender not in ("unmanaged", "memstrata"):
+    if spec.precision != "fp32" and spec.contender not in MASTER_WEIGHT_ARMS:
         result.update(status="skipped", reason=f"--precision {spec.precision}: the bench runs MasterWeights on "
-                                               f"unmanaged and memstrata only (the peers have their own mixed precision)")
+                                               f"unmanaged and the memstrata arms only (the peers have their own mixed "
+                                               f"precision)")
         return result
     device = torch.device(spec.device)
     if device.type == "cuda":
@@ -543,4 +662,4 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
 
 
 __all__ = ["STATES_CONTENDERS", "state_bytes", "states_skip_reason", "run_states", "CPU_DEFAULTS", "CUDA_DEFAULTS",
-           "PRECISIONS", "precision_label", "make_adamw"]
+           "PRECISIONS", "MASTER_WEIGHT_ARMS", "precision_label", "make_adamw"]

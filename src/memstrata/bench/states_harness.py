@@ -8,8 +8,8 @@ only reads the options that differ and prints the table.
   percentage of the AdamW states (8 bytes per parameter; 12 with ``--precision bf16``:
   the fp32 master too; default 50%).
 * ``--precision bf16``: bf16 parameters, `MasterWeights` (fp32 masters and moments)
-  over AdamW on both arms that run (unmanaged, memstrata; the peers have their
-  own mixed-precision regimes and are skipped).
+  over AdamW on the arms that run (unmanaged and the memstrata arms; the peers
+  have their own mixed-precision regimes and are skipped).
 * ``--seq`` tokens per sample, ``--batch`` samples (CPU: 256 x 1, at most the model's context; CUDA: 1024 x 8).
 * The NVMe directory (``--nvme``, default a temporary directory) is probed
   with `memstrata probe` (cached); the memstrata contender plans with those
@@ -24,8 +24,8 @@ import tempfile
 from typing import Any, Callable
 
 from . import gpt2
-from .states_contenders import (CPU_DEFAULTS, CUDA_DEFAULTS, PRECISIONS, STATES_CONTENDERS, precision_label,
-                                 state_bytes)
+from .states_contenders import (CPU_DEFAULTS, CUDA_DEFAULTS, MASTER_WEIGHT_ARMS, PRECISIONS, STATES_CONTENDERS,
+                                 precision_label, state_bytes)
 
 
 def states_config_from_args(args: argparse.Namespace, config_cls: type, error: type[Exception], *,
@@ -61,7 +61,7 @@ def states_config_from_args(args: argparse.Namespace, config_cls: type, error: t
     if precision not in PRECISIONS:
         raise error(f"--precision {g('precision')!r}: choose fp32 or bf16 (bf16 parameters with fp32 master weights)")
     if precision != "fp32" and not g("contenders"):
-        names = [c for c in names if c in ("unmanaged", "memstrata")]
+        names = [c for c in names if c in MASTER_WEIGHT_ARMS]
     text = str(g("budget") or "50%").strip()
     if text == default_budget:  # the activation bench's default ("50%act") means nothing here
         text = "50%"
@@ -169,9 +169,10 @@ def print_states_table(console, rows: list[dict[str, Any]], cfg, meta: dict[str,
     console.print(t)
     for i, n in enumerate(notes, 1):
         console.print(f"[{i}] {n}", highlight=False, markup=False)
-    m = next((r for r in rows if r["name"] == "memstrata" and r["status"] == "ok"), None)
-    if m and m.get("notes", {}).get("plan"):
-        console.print(f"memstrata: {m['notes']['plan']}", highlight=False, markup=False)
+    for name in ("memstrata", "memstrata_lowpeak", "memstrata_lowpeak_grads"):
+        m = next((r for r in rows if r["name"] == name and r["status"] == "ok"), None)
+        if m and m.get("notes", {}).get("plan"):
+            console.print(f"{name}: {m['notes']['plan']}", highlight=False, markup=False)
 
 
 __all__ = ["states_config_from_args", "print_states_header", "print_states_table", "probe_nvme"]

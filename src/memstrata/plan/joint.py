@@ -21,7 +21,10 @@ MILP) plans the trace *as tier 0 sees it under that placement*
 live during the optimizer phase) within the same budget, so the activations
 get exactly the budget the states leave; the candidate's predicted step time
 is the activation plan's simulated step plus the states' exposed I/O
-(`state_stall_seconds`).  The least predicted step wins (ties: fewer tiered
+(`state_stall_seconds`; below a device with every gradient kept, the runtime
+defers the moved buckets' updates to the next forward, so their copies are
+priced against the forward's compute too: `deferred_forward_seconds`,
+[Note: optimizer states as trace records]).  The least predicted step wins (ties: fewer tiered
 bytes, then a shallower tier; a candidate whose state I/O alone exceeds the
 best so far is skipped: its activations cannot beat the unmanaged step); a budget no candidate fits raises
 `InfeasibleBudgetError` with the least minimum over the candidates.

@@ -67,7 +67,7 @@ and the ring depth (`window`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from ..decisions import InfeasibleBudgetError
@@ -95,6 +95,7 @@ class StatePlan:
     stall_seconds: float  # [Note: what the state planner models]: I/O the step cannot hide
     window: int = 3  # arenas of the runtime's ring (NVMe buckets on the fast tier at once)
     forward_seconds: float = 0.0  # the next forward's compute, hiding I/O too with deferred updates
+    below: str = "NVMe"  # what the lower tier is, for `describe` (pinned host RAM below HBM on CUDA)
 
     @property
     def predicted_seconds(self) -> float:
@@ -103,7 +104,7 @@ class StatePlan:
 
     def describe(self) -> str:
         n = sum(t == "nvme" for t in self.tiers)
-        return (f"optimizer states: {n}/{len(self.tiers)} buckets on NVMe ({format_size(self.nvme_bytes)}), "
+        return (f"optimizer states: {n}/{len(self.tiers)} buckets on {self.below} ({format_size(self.nvme_bytes)}), "
                 f"fast tier peak {format_size(self.fast_bytes)} (ring of {self.window}); "
                 f"I/O {self.io_seconds * 1e3:.1f} ms/step inside the step against "
                 f"{(self.step_seconds + self.forward_seconds + self.overlap_seconds) * 1e3:.1f} ms of overlap"
@@ -180,6 +181,7 @@ def plan_states(
     per_bucket_seconds: float = 50e-6,
     window: int | Sequence[int] = WINDOWS,
     forward_seconds: float = 0.0,
+    below: str = "NVMe",
 ) -> StatePlan:
     """Place optimizer-state buckets on the fast tier or NVMe ([Note: what the state planner models]).
 
@@ -191,7 +193,9 @@ def plan_states(
     `InfeasibleBudgetError` when even every bucket on NVMe does not fit.
     `forward_seconds`: the forward's compute, when the runtime defers the NVMe
     buckets' updates to it (`TieredOptimizer(..., model=)`: its I/O window is
-    the step plus the next forward); 0 for updates inside the step.
+    the step plus the next forward); 0 for updates inside the step.  `below`:
+    the lower tier's name in `describe()` ("host RAM" when the bandwidths given are PCIe's: the tier below
+    HBM on CUDA; the model is the same: [Note: deferred host buckets] in runtime/deferred.py).
     """
     if state_bytes_per_element < 0 or fast_budget < 0:
         raise ValueError("state_bytes_per_element and fast_budget must be >= 0")
@@ -229,6 +233,8 @@ def plan_states(
         if best is None or (round(cand.predicted_seconds, 12), cand.nvme_bytes, len(cand.buckets)) < (
                 round(best.predicted_seconds, 12), best.nvme_bytes, len(best.buckets)):
             best = cand
+    if best is not None and below != best.below:
+        best = replace(best, below=below)
     if best is None:
         raise InfeasibleBudgetError(
             fast_budget, int(smallest_need or 0),

@@ -1,7 +1,8 @@
 """Deferred updates of state buckets: what a step records, and the model hooks that apply it.
 
 `TieredOptimizer(..., model=model)` (states.py) steps its NVMe buckets (the
-arena ring on a CPU tier 0), and its kept ones, not inside `step()` but just before their
+arena ring on a CPU tier 0), its host buckets (and NVMe buckets outside the
+ring: on CUDA), and its kept ones, not inside `step()` but just before their
 parameters are next used: `step()` records, per pending bucket, the gradients
 and every param group's hyper-parameters as they are at `step()` time
 (`PendingUpdate`), and a forward pre-hook on each module that owns one of the
@@ -23,7 +24,8 @@ fast tier) whose parameters are all the model's are deferred too: stepped in
 `step()` they would run while every arena holds a bucket waiting for the
 forward, with the disk idle; in the forward their compute sits between the
 NVMe buckets' and the ring reads under it.  So `step()` itself only records;
-host buckets and parameters no module of the model owns are stepped in it.
+parameters no module of the model owns are stepped in it (host buckets:
+[Note: deferred host buckets]).
 
 Why it is exact: the deferred update is the wrapped optimizer's own step on
 that bucket, on the same values: the gradients recorded at `step()` (after the
@@ -46,6 +48,43 @@ the next forward (an EMA, `torch.save(model)` of the whole module,
 gradient is caught at apply time by its version counter and raises), and a
 parameter used in a forward by a module that does not own it (the hook is on
 the owner).  `defer=False` turns it off.
+
+[Note: deferred host buckets]
+On CUDA the tier below HBM is host DRAM: a host bucket's states cross PCIe
+twice per step (up for the update, down after it).  Stepped inside `step()`
+those copies are exposed: the step waits for each bucket's copy up, and only
+the neighbouring buckets' compute hides it.  Deferred like the ring's
+buckets, a host bucket (and an NVMe bucket outside the ring: NVMe below a
+device, or any `RecordingStreams` mover) is read ahead, updated and written
+behind around the forward:
+* read ahead: `step()` starts copying up the first `prefetch_depth` pending
+  host buckets (in the last forward's order; on the h2d side stream, pinned
+  buffers: [Note: stream hand-offs] in streams.py), and applying bucket k
+  starts the next `prefetch_depth` after it, so bucket k+1's copy runs under
+  module k's forward;
+* applied in the forward pre-hook of its module: `restore` makes compute
+  wait on the copy's event only there (usually long landed), then the
+  wrapped optimizer's own step on the recorded gradients and hyper-
+  parameters (so exact, as above);
+* written behind: the copy down is queued on the d2h stream after the
+  update (it waits for compute only up to that point) and the tier-0 states
+  are dropped at once (`record_stream` keeps their block until the copy
+  ran); the next modules' forward runs under it.  NVMe slots keep their
+  tier-0 copy until the write lands: at most two such buckets are behind
+  (the write window of [Note: the state window]); failures are raised by the
+  next `step()` / `flush()`, as for the ring.
+So tier 0 holds at most ``prefetch_depth + 1`` host buckets' states at once
+(plus copies in flight), and the copies overlap the forward instead of the
+optimizer step.  Why not step each bucket in backward, as its gradients
+become final (torchao's `CPUOffloadOptimizer`)?  Global-norm clipping and
+gradient accumulation need every gradient final before any update: a step
+in backward changes the result; the forward after `step()` has the same
+compute to hide the copies behind and keeps the update the same arithmetic
+on the same values.  The update's own compute is not hidden (it runs on the
+compute stream, as inside `step()`).  Without CUDA (`HostStreams`), the same
+path runs with synchronous copies into a separate host buffer: the CPU tests
+cover it.  FSDP2's DTensor parameters are not deferred (FSDP's pre-forward
+hook gathers them before ours could update them).
 """
 
 from __future__ import annotations
@@ -83,7 +122,8 @@ class ModelHooks:
     post-accumulate-grad hooks (read the next step's first buckets during backward) on `model`."""
 
     def __init__(self, model: torch.nn.Module, owner_of: dict[int, Any], *,
-                 apply: Callable[[Any], None], flush: Callable[[], None], idle: Callable[[], None]) -> None:
+                 apply: Callable[[Any], None], flush: Callable[[], None],
+                 idle: Callable[[], None] | None) -> None:
         self.handles: list[Any] = []
         covered: set[int] = set()
         for m in model.modules():
@@ -100,11 +140,11 @@ class ModelHooks:
             self.handles.append(m.register_load_state_dict_pre_hook(lambda *_a: flush()))
         missing = [pid for pid in owner_of if pid not in covered]
         if missing:
-            raise ValueError(f"TieredOptimizer: {len(missing)} parameter(s) of NVMe state buckets are not "
+            raise ValueError(f"TieredOptimizer: {len(missing)} parameter(s) of deferred state buckets are not "
                              f"parameters of the model given for deferred updates: pass the model they belong to, "
                              f"or defer=False")
         seen: set[int] = set()
-        for p in model.parameters():
+        for p in (model.parameters() if idle is not None else ()):
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 self.handles.append(p.register_post_accumulate_grad_hook(lambda _p: idle()))

@@ -7,8 +7,10 @@ its steps (the trace's optimizer phase), tells the trace what states there
 are, and moves states between tiers when a plan is installed
 (`TieredOptimizer.set_placement`, between steps; values never change).
 Given the model (the Manager passes its root), the plan's NVMe buckets on a
-CPU tier 0 go through the arena ring and their updates, and the kept
-buckets', are deferred to the next forward, as with
+CPU tier 0 go through the arena ring and their updates, and the kept and
+host buckets' (on CUDA: host RAM below HBM, read ahead and written behind on
+the copy streams, [Note: deferred host buckets]), are deferred to the next
+forward, as with
 `TieredOptimizer(model=...)` ([Note: deferred updates] in deferred.py),
 unless gradients are tiered (`tier_grads=True`: `GradTieredOptimizer`
 steps inside `step()` then).  The ring has ``prefetch_depth + 2 = 3``

@@ -55,9 +55,11 @@ arena ring] in state_arenas.py); `StatePlacement.from_plan` takes the depth
 from the planner's `window`.  Given the model (`model=`), the ring's buckets
 are not stepped in `step()` at all but just before their next use in the
 next forward ([Note: deferred updates] in deferred.py), and so are the kept
-buckets of the model's parameters: `step()` records them and steps only the
-others, and the ring walks the buckets in the order the last forward used
-them, always in that order.
+and the host buckets of the model's parameters (and NVMe buckets outside a
+ring, as on CUDA: [Note: deferred host buckets]): `step()` records them and
+steps only the others, and the ring walks the buckets in the order the last
+forward used them, always in that order; a deferred host bucket is read
+ahead ``prefetch_depth`` buckets before its update and written behind it.
 
 [Note: no state is ever lost]
 A state's bytes are always complete in at least one place.  Every write goes to
@@ -346,10 +348,13 @@ class TieredOptimizer(torch.optim.Optimizer):
       `close()` (and at exit).
     * `mover`: an existing `TierMover` (shares its streams, pool and store);
       by default one is made for the parameters' device.
-    * `model`, `defer`: with the model whose parameters these are, the NVMe
-      buckets of a CPU tier 0 are stepped just before their parameters are
-      next used in a forward, not inside `step()`, so their state I/O also
-      overlaps the next forward ([Note: deferred updates] in deferred.py).
+    * `model`, `defer`: with the model whose parameters these are, the
+      tiered buckets (NVMe through the arena ring on a CPU tier 0; host, and
+      NVMe on CUDA, read ahead and written behind on the copy streams) and
+      the kept ones are stepped just before their parameters are next used in
+      a forward, not inside `step()`, so their state I/O also overlaps the
+      next forward ([Note: deferred updates], [Note: deferred host buckets]
+      in deferred.py).
       The default when `model` is given; `defer=False` turns it off.  Call
       `flush()` before reading parameters outside a forward between `step()`
       and the next forward.  `set_placement()` builds the ring and the
@@ -430,6 +435,7 @@ class TieredOptimizer(torch.optim.Optimizer):
         self._entries: list[_Entry] = []
         self._use_order: list[_Entry] = []
         self._seen: list[_Entry] = []  # buckets in the order the last forward applied them
+        self._behind: list[_Entry] = []  # deferred slot buckets written down, newest last (the write window)
         self._npending = 0
         self._late: list[str] = []  # write failures found outside step(): raised by the next step() / flush()
         self._hooks: ModelHooks | None = None
@@ -440,9 +446,9 @@ class TieredOptimizer(torch.optim.Optimizer):
                 raise ValueError("TieredOptimizer: defer=True needs model= (the module whose forward applies the "
                                  "updates)")
             self._build_pipeline(strict=True)
-            if defer and self._ring is None:
-                raise ValueError("TieredOptimizer: defer=True needs NVMe state buckets on a CPU tier 0 (the arena "
-                                 "ring)")
+            if defer and self._ring is None and not self._slots_deferrable():
+                raise ValueError("TieredOptimizer: defer=True needs tiered state buckets (host, or NVMe) of plain "
+                                 "tensors")
         except ValueError:
             self._drop_pipeline()
             if self._own_mover:
@@ -473,9 +479,16 @@ class TieredOptimizer(torch.optim.Optimizer):
         with tiered gradients, which `zero_grad()` drops before the next forward)."""
         return True
 
+    def _slots_deferrable(self) -> bool:
+        """Whether the placement has tiered buckets outside the arena ring whose updates can be deferred
+        ([Note: deferred host buckets] in deferred.py): plain tensors only (FSDP2's DTensor parameters are
+        gathered by FSDP's own pre-forward hook, before ours could update them)."""
+        return self._plain and any(t != Placement.KEEP and (t != Placement.NVME or self._ring is None)
+                                   for t in self.placement.tiers)
+
     def _wants_defer(self) -> bool:
-        return bool(self._model is not None and self._ring is not None and self._defer_arg is not False
-                    and self._may_defer())
+        return bool(self._model is not None and (self._ring is not None or self._slots_deferrable())
+                    and self._defer_arg is not False and self._may_defer())
 
     def _build_pipeline(self, *, strict: bool) -> None:
         """The arena ring of the NVMe buckets on a CPU tier 0 and the deferred updates, for `self.placement`
@@ -500,10 +513,13 @@ class TieredOptimizer(torch.optim.Optimizer):
             self._entries = _interleave(nv, [e for e in self._entries if e.tier != Placement.NVME])
         # [Note: deferred updates] (deferred.py): the ring's buckets stepped at their next use.
         self._defer = self._wants_defer()
-        # The deferred buckets: every NVMe bucket of the ring, and the kept buckets whose parameters are all the
-        # model's (their compute in the forward keeps the disk busy: [Note: deferred updates]).
+        # The deferred buckets: every NVMe bucket of the ring, and the kept and the other tiered (host; NVMe
+        # without the ring) buckets whose parameters are all the model's (the kept ones' compute in the forward
+        # keeps the disk busy: [Note: deferred updates]; the host ones' copies overlap the forward: [Note:
+        # deferred host buckets]).
         self._use_order = []
         self._seen = []
+        self._behind = []
         self._npending = 0
         if not self._defer:
             return
@@ -511,11 +527,11 @@ class TieredOptimizer(torch.optim.Optimizer):
         assert model is not None
         in_model = {id(p) for p in model.parameters()}
         self._use_order = [e for e in self._entries if e.file is not None or (
-            e.tier == Placement.KEEP and all(id(self._records[i].param) in in_model for i in e.indices))]
+            all(id(self._records[i].param) in in_model for i in e.indices))]
         owner = {id(self._records[i].param): e for e in self._use_order for i in e.indices}
         try:
             self._hooks = ModelHooks(model, owner, apply=self._apply_hook, flush=self._apply_all_pending,
-                                     idle=self._pump_idle)
+                                     idle=self._pump_idle if self._ring is not None else None)
         except ValueError:
             if strict or self._defer_arg:
                 raise
@@ -532,7 +548,7 @@ class TieredOptimizer(torch.optim.Optimizer):
             self._ring.clear()
         self._ring = None
         self._defer = False
-        self._use_order, self._seen, self._npending = [], [], 0
+        self._use_order, self._seen, self._npending, self._behind = [], [], 0, []
         self._entries = [_Entry(b, t) for b, t in self._order_tiers]
         for r in self._records:
             r.slots_in_ring = False
@@ -688,7 +704,8 @@ class TieredOptimizer(torch.optim.Optimizer):
         for e in self._entries:
             if e.pending is not None:
                 continue
-            ring.pump(*self._upcoming())
+            if ring is not None:
+                ring.pump(*self._upcoming())
             if e.tier != Placement.KEEP:
                 for i in e.indices:
                     self._prefetch(self._records[i])
@@ -699,17 +716,20 @@ class TieredOptimizer(torch.optim.Optimizer):
                 for i in e.indices:
                     self._adopt(self._records[i])
                     self._evict(self._records[i])
-        ring.pump(*self._upcoming())
-        failures.extend(ring.take_failures())
+        self._read_ahead_slots(None)  # the first deferred host buckets: copied up while the forward starts
+        if ring is not None:
+            ring.pump(*self._upcoming())
+            failures.extend(ring.take_failures())
 
     def _apply(self, e: "_Entry", failures: list[str]) -> None:
         """Bucket `e`'s pending update: its states into an arena, the wrapped optimizer's step with the
         gradients and hyper-parameters of the `step()` that recorded it, its states written behind."""
         pend = e.pending
-        assert pend is not None and self._ring is not None
+        assert pend is not None
         t0 = time.perf_counter()
         ring = self._ring
         f = e.file
+        slots = f is None and e.tier != Placement.KEEP  # a host bucket (or NVMe without the ring)
         params = [self._records[i].param for i in e.indices]
         k = pend.changed()
         if k is not None:
@@ -717,8 +737,19 @@ class TieredOptimizer(torch.optim.Optimizer):
                 f"TieredOptimizer: the gradient of parameter {e.indices[k]} changed in place between step() and its "
                 f"deferred update (model.zero_grad(set_to_none=False)?): use the optimizer's zero_grad(), call "
                 f"flush() first, or defer=False")
-        upcoming, protect = self._upcoming(e)
-        ring.pump(upcoming, protect)
+        if ring is not None:
+            upcoming, protect = self._upcoming(e)
+            ring.pump(upcoming, protect)
+        if slots:  # [Note: deferred host buckets]
+            for b in self._behind[:-2]:  # the write window ([Note: the state window])
+                for i in b.indices:
+                    self._settle(self._records[i], block=True, failures=failures)
+            del self._behind[:-2]
+            for i in e.indices:
+                self._prefetch(self._records[i])
+            self._read_ahead_slots(e)
+            for i in e.indices:
+                self._materialise(self._records[i])
         if f is not None:
             if f.arena is None and f.on_disk:  # no arena came free in time: wait for the oldest write
                 self.stats.demand_fetches += 1
@@ -746,10 +777,29 @@ class TieredOptimizer(torch.optim.Optimizer):
         self._seen.append(e)
         if f is not None:
             self._ring_adopt(e, protect, failures)
-        ring.pump(*self._upcoming())
-        self._sync_ring_stats()
+        elif slots:
+            for i in e.indices:
+                self._adopt(self._records[i])
+                self._evict(self._records[i])  # written behind: the copy down overlaps the next module's forward
+            self._behind.append(e)
+        if ring is not None:
+            ring.pump(*self._upcoming())
+            self._sync_ring_stats()
         self.stats.deferred_updates += 1
         self.stats.deferred_seconds += time.perf_counter() - t0
+
+    def _read_ahead_slots(self, current: "_Entry | None") -> None:
+        """Start copying up the states of the next `prefetch_depth` pending slot buckets (host; NVMe without the
+        ring) after `current`, in the order the last forward used them ([Note: deferred host buckets])."""
+        n = 0
+        for e in self._use_order:
+            if n >= self.placement.prefetch_depth:
+                return
+            if e is current or e.pending is None or e.file is not None or e.tier == Placement.KEEP:
+                continue
+            for i in e.indices:
+                self._prefetch(self._records[i])
+            n += 1
 
     def _apply_hook(self, e: "_Entry") -> None:
         if self.closed:
@@ -777,7 +827,11 @@ class TieredOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer's step on the parameters of `bucket` only."""
         groups = self.inner.param_groups
         full = [g["params"] for g in groups]
-        owner = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
+        key = (id(groups), *(id(ps) for ps in full))
+        cached = getattr(self, "_owner_cache", None)
+        if cached is None or cached[0] != key:  # once per param-group layout, not once per bucket
+            cached = self._owner_cache = (key, {id(p): gi for gi, g in enumerate(groups) for p in g["params"]})
+        owner = cached[1]
         sub: list[list[torch.Tensor]] = [[] for _ in groups]
         for i in bucket:
             p = self._records[i].param

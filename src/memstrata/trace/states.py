@@ -31,6 +31,18 @@ see the optimizer step.
   ops' durations): stall = max(0, io - step compute), plus the CPU cost of
   the disk path (`host_cost_per_byte`, unhidden) and a per-bucket launch
   overhead.  A perfect pipeline, so a lower bound, as in plan/states.py.
+* Deferred updates below a device (`deferred_forward_seconds`): on a device
+  hierarchy with every gradient kept, the runtime applies the moved buckets'
+  updates in the next forward, read ahead and written behind on the copy
+  streams ([Note: deferred host buckets] in runtime/deferred.py), so their
+  copies overlap the forward's compute too: the stall above is taken against
+  the optimizer compute *plus* the forward's (as plan/states.py prices the
+  NVMe ring's deferral window with ``forward_seconds``).  Memory: the
+  forward then holds a moving window of the bucket being updated and the one
+  read ahead: one more record, the largest two consecutive moved buckets,
+  live over the whole forward (an over-estimate at the forward's end, where
+  nothing is read ahead any more).  A CPU hierarchy (host RAM is tier 0) is
+  priced as before: its NVMe ring's deferral is not modelled here.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ from .schema import OpRecord, StorageRecord, Trace
 
 __all__ = ["StateGroup", "state_groups", "state_buckets", "optimizer_span", "with_optimizer_phase", "tier_states",
            "state_stall_seconds", "planned_trace", "moved_state_bytes", "placement_stall_seconds",
+           "defers_updates", "deferred_forward_seconds",
            "STATE_WINDOW_MODULE", "PER_BUCKET_SECONDS", "MAX_STATE_BUCKET_BYTES"]
 
 WRITE_BEHIND = 2  # buckets whose writes overlap the next forward
@@ -186,12 +199,14 @@ def tier_states(trace: Trace, tiered: Sequence[Sequence[int]], *,
     return replace(out, observed_peak=all_keep_peak(out))
 
 
-def state_stall_seconds(trace: Trace, hierarchy: Hierarchy, buckets: Sequence[tuple[int, int]]) -> tuple[float, float]:
+def state_stall_seconds(trace: Trace, hierarchy: Hierarchy, buckets: Sequence[tuple[int, int]],
+                        forward_seconds: float = 0.0) -> tuple[float, float]:
     """(exposed seconds, I/O seconds) of tiered state buckets given as (tier index, bytes) pairs.
 
-    Tier index 0 is a host-buffer copy on a CPU hierarchy (tier 0's bandwidth both ways).
+    Tier index 0 is a host-buffer copy on a CPU hierarchy (tier 0's bandwidth both ways).  `forward_seconds`:
+    the forward's compute when the updates are deferred to it (`deferred_forward_seconds`).
     """
-    compute = float(sum(op.duration for op in trace.ops if op.phase == "optimizer"))
+    compute = float(sum(op.duration for op in trace.ops if op.phase == "optimizer")) + forward_seconds
     io = host = 0.0
     for ti, nb in buckets:
         if ti == 0:
@@ -237,6 +252,8 @@ def planned_trace(trace: Trace, states: "Plan | Sequence[StateDecision]", hierar
     out = tier_states(trace, [d.storages for d in moved],
                       written_behind=[hierarchy.tiers[names.index(d.tier)].kind == "nvme" for d in moved],
                       window_bytes=window if any(d.grads is not None for d in moved) else None)
+    if defers_updates(hierarchy, decisions) and moved:  # [Note: deferred host buckets]: a window in the forward
+        out = _deferred_window(out, [d.nbytes for d in moved])
     back = sum(d.grad_nbytes for d in decisions if d.grads is not None and (d.tier is None or names.index(d.tier) < 1))
     span = optimizer_span(out)
     if back and span is not None:  # gradients of kept-state buckets come back for the kept step
@@ -246,6 +263,32 @@ def planned_trace(trace: Trace, states: "Plan | Sequence[StateDecision]", hierar
         out = replace(out, storages=out.storages + (rec,))
         out = replace(out, observed_peak=all_keep_peak(out))
     return out
+
+
+def defers_updates(hierarchy: Hierarchy, decisions: Sequence[StateDecision]) -> bool:
+    """Whether the runtime defers the moved buckets' updates to the next forward under `decisions`, as this
+    module prices it ([Note: optimizer states as trace records]): below a device, every gradient kept."""
+    return (not hierarchy.host_is_tier0 and all(d.grads is None for d in decisions)
+            and any(d.tier is not None for d in decisions))
+
+
+def deferred_forward_seconds(trace: Trace, hierarchy: Hierarchy, decisions: Sequence[StateDecision]) -> float:
+    """The forward's compute that also hides the state copies when the updates are deferred to it (else 0)."""
+    if not defers_updates(hierarchy, decisions):
+        return 0.0
+    return float(sum(op.duration for op in trace.ops if op.phase == "forward"))
+
+
+def _deferred_window(trace: Trace, sizes: Sequence[int]) -> Trace:
+    """One record live over the forward: the largest two consecutive moved buckets (updated + read ahead)."""
+    fwd = [op.index for op in trace.ops if op.phase == "forward"]
+    win = max((sum(sizes[k:k + 2]) for k in range(len(sizes))), default=0)
+    if not fwd or not win:
+        return trace
+    rec = StorageRecord(id=len(trace.storages), nbytes=win, dtype="uint8", shape=(win,), kind="optimizer_state",
+                        producer=fwd[0], last_use=fwd[-1], freed_after=fwd[-1], module=STATE_WINDOW_MODULE)
+    out = replace(trace, storages=trace.storages + (rec,))
+    return replace(out, observed_peak=all_keep_peak(out))
 
 
 def moved_state_bytes(hierarchy: Hierarchy, decisions: Sequence[StateDecision]) -> list[tuple[int, int]]:
@@ -258,6 +301,7 @@ def moved_state_bytes(hierarchy: Hierarchy, decisions: Sequence[StateDecision]) 
 def placement_stall_seconds(trace: Trace, hierarchy: Hierarchy,
                             decisions: Sequence[StateDecision]) -> tuple[float, float]:
     """(exposed seconds, I/O seconds) of a placement of states and gradients (the joint plan's time term)."""
-    stall, io = state_stall_seconds(trace, hierarchy, moved_state_bytes(hierarchy, decisions))
+    stall, io = state_stall_seconds(trace, hierarchy, moved_state_bytes(hierarchy, decisions),
+                                    deferred_forward_seconds(trace, hierarchy, decisions))
     gstall, gio, _ = grad_stall_seconds(trace, hierarchy, decisions)
     return stall + gstall, io + gio
