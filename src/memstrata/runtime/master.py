@@ -61,6 +61,11 @@ Decisions (each a one-line error where it is a mistake):
   parameter's dtype, rounding the master to bf16).
 * Transient memory: the fp32 gradients of the parameters stepped in one call
   (a bucket under `TieredOptimizer`) exist during that call only.
+* The engine's step is a torch optimizer step: global optimizer-step hooks
+  (``torch.optim.optimizer.register_optimizer_step_pre_hook``) see it inside
+  ours.  memstrata's own (the tracer's state numbering, runtime/params.py's
+  fetch) are idempotent for it; our step's hooks (``register_step_pre_hook``
+  on this object, LR schedulers' counters) see one step.
 """
 
 from __future__ import annotations
