@@ -46,9 +46,9 @@ KINDS = {
 }
 
 
-def make_mw(kind: str, params) -> MasterWeights:
-    cls, kw = KINDS[kind]
-    return MasterWeights(params, cls, **kw)
+def make_mw(kind: str, params, **kw) -> MasterWeights:
+    cls, hyper = KINDS[kind]
+    return MasterWeights(params, cls, **kw, **hyper)
 
 
 def schedule(opt):
@@ -134,12 +134,17 @@ def assert_same_state(sa: dict, sb: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the wrapper itself
+@pytest.mark.parametrize("chunks", ["one", "many"])
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_equals_the_hand_written_fp32_master_loop(kind):
+def test_equals_the_hand_written_fp32_master_loop(kind, chunks):
+    """One engine step per group ("one"), or one per parameter or two ("many": chunks of 1 KiB of fp32 gradients)."""
     ref_model, ref_opt, masters = reference(kind)
     model = make_model()
-    opt = make_mw(kind, model.parameters())
+    opt = make_mw(kind, model.parameters(), **({"master_chunk_bytes": 1024} if chunks == "many" else {}))
+    calls = []
+    opt.algorithm.register_step_pre_hook(lambda *_a: calls.append(1))
     train(model, opt, schedule(opt), 0, STEPS)
+    assert len(calls) == STEPS * (1 if chunks == "one" else 4)  # weight0 | bias0 | weight1 | bias1 weight2 bias2
     assert_same_params(ref_model, model)
     assert_matches_reference(opt.state_dict(), ref_opt, masters)
     # not a plain bf16 optimizer: the fp32 masters moved by less than a bf16 ulp somewhere

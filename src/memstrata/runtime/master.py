@@ -59,8 +59,11 @@ Decisions (each a one-line error where it is a mistake):
   `load_state_dict` keeps the masters and the states of low-precision
   parameters in fp32 (torch's loader would cast every floating state to the
   parameter's dtype, rounding the master to bf16).
-* Transient memory: the fp32 gradients of the parameters stepped in one call
-  (a bucket under `TieredOptimizer`) exist during that call only.
+* Transient memory: the step goes through each group in chunks of about
+  `master_chunk_bytes` (64 MiB) of fp32 gradients: converted, stepped by the
+  engine, rounded back, freed; so a full step of a 1.5B model does not hold
+  6 GB of fp32 gradients at once.  A chunk's step is the full step's
+  arithmetic for the same reason a bucket's is.
 * The engine's step is a torch optimizer step: global optimizer-step hooks
   (``torch.optim.optimizer.register_optimizer_step_pre_hook``) see it inside
   ours.  memstrata's own (the tracer's state numbering, runtime/params.py's
@@ -81,6 +84,7 @@ __all__ = ["MasterWeights", "MASTER_DTYPE", "LOW_PRECISION"]
 
 MASTER_DTYPE = torch.float32
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024  # fp32 gradients alive at once inside step()
 
 
 def _has_master(p: torch.Tensor) -> bool:
@@ -94,14 +98,16 @@ class MasterWeights(torch.optim.Optimizer):
     * `optimizer_class`: a `torch.optim.Optimizer` subclass with per-parameter state (AdamW, Adam, SGD,
       Adagrad, ...), or a callable ``factory(params, **defaults)`` returning one (e.g. a `functools.partial`).
     * `defaults`: its hyper-parameters (``lr``, ``betas``, ``weight_decay``, ``foreach``, ``fused``, ...).
+    * `master_chunk_bytes`: the step converts and steps the gradients in chunks of about this many fp32 bytes
+      (at least one parameter each), so at most that much transient fp32 gradient exists at once.
 
     The signature follows torch's `ZeroRedundancyOptimizer(params, optimizer_class, **defaults)`.  Our
     `param_groups` are the model's parameters with the wrapped class's full set of hyper-parameters (LR
     schedulers write them); ``state[p]`` holds ``"master"`` and the algorithm's states.
     """
 
-    def __init__(self, params: Iterable[Any], optimizer_class: Callable[..., torch.optim.Optimizer],
-                 **defaults: Any) -> None:
+    def __init__(self, params: Iterable[Any], optimizer_class: Callable[..., torch.optim.Optimizer], *,
+                 master_chunk_bytes: int = DEFAULT_CHUNK_BYTES, **defaults: Any) -> None:
         if torch.is_tensor(params):
             raise ValueError("MasterWeights: params must be an iterable of tensors or param groups, got one tensor "
                              "(pass [tensor] or model.parameters())")
@@ -134,6 +140,9 @@ class MasterWeights(torch.optim.Optimizer):
                 "TieredOptimizer", "GradTieredOptimizer"):
             raise ValueError(f"MasterWeights: {type(engine).__name__} cannot be the algorithm over master weights; "
                              f"use a per-parameter torch.optim optimizer (AdamW, SGD, ...)")
+        if int(master_chunk_bytes) <= 0:
+            raise ValueError(f"MasterWeights: master_chunk_bytes must be > 0, got {master_chunk_bytes}")
+        self.master_chunk_bytes = int(master_chunk_bytes)
         self._engine = engine
         self._factory = optimizer_class
         self._hyper = dict(defaults)
@@ -163,42 +172,53 @@ class MasterWeights(torch.optim.Optimizer):
     def new_like(self, param_groups: list[dict[str, Any]]) -> "MasterWeights":
         """An empty `MasterWeights` of the same algorithm over other parameters (the host step's shadow,
         runtime/host_step.py); `param_groups` carry every hyper-parameter."""
-        return MasterWeights(param_groups, self._factory, **self._hyper)
+        return MasterWeights(param_groups, self._factory, master_chunk_bytes=self.master_chunk_bytes, **self._hyper)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        """One step of the algorithm on the masters of our groups' parameters that have a gradient."""
+        """One step of the algorithm on the masters of our groups' parameters that have a gradient, in chunks of
+        about `master_chunk_bytes` of fp32 gradients ([Note: master weights, exactly])."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups: list[dict[str, Any]] = []
-        state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        stepped: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
-        for g in self.param_groups:
-            steppables = []
+        for gi, g in enumerate(self.param_groups):
+            chunk: list[torch.Tensor] = []
+            acc = 0
             for p in g["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise ValueError("MasterWeights: sparse gradients are not supported")
-                st = self.state[p]
-                if _has_master(p):
-                    if "master" not in st:
-                        st["master"] = p.detach().to(MASTER_DTYPE)
-                    m = st["master"].detach()  # an alias: the engine updates the master's storage in place
-                    m.grad = p.grad.to(m.dtype)
-                else:
-                    m = p  # its own master
-                state[m] = {k: v for k, v in st.items() if k != "master"}
-                steppables.append(m)
-                stepped.append((p, m, st))
-            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": steppables})
-        if not stepped:
-            return loss
+                n = p.numel() * 4
+                if chunk and acc + n > self.master_chunk_bytes:
+                    self._step_chunk(gi, chunk)
+                    chunk, acc = [], 0
+                chunk.append(p)
+                acc += n
+            if chunk:
+                self._step_chunk(gi, chunk)
+        return loss
+
+    def _step_chunk(self, gi: int, params: list[torch.Tensor]) -> None:
+        """The engine's step over the masters of `params` (of our group `gi`), then each rounded into its parameter."""
+        g = self.param_groups[gi]
+        state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        stepped: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
+        for p in params:
+            st = self.state[p]
+            if _has_master(p):
+                if "master" not in st:
+                    st["master"] = p.detach().to(MASTER_DTYPE)
+                m = st["master"].detach()  # an alias: the engine updates the master's storage in place
+                m.grad = p.grad.to(m.dtype)
+            else:
+                m = p  # its own master
+            state[m] = {k: v for k, v in st.items() if k != "master"}
+            stepped.append((p, m, st))
         engine = self._engine
-        engine.param_groups = groups
+        engine.param_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [m for _, m, _ in stepped]}]
         engine.state = state
         try:
             engine.step()
@@ -210,7 +230,6 @@ class MasterWeights(torch.optim.Optimizer):
                     p.copy_(st["master"])
             engine.param_groups = []
             engine.state = defaultdict(dict)
-        return loss
 
     def reset_masters(self) -> None:
         """Set every master to its parameter's current value (after changing the weights outside the optimizer)."""
