@@ -75,6 +75,29 @@ def test_state_bench_worker_memstrata_is_exact_and_within_budget(tmp_path):
         assert r["steal_share"] is None or 0.0 <= r["steal_share"] <= 1.0
 
 
+def test_state_bench_bf16_master_weights_worker_is_exact_and_within_budget(tmp_path):
+    """--precision bf16: bf16 parameters, MasterWeights (fp32 masters + moments: 12 bytes per parameter) on both
+    arms; memstrata's plan counts the masters and tiers them with the moments, losses bitwise equal."""
+    cfg = config_from_args(args("--model", "gpt2-tiny", "--budget", "50%", "--precision", "bf16", "--device", "cpu",
+                                "--nvme", str(tmp_path)))
+    assert cfg.precision == "bf16" and cfg.contenders == ["unmanaged", "memstrata", "memstrata_lowpeak",
+                                                          "memstrata_lowpeak_grads"]
+    assert cfg.budget_bytes == state_bytes("gpt2-tiny", "bf16") // 2 == 12 * gpt2.param_count("gpt2-tiny") // 2
+    with pytest.raises(BenchInputError, match="--precision"):
+        config_from_args(args("--model", "gpt2-tiny", "--precision", "fp8", "--device", "cpu"))
+    budget = int(state_bytes("gpt2-tiny", "bf16") * 0.75)
+    specs = [spec(n, tmp_path, budget) for n in ("unmanaged", "memstrata", "fsdp2_cpu_offload", "memstrata_lowpeak")]
+    for s in specs:
+        s.precision = "bf16"
+    ref, got, peer, low = (run_states(s) for s in specs)
+    assert ref["status"] == got["status"] == low["status"] == "ok", (ref.get("reason"), got.get("reason"))
+    assert peer["status"] == "skipped" and "--precision bf16" in peer["reason"]
+    assert got["losses"] == ref["losses"] == low["losses"] and len(got["losses"]) == 3  # bitwise, step for step
+    assert ref["state_peak_bytes"] == state_bytes("gpt2-tiny", "bf16") == ref["state_bytes_total"]
+    assert got["state_peak_bytes"] <= budget and got["notes"]["nvme_bytes_per_step"] > 0
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("name", ["memstrata_lowpeak", "memstrata_lowpeak_grads"])
 def test_state_bench_worker_lowpeak_is_exact_with_a_window_of_buckets(name, tmp_path):
     """[Note: the low-peak arm]: every bucket below (NVMe files on a CPU), deferred: losses equal unmanaged's bit

@@ -8,6 +8,7 @@ from .hardware import Budget, BudgetError, Hierarchy, Tier, format_size, parse_s
 from .manager import Manager
 from .plan import explain_minimum, forced_plan, least_budget_within, minimum_budget, plan
 from .decisions import InfeasibleBudgetError, Plan, PlanError, StorageDecision, UnitDecision
+from .runtime.master import MasterWeights
 from .simulate import InfeasiblePlanError, Timeline, simulate
 from .trace import record_step, trace_model, trace_step
 from .trace.schema import OpRecord, StorageRecord, Trace, UnitRecord
@@ -20,5 +21,5 @@ __all__ = [
     "Plan", "StorageDecision", "UnitDecision", "PlanError", "InfeasibleBudgetError", "plan", "minimum_budget",
     "least_budget_within", "explain_minimum", "forced_plan",
     "Timeline", "InfeasiblePlanError", "simulate",
-    "Manager",
+    "Manager", "MasterWeights",
 ]

@@ -74,6 +74,7 @@ class BenchConfig:
     quiet: bool = False
     budget_of_activations: bool = False  # "50%act": the fraction is of the activation peak, see [Note: budgets]
     seq: int = 0  # GPT-2 models (the state bench): tokens per sample
+    precision: str = "fp32"  # GPT-2 models: fp32, or bf16 parameters with fp32 master weights
     nvme_bw: tuple[float, float] | None = None  # state bench: probed NVMe (read, write) bytes/s
     budget_texts: list[str] = field(default_factory=list)  # every budget (--budgets); [budget_text] for --budget
     memstrata_plan: str = "each"  # once | each | a plan file ([Note: one plan for every repeat] in plan_once.py)
@@ -128,6 +129,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     a("--quiet", action="store_true", help="no progress display")
     a("--seq", default=None, help="tokens per sample for --model gpt2-* (the optimizer-state bench; default 64 on CPU, "
       "1024 on CUDA)")
+    a("--precision", default="fp32", metavar="fp32|bf16",
+      help="parameters for --model gpt2-*: fp32 (default), or bf16 with fp32 master weights (memstrata.MasterWeights "
+      "over AdamW) on every arm; unmanaged and memstrata only")
 
 
 def _int(name: str, text: Any, lo: int = 1) -> int:
@@ -598,7 +602,7 @@ def run_all(cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             num_classes=cfg.num_classes, amp=cfg.amp, channels_last=cfg.channels_last, seed=cfg.seed,
             budget_bytes=budget, microbatches=arm.microbatches, nvme_dir=nvme_dir,
             unmanaged_peak_bytes=unmanaged_peak,
-            max_seconds=cfg.max_seconds, threads=cfg.threads, cpu_peak=cfg.cpu_peak, seq=cfg.seq,
+            max_seconds=cfg.max_seconds, threads=cfg.threads, cpu_peak=cfg.cpu_peak, seq=cfg.seq, precision=cfg.precision,
             setting=arm.setting, memory_budget_fraction=arm.fraction,
             nvme_read_bw=cfg.nvme_bw[0] if cfg.nvme_bw else None, nvme_write_bw=cfg.nvme_bw[1] if cfg.nvme_bw else None,
             plan_path=plan_paths.get(arm.key(cfg.pareto)) if arm.name == "memstrata" else None,

@@ -30,6 +30,7 @@ class RunSpec:
     setting: str = ""  # the contender's setting in this run, as the table and JSON name it ("k=4", ...)
     memory_budget_fraction: float | None = None  # compile_memory_budget: torch._functorch activation_memory_budget
     seq: int = 0  # tokens per sample (GPT-2 models of the state bench)
+    precision: str = "fp32"  # state bench: fp32, or bf16 parameters with fp32 master weights (MasterWeights)
     nvme_read_bw: float | None = None  # `memstrata probe` of the NVMe directory (state bench planning)
     nvme_write_bw: float | None = None
     plan_path: str | None = None  # memstrata: run this plan (JSON from a planning run); with plan_only, write it there

@@ -112,6 +112,8 @@ from .timing import timed_steps
 STATES_CONTENDERS = ("unmanaged", "memstrata", "memstrata_lowpeak", "memstrata_lowpeak_grads", "torchao_cpu_offload",
                      "torchao_cpu_offload_grads", "fsdp2_cpu_offload", "deepspeed_zero_offload")
 STATE_BYTES_PER_PARAM = 8  # AdamW fp32: exp_avg + exp_avg_sq
+PRECISIONS = {"fp32": 8, "bf16": 12}  # state bytes per parameter: bf16 parameters add the fp32 master (MasterWeights)
+MASTER_WEIGHT_ARMS = ("unmanaged", "memstrata", "memstrata_lowpeak", "memstrata_lowpeak_grads")  # --precision bf16
 # CPU: 256 tokens per step (was 64, bench/results/2026-12-05c-cpu-states/README.md): the state I/O per step is
 # fixed by the model, the compute grows with the tokens; 64 measured the disk more than training (GPT-2 trains
 # at 1024), 256 keeps gpt2-350m's 3-repeat run near 10 minutes on the CPU box.  Two warm-up steps: with
@@ -136,8 +138,22 @@ def on_device_state_bytes(states: Any, device: torch.device) -> int:
                if torch.is_tensor(v) and v.dim() > 0 and v.device.type == device.type)
 
 
-def state_bytes(model: str) -> int:
-    return gpt2.param_count(model) * STATE_BYTES_PER_PARAM
+def state_bytes(model: str, precision: str = "fp32") -> int:
+    return gpt2.param_count(model) * PRECISIONS[precision]
+
+
+def precision_label(precision: str) -> str:
+    return "AdamW fp32" if precision == "fp32" else "bf16 params, AdamW over fp32 masters"
+
+
+def make_adamw(params, device: torch.device, precision: str) -> torch.optim.Optimizer:
+    """The bench's AdamW (`adamw_kernel`); with bf16 parameters over fp32 master weights (`MasterWeights`)."""
+    kw = dict(lr=1e-4, weight_decay=0.1, **adamw_kernel(device))
+    if precision == "fp32":
+        return torch.optim.AdamW(params, **kw)
+    from memstrata.runtime.master import MasterWeights
+
+    return MasterWeights(params, torch.optim.AdamW, **kw)
 
 
 def states_skip_reason(name: str, device: str) -> str | None:
@@ -172,7 +188,7 @@ class _Base:
         self.opt: Any = None
 
     def prepare(self) -> None:
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, **adamw_kernel(self.device))
+        self.opt = make_adamw(self.model.parameters(), self.device, self.spec.precision)
 
     def parameters(self):
         return self.model.parameters()
@@ -200,13 +216,16 @@ class Unmanaged(_Base):
     name = "unmanaged"
 
 
-def calibrate_step_seconds(numels: list[int], *, elements: int = 1 << 22, repeats: int = 4) -> float:
+def calibrate_step_seconds(numels: list[int], *, elements: int = 1 << 22, repeats: int = 4,
+                           precision: str = "fp32") -> float:
     """Seconds of one AdamW (``foreach=False``) step over `numels` elements on this CPU, scaled from the
-    fastest of `repeats` steps over a scratch parameter of `elements` elements (out of cache, like the model's)."""
+    fastest of `repeats` steps over a scratch parameter of `elements` elements (out of cache, like the model's);
+    with ``precision="bf16"`` a bf16 parameter under `MasterWeights`."""
     g = torch.Generator().manual_seed(0)
-    p = torch.randn(elements, generator=g).mul_(0.02).requires_grad_()
-    p.grad = torch.randn(elements, generator=g).mul_(1e-3)
-    opt = torch.optim.AdamW([p], lr=1e-4, weight_decay=0.1, foreach=False)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    p = torch.randn(elements, generator=g).mul_(0.02).to(dtype).requires_grad_()
+    p.grad = torch.randn(elements, generator=g).mul_(1e-3).to(dtype)
+    opt = make_adamw([p], torch.device("cpu"), precision)
     opt.step()  # the states are made here
     best = float("inf")
     for _ in range(repeats):
@@ -232,7 +251,8 @@ class Memstrata(_Base):
         self.inner = self.opt
         self.per_step: list[dict[str, float]] = []
         numels = [p.numel() for g in self.inner.param_groups for p in g["params"]]
-        total = sum(numels) * STATE_BYTES_PER_PARAM
+        per = PRECISIONS[self.spec.precision]
+        total = sum(numels) * per
         bucket = min(64 << 20, max(64 << 10, total // 32))
         kw: dict[str, Any] = {}
         hier = profile("h200" if self.device.type == "cuda" else "cpu")
@@ -247,10 +267,10 @@ class Memstrata(_Base):
             if self.spec.nvme_read_bw and self.spec.nvme_write_bw:  # `memstrata probe` of the NVMe directory
                 kw = dict(read_bandwidth=self.spec.nvme_read_bw, write_bandwidth=self.spec.nvme_write_bw)
             # The step compute that hides the I/O, measured on this CPU (a scratch AdamW step, scaled).
-            kw["step_seconds"] = calibrate_step_seconds(numels)
+            kw["step_seconds"] = calibrate_step_seconds(numels, precision=self.spec.precision)
             if self.defer:  # [Note: deferred updates]: the next forward hides the I/O too
                 kw["forward_seconds"] = self._forward_seconds()
-        self.plan = plan_states(numels, state_bytes_per_element=STATE_BYTES_PER_PARAM,
+        self.plan = plan_states(numels, state_bytes_per_element=per,
                                 fast_budget=int(self.spec.budget_bytes), hierarchy=hier,
                                 bucket_bytes=bucket, **kw)
         placement = StatePlacement.from_plan(self.plan)
@@ -300,7 +320,7 @@ class Memstrata(_Base):
         if self.plan is None:
             return super().state_peak_bytes()
         params = [p for g in self.inner.param_groups for p in g["params"]]
-        kept = sum(params[i].numel() * STATE_BYTES_PER_PARAM
+        kept = sum(params[i].numel() * PRECISIONS[self.spec.precision]
                    for b, t in zip(self.plan.buckets, self.plan.tiers) if t == "keep" for i in b)
         s = self.opt.stats
         return kept + s.arena_bytes + (s.peak_resident_bytes if not s.arena_bytes else 0)
@@ -349,7 +369,7 @@ class MemstrataLowPeak(Memstrata):
         self.inner = self.opt
         self.per_step = []
         params = [p for g in self.inner.param_groups for p in g["params"]]
-        nbytes = [p.numel() * STATE_BYTES_PER_PARAM for p in params]
+        nbytes = [p.numel() * PRECISIONS[self.spec.precision] for p in params]
         bucket = min(64 << 20, max(64 << 10, sum(nbytes) // 32))
         tier = "host" if self.device.type == "cuda" else "nvme"
         u = StatePlacement.uniform(nbytes, tier, bucket)
@@ -552,6 +572,11 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
     result["threads"] = torch.get_num_threads()
     result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     use_default_host_allocator()  # the steps run with glibc's usual thresholds on every arm
+    if spec.precision != "fp32" and spec.contender not in MASTER_WEIGHT_ARMS:
+        result.update(status="skipped", reason=f"--precision {spec.precision}: the bench runs MasterWeights on "
+                                               f"unmanaged and the memstrata arms only (the peers have their own mixed "
+                                               f"precision)")
+        return result
     device = torch.device(spec.device)
     if device.type == "cuda":
         if device.index is None:
@@ -561,6 +586,8 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
     torch.manual_seed(spec.seed)
     t_build = time.perf_counter()
     model = gpt2.build(spec.model, device)  # [Note: building on the device] in gpt2.py
+    if spec.precision != "fp32":
+        model.to(torch.bfloat16)  # the parameters in bf16; MasterWeights keeps their fp32 masters
     model.train()
     sync_now(device)
     result["build_s"] = time.perf_counter() - t_build
@@ -572,7 +599,8 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(spec.seed + 1)
     idx = torch.randint(0, cfg.vocab, (spec.batch, seq + 1), generator=gen).to(device)
     result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    result["state_bytes_total"] = sum(p.numel() for p in model.parameters()) * STATE_BYTES_PER_PARAM
+    result["state_bytes_total"] = sum(p.numel() for p in model.parameters()) * PRECISIONS[spec.precision]
+    result["precision"] = spec.precision
     contender = _CLASSES[spec.contender](spec, model, device)
 
     def sync() -> None:
@@ -633,4 +661,5 @@ def run_states(spec: RunSpec) -> dict[str, Any]:
     return result
 
 
-__all__ = ["STATES_CONTENDERS", "state_bytes", "states_skip_reason", "run_states", "CPU_DEFAULTS", "CUDA_DEFAULTS"]
+__all__ = ["STATES_CONTENDERS", "state_bytes", "states_skip_reason", "run_states", "CPU_DEFAULTS", "CUDA_DEFAULTS",
+           "PRECISIONS", "MASTER_WEIGHT_ARMS", "precision_label", "make_adamw"]

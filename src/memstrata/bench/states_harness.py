@@ -5,7 +5,11 @@ contender and repeat, alternating, medians, the same JSON rows); this module
 only reads the options that differ and prints the table.
 
 * ``--budget``: the fast-tier bytes for optimizer states: a size, or a
-  percentage of the AdamW states (8 bytes per parameter; default 50%).
+  percentage of the AdamW states (8 bytes per parameter; 12 with ``--precision bf16``:
+  the fp32 master too; default 50%).
+* ``--precision bf16``: bf16 parameters, `MasterWeights` (fp32 masters and moments)
+  over AdamW on the arms that run (unmanaged and the memstrata arms; the peers
+  have their own mixed-precision regimes and are skipped).
 * ``--seq`` tokens per sample, ``--batch`` samples (CPU: 256 x 1, at most the model's context; CUDA: 1024 x 8).
 * The NVMe directory (``--nvme``, default a temporary directory) is probed
   with `memstrata probe` (cached); the memstrata contender plans with those
@@ -20,7 +24,8 @@ import tempfile
 from typing import Any, Callable
 
 from . import gpt2
-from .states_contenders import CPU_DEFAULTS, CUDA_DEFAULTS, STATES_CONTENDERS, state_bytes
+from .states_contenders import (CPU_DEFAULTS, CUDA_DEFAULTS, MASTER_WEIGHT_ARMS, PRECISIONS, STATES_CONTENDERS,
+                                 precision_label, state_bytes)
 
 
 def states_config_from_args(args: argparse.Namespace, config_cls: type, error: type[Exception], *,
@@ -51,10 +56,16 @@ def states_config_from_args(args: argparse.Namespace, config_cls: type, error: t
         names = [c for c in STATES_CONTENDERS if c in names]
     else:
         names = list(STATES_CONTENDERS)
+    precision = str(g("precision") or "fp32").strip().lower()
+    precision = {"float32": "fp32", "bfloat16": "bf16"}.get(precision, precision)
+    if precision not in PRECISIONS:
+        raise error(f"--precision {g('precision')!r}: choose fp32 or bf16 (bf16 parameters with fp32 master weights)")
+    if precision != "fp32" and not g("contenders"):
+        names = [c for c in names if c in MASTER_WEIGHT_ARMS]
     text = str(g("budget") or "50%").strip()
     if text == default_budget:  # the activation bench's default ("50%act") means nothing here
         text = "50%"
-    total = state_bytes(model)
+    total = state_bytes(model, precision)
     if text.endswith("%"):
         try:
             frac = float(text[:-1]) / 100
@@ -84,7 +95,7 @@ def states_config_from_args(args: argparse.Namespace, config_cls: type, error: t
         json_path=g("json_path"), plot_path=g("plot_path"), log_dir=g("log_dir"),
         max_seconds=float(g("max_seconds")) if g("max_seconds") is not None else None,
         run_timeout=float(g("run_timeout") or 900), threads=pos_int("threads", g("threads")) if g("threads") else None,
-        quiet=bool(g("quiet", False)), seq=seq,
+        quiet=bool(g("quiet", False)), seq=seq, precision=precision,
         budget_texts=[str(budget)],  # resolved here (a share of the states), so the harness sees bytes
     )
     if "memstrata" in names and device == "cpu":  # on CUDA the slow tier is pinned host RAM ([Note: states on CUDA])
@@ -107,8 +118,9 @@ def print_states_header(console, cfg) -> None:
     from .report import fmt_bytes
 
     console.print(
-        f"[bold]memstrata bench[/]  {cfg.model} (AdamW, fp32)  batch {cfg.batch} x {cfg.seq} tokens  {cfg.device}"
-        f"  state budget {fmt_bytes(cfg.budget_bytes)} ({cfg.budget_text} of {fmt_bytes(state_bytes(cfg.model))})"
+        f"[bold]memstrata bench[/]  {cfg.model} ({precision_label(cfg.precision)})  batch {cfg.batch} x {cfg.seq} "
+        f"tokens  {cfg.device}  state budget {fmt_bytes(cfg.budget_bytes)} ({cfg.budget_text} of "
+        f"{fmt_bytes(state_bytes(cfg.model, cfg.precision))})"
         f"  {cfg.repeats} repeats x ({cfg.warmup} warm-up + {cfg.steps} timed steps)"
         f"  contenders: {', '.join(cfg.contenders)}", highlight=False)
 
@@ -118,9 +130,9 @@ def print_states_table(console, rows: list[dict[str, Any]], cfg, meta: dict[str,
 
     from .report import fmt_bytes
 
-    total = state_bytes(cfg.model)
+    total = state_bytes(cfg.model, cfg.precision)
     cuda = cfg.device == "cuda"
-    t = Table(title=f"{cfg.model} · AdamW fp32 · batch {cfg.batch} x {cfg.seq} · {cfg.device} · "
+    t = Table(title=f"{cfg.model} · {precision_label(cfg.precision)} · batch {cfg.batch} x {cfg.seq} · {cfg.device} · "
                     f"state budget {fmt_bytes(cfg.budget_bytes)} of {fmt_bytes(total)} states",
               caption=(f"samples/s: median of {cfg.repeats} alternating repeats; state peak: optimizer states on the "
                        f"fast tier; " + (

@@ -7,6 +7,7 @@
 * `HostBufferPool` — pinned (CUDA) / aligned host buffers (pool.py)
 * `NVMeStore` — files under a directory, thread pool, O_DIRECT (nvme.py)
 * `TieredOptimizer`, `StatePlacement` — optimizer states on host / NVMe between steps (states.py)
+* `MasterWeights` — bf16/fp16 parameters with fp32 master weights as optimizer states (master.py)
 """
 
 from .activations import ActivationRuntime, StepStats
@@ -15,11 +16,12 @@ from .errors import MemstrataRuntimeError, NVMeDirectoryError, NVMeIOError, Unre
 from .nvme import NVMeStore, check_directory
 from .pool import HostBufferPool
 from .states import StatePlacement, TieredOptimizer
+from .master import MasterWeights
 from .streams import CopyContext, TensorEvent
 
 __all__ = [
     "ActivationRuntime", "StepStats", "TierMover", "Placement",
-    "TieredOptimizer", "StatePlacement",
+    "TieredOptimizer", "StatePlacement", "MasterWeights",
     "CopyContext", "TensorEvent", "HostBufferPool", "NVMeStore", "check_directory",
     "MemstrataRuntimeError", "NVMeDirectoryError", "NVMeIOError", "UnrecomputableUnitError",
 ]

@@ -68,7 +68,9 @@ class HostStepper:
                 self._group_of[i] = len(groups)
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [self.host[i] for i in mine]})
             self._inner_group.append(gi)
-        self.shadow = type(inner)(groups)  # every hyperparameter is in the groups
+        # every hyperparameter is in the groups; MasterWeights (master.py) also needs its algorithm: `new_like`
+        like = getattr(inner, "new_like", None)
+        self.shadow = like(groups) if callable(like) else type(inner)(groups)
         self.take_states()
 
     # ------------------------------------------------------------------ states

@@ -31,7 +31,7 @@ from .mover import Placement, TierMover
 from .nvme import NVMeStore
 from .pool import HostBufferPool
 from .grads import GradTieredOptimizer
-from .states import StatePlacement, expected_state_tensors
+from .states import StatePlacement, expected_state_bytes
 from .streams import CopyContext
 
 __all__ = ["ManagedStates", "placement_of", "grad_placement_of"]
@@ -117,11 +117,12 @@ class ManagedStates:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def state_bytes(self) -> list[list[int]]:
-        """Bytes of each parameter's tensor states (the optimizer's per-parameter state count x its size)."""
-        per = expected_state_tensors(self.optimizer.inner)
+        """Bytes of each parameter's tensor states (`expected_state_bytes`: the optimizer's per-parameter state
+        count x its size; `MasterWeights` counts fp32 states and the fp32 master of a bf16 parameter)."""
+        inner = self.optimizer.inner
         # a DTensor (FSDP2) parameter's states are as large as this rank's shard ([Note: sharded states])
         local = [p.to_local() if type(p).__name__ == "DTensor" else p for p in self.params()]
-        return [[p.numel() * p.element_size()] * per for p in local]
+        return [expected_state_bytes(inner, p) for p in local]
 
     def model_to_optimizer(self, model: torch.nn.Module) -> dict[int, int | None]:
         """The optimizer's index of each of `model`'s parameters (by position in `model.parameters()`)."""
@@ -129,7 +130,9 @@ class ManagedStates:
         return {j: index.get(id(p)) for j, p in enumerate(model.parameters())}
 
     def dtypes(self) -> list[str]:
-        return [str(p.dtype).replace("torch.", "") for p in self.params()]
+        """Each parameter's state dtype (`MasterWeights.state_dtype`: fp32 for a bf16 parameter), else its own."""
+        of = getattr(self.optimizer.inner, "state_dtype", lambda p: p.dtype)
+        return [str(of(p)).replace("torch.", "") for p in self.params()]
 
     def trace_step_seconds(self, hierarchy: Hierarchy) -> float:
         """The fastest measured step with every state kept (the first one, which also allocates the states, only

@@ -555,14 +555,17 @@ class TieredOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ sizes
     def _expected_nvme_bytes(self) -> int:
-        """Bytes the NVMe buckets will hold: parameter bytes x the optimizer's per-parameter state tensors."""
-        per = expected_state_tensors(self.inner)
-        return sum(r.param.numel() * r.param.element_size() * per for r in self._records if r.placement == Placement.NVME)
+        """Bytes the NVMe buckets will hold: each parameter's expected state bytes (`expected_state_bytes`)."""
+        return sum(sum(expected_state_bytes(self.inner, r.param)) for r in self._records
+                   if r.placement == Placement.NVME)
 
     def _expected_bucket_bytes(self, indices: Sequence[int]) -> int:
-        per = max(1, expected_state_tensors(self.inner))
-        return round_up(sum(per * round_up(self._records[i].param.numel() * self._records[i].param.element_size(), 64)
-                            for i in indices))
+        out = 0
+        for i in indices:
+            p = self._records[i].param
+            out += sum(round_up(b, 64) for b in expected_state_bytes(self.inner, p)) or round_up(
+                p.numel() * p.element_size(), 64)
+        return round_up(out)
 
     # ------------------------------------------------------------------ NVMe buckets in arenas
     def _ring_files(self) -> list[BucketFile]:
@@ -1270,5 +1273,15 @@ def expected_state_tensors(optimizer: torch.optim.Optimizer) -> int:
     return n
 
 
+def expected_state_bytes(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> list[int]:
+    """Bytes of each tensor state `optimizer` will keep for `param`: the optimizer's own
+    ``expected_state_bytes(param)`` where it has one (`MasterWeights`: fp32 states and the fp32 master of a bf16
+    parameter), else `expected_state_tensors` x the parameter's bytes (states in the parameter's dtype)."""
+    own = getattr(optimizer, "expected_state_bytes", None)
+    if callable(own):
+        return [int(b) for b in own(param)]
+    return [param.numel() * param.element_size()] * expected_state_tensors(optimizer)
+
+
 __all__ = ["TieredOptimizer", "StatePlacement", "StateStats", "buckets_by_size", "remove_stale_stores",
-           "expected_state_tensors", "DEFAULT_BUCKET_BYTES"]
+           "expected_state_tensors", "expected_state_bytes", "DEFAULT_BUCKET_BYTES"]
