@@ -23,7 +23,7 @@ demo: $(STAMP)
 # Two pytest workers (one per core), one test file per worker at a time (module-level caches stay in one
 # process), one intra-op thread each so the two do not oversubscribe the cores.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -11,15 +11,17 @@
 #   call 1 (~330 s, caps 460 s): T_TESTS=120 T_PROBE=15 T_BENCH=170 T_CHECK=40 T_BENCH2=90 REPEATS=2 REPEATS2=1 \
 #       CONTENDERS=unmanaged,memstrata,checkpoint CONTENDERS2=unmanaged,memstrata,checkpoint RUN_TIMEOUT=50 \
 #       bench/gpu_check.sh tests probe bench check bench2
-#   call 2 (~360-570 s): T_STATES=320 T_PEERS=480 PEER_RUN_TIMEOUT=480 \
+#   call 2 (~250-320 s, caps 320 s): T_STATES=320 \
 #       S_CONTENDERS=unmanaged,memstrata,memstrata_lowpeak,torchao_cpu_offload,memstrata_lowpeak_grads,torchao_cpu_offload_grads,deepspeed_zero_offload,fsdp2_cpu_offload \
-#       PEER_CONTENDERS=unmanaged,memstrata,compile,compile_memory_budget,memstrata_compile,trl_offload \
-#       bench/gpu_check.sh states peers
-#   (memstrata_compile recompiles ResNet-50 once per setting it tries, 1-3 settings: 2-6 min estimated; it runs
-#   after compile and compile_memory_budget, whose inductor cache it reuses.  If the lease is short, leave it out.)
-#   (2026-12-05 late: the states part gained the equal-peak pairs memstrata_lowpeak / torchao_cpu_offload and
-#   memstrata_lowpeak_grads / torchao_cpu_offload_grads, 3 new arms at ~15-25 s each: T_STATES 230 -> 320, call 2's
-#   estimate +60-70 s.  If the lease is short, leave fsdp2_cpu_offload out (no CUDA target).  Not measured on GPU.)
+#       bench/gpu_check.sh states
+#   call 3, only if >= 5 min of device time are left: T_PEERS=280 PEER_RUN_TIMEOUT=280 \
+#       PEER_CONTENDERS=unmanaged,memstrata,compile,compile_memory_budget,trl_offload bench/gpu_check.sh peers
+#   (2026-12-06: calls 1 + 2 + the start, ~1.5 min, are ~740 s of a 900 s lease, so the peers no longer fit beside
+#   them; the states part holds the newest unmeasured work (issue 12): if the lease is shorter, run `tests states` first.  memstrata_compile
+#   recompiles ResNet-50 once per setting it tries, 1-3 settings, 2-6 min estimated: give it a call of its own.
+#   The states part's equal-peak pairs memstrata_lowpeak / torchao_cpu_offload and memstrata_lowpeak_grads /
+#   torchao_cpu_offload_grads are ~15-25 s each; leave fsdp2_cpu_offload out if short (no CUDA target).
+#   Not measured on GPU.)
 # .whl (bench/gpu_wheels.sh makes it) for the image (torch 2.11.0+cu130, Python 3.12): torchao 0.17.0 (its extensions are built for torch
 # 2.11), trl 1.16.0 (transformers/accelerate are on the image), deepspeed 0.19.8 (py3 wheel built here from the
 # sdist: its CPU Adam is JIT-built there), hjson, pydantic 2.14 + pydantic-core (cp312), annotated-types,

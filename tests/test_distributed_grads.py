@@ -16,6 +16,16 @@ from torch import nn
 
 from ranks import run_two_ranks
 
+
+def _forced_plan(tr, h, b):
+    """A plan that tiers the gradients of two buckets in three (NVMe) and the states of two (NVMe, DRAM)."""
+    from memstrata.plan.joint import joint_plan
+    from memstrata.trace.states import state_buckets
+
+    n = len(state_buckets(tr))
+    return joint_plan(tr, h, b, states=[("nvme", "dram", None)[i % 3] for i in range(n)],
+                      grads=[("nvme", None, "nvme")[i % 3] for i in range(n)])
+
 pytestmark = pytest.mark.slow
 
 STEPS = 5
@@ -89,10 +99,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str) -> No
     import torch.distributed as dist
 
     from memstrata import Manager
-    from memstrata.plan.joint import joint_plan
     from memstrata.runtime.grads import GradTieredOptimizer
     from memstrata.runtime.states import StatePlacement
-    from memstrata.trace.states import state_buckets
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -133,12 +141,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str) -> No
         d = os.path.join(nvme_dir, f"mgr{rank}")
         os.makedirs(d)
 
-        def forced(tr, h, b):
-            n = len(state_buckets(tr))
-            return joint_plan(tr, h, b, states=[("nvme", "dram", None)[i % 3] for i in range(n)],
-                              grads=[("nvme", None, "nvme")[i % 3] for i in range(n)])
-
-        mgr = Manager(model, budget="100%", nvme_dir=d, planner=forced, tier_grads=True,
+        mgr = Manager(model, budget="100%", nvme_dir=d, planner=_forced_plan, tier_grads=True,
                       optimizer=_adamw(model.parameters()))
         none: list = []
         _train(model, mgr.optimizer, xs, ys, step_ctx=mgr.step, clip=mgr.optimizer.clip_grad_norm_,
@@ -265,10 +268,8 @@ def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str)
     import torch.distributed as dist
 
     from memstrata import Manager
-    from memstrata.plan.joint import joint_plan
     from memstrata.runtime.grads import GradTieredOptimizer
     from memstrata.runtime.states import StatePlacement
-    from memstrata.trace.states import state_buckets
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -315,12 +316,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, nvme_dir: str)
         d = os.path.join(nvme_dir, f"mgr{rank}")
         os.makedirs(d)
 
-        def forced(tr, h, b):
-            n = len(state_buckets(tr))
-            return joint_plan(tr, h, b, states=[("nvme", "dram", None)[i % 3] for i in range(n)],
-                              grads=[("nvme", None, "nvme")[i % 3] for i in range(n)])
-
-        mgr = Manager(model, budget="100%", nvme_dir=d, planner=forced, tier_grads=True,
+        mgr = Manager(model, budget="100%", nvme_dir=d, planner=_forced_plan, tier_grads=True,
                       optimizer=_adamw(model.parameters()))
         none: list = []
         _train_fsdp2(model, mgr.optimizer, xs, ys, step_ctx=mgr.step, clip=mgr.optimizer.clip_grad_norm_,
