@@ -127,7 +127,8 @@ class DDPReduction:
         self.ddp = ddp
         self.grads = grads
         self._queued = -1  # the autograd graph task whose end is queued
-        # freed bucket storages: data_ptr -> (storage, bytes), and each tiered parameter's (by id)
+        # freed bucket storages by identity (`_cdata`, the StorageImpl: unchanged by resize_, unlike the data
+        # address, which the allocator may hand to another bucket) -> (storage, bytes); each tiered parameter's (by id)
         self._freed: dict[int, tuple[torch.UntypedStorage, int]] = {}
         self._bucket_of: dict[int, int] = {}
         self._rebuilt = bool(getattr(ddp, "_has_rebuilt_buckets", False))
@@ -168,14 +169,14 @@ class DDPReduction:
         if not pending:
             return
         mine = {id(g.param) for g in pending}
-        kept = {p.grad.untyped_storage().data_ptr() for p in self.ddp.parameters()
+        kept = {p.grad.untyped_storage()._cdata for p in self.ddp.parameters()
                 if p.grad is not None and id(p) not in mine}
-        by_bucket: dict[int, list] = {}  # storage address -> its tiered gradients (read before any is freed)
+        by_bucket: dict[int, list] = {}  # storage identity -> its tiered gradients (read before any is freed)
         storages: dict[int, tuple[torch.UntypedStorage, int]] = {}
         for g in pending:
             st = g.param.grad.untyped_storage()
-            by_bucket.setdefault(st.data_ptr(), []).append(g)
-            storages[st.data_ptr()] = (st, st.nbytes())
+            by_bucket.setdefault(st._cdata, []).append(g)
+            storages[st._cdata] = (st, st.nbytes())
         self._note_rebuild()
         # bucket by bucket, so tier 0 holds at most one bucket and its compact copies at a time (plus copies whose
         # NVMe write has not landed yet)
