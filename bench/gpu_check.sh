@@ -21,6 +21,8 @@
 #   recompiles ResNet-50 once per setting it tries, 1-3 settings, 2-6 min estimated: give it a call of its own.
 #   The states part's equal-peak pairs memstrata_lowpeak / torchao_cpu_offload and memstrata_lowpeak_grads /
 #   torchao_cpu_offload_grads are ~15-25 s each; leave fsdp2_cpu_offload out if short (no CUDA target).
+#   S_PRECISION=bf16 runs the states part with bf16 parameters and MasterWeights (fp32 masters and moments) on the
+#   unmanaged and memstrata arms, the peers skipped with the reason (default fp32).
 #   Not measured on GPU.)
 # .whl (bench/gpu_wheels.sh makes it) for the image (torch 2.11.0+cu130, Python 3.12): torchao 0.17.0 (its extensions are built for torch
 # 2.11), trl 1.16.0 (transformers/accelerate are on the image), deepspeed 0.19.8 (py3 wheel built here from the
@@ -90,7 +92,7 @@ REPEATS="${REPEATS:-2}"; REPEATS2="${REPEATS2:-1}"; STEPS="${STEPS:-8}"; WARMUP=
 BATCH="${BATCH:-256}"; RES="${RES:-224}"; BUDGET="${BUDGET:-50%}"
 T_TESTS="${T_TESTS:-60}"; T_PROBE="${T_PROBE:-20}"; T_BENCH="${T_BENCH:-210}"; T_BENCH2="${T_BENCH2:-120}"; T_DATA="${T_DATA:-0}"; T_CHECK="${T_CHECK:-40}"
 T_RECIPE="${T_RECIPE:-0}"; T_PEERS="${T_PEERS:-0}"; T_STATES="${T_STATES:-0}"
-S_MODEL="${S_MODEL:-gpt2-1.5b}"; S_BATCH="${S_BATCH:-4}"; S_SEQ="${S_SEQ:-1024}"; S_BUDGET="${S_BUDGET:-50%}"
+S_MODEL="${S_MODEL:-gpt2-1.5b}"; S_BATCH="${S_BATCH:-4}"; S_SEQ="${S_SEQ:-1024}"; S_BUDGET="${S_BUDGET:-50%}"; S_PRECISION="${S_PRECISION:-fp32}"
 S_CONTENDERS="${S_CONTENDERS:-unmanaged,memstrata,memstrata_lowpeak,memstrata_lowpeak_grads,torchao_cpu_offload,torchao_cpu_offload_grads,fsdp2_cpu_offload,deepspeed_zero_offload}"
 S_STEPS="${S_STEPS:-3}"; S_WARMUP="${S_WARMUP:-2}"; S_MAX_S="${S_MAX_S:-12}"; S_RUN_TIMEOUT="${S_RUN_TIMEOUT:-90}"
 # Parts as arguments: `bench/gpu_check.sh tests bench recipe` runs only those (names: tests probe bench check
@@ -266,7 +268,7 @@ part bench_peers "$T_PEERS" "$OUT/bench.log" \
 #    DeepSpeed's CPU Adam is JIT-built in the background from the bench's start.  Not measured on GPU yet.
 part states "$T_STATES" "$OUT/bench.log" \
     "${BENCH[@]}" --model "$S_MODEL" --device "${DEVICE:-cuda}" --batch "$S_BATCH" --seq "$S_SEQ" \
-    --budget "$S_BUDGET" --repeats 1 --steps "$S_STEPS" --warmup "$S_WARMUP" --contenders "$S_CONTENDERS" \
+    --budget "$S_BUDGET" --precision "$S_PRECISION" --repeats 1 --steps "$S_STEPS" --warmup "$S_WARMUP" --contenders "$S_CONTENDERS" \
     --max-seconds "$S_MAX_S" --run-timeout "$S_RUN_TIMEOUT" --nvme "$NVME" --log-dir "$LOGS/states" \
     --json "$OUT/states.json"
 
